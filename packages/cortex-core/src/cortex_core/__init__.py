@@ -1,0 +1,3 @@
+"""Shared wire types, configuration, error envelopes and dialect translation for cortex."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,115 @@
+"""`cortex.toml`: the gateway's listeners, its neurons, and the knobs of each stage."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+from urllib.parse import urlsplit
+
+import msgspec
+
+from cortex_core.config.loader import ConfigError, load_config, resolve_path
+
+ENV_PREFIX = "CORTEX_"
+
+
+class Strict(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    pass
+
+
+class GatewaySection(Strict):
+    listen: str = "127.0.0.1:31313"
+    metrics_listen: str = "127.0.0.1:31314"
+    # Bodies above this are refused with 413 in the caller's dialect.
+    max_body_bytes: int = 32 * 1024 * 1024
+
+
+class NeuronEndpoint(Strict):
+    name: str
+    endpoint: str
+
+
+class PollerSection(Strict):
+    interval_secs: float = 5.0
+    timeout_secs: float = 5.0
+    # A node turns unhealthy after this many consecutive failed polls (debounce).
+    unhealthy_after: int = 3
+
+
+class EvictionSection(Strict):
+    strategy: Literal["lru", "priority"] = "lru"
+    # A model loaded less than this long ago is never evicted: two alternating models
+    # cannot thrash a node.
+    min_residency_secs: float = 60.0
+
+
+class RouterSection(Strict):
+    # Requests waiting for one model to finish loading; one more is refused with 429.
+    max_waiting_per_model: int = 64
+    # How long a request waits for a cold load before a 503 with Retry-After.
+    load_wait_secs: float = 600.0
+    load_timeout_secs: float = 1800.0
+
+
+class ProxySection(Strict):
+    connect_timeout_secs: float = 5.0
+    # A stream times out only when no byte arrives for this long, however long it runs.
+    idle_timeout_secs: float = 300.0
+    # Retries happen only before the first byte reaches the client.
+    max_attempts: int = 2
+
+
+class GatewayConfig(Strict):
+    gateway: GatewaySection = msgspec.field(default_factory=GatewaySection)
+    neurons: list[NeuronEndpoint] = msgspec.field(default_factory=list)
+    models_config: str | None = None
+    poller: PollerSection = msgspec.field(default_factory=PollerSection)
+    eviction: EvictionSection = msgspec.field(default_factory=EvictionSection)
+    router: RouterSection = msgspec.field(default_factory=RouterSection)
+    proxy: ProxySection = msgspec.field(default_factory=ProxySection)
+
+
+@dataclass(frozen=True)
+class HostPort:
+    host: str
+    port: int
+
+
+def parse_listen(value: str, *, source: str, key: str) -> HostPort:
+    host, sep, port = value.rpartition(":")
+    if not sep or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ConfigError(source, f"expected 'host:port' (e.g. '0.0.0.0:31313'), got {value!r}", key)
+    return HostPort(host.strip("[]") or "0.0.0.0", int(port))
+
+
+def _validate(config: GatewayConfig, source: str) -> None:
+    parse_listen(config.gateway.listen, source=source, key="gateway.listen")
+    parse_listen(config.gateway.metrics_listen, source=source, key="gateway.metrics_listen")
+    seen: set[str] = set()
+    for index, neuron in enumerate(config.neurons):
+        key = f"neurons[{index}]"
+        if neuron.name in seen:
+            raise ConfigError(source, f"duplicate neuron name {neuron.name!r}", f"{key}.name")
+        seen.add(neuron.name)
+        parts = urlsplit(neuron.endpoint)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ConfigError(
+                source,
+                f"expected an http(s) URL such as 'http://gpu1:13131', got {neuron.endpoint!r}",
+                f"{key}.endpoint",
+            )
+    if config.poller.unhealthy_after < 1:
+        raise ConfigError(source, "must be at least 1", "poller.unhealthy_after")
+    if config.proxy.max_attempts < 1:
+        raise ConfigError(source, "must be at least 1", "proxy.max_attempts")
+
+
+def load_gateway_config(path: Path | None, *, env: Mapping[str, str] | None = None) -> GatewayConfig:
+    """Load cortex.toml (None: defaults) with CORTEX_* overrides; models_config resolved to the file's folder."""
+    config = load_config(path, GatewayConfig, env_prefix=ENV_PREFIX, env=env)
+    source = str(path) if path else "environment"
+    _validate(config, source)
+    base = path.resolve().parent if path else None
+    return msgspec.structs.replace(config, models_config=resolve_path(config.models_config, base))

@@ -1,0 +1,181 @@
+"""TOML first, environment on top, errors that name the file, the key and the problem.
+
+Every config file of cortex goes through `load_config`: the file is parsed with tomllib,
+environment variables with the file's prefix override keys (`CORTEX_GATEWAY__LISTEN` sets
+`gateway.listen`; `__` separates levels), and the result is converted into strict msgspec
+Structs. Unknown keys in a file are errors (a typo must never empty a catalogue silently);
+environment variables that name no known key are ignored, because the same prefixes also
+carry runtime knobs read elsewhere.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+import types
+import typing
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, TypeVar
+
+import msgspec
+
+T = TypeVar("T")
+
+
+class ConfigError(Exception):
+    """A config that cannot be used; the message names the source, the key and the problem."""
+
+    def __init__(self, source: str, problem: str, key: str | None = None) -> None:
+        self.source = source
+        self.key = key
+        self.problem = problem
+        where = f"{source}: key `{key}`" if key else source
+        super().__init__(f"{where}: {problem}")
+
+
+def read_toml(path: Path) -> dict[str, Any]:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError as exc:
+        raise ConfigError(str(path), "file not found") from exc
+    except OSError as exc:
+        raise ConfigError(str(path), f"cannot be read: {exc.strerror or exc}") from exc
+    try:
+        return tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(str(path), f"is not valid TOML: {exc}") from exc
+
+
+def _struct_in(hint: Any) -> Any:
+    """The Struct (or dict value type) a type hint leads into, unwrapping Optional."""
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        for arg in typing.get_args(hint):
+            if arg is not type(None):
+                return _struct_in(arg)
+    return hint
+
+
+def _type_at(schema: Any, path: list[str]) -> Any | None:
+    """The type hint at a dotted path of a Struct schema, or None when the path is not in it."""
+    current = schema
+    for part in path:
+        current = _struct_in(current)
+        if isinstance(current, type) and issubclass(current, msgspec.Struct):
+            hints = typing.get_type_hints(current)
+            names = {field.encode_name: field.name for field in msgspec.structs.fields(current)}
+            if part not in names:
+                return None
+            current = hints[names[part]]
+        elif typing.get_origin(current) is dict:
+            current = typing.get_args(current)[1]
+        else:
+            return None
+    return current
+
+
+def _is_known_path(schema: Any, path: list[str]) -> bool:
+    return _type_at(schema, path) is not None
+
+
+def _parse_env_value(raw: str) -> Any:
+    """Interpret an environment value as a TOML value when it is one (`8`, `true`, `[0, 1]`)."""
+    try:
+        return tomllib.loads(f"value = {raw}")["value"]
+    except tomllib.TOMLDecodeError:
+        return raw
+
+
+def apply_env_overrides(
+    data: dict[str, Any], *, prefix: str, env: Mapping[str, str], schema: Any
+) -> list[str]:
+    """Merge `PREFIX_A__B=value` into data["a"]["b"]; returns the dotted keys that were set."""
+    applied: list[str] = []
+    for name in sorted(env):
+        if not name.startswith(prefix):
+            continue
+        path = [part.lower() for part in name[len(prefix) :].split("__")]
+        if not all(path) or not _is_known_path(schema, path):
+            continue
+        node = data
+        for part in path[:-1]:
+            child = node.get(part)
+            if not isinstance(child, dict):
+                child = {}
+                node[part] = child
+            node = child
+        node[path[-1]] = _parse_env_value(env[name])
+        applied.append(".".join(path))
+    return applied
+
+
+def _key_of(message: str) -> tuple[str | None, str]:
+    """Split msgspec's "Expected `int`, got `str` - at `$.gateway.port`" into key and problem."""
+    problem, sep, where = message.rpartition(" - at `")
+    if not sep:
+        return None, message
+    key = where.rstrip("`").removeprefix("$").lstrip(".") or None
+    return key, problem[:1].lower() + problem[1:]
+
+
+def _locate_dict_entry(data: Any, schema: Any, key: str) -> str:
+    """msgspec reports a bad dict entry as `sources[...]`; find which entry it was."""
+    head, _, rest = key.partition("[...]")
+    path = [part for part in head.split(".") if part]
+    node: Any = data
+    for part in path:
+        node = node.get(part, {}) if isinstance(node, dict) else {}
+    value_type = _type_at(schema, [*path, "*"])
+    if isinstance(node, dict) and value_type is not None:
+        for entry, value in node.items():
+            try:
+                msgspec.convert(value, type=value_type, strict=True)
+            except msgspec.ValidationError:
+                return f"{head}.{entry}{rest}"
+    return key
+
+
+def _allowed_values(schema: Any, key: str) -> str:
+    hint = _type_at(schema, [part for part in key.split(".") if part and not part.endswith("]")])
+    values = (
+        typing.get_args(_struct_in(hint)) if typing.get_origin(_struct_in(hint)) is typing.Literal else ()
+    )
+    return f"; expected one of {', '.join(repr(v) for v in values)}" if values else ""
+
+
+def convert(data: dict[str, Any], into: type[T], *, source: str) -> T:
+    try:
+        return msgspec.convert(data, type=into, strict=True)
+    except msgspec.ValidationError as exc:
+        key, problem = _key_of(str(exc))
+        if key and "[...]" in key:
+            key = _locate_dict_entry(data, into, key)
+        if key and problem.startswith("invalid enum value"):
+            problem += _allowed_values(into, key)
+        raise ConfigError(source, problem, key) from exc
+
+
+def load_config(
+    path: Path | None,
+    into: type[T],
+    *,
+    env_prefix: str,
+    env: Mapping[str, str] | None = None,
+) -> T:
+    """Read `path` (None: defaults only), overlay the environment, convert into `into`."""
+    environ = os.environ if env is None else env
+    data = read_toml(path) if path is not None else {}
+    source = str(path) if path is not None else f"defaults + {env_prefix}* environment"
+    apply_env_overrides(data, prefix=env_prefix, env=environ, schema=into)
+    return convert(data, into, source=source)
+
+
+def resolve_path(value: str | None, base: Path | None) -> str | None:
+    """Relative paths in a config file are relative to that file's folder, never the cwd."""
+    if value is None or value == "":
+        return None
+    expanded = Path(value).expanduser()
+    if expanded.is_absolute() or base is None:
+        return str(expanded)
+    return str((base / expanded).resolve())

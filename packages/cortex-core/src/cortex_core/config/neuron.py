@@ -1,0 +1,76 @@
+"""`neuron.toml`: the daemon's listener, model sources, default models and engine knobs."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+
+import msgspec
+
+from cortex_core.config.loader import ConfigError, load_config, resolve_path
+from cortex_core.neuron_api import ModelSpec
+
+ENV_PREFIX = "NEURON_"
+DEFAULT_PORT = 13131
+DEFAULT_HF_ENDPOINT = "https://huggingface.co"
+
+
+class Strict(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    pass
+
+
+class SourceConfig(Strict):
+    """An operator mirror: `scheme:org/name` ids are fetched from `endpoint`."""
+
+    endpoint: str
+    # NAME of the environment variable that holds the bearer token (never the token itself).
+    auth_env: str | None = None
+    cache_dir: str | None = None
+
+
+class EngineConfig(Strict):
+    # Sequences decoded together in one forward step.
+    max_batch_size: int = 8
+    # Requests queued beyond the running batch; more are refused with 503 + Retry-After.
+    max_queue_depth: int = 64
+    prefill_chunk_tokens: int = 512
+    # Prompt prefixes kept for reuse (reported as cached_tokens).
+    prefix_cache_entries: int = 8
+    # SSE keep-alive comment interval while a long prompt prefills.
+    keepalive_secs: float = 5.0
+
+
+class NeuronConfig(Strict):
+    host: str = "0.0.0.0"
+    port: int = DEFAULT_PORT
+    # Hugging Face cache root for the `huggingface` source (default: HF_HUB_CACHE / HF_HOME / ~/.cache).
+    cache_dir: str | None = None
+    default_source: str = "huggingface"
+    sources: dict[str, SourceConfig] = msgspec.field(default_factory=dict)
+    default_models: list[ModelSpec] = msgspec.field(default_factory=list)
+    # Tensor parallel over gloo on CPU ranks; for tests and diagnostics, never for speed.
+    allow_cpu_tensor_parallel: bool = False
+    # Seconds in-flight requests get to finish on SIGTERM before models are unloaded.
+    drain_timeout_secs: float = 30.0
+    engine: EngineConfig = msgspec.field(default_factory=EngineConfig)
+
+
+def load_neuron_config(path: Path | None, *, env: Mapping[str, str] | None = None) -> NeuronConfig:
+    """Load neuron.toml (None: defaults) with NEURON_* overrides; cache paths resolved to the file's folder."""
+    config = load_config(path, NeuronConfig, env_prefix=ENV_PREFIX, env=env)
+    source = str(path) if path else "environment"
+    if not 0 < config.port < 65536:
+        raise ConfigError(source, f"expected a TCP port 1-65535, got {config.port}", "port")
+    if config.engine.max_batch_size < 1:
+        raise ConfigError(source, "must be at least 1", "engine.max_batch_size")
+    for scheme in config.sources:
+        if not scheme or "/" in scheme or ":" in scheme:
+            raise ConfigError(
+                source, f"a source scheme cannot be empty or contain '/' or ':': {scheme!r}", "sources"
+            )
+    base = path.resolve().parent if path else None
+    sources = {
+        scheme: msgspec.structs.replace(src, cache_dir=resolve_path(src.cache_dir, base))
+        for scheme, src in config.sources.items()
+    }
+    return msgspec.structs.replace(config, cache_dir=resolve_path(config.cache_dir, base), sources=sources)

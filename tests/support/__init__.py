@@ -1,0 +1,1 @@
+"""Shared test support: tiny model builders and process helpers."""

@@ -1,0 +1,128 @@
+"""Tiny random-weight checkpoints, built offline in a few seconds (toolchain.md §3b).
+
+Each builder writes a complete Hugging Face model folder (config.json,
+generation_config.json, model.safetensors, tokenizer.json, tokenizer_config.json,
+chat_template.jinja) that transformers and the neuron load like a real one. The tokenizer
+is a byte-level BPE trained on a small corpus, with the ChatML specials and the reasoning
+and tool-call markers of Qwen3 in the vocabulary, so the reasoning and tool parsers can be
+exercised by forcing those token ids.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+CORPUS = [
+    "The capital of France is Paris. The capital of Germany is Berlin.",
+    "Hello, how are you today? I am fine, thank you for asking.",
+    "def add(a, b):\n    return a + b\n",
+    '{"name": "get_weather", "arguments": {"city": "Zürich", "unit": "celsius"}}',
+    "The quick brown fox jumps over the lazy dog while the sea waves roll in.",
+    "Numbers: 0 1 2 3 4 5 6 7 8 9 10 100 1000. Symbols: < > & ' \" { } [ ] ( ).",
+    "Think step by step: first we read, then we reason, then we answer.",
+    "Émilie a visité Zürich et São Paulo; 東京 と 北京 も訪れました。🙂",
+]
+
+SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+MARKER_TOKENS = ["<think>", "</think>", "<tool_call>", "</tool_call>", "<tool_response>", "</tool_response>"]
+
+# A ChatML template in the style of Qwen3's: system + tools preamble, reasoning history,
+# tool calls and tool responses, and the `enable_thinking` switch.
+QWEN3_STYLE_TEMPLATE = """\
+{%- if tools %}
+{{- '<|im_start|>system\\n' }}
+{%- if messages[0].role == 'system' %}{{- messages[0].content + '\\n\\n' }}{%- endif %}
+{{- '# Tools\\n\\nYou may call one or more functions to assist with the user query.\\n\\n<tools>' }}
+{%- for tool in tools %}{{- '\\n' }}{{- tool | tojson }}{%- endfor %}
+{{- '\\n</tools>\\n\\nFor each function call, return a json object within <tool_call></tool_call> tags:\\n<tool_call>\\n{"name": <function-name>, "arguments": <args-json-object>}\\n</tool_call><|im_end|>\\n' }}
+{%- elif messages[0].role == 'system' %}
+{{- '<|im_start|>system\\n' + messages[0].content + '<|im_end|>\\n' }}
+{%- endif %}
+{%- for message in messages %}
+{%- if message.role == 'user' or (message.role == 'system' and not loop.first) %}
+{{- '<|im_start|>' + message.role + '\\n' + message.content + '<|im_end|>\\n' }}
+{%- elif message.role == 'assistant' %}
+{{- '<|im_start|>assistant\\n' }}
+{%- if message.reasoning_content and loop.last %}{{- '<think>\\n' + message.reasoning_content + '\\n</think>\\n\\n' }}{%- endif %}
+{%- if message.content %}{{- message.content }}{%- endif %}
+{%- if message.tool_calls %}
+{%- for tool_call in message.tool_calls %}
+{%- set fn = tool_call.function if tool_call.function else tool_call %}
+{{- '\\n<tool_call>\\n{"name": "' + fn.name + '", "arguments": ' }}
+{%- if fn.arguments is string %}{{- fn.arguments }}{%- else %}{{- fn.arguments | tojson }}{%- endif %}
+{{- '}\\n</tool_call>' }}
+{%- endfor %}
+{%- endif %}
+{{- '<|im_end|>\\n' }}
+{%- elif message.role == 'tool' %}
+{{- '<|im_start|>user\\n<tool_response>\\n' + message.content + '\\n</tool_response><|im_end|>\\n' }}
+{%- endif %}
+{%- endfor %}
+{%- if add_generation_prompt %}
+{{- '<|im_start|>assistant\\n' }}
+{%- if enable_thinking is defined and enable_thinking is false %}{{- '<think>\\n\\n</think>\\n\\n' }}{%- endif %}
+{%- endif %}
+"""
+
+ARCHITECTURES: dict[str, dict[str, Any]] = {
+    "qwen3": {"head_dim": 16},
+    "llama": {"head_dim": 16},
+    "qwen3_moe": {"head_dim": 16, "num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 32},
+}
+
+
+def build_tokenizer(chat_template: str = QWEN3_STYLE_TEMPLATE) -> Any:
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    bpe.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=400,
+        show_progress=False,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    bpe.train_from_iterator(CORPUS, trainer)
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=bpe, eos_token="<|im_end|>", pad_token="<|endoftext|>"
+    )
+    tokenizer.add_tokens(MARKER_TOKENS)
+    tokenizer.chat_template = chat_template
+    return tokenizer
+
+
+def build_tiny_model(
+    out: Path, model_type: str = "qwen3", *, seed: int = 0, max_positions: int = 1024
+) -> Path:
+    """Write a tiny random checkpoint of `model_type` into `out` and return it."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    tokenizer = build_tokenizer()
+    eos_id = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    config = AutoConfig.for_model(
+        model_type,
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=max_positions,
+        tie_word_embeddings=True,
+        # The default 0.02 makes greedy decoding repeat one token; 0.2 gives varied output.
+        initializer_range=0.2,
+        eos_token_id=eos_id,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=None,
+        **ARCHITECTURES[model_type],
+    )
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
