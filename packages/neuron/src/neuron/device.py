@@ -1,0 +1,69 @@
+"""One owner thread per device: every torch operation for a device runs on it.
+
+The seeds' discipline, kept in Python: a CUDA context is bound to the thread that uses it,
+so loads, forwards and frees for one device all go through the same thread, and the event
+loop never blocks on torch. Work is submitted as plain callables and comes back as futures.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import queue
+import threading
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+T = TypeVar("T")
+
+_STOP = object()
+
+
+class DeviceWorker:
+    """A named thread that runs submitted callables in order, one at a time."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self._jobs: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self._closed = False
+        self._thread.start()
+
+    def submit(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> concurrent.futures.Future[T]:
+        if self._closed:
+            raise RuntimeError(f"device worker {self.name} is closed")
+        future: concurrent.futures.Future[T] = concurrent.futures.Future()
+        self._jobs.put((future, fn, args, kwargs))
+        return future
+
+    async def run(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        """Run on the owner thread; the caller's event loop stays free meanwhile."""
+        return await asyncio.wrap_future(self.submit(fn, *args, **kwargs))
+
+    @property
+    def is_current(self) -> bool:
+        return threading.current_thread() is self._thread
+
+    def close(self, timeout: float | None = None) -> None:
+        """Finish queued work, then stop the thread."""
+        if self._closed:
+            return
+        self._closed = True
+        self._jobs.put(_STOP)
+        if not self.is_current:
+            self._thread.join(timeout)
+
+    def _run(self) -> None:
+        while True:
+            job = self._jobs.get()
+            if job is _STOP:
+                return
+            future, fn, args, kwargs = job
+            if not future.set_running_or_notify_cancel():
+                continue
+            try:
+                result = fn(*args, **kwargs)
+            except BaseException as exc:  # handed to the awaiting caller, never lost
+                future.set_exception(exc)
+            else:
+                future.set_result(result)
