@@ -1,0 +1,1 @@
+"""The inference engine: a continuous-batching scheduler per loaded model."""

@@ -1,0 +1,71 @@
+"""What the serving layer asks of the engine, and what comes back.
+
+The serving layer (templates, detokenisation, stop strings, reasoning and tool parsing,
+OpenAI projections) works in text; the engine works in token ids. A request is a prompt of
+ids plus resolved sampling parameters; the answer is an async stream of `TokenEvent`s.
+Closing that stream (e.g. the client disconnected, or a stop string matched) cancels the
+sequence and frees its batch slot at the next step.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Literal, Protocol
+
+from cortex_core.neuron_api import ModelLoad
+
+FinishReason = Literal["stop", "length"]
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """Fully resolved (request -> generation_config.json -> built-in) before reaching the engine."""
+
+    temperature: float = 1.0  # <= 0 means greedy
+    top_p: float = 1.0
+    top_k: int = 0  # 0 = off
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    seed: int | None = None
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    prompt_ids: list[int]
+    max_new_tokens: int
+    sampling: SamplingParams = field(default_factory=SamplingParams)
+    # Every EOS id of the model (generation_config.json may list several) plus request extras.
+    stop_token_ids: frozenset[int] = frozenset()
+
+
+@dataclass(frozen=True)
+class TokenEvent:
+    """One step of one sequence.
+
+    `token_id` is a generated token to detokenise, or None on a final event that carries no
+    text (a stop token is reported as finish_reason "stop" and never as text).
+    """
+
+    token_id: int | None
+    finish_reason: FinishReason | None
+    prompt_tokens: int
+    cached_tokens: int
+    completion_tokens: int
+
+
+class Engine(Protocol):
+    def generate(self, request: GenerationRequest) -> AsyncIterator[TokenEvent]:
+        """Queue the request; yields events as steps complete. Raises ApiError (e.g. 400
+        context overflow, 503 queue full) before the first event when it cannot run."""
+        ...
+
+    def load(self) -> ModelLoad:
+        """Live counters for /health and the gateway's least-busy choice."""
+        ...
+
+    async def close(self) -> None:
+        """Finish or cancel running sequences and stop the scheduler."""
+        ...
