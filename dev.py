@@ -80,7 +80,8 @@ def main(argv: list[str]) -> int:
     ensure_environment()
     nox = [str(VENV / "bin" / "nox"), "-f", str(ROOT / "noxfile.py"), "-s", session, *argv[1:]]
     os.chdir(ROOT)
-    return subprocess.run(nox).returncode
+    env = {**os.environ, "PATH": f"{VENV / 'bin'}{os.pathsep}{os.environ.get('PATH', '')}"}
+    return subprocess.run(nox, env=env).returncode
 
 
 if __name__ == "__main__":

@@ -8,12 +8,15 @@ building a multi-GB virtualenv of its own.
 from __future__ import annotations
 
 import os
+import sys
 
 import nox
 
 nox.options.default_venv_backend = "none"
 nox.options.sessions = ["lint", "typecheck", "tests"]
 
+# Tools run through the interpreter nox runs in (.venv), never whatever is first on PATH.
+PY = sys.executable
 SOURCES = ["packages", "tests", "bench", "noxfile.py", "dev.py"]
 TEST_ENV = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
 
@@ -21,27 +24,27 @@ TEST_ENV = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARA
 @nox.session
 def tests(session: nox.Session) -> None:
     """The whole test suite (what CI runs)."""
-    session.run("pytest", *(session.posargs or ["-q"]), env=TEST_ENV)
+    session.run(PY, "-m", "pytest", *(session.posargs or ["-q"]), env=TEST_ENV)
 
 
 @nox.session
 def lint(session: nox.Session) -> None:
     """ruff check and ruff format --check."""
-    session.run("ruff", "check", *SOURCES)
-    session.run("ruff", "format", "--check", *SOURCES)
+    session.run(PY, "-m", "ruff", "check", *SOURCES)
+    session.run(PY, "-m", "ruff", "format", "--check", *SOURCES)
 
 
 @nox.session
 def fmt(session: nox.Session) -> None:
     """Apply ruff's fixes and formatting."""
-    session.run("ruff", "check", "--fix", *SOURCES)
-    session.run("ruff", "format", *SOURCES)
+    session.run(PY, "-m", "ruff", "check", "--fix", *SOURCES)
+    session.run(PY, "-m", "ruff", "format", *SOURCES)
 
 
 @nox.session
 def typecheck(session: nox.Session) -> None:
     """mypy over the four packages."""
-    session.run("mypy")
+    session.run(PY, "-m", "mypy")
 
 
 @nox.session
