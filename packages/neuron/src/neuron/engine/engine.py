@@ -1,0 +1,258 @@
+"""TorchEngine: the async face of one model's scheduler.
+
+The event loop never runs torch. `generate()` validates and queues a request and returns a
+stream; the scheduler's steps run as jobs on the device's owner thread, each step
+resubmitting the next while there is work, so other jobs for that device (another model's
+steps, a load) interleave between steps instead of waiting behind an endless loop. Events
+come back through `loop.call_soon_threadsafe`, once per flush, for all streams at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import itertools
+import threading
+from collections.abc import AsyncIterator
+
+from cortex_core.config.neuron import EngineConfig
+from cortex_core.errors import ApiError
+from cortex_core.neuron_api import ModelLoad
+from neuron.device import DeviceWorker
+from neuron.engine.api import GenerationRequest, TokenEvent
+from neuron.engine.sampling import SamplerState
+from neuron.engine.scheduler import Scheduler, Sequence
+from neuron.runner import ModelRunner
+
+# Suggested wait for a client refused because the queue is full.
+QUEUE_FULL_RETRY_AFTER_SECS = 2.0
+
+
+class _Outbox:
+    """Events produced on the owner thread, handed to the event loop in batches."""
+
+    def __init__(self) -> None:
+        self._pending: list[tuple[TokenStream, TokenEvent | BaseException]] = []
+
+    def sink_for(self, stream: TokenStream) -> _StreamSink:
+        return _StreamSink(self, stream)
+
+    def add(self, stream: TokenStream, item: TokenEvent | BaseException) -> None:
+        self._pending.append((stream, item))
+
+    def flush(self) -> None:
+        if not self._pending:
+            return
+        pending, self._pending = self._pending, []
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[TokenStream, TokenEvent | BaseException]]] = {}
+        for stream, item in pending:
+            by_loop.setdefault(stream.loop, []).append((stream, item))
+        for loop, items in by_loop.items():
+            try:
+                loop.call_soon_threadsafe(_deliver, items)
+            except RuntimeError:  # the loop is closed: nobody is listening any more
+                for stream, _ in items:
+                    stream.sequence.cancelled = True
+
+
+def _deliver(items: list[tuple[TokenStream, TokenEvent | BaseException]]) -> None:
+    for stream, item in items:
+        stream.queue.put_nowait(item)
+
+
+class _StreamSink:
+    def __init__(self, outbox: _Outbox, stream: TokenStream) -> None:
+        self._outbox = outbox
+        self._stream = stream
+
+    def put(self, item: TokenEvent | BaseException) -> None:
+        self._outbox.add(self._stream, item)
+
+
+class TokenStream(AsyncIterator[TokenEvent]):
+    """The events of one request. Closing it (or dropping it) cancels the sequence."""
+
+    def __init__(self, engine: TorchEngine, loop: asyncio.AbstractEventLoop) -> None:
+        self._engine = engine
+        self.loop = loop
+        self.queue: asyncio.Queue[TokenEvent | BaseException] = asyncio.Queue()
+        self.sequence: Sequence
+        self._done = False
+
+    def __aiter__(self) -> TokenStream:
+        return self
+
+    async def __anext__(self) -> TokenEvent:
+        if self._done:
+            raise StopAsyncIteration
+        item = await self.queue.get()
+        if isinstance(item, BaseException):
+            self._done = True
+            raise item
+        if item.finish_reason is not None:
+            self._done = True
+        return item
+
+    async def aclose(self) -> None:
+        self.cancel()
+
+    def cancel(self) -> None:
+        """Free the slot at the next step (no-op once the stream has ended)."""
+        if self._done:
+            return
+        self._done = True
+        self.sequence.cancelled = True
+        self._engine._wake()
+
+    def __del__(self) -> None:
+        # A consumer that forgot to close its stream still frees the slot when it is dropped.
+        # No wake-up here (this may run inside any lock, mid-step): an unfinished sequence
+        # keeps the step chain alive, and the next step drops it.
+        if not self._done and hasattr(self, "sequence"):
+            self.sequence.cancelled = True
+
+
+class TorchEngine:
+    def __init__(
+        self,
+        runner: ModelRunner,
+        *,
+        worker: DeviceWorker,
+        config: EngineConfig | None = None,
+        model_id: str = "",
+    ) -> None:
+        self.runner = runner
+        self.worker = worker
+        self.config = config or EngineConfig()
+        self.model_id = model_id
+        self._outbox = _Outbox()
+        self._scheduler = Scheduler(
+            runner,
+            max_batch_size=self.config.max_batch_size,
+            prefill_budget_tokens=self.config.prefill_chunk_tokens,
+            on_finished=self._on_finished,
+        )
+        self._seq_ids = itertools.count()
+        self._lock = threading.Lock()
+        self._accepted = 0  # queued + running, guarded by _lock
+        self._step_pending = False  # a step job is queued or running on the worker
+        self._closing = False
+        self._closed: concurrent.futures.Future[None] | None = None
+
+    # --- async side -------------------------------------------------------------------
+
+    def generate(self, request: GenerationRequest) -> TokenStream:
+        """Validate and queue; raises ApiError (400 context overflow, 503 full/closing) at once."""
+        prompt = len(request.prompt_ids)
+        if prompt == 0:
+            raise ApiError(400, "the prompt is empty", code="empty_prompt", param="messages")
+        max_new = max(1, request.max_new_tokens)
+        limit = self.runner.max_context
+        if prompt + max_new > limit:
+            raise ApiError(
+                400,
+                f"this model's maximum context length is {limit} tokens, but the request needs "
+                f"{prompt + max_new}: {prompt} in the prompt plus max_tokens {max_new}; "
+                "shorten the prompt or lower max_tokens",
+                code="context_length_exceeded",
+                param="max_tokens",
+            )
+        loop = asyncio.get_running_loop()
+        stream = TokenStream(self, loop)
+        with self._lock:
+            if self._closing:
+                raise ApiError(
+                    503, f"model {self.model_id} is unloading", retry_after=QUEUE_FULL_RETRY_AFTER_SECS
+                )
+            capacity = self.config.max_batch_size + self.config.max_queue_depth
+            if self._accepted >= capacity:
+                raise ApiError(
+                    503,
+                    f"model {self.model_id} is busy: {self._accepted} requests running or queued "
+                    f"(limit {capacity}); retry later",
+                    code="queue_full",
+                    retry_after=QUEUE_FULL_RETRY_AFTER_SECS,
+                )
+            self._accepted += 1
+            seq_id = next(self._seq_ids)
+        stream.sequence = Sequence(
+            seq_id=seq_id,
+            request=request,
+            sink=self._outbox.sink_for(stream),
+            sampler=SamplerState.create(request.sampling),
+            max_new_tokens=max_new,
+        )
+        self._scheduler.incoming.append(stream.sequence)
+        self._wake()
+        return stream
+
+    def load(self) -> ModelLoad:
+        running = len(self._scheduler.running)
+        tp = self._scheduler.throughput
+        return ModelLoad(
+            id=self.model_id,
+            in_flight=running,
+            queue_depth=max(0, self._accepted - running),
+            max_in_flight=self.config.max_batch_size,
+            max_queue_depth=self.config.max_queue_depth,
+            tok_s_prefill=round(tp.prefill_tok_s, 2),
+            tok_s_decode=round(tp.decode_tok_s, 2),
+        )
+
+    async def close(self) -> None:
+        """Fail queued and running requests with 503, stop stepping, free the runner."""
+        with self._lock:
+            self._closing = True
+            if self._closed is None:
+                self._closed = concurrent.futures.Future()
+            closed = self._closed
+        self._wake()
+        await asyncio.wrap_future(closed)
+
+    # --- owner-thread side ------------------------------------------------------------
+
+    def _wake(self) -> None:
+        with self._lock:
+            if self._step_pending or (self._closed is not None and self._closed.done()):
+                return
+            self._step_pending = True
+        self.worker.submit(self._step_job)
+
+    def _step_job(self) -> None:
+        try:
+            if self._closing:
+                self._shutdown()
+                return
+            self._scheduler.step(self._outbox.flush)
+        except Exception as exc:  # a scheduler bug must not leave every stream waiting forever
+            message = f"inference step failed: {exc!r}"
+            self._scheduler.fail_all(lambda: RuntimeError(message))
+            raise
+        finally:
+            self._outbox.flush()
+            with self._lock:
+                again = self._scheduler.has_work() or (self._closing and not self._is_closed())
+                self._step_pending = again
+            if again:
+                self.worker.submit(self._step_job)
+
+    def _shutdown(self) -> None:
+        assert self._closed is not None
+        try:
+            self._scheduler.shutdown(
+                lambda: ApiError(
+                    503, f"model {self.model_id} was unloaded", retry_after=QUEUE_FULL_RETRY_AFTER_SECS
+                )
+            )
+        except BaseException as exc:
+            self._closed.set_exception(exc)
+            raise
+        else:
+            self._closed.set_result(None)
+
+    def _is_closed(self) -> bool:
+        return self._closed is not None and self._closed.done()
+
+    def _on_finished(self, seq: Sequence) -> None:
+        with self._lock:
+            self._accepted -= 1

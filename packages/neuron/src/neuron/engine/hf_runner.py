@@ -1,0 +1,211 @@
+"""ModelRunner over one transformers causal LM on one device.
+
+Decode runs one forward for every active sequence. The batch keeps one cache whose rows are
+left-padded to a common width: each step writes the new token of every row into the same
+column, with per-row position ids and a padding mask. The batch cache is rebuilt only when
+the set of sequences changes (a prefill joins, a sequence leaves), so a steady step copies
+nothing but the new token's K/V.
+
+Prefill runs alone (batch of one) in chunks, from a stored prefix when one shares the start
+of the prompt. All behaviour is a deterministic function of the calls, as the tensor-parallel
+runner, which replays them on every rank, requires.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from transformers.cache_utils import Cache
+
+from neuron.engine.kv import (
+    PrefixStore,
+    SeqKV,
+    cache_from_prefix,
+    cache_from_rows,
+    cache_layers,
+    new_cache,
+    row_kv,
+)
+from neuron.runner import PrefillResult
+
+SUPPORTED_LAYER_TYPES = frozenset({"full_attention", "sliding_attention"})
+
+# A stored prefix shorter than this is not worth its copy.
+MIN_PREFIX_TOKENS = 4
+
+
+@dataclass
+class _Batch:
+    members: list[int]
+    cache: Cache
+    # Left padding of each row; row i's positions live in columns [pads[i], width).
+    pads: list[int]
+    # 1 where a column holds a real position, per row; grows with the cache.
+    mask: torch.Tensor
+    row_of: dict[int, int] = field(default_factory=dict)
+
+    @property
+    def width(self) -> int:
+        return cache_layers(self.cache)[0].length
+
+
+class SingleDeviceRunner:
+    def __init__(
+        self,
+        model: Any,
+        *,
+        device: torch.device | str,
+        prefill_chunk_tokens: int = 512,
+        prefix_cache_entries: int = 8,
+        prefix_cache_bytes: int = 1 << 30,
+        max_context: int | None = None,
+    ) -> None:
+        config = model.config
+        layer_types = set(getattr(config, "layer_types", None) or ["full_attention"])
+        unsupported = layer_types - SUPPORTED_LAYER_TYPES
+        if unsupported:
+            raise ValueError(
+                f"model_type {config.model_type!r} has {sorted(unsupported)} layers; the torch runner supports "
+                f"{sorted(SUPPORTED_LAYER_TYPES)} only"
+            )
+        self.model = model
+        self.device = torch.device(device)
+        self.num_layers = int(config.num_hidden_layers)
+        self.prefill_chunk_tokens = max(1, prefill_chunk_tokens)
+        self._max_context = int(max_context or config.max_position_embeddings)
+        self.prefixes = PrefixStore(prefix_cache_entries, prefix_cache_bytes)
+        # Token ids whose K/V is held, per sequence (prompt + fed tokens).
+        self._tokens: dict[int, list[int]] = {}
+        # Sequences prefilled but not yet part of the decode batch.
+        self._solo: dict[int, Cache] = {}
+        self._batch: _Batch | None = None
+
+    @property
+    def max_context(self) -> int:
+        return self._max_context
+
+    @torch.inference_mode()
+    def prefill(self, seq_id: int, token_ids: Sequence[int]) -> PrefillResult:
+        if not token_ids:
+            raise ValueError("cannot prefill an empty prompt")
+        if seq_id in self._tokens:
+            raise ValueError(f"sequence {seq_id} already exists")
+        tokens = list(token_ids)
+        # At least the last prompt token is computed: its logits pick the first new token.
+        entry, cached = self.prefixes.lookup(tokens, len(tokens) - 1)
+        cache = cache_from_prefix(entry.kv, cached) if entry else new_cache(self.num_layers)
+        logits = None
+        for start in range(cached, len(tokens), self.prefill_chunk_tokens):
+            chunk = tokens[start : start + self.prefill_chunk_tokens]
+            out = self.model(
+                input_ids=torch.tensor([chunk], device=self.device),
+                past_key_values=cache,
+                use_cache=True,
+                logits_to_keep=1,
+            )
+            logits = out.logits
+        assert logits is not None
+        self._solo[seq_id] = cache
+        self._tokens[seq_id] = tokens
+        if len(tokens) >= MIN_PREFIX_TOKENS:
+            self.prefixes.insert(tokens, row_kv(cache, 0, 0))
+        return PrefillResult(logits=logits[0, -1].float(), cached_tokens=cached)
+
+    @torch.inference_mode()
+    def decode(self, seq_ids: Sequence[int], token_ids: Sequence[int]) -> torch.Tensor:
+        if len(seq_ids) != len(token_ids) or not seq_ids:
+            raise ValueError("decode needs one token per sequence and at least one sequence")
+        batch = self._batch
+        if batch is None or set(batch.members) != set(seq_ids):
+            batch = self._rebuild(seq_ids)
+        rows = [batch.row_of[s] for s in seq_ids]
+        inputs = [0] * len(rows)
+        positions = [0] * len(rows)
+        for seq_id, row, token in zip(seq_ids, rows, token_ids, strict=True):
+            inputs[row] = token
+            positions[row] = len(self._tokens[seq_id])
+        width = batch.width
+        if width + 1 > batch.mask.shape[1]:
+            grown = batch.mask.new_ones(batch.mask.shape[0], 2 * batch.mask.shape[1])
+            grown[:, : batch.mask.shape[1]] = batch.mask
+            batch.mask = grown
+        out = self.model(
+            input_ids=torch.tensor(inputs, device=self.device).unsqueeze(1),
+            position_ids=torch.tensor(positions, device=self.device).unsqueeze(1),
+            attention_mask=batch.mask[:, : width + 1] if any(batch.pads) else None,
+            past_key_values=batch.cache,
+            use_cache=True,
+            logits_to_keep=1,
+        )
+        for seq_id, token in zip(seq_ids, token_ids, strict=True):
+            self._tokens[seq_id].append(token)
+        logits: torch.Tensor = out.logits[:, -1].float()
+        if rows != list(range(len(rows))):
+            logits = logits[torch.tensor(rows, device=logits.device)]
+        return logits
+
+    def _rebuild(self, seq_ids: Sequence[int]) -> _Batch:
+        """A batch cache for exactly `seq_ids`, from their solo caches or the current batch rows."""
+        for seq_id in seq_ids:
+            if seq_id not in self._tokens:
+                raise ValueError(f"unknown sequence {seq_id}")
+        if self._batch is None and len(seq_ids) == 1 and seq_ids[0] in self._solo:
+            # One fresh sequence: adopt its prefill cache as the batch without copying.
+            cache = self._solo.pop(seq_ids[0])
+            width = cache_layers(cache)[0].length
+            mask = torch.ones(1, width + 256, dtype=torch.long, device=self.device)
+            self._batch = _Batch([seq_ids[0]], cache, [0], mask, {seq_ids[0]: 0})
+            return self._batch
+        rows = [self._sequence_kv(s) for s in seq_ids]
+        width = max(len(self._tokens[s]) for s in seq_ids)
+        pads = [width - len(self._tokens[s]) for s in seq_ids]
+        mask = torch.ones(len(seq_ids), width + 256, dtype=torch.long, device=self.device)
+        for i, pad in enumerate(pads):
+            mask[i, :pad] = 0
+        cache = cache_from_rows(rows, width)
+        for seq_id in seq_ids:
+            self._solo.pop(seq_id, None)
+        self._batch = _Batch(list(seq_ids), cache, pads, mask, {s: i for i, s in enumerate(seq_ids)})
+        return self._batch
+
+    def _sequence_kv(self, seq_id: int) -> SeqKV:
+        if seq_id in self._solo:
+            return row_kv(self._solo[seq_id], 0, 0)
+        batch = self._batch
+        if batch is None or seq_id not in batch.row_of:
+            raise ValueError(f"sequence {seq_id} has no cache")
+        row = batch.row_of[seq_id]
+        return row_kv(batch.cache, row, batch.pads[row])
+
+    @torch.inference_mode()
+    def release(self, seq_id: int) -> None:
+        tokens = self._tokens.pop(seq_id, None)
+        if tokens is None:
+            return
+        # What the sequence computed (prompt and its answer) seeds the next turn's prefix.
+        kv = self._sequence_kv_or_none(seq_id)
+        if kv is not None and len(tokens) >= MIN_PREFIX_TOKENS:
+            self.prefixes.insert(tokens, kv)
+        self._solo.pop(seq_id, None)
+        batch = self._batch
+        if batch is not None and not any(member in self._tokens for member in batch.members):
+            self._batch = None  # nobody left in it: free its memory now rather than at the next step
+
+    def _sequence_kv_or_none(self, seq_id: int) -> SeqKV | None:
+        if seq_id in self._solo:
+            return row_kv(self._solo[seq_id], 0, 0)
+        batch = self._batch
+        if batch is not None and seq_id in batch.row_of:
+            row = batch.row_of[seq_id]
+            return row_kv(batch.cache, row, batch.pads[row])
+        return None
+
+    def close(self) -> None:
+        self._tokens.clear()
+        self._solo.clear()
+        self._batch = None
+        self.prefixes.clear()
+        self.model = None

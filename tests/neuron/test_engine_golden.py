@@ -1,0 +1,133 @@
+"""Golden tests: the engine's greedy tokens equal transformers' greedy generate(), alone and batched."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from support.engine_harness import PROMPT_TEXTS, collect, eos_ids, load_model, reference_greedy
+
+from cortex_core.config.neuron import EngineConfig
+from neuron.device import DeviceWorker
+from neuron.engine import SingleDeviceRunner, TorchEngine
+from neuron.engine.api import GenerationRequest, SamplingParams
+
+GREEDY = SamplingParams(temperature=0.0)
+MAX_NEW = [12, 30, 7, 24, 18, 3, 27, 15]
+
+
+class RecordingRunner(SingleDeviceRunner):
+    """Counts how many sequences each decode forward carried."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.batch_sizes: list[int] = []
+
+    def decode(self, seq_ids: Sequence[int], token_ids: Sequence[int]) -> torch.Tensor:
+        self.batch_sizes.append(len(seq_ids))
+        return super().decode(seq_ids, token_ids)
+
+
+@pytest.fixture(scope="module")
+def worker() -> Iterator[DeviceWorker]:
+    w = DeviceWorker("cpu-test")
+    yield w
+    w.close()
+
+
+@pytest.fixture(scope="module", params=["tiny_qwen3", "tiny_llama"])
+def model_and_prompts(request: pytest.FixtureRequest) -> tuple[Any, list[list[int]]]:
+    path: Path = request.getfixturevalue(request.param)
+    model, tokenizer = load_model(path)
+    return model, [tokenizer.encode(text) for text in PROMPT_TEXTS]
+
+
+@pytest.fixture
+async def engine_and_runner(
+    model_and_prompts: tuple[Any, list[list[int]]], worker: DeviceWorker
+) -> AsyncIterator[tuple[TorchEngine, RecordingRunner]]:
+    model, _ = model_and_prompts
+    runner = RecordingRunner(model, device="cpu")
+    engine = TorchEngine(runner, worker=worker, config=EngineConfig(max_batch_size=8), model_id="tiny")
+    yield engine, runner
+    await engine.close()
+
+
+def request(prompt: list[int], max_new: int, stops: frozenset[int]) -> GenerationRequest:
+    return GenerationRequest(prompt_ids=prompt, max_new_tokens=max_new, sampling=GREEDY, stop_token_ids=stops)
+
+
+async def test_alone_equals_generate(
+    model_and_prompts: tuple[Any, list[list[int]]], engine_and_runner: tuple[TorchEngine, RecordingRunner]
+) -> None:
+    model, prompts = model_and_prompts
+    engine, _ = engine_and_runner
+    stops = eos_ids(model)
+    for prompt, max_new in zip(prompts[:4], MAX_NEW[:4], strict=True):
+        expected, finish = reference_greedy(model, prompt, max_new)
+        got = await collect(engine.generate(request(prompt, max_new, stops)))
+        assert got.tokens == expected
+        assert got.finish_reason == finish
+        assert got.completion_tokens == len(expected)
+        assert got.prompt_tokens == len(prompt)
+
+
+async def test_eight_concurrent_staggered_equal_generate(
+    model_and_prompts: tuple[Any, list[list[int]]], engine_and_runner: tuple[TorchEngine, RecordingRunner]
+) -> None:
+    model, prompts = model_and_prompts
+    engine, runner = engine_and_runner
+    stops = eos_ids(model)
+    expected = [reference_greedy(model, p, n) for p, n in zip(prompts, MAX_NEW, strict=True)]
+    # Four start together; four more join once the first ones are decoding (MAX_NEW[0] > 2).
+    streams = [engine.generate(request(p, n, stops)) for p, n in zip(prompts[:4], MAX_NEW[:4], strict=True)]
+    early = [await anext(streams[0]), await anext(streams[0])]  # a prefill token, then a decode token
+    first = [asyncio.create_task(collect(s)) for s in streams]
+    later = [
+        asyncio.create_task(collect(engine.generate(request(p, n, stops))))
+        for p, n in zip(prompts[4:], MAX_NEW[4:], strict=True)
+    ]
+    results = await asyncio.gather(*first, *later)
+    results[0].tokens[:0] = [e.token_id for e in early]
+    for (tokens, finish), got in zip(expected, results, strict=True):
+        assert got.tokens == tokens
+        assert got.finish_reason == finish
+    assert max(runner.batch_sizes) > 4, "sequences were not decoded together"
+    assert engine.load().in_flight == 0
+
+
+async def test_moe_batched_equals_generate(tiny_qwen3_moe: Path, worker: DeviceWorker) -> None:
+    model, tokenizer = load_model(tiny_qwen3_moe)
+    prompts = [tokenizer.encode(text) for text in PROMPT_TEXTS[:4]]
+    stops = eos_ids(model)
+    expected = [reference_greedy(model, p, 16) for p in prompts]
+    runner = RecordingRunner(model, device="cpu")
+    engine = TorchEngine(runner, worker=worker, config=EngineConfig(max_batch_size=4), model_id="moe")
+    try:
+        results = await asyncio.gather(*(collect(engine.generate(request(p, 16, stops))) for p in prompts))
+    finally:
+        await engine.close()
+    assert [r.tokens for r in results] == [tokens for tokens, _ in expected]
+    assert max(runner.batch_sizes) > 1
+
+
+async def test_repeated_prefix_reports_cached_tokens_and_keeps_output(
+    model_and_prompts: tuple[Any, list[list[int]]], engine_and_runner: tuple[TorchEngine, RecordingRunner]
+) -> None:
+    model, prompts = model_and_prompts
+    engine, _ = engine_and_runner
+    stops = eos_ids(model)
+    first_turn = prompts[3] + prompts[6]
+    first = await collect(engine.generate(request(first_turn, 10, stops)))
+    assert first.cached_tokens == 0
+    # The next turn repeats the first prompt and appends to it (as a chat history does).
+    second_turn = first_turn + prompts[1]
+    expected, finish = reference_greedy(model, second_turn, 20)
+    second = await collect(engine.generate(request(second_turn, 20, stops)))
+    assert second.cached_tokens >= len(first_turn)
+    assert second.cached_tokens < len(second_turn)
+    assert (second.tokens, second.finish_reason) == (expected, finish)

@@ -1,0 +1,83 @@
+"""Helpers for the engine tests: tiny models, transformers' greedy reference, stream collection."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+# Hang guard only (never a speed assertion): a broken scheduler fails instead of blocking CI.
+HANG_GUARD_SECS = 120.0
+
+PROMPT_TEXTS = [
+    "Hello",
+    "The capital of France is",
+    "def add(a, b):\n    return",
+    "The quick brown fox jumps over the lazy dog while the sea waves roll in. The quick",
+    '{"name": "get_weather", "arguments": {"city": "Zürich"',
+    "Numbers: 0 1 2 3 4 5 6 7 8 9 10 100 1000. Symbols: < > & ' \" { } [ ] ( ). Numbers:",
+    "Think step by step: first we read, then we reason, then we answer. Think step",
+    "Émilie a visité Zürich et São Paulo; 東京 と 北京 も訪れました。🙂 Hello, how are you today?",
+]
+
+
+def load_model(path: Path) -> tuple[Any, Any]:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    return model, AutoTokenizer.from_pretrained(path)
+
+
+def eos_ids(model: Any) -> frozenset[int]:
+    eos = model.generation_config.eos_token_id
+    return frozenset([eos] if isinstance(eos, int) else (eos or []))
+
+
+def reference_greedy(model: Any, prompt: Sequence[int], max_new_tokens: int) -> tuple[list[int], str]:
+    """transformers' greedy generate(): the tokens without the EOS, and the finish reason."""
+    import torch
+
+    with torch.inference_mode():
+        out = model.generate(
+            torch.tensor([list(prompt)]),
+            attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+        )
+    tokens = out[0, len(prompt) :].tolist()
+    stops = eos_ids(model)
+    for i, token in enumerate(tokens):
+        if token in stops:
+            return tokens[:i], "stop"
+    return tokens, "length"
+
+
+@dataclass
+class Collected:
+    tokens: list[int]
+    finish_reason: str | None
+    cached_tokens: int
+    prompt_tokens: int
+    completion_tokens: int
+    events: int
+
+
+async def collect(stream: AsyncIterator[Any]) -> Collected:
+    async def run() -> Collected:
+        tokens: list[int] = []
+        last = None
+        count = 0
+        async for event in stream:
+            count += 1
+            last = event
+            if event.token_id is not None:
+                tokens.append(event.token_id)
+        assert last is not None, "the stream ended without any event"
+        return Collected(
+            tokens, last.finish_reason, last.cached_tokens, last.prompt_tokens, last.completion_tokens, count
+        )
+
+    return await asyncio.wait_for(run(), HANG_GUARD_SECS)
