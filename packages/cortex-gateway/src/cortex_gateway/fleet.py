@@ -140,10 +140,12 @@ class FleetState:
         *,
         unhealthy_after: int = 3,
         clock: Callable[[], float],
+        forget_failures_after: float = 600.0,
     ) -> None:
         self._nodes = {n.name: _Node(n.name, n.endpoint.rstrip("/")) for n in neurons}
         self._unhealthy_after = unhealthy_after
         self._clock = clock
+        self._forget_failures_after = forget_failures_after
         self._snapshot: FleetSnapshot | None = None
 
     # ---- reading -------------------------------------------------------------------------
@@ -210,9 +212,17 @@ class FleetState:
         for info in models:
             previous = node.models.get(info.id)
             seen[info.id] = self._merge(previous, info, now)
-        # Loads the gateway started and the neuron does not list yet stay `loading`.
+        # Loads the gateway started and the neuron does not list yet stay `loading`; a load
+        # that failed is remembered for a while so the back-off and the reason survive.
         for model_id, view in node.models.items():
-            if model_id not in seen and model_id in node.reservations:
+            if model_id in seen:
+                continue
+            recent_failure = (
+                view.status == "failed"
+                and view.failed_at is not None
+                and now - view.failed_at < self._forget_failures_after
+            )
+            if model_id in node.reservations or recent_failure:
                 seen[model_id] = view
         for gone in set(node.endpoints) - {m for m, v in seen.items() if v.status == ROUTABLE}:
             del node.endpoints[gone]
@@ -282,14 +292,19 @@ class FleetState:
         self._changed()
         return restarted
 
-    def record_failure(self, node_name: str, reason: str) -> None:
-        """A poll (or a request) could not reach the neuron; unhealthy after N in a row."""
+    def record_failure(self, node_name: str, reason: str) -> bool:
+        """A poll (or a request) could not reach the neuron; unhealthy after N in a row.
+
+        Returns True when this failure turned the node unhealthy.
+        """
         node = self._nodes[node_name]
         node.consecutive_failures += 1
         node.last_error = reason
+        turned = node.healthy and node.consecutive_failures >= self._unhealthy_after
         if node.consecutive_failures >= self._unhealthy_after:
             node.healthy = False
         self._changed()
+        return turned
 
     # ---- router --------------------------------------------------------------------------
 

@@ -160,7 +160,7 @@ def _status_refusal(
     return None
 
 
-def _topology_problem(profile: ModelProfile, node: NodeView) -> str | None:
+def topology_problem(profile: ModelProfile, node: NodeView) -> str | None:
     """Why this node can never host the model (None: it can, given free memory)."""
     if profile.pinned_on and node.name not in profile.pinned_on:
         return f"pinned to {', '.join(profile.pinned_on)}"
@@ -240,7 +240,7 @@ def _cold_load(
                 )
             )
             continue
-        problem = _topology_problem(profile, node)
+        problem = topology_problem(profile, node)
         if problem is not None:
             never.append(f"{node.name}: {problem}")
             continue

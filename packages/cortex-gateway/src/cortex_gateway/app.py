@@ -1,0 +1,202 @@
+"""The gateway's Starlette app, built by `create_app` (no module-level state).
+
+Wiring, one way: poller → FleetState → placement → Router → Proxy → metrics. The factory
+builds each piece from the config and hangs them on `app.state` (fleet, router, poller,
+proxy, metrics, neuron_client) so tests and `serve` can reach them.
+
+Errors: handlers raise `ApiError`; one exception handler renders it in the caller's dialect
+(Anthropic's shape under /v1/messages, OpenAI's everywhere else), with Retry-After.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator, Callable
+from time import perf_counter
+
+import msgspec
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import BaseRoute, Route
+
+from cortex_core.config.catalogue import ModelCatalogue
+from cortex_core.config.gateway import GatewayConfig
+from cortex_core.errors import ApiError, decode_json_body
+from cortex_gateway import admin
+from cortex_gateway.fleet import FleetState
+from cortex_gateway.metrics import GatewayMetrics
+from cortex_gateway.neuron_client import NeuronClient
+from cortex_gateway.placement import PlacementPolicy
+from cortex_gateway.poller import Poller
+from cortex_gateway.proxy import Proxy, read_model
+from cortex_gateway.router import Router, RouterLimits
+
+log = logging.getLogger(__name__)
+
+OPENAI_PATHS = ("/v1/chat/completions", "/v1/completions", "/v1/responses")
+
+
+def json_response(value: object, status: int = 200, headers: dict[str, str] | None = None) -> Response:
+    return Response(
+        msgspec.json.encode(value), status_code=status, headers=headers, media_type="application/json"
+    )
+
+
+def render_error(request: Request, error: ApiError) -> Response:
+    body = error.anthropic_body() if request.url.path.startswith("/v1/messages") else error.openai_body()
+    return json_response(body, error.status, error.headers())
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The request body, refused with 413 as soon as it is known to exceed `limit` bytes."""
+
+    def too_large() -> ApiError:
+        return ApiError(
+            413,
+            f"request body exceeds the gateway's limit of {limit} bytes (gateway.max_body_bytes)",
+            code="request_too_large",
+        )
+
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise too_large()
+    chunks = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise too_large()
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def create_app(
+    config: GatewayConfig,
+    catalogue: ModelCatalogue,
+    *,
+    neuron_client: NeuronClient | None = None,
+    metrics: GatewayMetrics | None = None,
+    clock: Callable[[], float] = time.time,
+    run_poller: bool = True,
+    extra_routes: list[BaseRoute] | None = None,
+) -> Starlette:
+    """The gateway app. `run_poller=False` leaves polling to the caller (`app.state.poller.poll_once()`)."""
+    client = neuron_client or NeuronClient(
+        poll_timeout=config.poller.timeout_secs, load_timeout=config.router.load_timeout_secs
+    )
+    metrics = metrics or GatewayMetrics()
+    fleet = FleetState(config.neurons, unhealthy_after=config.poller.unhealthy_after, clock=clock)
+    poller = Poller(fleet, client, interval_secs=config.poller.interval_secs)
+    router = Router(
+        fleet,
+        catalogue,
+        client,
+        policy=PlacementPolicy(min_residency_secs=config.eviction.min_residency_secs),
+        limits=RouterLimits(
+            max_waiting_per_model=config.router.max_waiting_per_model,
+            load_wait_secs=config.router.load_wait_secs,
+        ),
+        clock=clock,
+        observer=metrics,
+    )
+    proxy = Proxy(config.proxy, metrics)
+    body_limit = config.gateway.max_body_bytes
+
+    async def relay(request: Request) -> Response:
+        received_at = perf_counter()
+        body = await read_body(request, body_limit)
+        lease = await router.acquire(read_model(body))
+        return await proxy.forward(request, body, lease, request.url.path, received_at=received_at)
+
+    async def list_models(request: Request) -> Response:
+        return json_response(admin.model_list(fleet.snapshot(), catalogue, clock()))
+
+    async def health(request: Request) -> Response:
+        return json_response(admin.fleet_health(fleet.snapshot()))
+
+    async def livez(request: Request) -> Response:
+        return json_response({"status": "alive"})
+
+    async def readyz(request: Request) -> Response:
+        snapshot = fleet.snapshot()
+        healthy = len(snapshot.healthy_nodes)
+        if healthy:
+            return json_response({"status": "ready", "healthy_nodes": healthy})
+        reason = "no neurons are configured" if not snapshot.nodes else "no neuron has answered a poll yet"
+        raise ApiError(503, f"not ready: {reason}", code="not_ready", retry_after=config.poller.interval_secs)
+
+    async def fleet_report(request: Request) -> Response:
+        return json_response(admin.fleet_report(fleet.snapshot(), catalogue, router.loads_in_flight, clock()))
+
+    async def load_model(request: Request) -> Response:
+        action = decode_json_body(await read_body(request, body_limit), admin.ModelAction)
+        node = await router.load_by_hand(action.model, action.node)
+        model_id = catalogue.resolve_alias(action.model)
+        return json_response(admin.ModelActionResult(model=model_id, nodes=[node], status="loaded"))
+
+    async def unload_model(request: Request) -> Response:
+        action = decode_json_body(await read_body(request, body_limit), admin.ModelAction)
+        nodes = await router.unload_by_hand(action.model, action.node)
+        model_id = catalogue.resolve_alias(action.model)
+        return json_response(admin.ModelActionResult(model=model_id, nodes=nodes, status="unloaded"))
+
+    async def on_api_error(request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, ApiError)
+        return render_error(request, exc)
+
+    async def on_http_error(request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, HTTPException)
+        if exc.status_code == 404:
+            message = f"no route {request.method} {request.url.path}; the API is under /v1 (GET /v1/models lists models)"
+        elif exc.status_code == 405:
+            message = f"method {request.method} is not allowed on {request.url.path}"
+        else:
+            message = str(exc.detail)
+        return render_error(
+            request, ApiError(exc.status_code, message, code="not_found" if exc.status_code == 404 else None)
+        )
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        await proxy.start()
+        if run_poller:
+            poller.start()
+        try:
+            yield
+        finally:
+            await poller.stop()
+            await router.close()
+            await proxy.close()
+            await client.close()
+
+    routes: list[BaseRoute] = [
+        *(Route(path, relay, methods=["POST"]) for path in OPENAI_PATHS),
+        Route("/v1/models", list_models, methods=["GET"]),
+        Route("/health", health, methods=["GET"]),
+        Route("/", health, methods=["GET"]),
+        Route("/livez", livez, methods=["GET"]),
+        Route("/readyz", readyz, methods=["GET"]),
+        Route("/admin/fleet", fleet_report, methods=["GET"]),
+        Route("/admin/models/load", load_model, methods=["POST"]),
+        Route("/admin/models/unload", unload_model, methods=["POST"]),
+        *(extra_routes or []),
+    ]
+    app = Starlette(
+        routes=routes,
+        lifespan=lifespan,
+        exception_handlers={ApiError: on_api_error, HTTPException: on_http_error},
+    )
+    app.state.config = config
+    app.state.catalogue = catalogue
+    app.state.fleet = fleet
+    app.state.poller = poller
+    app.state.router = router
+    app.state.proxy = proxy
+    app.state.metrics = metrics
+    app.state.neuron_client = client
+    app.state.body_limit = body_limit
+    return app
