@@ -17,7 +17,7 @@ nox.options.sessions = ["lint", "typecheck", "tests"]
 
 # Tools run through the interpreter nox runs in (.venv), never whatever is first on PATH.
 PY = sys.executable
-SOURCES = ["packages", "tests", "bench", "noxfile.py", "dev.py"]
+SOURCES = ["packages", "tests", "bench", "rpm", "noxfile.py", "dev.py"]
 TEST_ENV = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
 
 
@@ -51,5 +51,22 @@ def typecheck(session: nox.Session) -> None:
 def serve(session: nox.Session) -> None:
     """The main job: gateway + a local neuron on the embedded default model."""
     session.run(
-        "cortex", "serve", *session.posargs, env={"HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1")}
+        PY,
+        "-m",
+        "cortex_cli",
+        "serve",
+        *session.posargs,
+        env={"HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1")},
     )
+
+
+@nox.session
+def build(session: nox.Session) -> None:
+    """The four wheels into dist/ (or the folder given: nox -s build -- OUTDIR)."""
+    session.run(PY, "rpm/build.py", "wheels", *session.posargs)
+
+
+@nox.session
+def rpm(session: nox.Session) -> None:
+    """The cortex and helexa-neuron RPMs into dist/rpm/ (needs rpmbuild; see rpm/README.md)."""
+    session.run(PY, "rpm/build.py", "rpms", *session.posargs)

@@ -1,0 +1,164 @@
+"""`cortex status` and `cortex models list`: read the gateway, render tables a person scans.
+
+The fleet comes from the gateway's `GET /admin/fleet`. It is decoded into the small,
+lenient Structs below (unknown fields ignored, everything optional but the names) rather
+than into the gateway's own types: a workstation has cortex-cli without cortex-gateway, and
+an older CLI must still read a newer gateway.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import msgspec
+
+from cortex_cli.client import GatewayClient, GatewayError
+from cortex_cli.table import ago, memory, render_table
+
+FLEET_PATH = "/admin/fleet"
+
+
+class DeviceRow(msgspec.Struct, kw_only=True):
+    index: int
+    name: str | None = None
+    vram_total_mb: int | None = None
+    vram_used_mb: int | None = None
+    vram_free_mb: int | None = None
+    utilization_pct: int | None = None
+
+
+class ModelRow(msgspec.Struct, kw_only=True):
+    id: str
+    status: str
+    devices: list[int] = msgspec.field(default_factory=list)
+    in_flight: int = 0
+    queue_depth: int = 0
+    last_used: float | None = None
+    loaded_at: float | None = None
+    error: str | None = None
+
+
+class NodeRow(msgspec.Struct, kw_only=True):
+    name: str
+    endpoint: str = ""
+    healthy: bool = False
+    last_error: str | None = None
+    last_poll: float | None = None
+    hostname: str | None = None
+    cpu_only: bool = False
+    host_memory_total_mb: int | None = None
+    host_memory_free_mb: int | None = None
+    devices: list[DeviceRow] = msgspec.field(default_factory=list)
+    models: list[ModelRow] = msgspec.field(default_factory=list)
+
+
+class Fleet(msgspec.Struct, kw_only=True):
+    nodes: list[NodeRow] = msgspec.field(default_factory=list)
+    # The gateway's clock when it answered: relative times are computed against it, so a
+    # workstation with a skewed clock still reads "12s ago" correctly.
+    now: float | None = None
+
+
+def fetch_fleet(client: GatewayClient) -> Any:
+    """The raw JSON of /admin/fleet (what --json prints), checked to be decodable."""
+    raw = client.get(FLEET_PATH)
+    decode_fleet(raw, source=client.endpoint + FLEET_PATH)
+    return raw
+
+
+def decode_fleet(raw: Any, *, source: str) -> Fleet:
+    try:
+        return msgspec.convert(raw, Fleet)
+    except msgspec.ValidationError as exc:
+        raise GatewayError(
+            200, f"{source}: unexpected answer ({exc}); is the gateway the same version?"
+        ) from exc
+
+
+def _health(node: NodeRow) -> str:
+    if node.healthy:
+        return "healthy"
+    return f"UNHEALTHY ({node.last_error})" if node.last_error else "UNHEALTHY"
+
+
+def _node_rows(fleet: Fleet, now: float) -> list[list[str]]:
+    return [
+        [node.name, node.endpoint, _health(node), str(len(node.models)), ago(node.last_poll, now)]
+        for node in fleet.nodes
+    ]
+
+
+def _device_rows(fleet: Fleet) -> list[list[str]]:
+    rows: list[list[str]] = []
+    for node in fleet.nodes:
+        for device in node.devices:
+            used = device.vram_used_mb
+            if used is None and device.vram_total_mb is not None and device.vram_free_mb is not None:
+                used = device.vram_total_mb - device.vram_free_mb
+            util = "-" if device.utilization_pct is None else f"{device.utilization_pct}%"
+            label = f"{device.index} {device.name}" if device.name else str(device.index)
+            rows.append([node.name, label, memory(used, device.vram_total_mb), util])
+        if not node.devices and (node.cpu_only or node.host_memory_total_mb):
+            total = node.host_memory_total_mb
+            free = node.host_memory_free_mb
+            used = total - free if total and free is not None else None
+            rows.append([node.name, "cpu (host memory)", memory(used, total), "-"])
+    return rows
+
+
+def _model_rows(fleet: Fleet, now: float) -> list[list[str]]:
+    rows: list[list[str]] = []
+    for node in fleet.nodes:
+        for model in sorted(node.models, key=lambda m: m.id):
+            state = model.status if not model.error else f"{model.status}: {model.error}"
+            in_flight = str(model.in_flight) + (
+                f" (+{model.queue_depth} queued)" if model.queue_depth else ""
+            )
+            rows.append([model.id, state, node.name, in_flight, ago(model.last_used, now)])
+    return rows
+
+
+def render_status(raw: Any, *, endpoint: str) -> str:
+    fleet = decode_fleet(raw, source=endpoint + FLEET_PATH)
+    now = fleet.now if fleet.now is not None else time.time()
+    healthy = sum(node.healthy for node in fleet.nodes)
+    lines = [f"cortex at {endpoint}: {healthy}/{len(fleet.nodes)} nodes healthy", ""]
+    if not fleet.nodes:
+        lines.append("  no neurons configured ([[neurons]] in cortex.toml)")
+        return "\n".join(lines)
+    lines += [
+        "Nodes",
+        render_table(["NAME", "ENDPOINT", "HEALTH", "MODELS", "POLLED"], _node_rows(fleet, now)),
+    ]
+    devices = _device_rows(fleet)
+    lines += ["", "Devices"]
+    lines.append(
+        render_table(["NODE", "DEVICE", "MEMORY USED / TOTAL", "UTIL"], devices)
+        if devices
+        else "  none reported yet"
+    )
+    models = _model_rows(fleet, now)
+    lines += ["", "Models"]
+    lines.append(
+        render_table(["MODEL", "STATE", "NODE", "IN-FLIGHT", "LAST USE"], models)
+        if models
+        else "  none loaded (cortex models load ORG/NAME, or send a request for a catalogue model)"
+    )
+    return "\n".join(lines)
+
+
+def render_models_list(listing: Any) -> str:
+    """The gateway's /v1/models as a table: id, loaded, and where (node(status), ...)."""
+    entries = listing.get("data", []) if isinstance(listing, dict) else []
+    rows: list[list[str]] = []
+    for entry in sorted(entries, key=lambda e: str(e.get("id", ""))):
+        locations = entry.get("locations") or []
+        where = ", ".join(f"{loc.get('node')}({loc.get('status')})" for loc in locations)
+        feasible = entry.get("feasible_on") or []
+        if not where and feasible:
+            where = "can load on " + ", ".join(str(node) for node in feasible)
+        rows.append([str(entry.get("id")), "yes" if entry.get("loaded") else "no", where or "-"])
+    if not rows:
+        return "  no models (add them to models.toml, or load one: cortex models load ORG/NAME)"
+    return render_table(["MODEL", "LOADED", "WHERE"], rows)
