@@ -70,3 +70,9 @@ def build(session: nox.Session) -> None:
 def rpm(session: nox.Session) -> None:
     """The cortex and helexa-neuron RPMs into dist/rpm/ (needs rpmbuild; see rpm/README.md)."""
     session.run(PY, "rpm/build.py", "rpms", *session.posargs)
+
+
+@nox.session
+def bench_gateway(session: nox.Session) -> None:
+    """Gateway added latency and throughput vs direct and a bare relay (bench/gateway.py)."""
+    session.run(PY, "bench/gateway.py", *session.posargs)

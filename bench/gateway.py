@@ -1,0 +1,498 @@
+"""Gateway benchmark: latency added over going direct, and throughput, against a fast fake neuron.
+
+    .venv/bin/python bench/gateway.py            # or: nox -s bench_gateway
+    .venv/bin/python bench/gateway.py --rounds 1 --requests 200   # quicker
+
+Targets, each a hypercorn server in its own process:
+  direct  the fake neuron itself (the baseline)
+  relay   a bare Starlette relay (aiohttp client + StreamingResponse): the floor for a Python relay
+  proxy   cortex's Proxy behind a minimal Starlette app and a fixed router (the data plane alone)
+  cortex  the real gateway app (`create_app`) with a static one-node fleet pointing at the fake
+
+Each target is measured streaming (20 SSE chunks) and not (one JSON body), with 1 and 32
+concurrent clients, in interleaved rounds so that noise from other work on the machine
+hits every target alike. Latency is to the last byte of the response. With two or more
+CPUs the load generator runs on CPU 0 and every server on CPU 1 (`--no-pin` to disable),
+so the client does not compete with the server being measured.
+
+Budgets (DESIGN.md §6): cortex adds ≤ 1.5 ms at p50 with 1 client; at 32 clients it keeps
+≥ 0.7× the bare relay's throughput.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+MODEL = "bench-model"
+ALIAS = "bench"
+STREAM_CHUNKS = 20  # role + 16 tokens + finish + usage + [DONE]
+
+Scope = dict[str, Any]
+Receive = Callable[[], Awaitable[dict[str, Any]]]
+Send = Callable[[dict[str, Any]], Awaitable[None]]
+
+
+# ---------------------------------------------------------------- the fake neuron (raw ASGI)
+
+
+def _canned() -> tuple[bytes, list[bytes]]:
+    completion = {
+        "id": "chatcmpl-bench",
+        "object": "chat.completion",
+        "created": 1,
+        "model": MODEL,
+        "choices": [
+            {"index": 0, "message": {"role": "assistant", "content": "ok " * 16}, "finish_reason": "stop"}
+        ],
+        "usage": {"prompt_tokens": 12, "completion_tokens": 16, "total_tokens": 28},
+    }
+
+    def chunk(delta: dict[str, Any], finish: str | None = None) -> bytes:
+        body = {
+            "id": "chatcmpl-bench",
+            "object": "chat.completion.chunk",
+            "created": 1,
+            "model": MODEL,
+            "choices": [{"index": 0, "delta": delta, "finish_reason": finish}],
+        }
+        return b"data: " + json.dumps(body, separators=(",", ":")).encode() + b"\n\n"
+
+    usage = {"id": "chatcmpl-bench", "choices": [], "usage": completion["usage"]}
+    stream = [chunk({"role": "assistant", "content": ""})]
+    stream += [chunk({"content": "ok "}) for _ in range(16)]
+    stream += [chunk({}, "stop"), b"data: " + json.dumps(usage).encode() + b"\n\n", b"data: [DONE]\n\n"]
+    assert len(stream) == STREAM_CHUNKS
+    return json.dumps(completion).encode(), stream
+
+
+def fake_neuron_app(own_url: str) -> Callable[[Scope, Receive, Send], Awaitable[None]]:
+    """Answers inference with canned bodies at once, and the management API with one loaded model."""
+    completion, stream = _canned()
+    management = {
+        "/discovery": {
+            "hostname": "bench",
+            "os": "linux",
+            "kernel": "bench",
+            "devices": [],
+            "harnesses": ["torch"],
+        },
+        "/models": [{"id": MODEL, "harness": "torch", "status": "loaded", "capabilities": ["chat"]}],
+        "/health": {"uptime_secs": 1.0, "models": [{"id": MODEL}]},
+        f"/models/{MODEL}/endpoint": {"url": own_url},
+        "/version": {"name": "fake-neuron", "version": "0", "python": sys.version.split()[0]},
+    }
+    answers = {path: json.dumps(body).encode() for path, body in management.items()}
+    json_start = {
+        "type": "http.response.start",
+        "status": 200,
+        "headers": [
+            (b"content-type", b"application/json"),
+            (b"content-length", str(len(completion)).encode()),
+        ],
+    }
+    sse_start = {
+        "type": "http.response.start",
+        "status": 200,
+        "headers": [(b"content-type", b"text/event-stream"), (b"cache-control", b"no-cache")],
+    }
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "lifespan":
+            while (await receive())["type"] != "lifespan.shutdown":
+                await send({"type": "lifespan.startup.complete"})
+            await send({"type": "lifespan.shutdown.complete"})
+            return
+        body = b""
+        while True:
+            message = await receive()
+            body += message.get("body", b"")
+            if not message.get("more_body"):
+                break
+        path = scope["path"]
+        if scope["method"] == "POST" and path.startswith("/v1/"):
+            if b'"stream":true' in body or b'"stream": true' in body:
+                await send(sse_start)
+                for piece in stream:
+                    await send({"type": "http.response.body", "body": piece, "more_body": True})
+                await send({"type": "http.response.body", "body": b""})
+            else:
+                await send(json_start)
+                await send({"type": "http.response.body", "body": completion})
+            return
+        answer = answers.get(path)
+        status = 200 if answer is not None else 404
+        answer = answer if answer is not None else b'{"error":"not found"}'
+        await send(
+            {
+                "type": "http.response.start",
+                "status": status,
+                "headers": [
+                    (b"content-type", b"application/json"),
+                    (b"content-length", str(len(answer)).encode()),
+                ],
+            }
+        )
+        await send({"type": "http.response.body", "body": answer})
+
+    return app
+
+
+# ---------------------------------------------------------------- the relays under test
+
+
+def bare_relay_app(upstream: str) -> Any:
+    """The floor: what a minimal Starlette relay on aiohttp does, and nothing more."""
+    import aiohttp
+    from starlette.applications import Starlette
+    from starlette.requests import Request
+    from starlette.responses import StreamingResponse
+    from starlette.routing import Route
+
+    state: dict[str, aiohttp.ClientSession] = {}
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        state["session"] = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=None))
+        yield
+        await state["session"].close()
+
+    async def relay(request: Request) -> StreamingResponse:
+        body = await request.body()
+        response = await state["session"].post(
+            upstream + request.url.path, data=body, headers={"content-type": "application/json"}
+        )
+
+        async def chunks() -> AsyncIterator[bytes]:
+            try:
+                async for chunk in response.content.iter_any():
+                    yield chunk
+            finally:
+                response.release()
+
+        return StreamingResponse(
+            chunks(), status_code=response.status, media_type=response.headers.get("content-type")
+        )
+
+    return Starlette(routes=[Route("/v1/chat/completions", relay, methods=["POST"])], lifespan=lifespan)
+
+
+def proxy_only_app(upstream: str) -> Any:
+    """cortex's Proxy with a fixed one-replica router: the data plane without the control plane."""
+    from starlette.applications import Starlette
+    from starlette.requests import Request
+    from starlette.responses import JSONResponse, Response
+    from starlette.routing import Route
+
+    from cortex_core.config.gateway import ProxySection
+    from cortex_core.errors import ApiError
+    from cortex_gateway.metrics import GatewayMetrics
+    from cortex_gateway.proxy import Proxy, read_model
+    from cortex_gateway.routing import FixedRouter, Upstream
+
+    router = FixedRouter({MODEL: [Upstream("bench", upstream, MODEL)]}, {ALIAS: MODEL})
+    proxy = Proxy(ProxySection(), GatewayMetrics())
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        await proxy.start()
+        yield
+        await proxy.close()
+
+    async def handle(request: Request) -> Response:
+        body = await request.body()
+        try:
+            lease = await router.acquire(read_model(body))
+        except ApiError as error:
+            return JSONResponse(error.openai_body(), status_code=error.status, headers=error.headers())
+        return await proxy.forward(request, body, lease, "/v1/chat/completions")
+
+    return Starlette(routes=[Route("/v1/chat/completions", handle, methods=["POST"])], lifespan=lifespan)
+
+
+def cortex_app(upstream: str, workdir: Path) -> Any:
+    """The real gateway from its factory, with cortex.toml/models.toml naming one neuron and one model."""
+    from cortex_core.config import load_gateway_config
+    from cortex_gateway.app import create_app
+
+    (workdir / "models.toml").write_text(
+        f'[[models]]\nid = "{MODEL}"\nvram_mb = 1\n\n[aliases]\n{ALIAS} = "{MODEL}"\n', encoding="utf-8"
+    )
+    (workdir / "cortex.toml").write_text(
+        'models_config = "models.toml"\n\n[poller]\ninterval_secs = 1.0\n\n'
+        f'[[neurons]]\nname = "bench"\nendpoint = "{upstream}"\n',
+        encoding="utf-8",
+    )
+    return create_app(load_gateway_config(workdir / "cortex.toml"))
+
+
+def serve_role(role: str, port: int, upstream: str, cpu: int | None) -> None:
+    """Child process: serve one target on 127.0.0.1:port until killed."""
+    import logging
+
+    from hypercorn.asyncio import serve
+    from hypercorn.config import Config
+
+    if cpu is not None:
+        os.sched_setaffinity(0, {cpu})
+    logging.basicConfig(level=logging.WARNING)
+    with tempfile.TemporaryDirectory() as tmp:
+        if role == "direct":
+            app = fake_neuron_app(f"http://127.0.0.1:{port}")
+        elif role == "relay":
+            app = bare_relay_app(upstream)
+        elif role == "proxy":
+            app = proxy_only_app(upstream)
+        elif role == "cortex":
+            app = cortex_app(upstream, Path(tmp))
+        else:
+            raise SystemExit(f"unknown role {role!r}")
+        config = Config()
+        config.bind = [f"127.0.0.1:{port}"]
+        config.accesslog = None
+        config.loglevel = "WARNING"
+        config.keep_alive_timeout = 60
+        asyncio.run(serve(app, config))
+
+
+# ---------------------------------------------------------------- the load generator
+
+
+@dataclass
+class Cell:
+    latencies: list[float] = field(default_factory=list)
+    throughputs: list[float] = field(default_factory=list)
+    failures: int = 0
+
+    def pct(self, q: float) -> float:
+        ordered = sorted(self.latencies)
+        return ordered[min(len(ordered) - 1, int(q * len(ordered)))] * 1000.0
+
+    @property
+    def throughput(self) -> float:
+        return statistics.median(self.throughputs)
+
+
+def request_body(stream: bool, model: str) -> bytes:
+    return json.dumps(
+        {
+            "model": model,
+            "stream": stream,
+            "messages": [{"role": "user", "content": "Say ok sixteen times."}],
+        },
+        separators=(",", ":"),
+    ).encode()
+
+
+async def load(url: str, body: bytes, clients: int, requests: int, seconds: float, cell: Cell) -> None:
+    import aiohttp
+
+    connector = aiohttp.TCPConnector(limit=clients, force_close=False)
+    async with aiohttp.ClientSession(connector=connector) as session:
+        headers = {"content-type": "application/json"}
+
+        async def one() -> float | None:
+            t0 = time.perf_counter()
+            async with session.post(url, data=body, headers=headers) as response:
+                await response.read()
+                ok = response.status == 200
+            return time.perf_counter() - t0 if ok else None
+
+        for _ in range(min(clients * 2, 50)):  # warm the connections and the server
+            await one()
+        remaining = requests
+        deadline = time.perf_counter() + seconds
+        samples: list[float] = []
+
+        async def worker() -> None:
+            nonlocal remaining
+            while remaining > 0 and time.perf_counter() < deadline:
+                remaining -= 1
+                latency = await one()
+                if latency is None:
+                    cell.failures += 1
+                else:
+                    samples.append(latency)
+
+        started = time.perf_counter()
+        await asyncio.gather(*(worker() for _ in range(clients)))
+        elapsed = time.perf_counter() - started
+    cell.latencies.extend(samples)
+    cell.throughputs.append(len(samples) / elapsed)
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port: int = probe.getsockname()[1]
+        return port
+
+
+async def wait_ready(url: str, body: bytes, patience_secs: float = 60.0) -> None:
+    import aiohttp
+
+    deadline = time.monotonic() + patience_secs
+    async with aiohttp.ClientSession() as session:
+        while True:
+            try:
+                async with session.post(
+                    url, data=body, headers={"content-type": "application/json"}
+                ) as response:
+                    await response.read()
+                    if response.status == 200:
+                        return
+                    reason = f"HTTP {response.status}"
+            except aiohttp.ClientError as exc:
+                reason = str(exc)
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{url} not ready after {patience_secs:g} s: {reason}")
+            await asyncio.sleep(0.2)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--requests", type=int, default=400, help="requests per cell and round (default 400)")
+    parser.add_argument("--seconds", type=float, default=4.0, help="time cap per cell and round (default 4)")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--clients", default="1,32")
+    parser.add_argument("--targets", default="direct,relay,proxy,cortex")
+    parser.add_argument("--no-pin", action="store_true")
+    parser.add_argument("--role", help=argparse.SUPPRESS)
+    parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--upstream", default="", help=argparse.SUPPRESS)
+    parser.add_argument("--cpu", type=int, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.role:
+        serve_role(args.role, args.port, args.upstream, args.cpu)
+        return
+    pin = not args.no_pin and len(os.sched_getaffinity(0)) >= 2
+    client_cpu, server_cpu = (0, 1) if pin else (None, None)
+    if client_cpu is not None:
+        os.sched_setaffinity(0, {client_cpu})
+    targets = args.targets.split(",")
+    ports = {target: free_port() for target in targets}
+    direct = f"http://127.0.0.1:{ports['direct']}"
+    processes: dict[str, subprocess.Popen[bytes]] = {}
+    try:
+        for target in targets:
+            command = [
+                sys.executable,
+                __file__,
+                "--role",
+                target,
+                "--port",
+                str(ports[target]),
+                "--upstream",
+                direct,
+            ]
+            if server_cpu is not None:
+                command += ["--cpu", str(server_cpu)]
+            processes[target] = subprocess.Popen(command)
+        asyncio.run(run(args, targets, ports, pin))
+    finally:
+        for process in processes.values():
+            process.terminate()
+        for process in processes.values():
+            try:
+                process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                process.kill()
+
+
+async def run(args: argparse.Namespace, targets: list[str], ports: dict[str, int], pin: bool) -> None:
+    clients_list = [int(c) for c in args.clients.split(",")]
+    usable = []
+    for target in targets:
+        url = f"http://127.0.0.1:{ports[target]}/v1/chat/completions"
+        model = ALIAS if target in ("proxy", "cortex") else MODEL
+        try:
+            await wait_ready(url, request_body(False, model))
+            usable.append(target)
+        except RuntimeError as exc:
+            print(f"skipping {target}: {exc}", file=sys.stderr)
+    cells: dict[tuple[str, bool, int], Cell] = {}
+    for round_index in range(args.rounds):
+        for stream in (False, True):
+            for clients in clients_list:
+                for target in usable:
+                    # The gateways are asked for the alias: the model rewrite is on the measured path.
+                    model = ALIAS if target in ("proxy", "cortex") else MODEL
+                    url = f"http://127.0.0.1:{ports[target]}/v1/chat/completions"
+                    cell = cells.setdefault((target, stream, clients), Cell())
+                    requests = args.requests if clients == 1 else args.requests * 4
+                    await load(url, request_body(stream, model), clients, requests, args.seconds, cell)
+        print(f"round {round_index + 1}/{args.rounds} done", file=sys.stderr)
+    report(cells, usable, clients_list, pin)
+
+
+def report(
+    cells: dict[tuple[str, bool, int], Cell], targets: list[str], clients_list: list[int], pin: bool
+) -> None:
+    cpus = "load generator on CPU 0, servers on CPU 1" if pin else "no CPU pinning"
+    print(f"\ngateway benchmark ({os.cpu_count()} CPUs, {cpus}); latency to the last byte, ms")
+    header = f"{'mode':<7}{'clients':>8}  {'target':<8}{'p50':>8}{'p99':>8}{'+p50':>8}{'+p99':>8}{'req/s':>9}{'vs relay':>10}"
+    print(header)
+    print("-" * len(header))
+    for stream in (False, True):
+        for clients in clients_list:
+            base = cells.get(("direct", stream, clients))
+            relay = cells.get(("relay", stream, clients))
+            for target in targets:
+                cell = cells[(target, stream, clients)]
+                added50 = (
+                    f"{cell.pct(0.5) - base.pct(0.5):8.2f}" if base and target != "direct" else f"{'':>8}"
+                )
+                added99 = (
+                    f"{cell.pct(0.99) - base.pct(0.99):8.2f}" if base and target != "direct" else f"{'':>8}"
+                )
+                ratio = (
+                    f"{cell.throughput / relay.throughput:9.2f}x"
+                    if relay and target != "relay"
+                    else f"{'':>10}"
+                )
+                failed = f"  ({cell.failures} failed)" if cell.failures else ""
+                print(
+                    f"{'stream' if stream else 'json':<7}{clients:>8}  {target:<8}{cell.pct(0.5):8.2f}{cell.pct(0.99):8.2f}"
+                    f"{added50}{added99}{cell.throughput:9.0f}{ratio}{failed}"
+                )
+            print()
+    verdicts = []
+    for stream in (False, True):
+        mode = "stream" if stream else "json"
+        for target in ("cortex", "proxy"):
+            if target not in targets or "direct" not in targets:
+                continue
+            if 1 in clients_list:
+                added = cells[(target, stream, 1)].pct(0.5) - cells[("direct", stream, 1)].pct(0.5)
+                verdicts.append(
+                    (f"{target} {mode}: +{added:.2f} ms p50 at 1 client (budget 1.5)", added <= 1.5)
+                )
+            if 32 in clients_list and "relay" in targets:
+                ratio = cells[(target, stream, 32)].throughput / cells[("relay", stream, 32)].throughput
+                verdicts.append(
+                    (
+                        f"{target} {mode}: {ratio:.2f}x the bare relay's req/s at 32 clients (budget 0.7)",
+                        ratio >= 0.7,
+                    )
+                )
+    for text, ok in verdicts:
+        print(("PASS  " if ok else "FAIL  ") + text)
+
+
+if __name__ == "__main__":
+    main()
