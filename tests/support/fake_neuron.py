@@ -52,6 +52,7 @@ class FakeNeuron:
         host_memory_mb: int = 16_000,
         sizes_mb: dict[str, int] | None = None,
         inference_url: str = "http://localhost:13131",
+        endpoint: str | None = None,
     ) -> None:
         """`devices_mb`: total memory per GPU ([] or None: CPU-only); `sizes_mb`: what a load costs."""
         self.name = name
@@ -59,6 +60,10 @@ class FakeNeuron:
         self.host_memory_mb = host_memory_mb
         self.sizes_mb = dict(sizes_mb or {})
         self.inference_url = inference_url
+        # Where the gateway is told the neuron lives (its [[neurons]] endpoint). The loopback
+        # rewrite puts this host into `inference_url`, so a neuron whose inference should
+        # reach a real loopback server needs a 127.0.0.1 endpoint (any port: in process).
+        self.endpoint = endpoint or f"http://{name}:13131"
         self.models: dict[str, FakeModel] = {}
         self.down = False
         self.uptime = 1.0
@@ -82,7 +87,7 @@ class FakeNeuron:
 
     @property
     def base_url(self) -> str:
-        return f"http://{self.name}:13131"
+        return self.endpoint
 
     def preload(self, model_id: str, memory_mb: int | None = None, *, device: int = 0) -> None:
         devices = [device] if self.devices_mb else []

@@ -71,6 +71,10 @@ class Router:
     def loads_in_flight(self) -> list[tuple[str, str]]:
         return sorted(self._loads)
 
+    async def settle(self) -> None:
+        """Wait until the loads in flight now have finished (successfully or not)."""
+        await asyncio.gather(*self._loads.values(), return_exceptions=True)
+
     async def close(self) -> None:
         tasks = list(self._loads.values())
         for task in tasks:
