@@ -1,0 +1,69 @@
+"""`serve_gateway`: both listeners come up on loopback, answer, and stop on the trigger."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+
+import aiohttp
+import msgspec
+from support.fake_neuron import FakeNeuron
+from support.fake_upstream import on_hypercorn
+
+from cortex_core.config.catalogue import ModelCatalogue, ModelProfile
+from cortex_core.config.gateway import GatewayConfig
+from cortex_gateway.serve import serve_gateway
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+async def get_until_up(session: aiohttp.ClientSession, url: str) -> tuple[int, bytes]:
+    for _ in range(200):
+        try:
+            async with session.get(url) as response:
+                return response.status, await response.read()
+        except aiohttp.ClientConnectionError:
+            await asyncio.sleep(0.02)
+    raise AssertionError(f"{url} never came up")
+
+
+async def test_serve_gateway_runs_api_and_metrics_and_stops_on_trigger() -> None:
+    neuron = FakeNeuron("a", devices_mb=[24_000])
+    neuron.preload("org/small", 6_000)
+    api, metrics = free_port(), free_port()
+    async with on_hypercorn(neuron.app) as neuron_url:  # type: ignore[arg-type]
+        config = msgspec.convert(
+            {
+                "gateway": {"listen": f"127.0.0.1:{api}", "metrics_listen": f"127.0.0.1:{metrics}"},
+                "neurons": [{"name": "a", "endpoint": neuron_url}],
+                "poller": {"interval_secs": 0.05},
+            },
+            GatewayConfig,
+        )
+        stop = asyncio.Event()
+        server = asyncio.create_task(
+            serve_gateway(
+                config, ModelCatalogue([ModelProfile(id="org/small")], {}), shutdown_trigger=stop.wait
+            )
+        )
+        async with aiohttp.ClientSession() as session:
+            status, _ = await get_until_up(session, f"http://127.0.0.1:{api}/livez")
+            assert status == 200
+            for _ in range(200):  # the real poller, on its own schedule
+                status, _ = await get_until_up(session, f"http://127.0.0.1:{api}/readyz")
+                if status == 200:
+                    break
+                await asyncio.sleep(0.02)
+            assert status == 200
+            status, body = await get_until_up(session, f"http://127.0.0.1:{api}/v1/models")
+            assert status == 200 and b'"org/small"' in body and b'"loaded":true' in body
+            status, body = await get_until_up(session, f"http://127.0.0.1:{metrics}/metrics")
+            assert status == 200 and b"# TYPE" in body
+        stop.set()
+        await asyncio.wait_for(server, timeout=10)
+    with socket.socket() as probe:  # the port is free again
+        probe.bind(("127.0.0.1", api))
