@@ -1,0 +1,261 @@
+"""`POST /v1/chat/completions`: request -> prompt and generation; events -> chat wire objects.
+
+Everything here is pure: `prepare_chat` turns a decoded request into a `Prepared`
+generation (prompt ids, resolved parameters, an output processor), and the projections
+turn output events into `ChatCompletionChunk`s or one `ChatCompletion`. The HTTP edge
+(routes.py) does the I/O.
+"""
+
+from __future__ import annotations
+
+import secrets
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import msgspec
+
+from cortex_core.errors import ApiError
+from cortex_core.openai.chat import (
+    ChatCompletion,
+    ChatCompletionChunk,
+    ChatCompletionMessage,
+    ChatCompletionMessageToolCall,
+    ChatCompletionNamedToolChoice,
+    ChatCompletionRequest,
+    Choice,
+    ChoiceDelta,
+    ChoiceDeltaToolCall,
+    ChoiceDeltaToolCallFunction,
+    ChunkChoice,
+    CompletionTokensDetails,
+    CompletionUsage,
+    Function,
+    PromptTokensDetails,
+    ResponseFormatText,
+)
+from cortex_core.wire import UNSET, given
+from neuron.engine.api import GenerationRequest
+from neuron.serving.generation import (
+    Finished,
+    OutputEvent,
+    OutputProcessor,
+    ReasoningDelta,
+    TextDelta,
+    Usage,
+)
+from neuron.serving.model import ServingModel
+from neuron.serving.params import SamplingRequest, invalid, resolve
+from neuron.serving.reasoning import prompt_opens_reasoning
+from neuron.serving.template import template_messages
+from neuron.serving.tools import ToolCallArguments, ToolCallStart
+
+INCLUDE_THINKING_HEADER = "x-include-thinking"
+
+
+def include_thinking(header_value: str | None) -> bool:
+    return (header_value or "").strip().lower() in ("1", "true", "yes")
+
+
+@dataclass
+class Prepared:
+    """A request ready for the engine; `prompt` is kept for count_tokens and debugging."""
+
+    prompt: str
+    generation: GenerationRequest
+    processor: OutputProcessor
+
+
+def check_supported(request: ChatCompletionRequest) -> None:
+    if given(request.logprobs) or given(request.top_logprobs):
+        raise invalid("logprobs are not supported by this server", "logprobs", code="unsupported_parameter")
+    if given(request.logit_bias):
+        raise invalid(
+            "logit_bias is not supported by this server", "logit_bias", code="unsupported_parameter"
+        )
+    if given(request.repeat_last_n) is not None:
+        raise invalid(
+            "repeat_last_n is not supported: the repetition penalty covers the whole sequence",
+            "repeat_last_n",
+            code="unsupported_parameter",
+        )
+    response_format = given(request.response_format)
+    if response_format is not None and not isinstance(response_format, ResponseFormatText):
+        raise invalid(
+            "response_format json_object / json_schema (constrained decoding) is not supported",
+            "response_format",
+            code="unsupported_parameter",
+        )
+    choice = given(request.tool_choice)
+    if choice == "required" or isinstance(choice, ChatCompletionNamedToolChoice):
+        raise invalid(
+            "tool_choice 'required' or a named function needs constrained decoding, which this "
+            "server does not do; use 'auto'",
+            "tool_choice",
+            code="unsupported_parameter",
+        )
+
+
+def sampling_request(request: ChatCompletionRequest) -> SamplingRequest:
+    max_tokens = given(request.max_completion_tokens)
+    return SamplingRequest(
+        temperature=given(request.temperature),
+        top_p=given(request.top_p),
+        top_k=given(request.top_k),
+        min_p=given(request.min_p),
+        repetition_penalty=given(request.repetition_penalty),
+        presence_penalty=given(request.presence_penalty),
+        frequency_penalty=given(request.frequency_penalty),
+        seed=given(request.seed),
+        max_tokens=max_tokens if max_tokens is not None else given(request.max_tokens),
+        stop=given(request.stop),
+        n=given(request.n),
+    )
+
+
+def render_chat_prompt(model: ServingModel, request: ChatCompletionRequest, *, thinking: bool) -> str:
+    messages = template_messages(msgspec.to_builtins(request.messages), model.model_id)
+    tools = msgspec.to_builtins(given(request.tools)) or None
+    kwargs: dict[str, Any] = dict(given(request.chat_template_kwargs) or {})
+    # Hidden reasoning used to eat the whole budget and return empty answers, so thinking is
+    # on only when the client asked for it, either way (neuron.md §13.8).
+    if model.markers is not None:
+        kwargs.setdefault("enable_thinking", thinking)
+    return model.template.render(messages, tools=tools, template_kwargs=kwargs)
+
+
+def prepare_chat(model: ServingModel, request: ChatCompletionRequest, *, thinking: bool) -> Prepared:
+    check_supported(request)
+    prompt = render_chat_prompt(model, request, thinking=thinking)
+    # The template already wrote BOS and other specials, as transformers assumes.
+    prompt_ids = model.encode(prompt, add_special_tokens=False)
+    params = resolve(
+        sampling_request(request),
+        prompt_tokens=len(prompt_ids),
+        generation_config=model.loaded.generation_config,
+        max_context=model.max_context,
+        eos_ids=model.eos_ids,
+    )
+    tools = msgspec.to_builtins(given(request.tools)) or []
+    parse_tools = bool(tools) and given(request.tool_choice) != "none"
+    processor = OutputProcessor(
+        model.detokenizer(),
+        stop_strings=params.stop_strings,
+        markers=model.markers,
+        starts_in_reasoning=prompt_opens_reasoning(prompt, model.markers),
+        include_thinking=thinking,
+        tool_parser=model.tool_format.parser(tools) if parse_tools else None,
+    )
+    generation = GenerationRequest(
+        prompt_ids=prompt_ids,
+        max_new_tokens=params.max_new_tokens,
+        sampling=params.sampling,
+        stop_token_ids=params.stop_token_ids,
+    )
+    return Prepared(prompt, generation, processor)
+
+
+def completion_usage(usage: Usage) -> CompletionUsage:
+    return CompletionUsage(
+        prompt_tokens=usage.prompt_tokens,
+        completion_tokens=usage.completion_tokens,
+        total_tokens=usage.prompt_tokens + usage.completion_tokens,
+        prompt_tokens_details=PromptTokensDetails(cached_tokens=usage.cached_tokens),
+        completion_tokens_details=CompletionTokensDetails(reasoning_tokens=usage.reasoning_tokens),
+    )
+
+
+def new_completion_id(prefix: str = "chatcmpl") -> str:
+    return f"{prefix}-{secrets.token_hex(12)}"
+
+
+@dataclass
+class ChatStreamProjector:
+    """Output events -> chat.completion.chunk objects for one streamed answer."""
+
+    model: str
+    include_usage: bool
+    id: str = field(default_factory=new_completion_id)
+    created: int = field(default_factory=lambda: int(time.time()))
+
+    def _chunk(self, delta: ChoiceDelta, finish_reason: str | None = None) -> ChatCompletionChunk:
+        return ChatCompletionChunk(
+            id=self.id,
+            created=self.created,
+            model=self.model,
+            choices=[ChunkChoice(index=0, delta=delta, finish_reason=finish_reason)],
+        )
+
+    def start(self) -> ChatCompletionChunk:
+        return self._chunk(ChoiceDelta(role="assistant", content=""))
+
+    def project(self, event: OutputEvent) -> list[ChatCompletionChunk]:
+        if isinstance(event, TextDelta):
+            return [self._chunk(ChoiceDelta(content=event.text))]
+        if isinstance(event, ReasoningDelta):
+            return [self._chunk(ChoiceDelta(reasoning_content=event.text, reasoning=event.text))]
+        if isinstance(event, ToolCallStart):
+            call = ChoiceDeltaToolCall(
+                index=event.index,
+                id=event.id,
+                type="function",
+                function=ChoiceDeltaToolCallFunction(name=event.name, arguments=""),
+            )
+            return [self._chunk(ChoiceDelta(tool_calls=[call]))]
+        if isinstance(event, ToolCallArguments):
+            call = ChoiceDeltaToolCall(
+                index=event.index, function=ChoiceDeltaToolCallFunction(arguments=event.delta)
+            )
+            return [self._chunk(ChoiceDelta(tool_calls=[call]))]
+        chunks = [self._chunk(ChoiceDelta(), finish_reason=event.reason)]
+        if self.include_usage:
+            chunks.append(
+                ChatCompletionChunk(
+                    id=self.id,
+                    created=self.created,
+                    model=self.model,
+                    choices=[],
+                    usage=completion_usage(event.usage),
+                )
+            )
+        return chunks
+
+
+def collect_chat_completion(model: str, events: Iterable[OutputEvent]) -> ChatCompletion:
+    content: list[str] = []
+    reasoning: list[str] = []
+    calls: dict[int, tuple[str, str, list[str]]] = {}
+    finished: Finished | None = None
+    for event in events:
+        if isinstance(event, TextDelta):
+            content.append(event.text)
+        elif isinstance(event, ReasoningDelta):
+            reasoning.append(event.text)
+        elif isinstance(event, ToolCallStart):
+            calls[event.index] = (event.id, event.name, [])
+        elif isinstance(event, ToolCallArguments):
+            calls[event.index][2].append(event.delta)
+        else:
+            finished = event
+    if finished is None:
+        raise ApiError(500, "generation ended without a finish event")
+    tool_calls = [
+        ChatCompletionMessageToolCall(id=call_id, function=Function(name=name, arguments="".join(args)))
+        for call_id, name, args in (calls[index] for index in sorted(calls))
+    ]
+    text = "".join(content)
+    thoughts = "".join(reasoning)
+    message = ChatCompletionMessage(
+        content=text if text or not tool_calls else None,
+        reasoning_content=thoughts if thoughts else UNSET,
+        reasoning=thoughts if thoughts else UNSET,
+        tool_calls=tool_calls if tool_calls else UNSET,
+    )
+    return ChatCompletion(
+        id=new_completion_id(),
+        created=int(time.time()),
+        model=model,
+        choices=[Choice(index=0, message=message, finish_reason=finished.reason)],
+        usage=completion_usage(finished.usage),
+    )

@@ -1,0 +1,162 @@
+"""From engine token events to format-agnostic output events.
+
+`OutputProcessor` is the pure part: token ids in, events out — detokenise, cut at stop
+strings, split reasoning from content, parse tool calls. `generate_events` drives it from an
+engine stream and ends the sequence (closing the engine iterator, which cancels it) as soon
+as a stop string matched. The wire projections (chat, completions, responses) only format
+these events.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+from cortex_core.errors import ApiError
+from neuron.engine.api import Engine, GenerationRequest, TokenEvent
+from neuron.serving.detok import IncrementalDetokenizer
+from neuron.serving.reasoning import Channel, ReasoningMarkers, ReasoningSplitter, wrap_reasoning
+from neuron.serving.stops import StopStringMatcher
+from neuron.serving.tools import ContentDelta, ToolCallArguments, ToolCallParser, ToolCallStart
+
+
+@dataclass(frozen=True)
+class TextDelta:
+    text: str
+
+
+@dataclass(frozen=True)
+class ReasoningDelta:
+    text: str
+
+
+@dataclass(frozen=True)
+class Usage:
+    prompt_tokens: int
+    completion_tokens: int
+    cached_tokens: int = 0
+    reasoning_tokens: int = 0
+
+
+@dataclass(frozen=True)
+class Finished:
+    reason: str  # "stop" | "length" | "tool_calls"
+    usage: Usage
+
+
+OutputEvent = TextDelta | ReasoningDelta | ToolCallStart | ToolCallArguments | Finished
+
+
+class OutputProcessor:
+    def __init__(
+        self,
+        detokenizer: IncrementalDetokenizer,
+        *,
+        stop_strings: tuple[str, ...] = (),
+        markers: ReasoningMarkers | None = None,
+        starts_in_reasoning: bool = False,
+        include_thinking: bool = False,
+        tool_parser: ToolCallParser | None = None,
+    ) -> None:
+        self._detok = detokenizer
+        self._stops = StopStringMatcher(stop_strings)
+        self._markers = markers
+        self._splitter = ReasoningSplitter(markers, in_reasoning=starts_in_reasoning)
+        self._include_thinking = include_thinking
+        self._thinking_open = False
+        self._tools = tool_parser
+        self.reasoning_tokens = 0
+
+    @property
+    def stopped(self) -> bool:
+        return self._stops.stopped
+
+    def _route(self, pieces: list[tuple[Channel, str]]) -> list[OutputEvent]:
+        events: list[OutputEvent] = []
+        for channel, piece in pieces:
+            if channel == "reasoning":
+                if self._include_thinking:
+                    texts, self._thinking_open = wrap_reasoning(
+                        [(channel, piece)], self._markers, inside=self._thinking_open
+                    )
+                    events.extend(TextDelta(text) for text in texts)
+                else:
+                    events.append(ReasoningDelta(piece))
+                continue
+            if self._thinking_open:
+                events.append(TextDelta(self._markers.close if self._markers else ""))
+                self._thinking_open = False
+            events.extend(self._content(piece))
+        return [event for event in events if not isinstance(event, TextDelta) or event.text]
+
+    def _content(self, text: str) -> list[OutputEvent]:
+        if self._tools is None:
+            return [TextDelta(text)]
+        return [_lift(event) for event in self._tools.push(text)]
+
+    def on_token(self, token_id: int) -> list[OutputEvent]:
+        was_reasoning = self._splitter.in_reasoning
+        text = self._stops.push(self._detok.push(token_id))
+        events = self._route(self._splitter.push(text))
+        if was_reasoning or self._splitter.in_reasoning:
+            self.reasoning_tokens += 1
+        return events
+
+    def finish(self, engine_reason: str) -> tuple[list[OutputEvent], str]:
+        """Flush everything held back; returns the last events and the final finish reason."""
+        tail = self._detok.flush() if not self.stopped else ""
+        text = self._stops.push(tail) + self._stops.flush()
+        pieces = self._splitter.push(text) + self._splitter.flush()
+        events = self._route(pieces)
+        if self._thinking_open and self._markers is not None:
+            events.append(TextDelta(self._markers.close))
+            self._thinking_open = False
+        if self._tools is not None:
+            events.extend(_lift(event) for event in self._tools.finish())
+            if self._tools.calls and engine_reason == "stop":
+                engine_reason = "tool_calls"
+        return [e for e in events if not isinstance(e, TextDelta) or e.text], engine_reason
+
+
+def _lift(event: ContentDelta | ToolCallStart | ToolCallArguments) -> OutputEvent:
+    return TextDelta(event.text) if isinstance(event, ContentDelta) else event
+
+
+async def generate_events(
+    engine: Engine, request: GenerationRequest, processor: OutputProcessor
+) -> AsyncIterator[OutputEvent]:
+    """Run one sequence; the last event is always `Finished`. Closing this iterator early
+    (client gone) closes the engine stream, which cancels the sequence."""
+    stream = engine.generate(request)
+    last: TokenEvent | None = None
+    reason: str | None = None
+    try:
+        async for event in stream:
+            last = event
+            if event.token_id is not None:
+                for output in processor.on_token(event.token_id):
+                    yield output
+                if processor.stopped:
+                    reason = "stop"
+                    break
+            if event.finish_reason is not None:
+                reason = event.finish_reason
+                break
+    finally:
+        close = getattr(stream, "aclose", None)
+        if close is not None:
+            await close()
+    if reason is None or last is None:
+        raise ApiError(500, "the engine ended the sequence without a finish reason")
+    events, final_reason = processor.finish(reason)
+    for output in events:
+        yield output
+    yield Finished(
+        final_reason,
+        Usage(
+            prompt_tokens=last.prompt_tokens,
+            completion_tokens=last.completion_tokens,
+            cached_tokens=last.cached_tokens,
+            reasoning_tokens=min(processor.reasoning_tokens, last.completion_tokens),
+        ),
+    )

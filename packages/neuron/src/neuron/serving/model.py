@@ -1,0 +1,70 @@
+"""What the serving layer derives once per loaded model: template, markers, EOS ids, limits."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from neuron.runtime import LoadedModel
+from neuron.serving.detok import IncrementalDetokenizer, marker_token_ids
+from neuron.serving.params import context_length, eos_token_ids
+from neuron.serving.reasoning import ReasoningMarkers, find_reasoning_markers
+from neuron.serving.template import ChatTemplate
+from neuron.serving.tools import ToolFormat, find_tool_format
+
+
+@dataclass(frozen=True)
+class ServingModel:
+    loaded: LoadedModel
+    template: ChatTemplate
+    markers: ReasoningMarkers | None
+    tool_format: ToolFormat
+    eos_ids: frozenset[int]
+    max_context: int | None
+    # Special tokens the detokeniser must keep as text for the reasoning and tool parsers.
+    keep_ids: frozenset[int]
+
+    @classmethod
+    def build(cls, loaded: LoadedModel) -> ServingModel:
+        tokenizer = loaded.tokenizer
+        markers = find_reasoning_markers(tokenizer)
+        tool_format = find_tool_format(tokenizer)
+        marker_strings = list(tool_format.markers)
+        if markers:
+            marker_strings += [markers.open, markers.close]
+        return cls(
+            loaded=loaded,
+            template=ChatTemplate.for_tokenizer(loaded.model_id, loaded.chat_template, tokenizer),
+            markers=markers,
+            tool_format=tool_format,
+            eos_ids=eos_token_ids(loaded.generation_config, tokenizer, loaded.hf_config),
+            max_context=context_length(loaded.hf_config),
+            keep_ids=frozenset(marker_token_ids(tokenizer, marker_strings)),
+        )
+
+    @property
+    def model_id(self) -> str:
+        return self.loaded.model_id
+
+    def detokenizer(self) -> IncrementalDetokenizer:
+        return IncrementalDetokenizer(self.loaded.tokenizer, keep=self.keep_ids)
+
+    def encode(self, text: str, *, add_special_tokens: bool) -> list[int]:
+        ids: list[int] = self.loaded.tokenizer.encode(text, add_special_tokens=add_special_tokens)
+        return ids
+
+
+class ServingModels:
+    """Per-app cache of ServingModel, rebuilt when a model id is reloaded as a new object."""
+
+    def __init__(self, lookup: Callable[[str], LoadedModel]) -> None:
+        self._lookup = lookup
+        self._cache: dict[str, ServingModel] = {}
+
+    def get(self, model_id: str) -> ServingModel:
+        loaded = self._lookup(model_id)  # raises ApiError 404 model_not_found
+        cached = self._cache.get(model_id)
+        if cached is None or cached.loaded is not loaded:
+            cached = ServingModel.build(loaded)
+            self._cache[model_id] = cached
+        return cached

@@ -1,0 +1,164 @@
+"""Request sampling fields -> the engine's SamplingParams, stop strings and token budget.
+
+Every default resolves request -> the model's generation_config.json -> built-in, so a
+model that publishes e.g. `temperature 0.6, top_p 0.95, top_k 20` samples that way unless
+the client says otherwise (neuron.md §13.1). The built-in repetition penalty is 1.0 (off),
+not the Rust system's 1.1: our engine applies it HF-style over prompt and output, where a
+default penalty changes answers that clients expect from the OpenAI semantics. Fields we
+do not implement are refused with a 400 rather than silently ignored.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from cortex_core.errors import ApiError
+from neuron.engine.api import SamplingParams
+
+BUILTIN_TEMPERATURE = 0.7
+# Window sizes transformers configs use for the context length, most specific first.
+_CONTEXT_ATTRIBUTES = ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length")
+
+
+@dataclass(frozen=True)
+class SamplingRequest:
+    """The sampling fields a chat, completions or responses request may carry (None: unset)."""
+
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None
+    min_p: float | None = None
+    repetition_penalty: float | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    seed: int | None = None
+    max_tokens: int | None = None
+    stop: str | Sequence[str] | None = None
+    n: int | None = None
+
+
+@dataclass(frozen=True)
+class ResolvedParams:
+    sampling: SamplingParams
+    max_new_tokens: int
+    stop_strings: tuple[str, ...]
+    stop_token_ids: frozenset[int]
+
+
+def invalid(message: str, param: str, code: str = "invalid_parameter") -> ApiError:
+    return ApiError(400, message, code=code, param=param)
+
+
+def context_length(hf_config: Any) -> int | None:
+    for name in _CONTEXT_ATTRIBUTES:
+        value = getattr(hf_config, name, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+def eos_token_ids(generation_config: Mapping[str, Any], tokenizer: Any, hf_config: Any) -> frozenset[int]:
+    """Every EOS id: generation_config.json may list several (Llama 3: <|eot_id|>, <|eom_id|>)."""
+    ids: set[int] = set()
+    for source in (generation_config.get("eos_token_id"), getattr(hf_config, "eos_token_id", None)):
+        if isinstance(source, int):
+            ids.add(source)
+        elif isinstance(source, list):
+            ids.update(value for value in source if isinstance(value, int))
+    tokenizer_eos = getattr(tokenizer, "eos_token_id", None)
+    if isinstance(tokenizer_eos, int):
+        ids.add(tokenizer_eos)
+    return frozenset(ids)
+
+
+def _pick(request_value: Any, generation_config: Mapping[str, Any], key: str, builtin: Any) -> Any:
+    if request_value is not None:
+        return request_value
+    published = generation_config.get(key)
+    return published if isinstance(published, int | float) and not isinstance(published, bool) else builtin
+
+
+def _stop_strings(stop: str | Sequence[str] | None) -> tuple[str, ...]:
+    if stop is None:
+        return ()
+    stops = [stop] if isinstance(stop, str) else list(stop)
+    if len(stops) > 16:
+        raise invalid(f"at most 16 stop strings are supported, got {len(stops)}", "stop")
+    return tuple(s for s in stops if s)
+
+
+def resolve(
+    request: SamplingRequest,
+    *,
+    prompt_tokens: int,
+    generation_config: Mapping[str, Any],
+    max_context: int | None,
+    eos_ids: frozenset[int],
+) -> ResolvedParams:
+    if request.n is not None and request.n != 1:
+        raise invalid(f"n={request.n} is not supported: this server returns exactly one choice", "n")
+    do_sample = generation_config.get("do_sample")
+    temperature = float(_pick(request.temperature, generation_config, "temperature", BUILTIN_TEMPERATURE))
+    if request.temperature is None and do_sample is False:
+        temperature = 0.0  # the model publishes greedy decoding
+    top_p = float(_pick(request.top_p, generation_config, "top_p", 1.0))
+    top_k = int(_pick(request.top_k, generation_config, "top_k", 0))
+    min_p = float(_pick(request.min_p, generation_config, "min_p", 0.0))
+    repetition = float(_pick(request.repetition_penalty, generation_config, "repetition_penalty", 1.0))
+    presence = float(request.presence_penalty or 0.0)
+    frequency = float(request.frequency_penalty or 0.0)
+
+    if temperature < 0:
+        raise invalid(f"temperature must be >= 0, got {temperature}", "temperature")
+    if not 0 < top_p <= 1:
+        raise invalid(f"top_p must be in (0, 1], got {top_p}", "top_p")
+    if top_k == -1:
+        top_k = 0  # vLLM's spelling of "off"
+    if top_k < 0:
+        raise invalid(f"top_k must be >= 0 (0 or -1: off), got {top_k}", "top_k")
+    if not 0 <= min_p <= 1:
+        raise invalid(f"min_p must be in [0, 1], got {min_p}", "min_p")
+    if repetition <= 0:
+        raise invalid(f"repetition_penalty must be > 0, got {repetition}", "repetition_penalty")
+    for name, value in (("presence_penalty", presence), ("frequency_penalty", frequency)):
+        if not -2 <= value <= 2:
+            raise invalid(f"{name} must be in [-2, 2], got {value}", name)
+
+    remaining = None if max_context is None else max_context - prompt_tokens
+    if remaining is not None and remaining <= 0:
+        raise context_exceeded(max_context or 0, prompt_tokens, 0)
+    if request.max_tokens is not None:
+        if request.max_tokens < 1:
+            raise invalid(f"max_tokens must be at least 1, got {request.max_tokens}", "max_tokens")
+        if remaining is not None and request.max_tokens > remaining:
+            raise context_exceeded(max_context or 0, prompt_tokens, request.max_tokens)
+        max_new = request.max_tokens
+    else:
+        max_new = remaining if remaining is not None else 4096
+
+    sampling = SamplingParams(
+        temperature=temperature,
+        top_p=top_p,
+        top_k=top_k,
+        min_p=min_p,
+        repetition_penalty=repetition,
+        presence_penalty=presence,
+        frequency_penalty=frequency,
+        seed=request.seed,
+    )
+    return ResolvedParams(sampling, max_new, _stop_strings(request.stop), eos_ids)
+
+
+def context_exceeded(max_context: int, prompt_tokens: int, max_tokens: int) -> ApiError:
+    asked = f"{prompt_tokens} tokens in the prompt"
+    if max_tokens:
+        asked += f" plus {max_tokens} requested completion tokens ({prompt_tokens + max_tokens} in total)"
+    return ApiError(
+        400,
+        f"This model's maximum context length is {max_context} tokens. However, you requested "
+        f"{asked}. Please reduce the length of the messages or max_tokens.",
+        code="context_length_exceeded",
+        extras={"prompt_len": prompt_tokens, "max": max_context},
+    )

@@ -1,0 +1,246 @@
+"""The HTTP edge of inference: Starlette routes, streaming, errors rendered once.
+
+Errors found before the stream opens (unknown model, bad body, template, context length,
+an engine that refuses the request at once) are plain HTTP errors in the OpenAI envelope,
+even for `stream: true`. The stream opens when the first output arrives or when the first
+keep-alive is due, whichever is first; after that an error ends the stream with an error
+frame. A client that goes away closes the event iterator, which cancels the sequence.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any, TypeVar
+
+import msgspec
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+
+from cortex_core.errors import ApiError, decode_json_body
+from cortex_core.openai.chat import ChatCompletionRequest
+from cortex_core.openai.completions import CompletionRequest
+from cortex_core.wire import given
+from neuron.runtime import LoadedModel
+from neuron.serving.chat import (
+    INCLUDE_THINKING_HEADER,
+    ChatStreamProjector,
+    Prepared,
+    collect_chat_completion,
+    include_thinking,
+    prepare_chat,
+    render_chat_prompt,
+)
+from neuron.serving.completions import CompletionStreamProjector, collect_completion, prepare_completion
+from neuron.serving.generation import OutputEvent, generate_events
+from neuron.serving.model import ServingModel, ServingModels
+from neuron.serving.sse import (
+    DONE_FRAME,
+    KEEPALIVE_FRAME,
+    EventStreamResponse,
+    Tick,
+    data_frame,
+    with_keepalive,
+)
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+Handler = Callable[[Request], Awaitable[Response]]
+
+
+def json_response(payload: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
+    return Response(msgspec.json.encode(payload), status, headers, media_type="application/json")
+
+
+def error_response(error: ApiError) -> Response:
+    return json_response(error.openai_body(), error.status, error.headers())
+
+
+def internal_error(exc: BaseException) -> ApiError:
+    # The whole chain: device-fault markers live in inner exceptions (neuron.md §14.14).
+    chain = []
+    current: BaseException | None = exc
+    while current is not None:
+        chain.append(f"{type(current).__name__}: {current}")
+        current = current.__cause__ or current.__context__
+    return ApiError(500, "; caused by ".join(chain))
+
+
+def as_error(exc: BaseException) -> ApiError:
+    if isinstance(exc, ApiError):
+        return exc
+    log.exception("inference failed", exc_info=exc)
+    return internal_error(exc)
+
+
+def api_edge(handler: Handler) -> Handler:
+    async def wrapped(request: Request) -> Response:
+        try:
+            return await handler(request)
+        except Exception as exc:  # rendered once, here; unexpected ones are logged in as_error
+            error = as_error(exc)
+            if error.status < 500:
+                log.warning("request rejected: %s %s: %s", error.status, error.code, error.message)
+            return error_response(error)
+
+    return wrapped
+
+
+class ClientGone(Exception):
+    pass
+
+
+async def until_disconnect(request: Request, work: Awaitable[T]) -> T:
+    """Await `work`, cancelling it if the client disconnects first (non-streaming requests)."""
+
+    async def disconnected() -> None:
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+
+    task = asyncio.ensure_future(work)
+    watcher = asyncio.ensure_future(disconnected())
+    try:
+        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for pending in (watcher, task):
+            if not pending.done():
+                pending.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await pending
+    if task.cancelled():
+        raise ClientGone()
+    return task.result()
+
+
+async def collect(events: AsyncIterator[OutputEvent]) -> list[OutputEvent]:
+    return [event async for event in events]
+
+
+async def open_stream(
+    events: AsyncIterator[OutputEvent],
+    *,
+    keepalive_secs: float,
+    head: list[bytes],
+    project: Callable[[OutputEvent], list[bytes]],
+    tail: list[bytes],
+    error_frame: Callable[[ApiError], bytes],
+) -> Response:
+    ticking = with_keepalive(events, keepalive_secs)
+    try:
+        first = await anext(ticking)
+    except BaseException:
+        await ticking.aclose()
+        raise  # before the stream opened: a plain HTTP error
+
+    async def body() -> AsyncIterator[bytes]:
+        try:
+            for frame in head:
+                yield frame
+            item = first
+            while True:
+                if isinstance(item, Tick):
+                    yield KEEPALIVE_FRAME
+                else:
+                    for frame in project(item):
+                        yield frame
+                try:
+                    item = await anext(ticking)
+                except StopAsyncIteration:
+                    break
+            for frame in tail:
+                yield frame
+        except Exception as exc:  # the stream is open: report in-band, then end it
+            yield error_frame(as_error(exc))
+        finally:
+            await ticking.aclose()
+
+    return EventStreamResponse(body())
+
+
+def chat_error_frame(error: ApiError) -> bytes:
+    return data_frame(error.openai_body())
+
+
+def inference_routes(lookup: Callable[[str], LoadedModel], *, keepalive_secs: float = 5.0) -> list[Route]:
+    """Routes for /v1/chat/completions, /v1/completions, /v1/chat/count_tokens.
+
+    `lookup(model_id)` returns the loaded model or raises ApiError(404, model_not_found).
+    """
+    models = ServingModels(lookup)
+
+    async def run(
+        request: Request,
+        model: ServingModel,
+        prepared: Prepared,
+        *,
+        stream: bool,
+        head: list[bytes],
+        project: Callable[[OutputEvent], list[bytes]],
+        collect_into: Callable[[list[OutputEvent]], Any],
+    ) -> Response:
+        events = generate_events(model.loaded.engine, prepared.generation, prepared.processor)
+        if stream:
+            return await open_stream(
+                events,
+                keepalive_secs=keepalive_secs,
+                head=head,
+                project=project,
+                tail=[DONE_FRAME],
+                error_frame=chat_error_frame,
+            )
+        try:
+            collected = await until_disconnect(request, collect(events))
+        except ClientGone:
+            log.info("client disconnected; generation cancelled")
+            return Response(status_code=499)
+        return json_response(collect_into(collected))
+
+    async def chat_completions(request: Request) -> Response:
+        body = decode_json_body(await request.body(), ChatCompletionRequest)
+        model = models.get(body.model)
+        thinking = include_thinking(request.headers.get(INCLUDE_THINKING_HEADER))
+        prepared = prepare_chat(model, body, thinking=thinking)
+        options = given(body.stream_options)
+        projector = ChatStreamProjector(body.model, bool(options and given(options.include_usage)))
+        return await run(
+            request,
+            model,
+            prepared,
+            stream=bool(given(body.stream)),
+            head=[data_frame(projector.start())],
+            project=lambda event: [data_frame(chunk) for chunk in projector.project(event)],
+            collect_into=lambda events: collect_chat_completion(body.model, events),
+        )
+
+    async def completions(request: Request) -> Response:
+        body = decode_json_body(await request.body(), CompletionRequest)
+        model = models.get(body.model)
+        prepared = prepare_completion(model, body)
+        options = given(body.stream_options)
+        projector = CompletionStreamProjector(body.model, bool(options and given(options.include_usage)))
+        return await run(
+            request,
+            model,
+            prepared,
+            stream=bool(given(body.stream)),
+            head=[],
+            project=lambda event: [data_frame(chunk) for chunk in projector.project(event)],
+            collect_into=lambda events: collect_completion(body.model, events),
+        )
+
+    async def count_tokens(request: Request) -> Response:
+        body = decode_json_body(await request.body(), ChatCompletionRequest)
+        model = models.get(body.model)
+        thinking = include_thinking(request.headers.get(INCLUDE_THINKING_HEADER))
+        prompt = render_chat_prompt(model, body, thinking=thinking)
+        return json_response({"input_tokens": len(model.encode(prompt, add_special_tokens=False))})
+
+    return [
+        Route("/v1/chat/completions", api_edge(chat_completions), methods=["POST"]),
+        Route("/v1/completions", api_edge(completions), methods=["POST"]),
+        Route("/v1/chat/count_tokens", api_edge(count_tokens), methods=["POST"]),
+    ]
