@@ -51,6 +51,9 @@ class RouterSection(Strict):
     # How long a request waits for a cold load before a 503 with Retry-After.
     load_wait_secs: float = 600.0
     load_timeout_secs: float = 1800.0
+    # After a load failed on a node, requests get that failure (502, the neuron's reason)
+    # for this long instead of starting one doomed load each.
+    failed_load_backoff_secs: float = 30.0
 
 
 class ProxySection(Strict):
