@@ -39,7 +39,10 @@ class PollerSection(Strict):
 
 
 class EvictionSection(Strict):
-    strategy: Literal["lru", "priority"] = "lru"
+    # Which idle resident goes first: "priority" = lowest residency_priority, then least
+    # recently used; "lru" = least recently used whatever its class. Either way a model never
+    # displaces one of a higher class.
+    strategy: Literal["lru", "priority"] = "priority"
     # A model loaded less than this long ago is never evicted: two alternating models
     # cannot thrash a node.
     min_residency_secs: float = 60.0
