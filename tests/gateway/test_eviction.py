@@ -7,6 +7,7 @@ import pytest
 from cortex_gateway.eviction import (
     MemoryNeed,
     Resident,
+    Strategy,
     blocked_by_residency,
     choose_devices,
     may_displace,
@@ -218,3 +219,22 @@ def test_blocked_by_residency_reports_the_earliest_release() -> None:
     residents = [res("a", loaded_ago=10), res("b", loaded_ago=50), res("c", loaded_ago=500)]
     assert blocked_by_residency(residents, now=NOW, min_residency_secs=RESIDENCY) == pytest.approx(10.0)
     assert blocked_by_residency([res("c")], now=NOW, min_residency_secs=RESIDENCY) is None
+
+
+@pytest.mark.parametrize(
+    ("strategy", "expected"),
+    [("priority", ("lo-recent",)), ("lru", ("hi-stale",))],
+)
+def test_strategy_orders_victims(strategy: Strategy, expected: tuple[str, ...]) -> None:
+    residents = [res("lo-recent", priority=50, used_ago=1), res("hi-stale", priority=100, used_ago=999)]
+    plan = plan_eviction(
+        residents,
+        {0: 5_000},
+        ONE_GPU,
+        incoming_priority=100,
+        incoming_pinned_here=False,
+        now=NOW,
+        min_residency_secs=RESIDENCY,
+        strategy=strategy,
+    )
+    assert plan is not None and plan.victims == expected

@@ -95,7 +95,11 @@ def create_app(
         fleet,
         catalogue,
         client,
-        policy=PlacementPolicy(min_residency_secs=config.eviction.min_residency_secs),
+        policy=PlacementPolicy(
+            min_residency_secs=config.eviction.min_residency_secs,
+            eviction_strategy=config.eviction.strategy,
+            failed_load_backoff_secs=config.router.failed_load_backoff_secs,
+        ),
         limits=RouterLimits(
             max_waiting_per_model=config.router.max_waiting_per_model,
             load_wait_secs=config.router.load_wait_secs,

@@ -9,7 +9,9 @@ Rules, in order:
 - `may_displace(incoming, resident)`: incoming priority >= resident priority. Equal classes
   may swap both ways (the reference's fix 158a89fa); a higher class is never displaced by a
   lower one.
-- Order: lower `residency_priority` first, then least recently used (never used first).
+- Order (`[eviction].strategy`): "priority" takes lower `residency_priority` first, then
+  the least recently used (never used first); "lru" takes the least recently used first,
+  whatever its class (classes still decide who may displace whom).
 - Only as many as needed: victims are added one at a time until the model fits.
 """
 
@@ -17,6 +19,9 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Literal
+
+Strategy = Literal["lru", "priority"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,6 +75,7 @@ def evictable(
     incoming_pinned_here: bool,
     now: float,
     min_residency_secs: float,
+    strategy: Strategy = "priority",
 ) -> list[Resident]:
     """Residents the incoming model may evict, best victim first."""
     allowed = [
@@ -82,9 +88,12 @@ def evictable(
         and (r.loaded_at is None or now - r.loaded_at >= min_residency_secs)
     ]
     # None sorts first: a resident nobody has used since it loaded is the best victim.
+    if strategy == "lru":
+        return sorted(
+            allowed, key=lambda r: (r.last_used is not None, r.last_used or 0.0, r.priority, r.model_id)
+        )
     return sorted(
-        allowed,
-        key=lambda r: (r.priority, r.last_used is not None, r.last_used or 0.0, r.model_id),
+        allowed, key=lambda r: (r.priority, r.last_used is not None, r.last_used or 0.0, r.model_id)
     )
 
 
@@ -97,6 +106,7 @@ def plan_eviction(
     incoming_pinned_here: bool,
     now: float,
     min_residency_secs: float,
+    strategy: Strategy = "priority",
 ) -> EvictionPlan | None:
     """The fewest victims (in policy order) after which the model fits; None if it cannot."""
     devices = choose_devices(free_by_device, need)
@@ -110,6 +120,7 @@ def plan_eviction(
             incoming_pinned_here=incoming_pinned_here,
             now=now,
             min_residency_secs=min_residency_secs,
+            strategy=strategy,
         )
         # One whose footprint is unknown frees nothing we can count on.
         if r.memory_mb and r.devices and any(d in need.eligible for d in r.devices)

@@ -26,13 +26,14 @@ import math
 from dataclasses import dataclass
 
 from cortex_core.config.catalogue import ModelCatalogue, ModelProfile
-from cortex_gateway.eviction import MemoryNeed, Resident, blocked_by_residency, plan_eviction
+from cortex_gateway.eviction import MemoryNeed, Resident, Strategy, blocked_by_residency, plan_eviction
 from cortex_gateway.fleet import HOST_MEMORY, ROUTABLE, FleetSnapshot, NodeView
 
 
 @dataclass(frozen=True, slots=True)
 class PlacementPolicy:
     min_residency_secs: float = 60.0
+    eviction_strategy: Strategy = "priority"
     # After a load failed on a node, new requests get that failure instead of a new attempt
     # for this long (a broken model must not trigger one load per request).
     failed_load_backoff_secs: float = 30.0
@@ -278,6 +279,7 @@ def _cold_load(
             incoming_pinned_here=node.name in profile.pinned_on,
             now=now,
             min_residency_secs=policy.min_residency_secs,
+            strategy=policy.eviction_strategy,
         )
         if plan is None:
             wait = blocked_by_residency(residents, now=now, min_residency_secs=policy.min_residency_secs)
