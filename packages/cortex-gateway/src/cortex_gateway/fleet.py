@@ -147,6 +147,9 @@ class FleetState:
         self._clock = clock
         self._forget_failures_after = forget_failures_after
         self._snapshot: FleetSnapshot | None = None
+        # Node views are rebuilt only for the node that changed (a request start or end
+        # touches one node; the hot path should not copy the whole fleet).
+        self._views: dict[str, NodeView] = {}
 
     # ---- reading -------------------------------------------------------------------------
 
@@ -166,9 +169,13 @@ class FleetState:
     def snapshot(self) -> FleetSnapshot:
         """An immutable view; cached until the next change, so the hot path pays once."""
         if self._snapshot is None:
-            self._snapshot = FleetSnapshot(
-                nodes=tuple(self._view(node) for node in self._nodes.values()), taken_at=self._clock()
-            )
+            views = []
+            for name, node in self._nodes.items():
+                view = self._views.get(name)
+                if view is None:
+                    view = self._views[name] = self._view(node)
+                views.append(view)
+            self._snapshot = FleetSnapshot(nodes=tuple(views), taken_at=self._clock())
         return self._snapshot
 
     def _view(self, node: _Node) -> NodeView:
@@ -190,19 +197,20 @@ class FleetState:
             memory_adjust_mb=MappingProxyType(adjust),
         )
 
-    def _changed(self) -> None:
+    def _changed(self, node: str) -> None:
         self._snapshot = None
+        self._views.pop(node, None)
 
     # ---- poller --------------------------------------------------------------------------
 
     def record_discovery(self, node: str, discovery: DiscoveryResponse) -> None:
         self._nodes[node].discovery = discovery
-        self._changed()
+        self._changed(node)
 
     def forget_discovery(self, node: str) -> None:
         """The neuron restarted (or vanished): its topology must be fetched again."""
         self._nodes[node].discovery = None
-        self._changed()
+        self._changed(node)
 
     def record_models(self, node_name: str, models: Iterable[ModelInfo]) -> None:
         """A successful /models answer: the node is healthy and this is its resident set."""
@@ -231,7 +239,7 @@ class FleetState:
         node.consecutive_failures = 0
         node.last_error = None
         node.last_poll = now
-        self._changed()
+        self._changed(node_name)
 
     @staticmethod
     def _merge(previous: ModelView | None, info: ModelInfo, now: float) -> ModelView:
@@ -289,7 +297,7 @@ class FleetState:
             pending = node.models.get(model_id)
             if pending is None or pending.status != "loading":
                 del node.reservations[model_id]
-        self._changed()
+        self._changed(node_name)
         return restarted
 
     def record_failure(self, node_name: str, reason: str) -> bool:
@@ -303,7 +311,7 @@ class FleetState:
         turned = node.healthy and node.consecutive_failures >= self._unhealthy_after
         if node.consecutive_failures >= self._unhealthy_after:
             node.healthy = False
-        self._changed()
+        self._changed(node_name)
         return turned
 
     # ---- router --------------------------------------------------------------------------
@@ -321,7 +329,7 @@ class FleetState:
             last_used=previous.last_used if previous else None,
         )
         node.reservations[model_id] = (devices, memory_mb)
-        self._changed()
+        self._changed(node_name)
 
     def load_finished(self, node_name: str, model_id: str, memory_mb: int | None) -> None:
         node = self._nodes[node_name]
@@ -335,13 +343,13 @@ class FleetState:
             loaded_at=now,
             last_used=now,
         )
-        self._changed()
+        self._changed(node_name)
 
     def load_failed(self, node_name: str, model_id: str, error: str) -> None:
         node = self._nodes[node_name]
         node.reservations.pop(model_id, None)
         node.models[model_id] = ModelView(id=model_id, status="failed", error=error, failed_at=self._clock())
-        self._changed()
+        self._changed(node_name)
 
     def begin_unload(self, node_name: str, model_id: str) -> bool:
         """Claim a resident for eviction; False when a request started on it meanwhile."""
@@ -351,7 +359,7 @@ class FleetState:
             return False
         node.models[model_id] = replace(view, status="unloading")
         node.endpoints.pop(model_id, None)
-        self._changed()
+        self._changed(node_name)
         return True
 
     def unload_finished(self, node_name: str, model_id: str, *, credit_mb: int | None) -> None:
@@ -364,21 +372,21 @@ class FleetState:
             )
             for device in devices:
                 node.credits[device] = node.credits.get(device, 0) + credit_mb // len(devices)
-        self._changed()
+        self._changed(node_name)
 
     def unload_failed(self, node_name: str, model_id: str) -> None:
         node = self._nodes[node_name]
         view = node.models.get(model_id)
         if view is not None and view.status == "unloading":
             node.models[model_id] = replace(view, status=ROUTABLE)
-        self._changed()
+        self._changed(node_name)
 
     def request_started(self, node_name: str, model_id: str) -> None:
         node = self._nodes[node_name]
         view = node.models.get(model_id)
         if view is not None:
             node.models[model_id] = replace(view, gateway_in_flight=view.gateway_in_flight + 1)
-            self._changed()
+            self._changed(node_name)
 
     def request_finished(self, node_name: str, model_id: str) -> None:
         node = self._nodes[node_name]
@@ -387,4 +395,4 @@ class FleetState:
             node.models[model_id] = replace(
                 view, gateway_in_flight=max(0, view.gateway_in_flight - 1), last_used=self._clock()
             )
-            self._changed()
+            self._changed(node_name)
