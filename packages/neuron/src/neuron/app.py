@@ -1,0 +1,200 @@
+"""The neuron's HTTP API (Starlette): discovery, health, lifecycle, endpoint, metrics, inference.
+
+Built by `create_app` from the objects it needs - nothing global - so a test can hand in a
+fake NVML, a fake engine or a ready ModelManager, and the gateway's tests can run a real
+neuron in process. Errors are ApiErrors from anywhere below, rendered once here in the
+OpenAI envelope with Retry-After where there is one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import importlib.metadata
+import logging
+import platform
+import time
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import msgspec
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import BaseRoute, Route
+
+import neuron
+from cortex_core.config.neuron import NeuronConfig
+from cortex_core.errors import ApiError, decode_json_body
+from cortex_core.neuron_api import (
+    EndpointResponse,
+    HealthResponse,
+    LoadResponse,
+    ModelSpec,
+    UnloadRequest,
+    UnloadResponse,
+    VersionResponse,
+)
+from neuron.discovery import HostProbe, host_memory_free_mb
+from neuron.manager import HARNESS, ModelManager
+from neuron.metrics import CONTENT_TYPE, NeuronMetrics
+from neuron.runtime import LoadedModel
+
+log = logging.getLogger(__name__)
+
+# Given the model lookup and the config, the inference routes (/v1/chat/completions, ...).
+ServingRoutes = Callable[[Callable[[str], LoadedModel], NeuronConfig], list[BaseRoute]]
+
+
+class JSON(Response):
+    media_type = "application/json"
+
+    def render(self, content: Any) -> bytes:
+        return msgspec.json.encode(content)
+
+
+def error_response(error: ApiError) -> Response:
+    return JSON(error.openai_body(), status_code=error.status, headers=error.headers())
+
+
+def _package_version(name: str) -> str | None:
+    try:
+        return importlib.metadata.version(name)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def default_serving_routes() -> ServingRoutes | None:
+    """The OpenAI inference routes of `neuron.serving`, when this build has them."""
+    try:
+        from neuron.serving.routes import inference_routes
+    except ImportError as exc:
+        log.warning("inference routes are not available: %s", exc)
+        return None
+
+    def routes(lookup: Callable[[str], LoadedModel], config: NeuronConfig) -> list[BaseRoute]:
+        return list(inference_routes(lookup, keepalive_secs=config.engine.keepalive_secs))
+
+    return routes
+
+
+def create_app(
+    config: NeuronConfig,
+    *,
+    probe: HostProbe | None = None,
+    manager: ModelManager | None = None,
+    metrics: NeuronMetrics | None = None,
+    serving_routes: ServingRoutes | None = None,
+    activate_defaults: bool = True,
+) -> Starlette:
+    """The neuron app. Startup (ASGI lifespan) begins loading `default_models` in the background;
+    shutdown unloads every model."""
+    probe = probe or HostProbe.open()
+    if manager is None:
+        manager = ModelManager(config, probe, metrics=metrics or NeuronMetrics())
+    started = time.monotonic()
+    discovery = probe.discovery([HARNESS])
+    version = VersionResponse(
+        name="neuron",
+        version=neuron.__version__,
+        python=platform.python_version(),
+        torch=_package_version("torch"),
+        transformers=_package_version("transformers"),
+    )
+
+    async def get_discovery(request: Request) -> Response:
+        return JSON(discovery)
+
+    async def get_health(request: Request) -> Response:
+        return JSON(
+            HealthResponse(
+                uptime_secs=round(time.monotonic() - started, 3),
+                devices=probe.device_health(),
+                activation=manager.activation,
+                models=manager.loads(),
+                host_memory_free_mb=host_memory_free_mb(),
+            )
+        )
+
+    async def get_version(request: Request) -> Response:
+        return JSON(version)
+
+    async def get_models(request: Request) -> Response:
+        return JSON(manager.models())
+
+    async def post_load(request: Request) -> Response:
+        spec = decode_json_body(await request.body(), ModelSpec)
+        started_load = time.monotonic()
+        info = await manager.load(spec)
+        return JSON(LoadResponse(model_id=info.id, load_seconds=round(time.monotonic() - started_load, 3)))
+
+    async def post_unload(request: Request) -> Response:
+        body = decode_json_body(await request.body(), UnloadRequest)
+        await manager.unload(body.model_id)
+        return JSON(UnloadResponse(model_id=body.model_id))
+
+    async def get_endpoint(request: Request) -> Response:
+        manager.get(request.path_params["model_id"])
+        # The address the caller reached us on is the one it can send inference to.
+        return JSON(EndpointResponse(url=str(request.base_url).rstrip("/")))
+
+    async def get_metrics(request: Request) -> Response:
+        return Response(manager.metrics.render(), media_type=CONTENT_TYPE)
+
+    routes: list[BaseRoute] = [
+        Route("/discovery", get_discovery, methods=["GET"]),
+        Route("/health", get_health, methods=["GET"]),
+        Route("/version", get_version, methods=["GET"]),
+        Route("/metrics", get_metrics, methods=["GET"]),
+        Route("/models", get_models, methods=["GET"]),
+        Route("/models/load", post_load, methods=["POST"]),
+        Route("/models/unload", post_unload, methods=["POST"]),
+        # `path` so that ids with '/' match whether the caller percent-encoded them or not.
+        Route("/models/{model_id:path}/endpoint", get_endpoint, methods=["GET"]),
+    ]
+    serving = serving_routes or default_serving_routes()
+    if serving is not None:
+        routes.extend(serving(manager.get, config))
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        activation = None
+        if activate_defaults and config.default_models:
+            activation = manager.start_activation(config.default_models)
+        try:
+            yield
+        finally:
+            if activation is not None and not activation.done():
+                activation.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await activation
+            await manager.close()
+            probe.close()
+
+    async def on_api_error(request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, ApiError)
+        if exc.status >= 500:
+            log.warning("%s %s -> %d: %s", request.method, request.url.path, exc.status, exc.message)
+        return error_response(exc)
+
+    async def on_http_error(request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, HTTPException)
+        if exc.status_code == 404:
+            message = f"no route {request.method} {request.url.path} on this neuron"
+        elif exc.status_code == 405:
+            message = f"{request.method} is not allowed on {request.url.path}"
+        else:
+            message = str(exc.detail)
+        return error_response(
+            ApiError(exc.status_code, message, code="not_found" if exc.status_code == 404 else None)
+        )
+
+    app = Starlette(
+        routes=routes,
+        lifespan=lifespan,
+        exception_handlers={ApiError: on_api_error, HTTPException: on_http_error},
+    )
+    app.state.manager = manager
+    app.state.probe = probe
+    return app

@@ -1,0 +1,129 @@
+"""Turning a folder of files into a transformers model, on the device's owner thread.
+
+`load_checkpoint` and `release_memory` do torch work and must run on the DeviceWorker of the
+device they touch (CUDA context locality); everything else here is plain file reading.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class LoadedCheckpoint:
+    model: Any  # transformers PreTrainedModel, in eval mode, on its device
+    tokenizer: Any
+    hf_config: Any
+    generation_config: dict[str, Any]
+    chat_template: str | None
+    # Bytes taken by parameters and buffers (what unloading gives back).
+    memory_bytes: int
+    dtype: str
+
+
+def device_name(device: int | None) -> str:
+    return "cpu" if device is None else f"cuda:{device}"
+
+
+def choose_dtype(device: int | None, config_dtype: str | None) -> str:
+    """bf16 on a GPU; on the CPU the checkpoint's own dtype, except float16 (slow on CPUs) -> float32."""
+    if device is not None:
+        return "bfloat16"
+    dtype = (config_dtype or "float32").removeprefix("torch.")
+    if dtype in ("float16", "half"):
+        return "float32"
+    return dtype if dtype in ("float32", "bfloat16") else "float32"
+
+
+def _read_json(path: Path) -> Any:
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def read_chat_template(folder: Path, tokenizer: Any | None = None) -> str | None:
+    """chat_template.jinja -> chat_template.json -> tokenizer_config.json (transformers' order).
+
+    A GGUF file carries its template in its metadata; the tokenizer loaded from it has it, and
+    it is used when no file in the folder provides one.
+    """
+    jinja = folder / "chat_template.jinja"
+    if jinja.is_file():
+        return jinja.read_text(encoding="utf-8")
+    as_json = folder / "chat_template.json"
+    if as_json.is_file():
+        template = _read_json(as_json).get("chat_template")
+        if isinstance(template, str):
+            return template
+    tokenizer_config = folder / "tokenizer_config.json"
+    if tokenizer_config.is_file():
+        template = _read_json(tokenizer_config).get("chat_template")
+        if isinstance(template, str):
+            return template
+        if isinstance(template, list):
+            # Several named templates: the one called "default" is the chat template.
+            named = {item.get("name"): item.get("template") for item in template if isinstance(item, dict)}
+            if isinstance(named.get("default"), str):
+                return str(named["default"])
+    from_tokenizer = getattr(tokenizer, "chat_template", None)
+    return from_tokenizer if isinstance(from_tokenizer, str) else None
+
+
+def read_generation_config(folder: Path) -> dict[str, Any]:
+    path = folder / "generation_config.json"
+    if not path.is_file():
+        return {}
+    config = _read_json(path)
+    return config if isinstance(config, dict) else {}
+
+
+def load_checkpoint(folder: Path, gguf_file: str | None, device: int | None) -> LoadedCheckpoint:
+    """Load tokenizer and model from `folder` onto `device` (None = CPU). Runs on the owner thread."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    has_config = (folder / "config.json").is_file()
+    config_dtype = _read_json(folder / "config.json").get("dtype") if has_config else None
+    if has_config and config_dtype is None:
+        config_dtype = _read_json(folder / "config.json").get("torch_dtype")
+    dtype = choose_dtype(device, config_dtype)
+    kwargs: dict[str, Any] = {"dtype": getattr(torch, dtype)}
+    if gguf_file:
+        kwargs["gguf_file"] = gguf_file
+        if has_config:
+            # transformers' GGUF config mapping misses some keys (qwen3 head_dim); a config.json
+            # next to the file is the authoritative one.
+            kwargs["config"] = AutoConfig.from_pretrained(folder)
+    tokenizer = AutoTokenizer.from_pretrained(folder, **({"gguf_file": gguf_file} if gguf_file else {}))
+    model: Any = AutoModelForCausalLM.from_pretrained(folder, **kwargs)
+    model.to(torch.device(device_name(device)))
+    model.eval()
+    generation_config = read_generation_config(folder)
+    if not generation_config and getattr(model, "generation_config", None) is not None:
+        # No file (typical for GGUF): the stop ids transformers derived from the model's metadata.
+        derived = model.generation_config.to_diff_dict()
+        generation_config = {key: derived[key] for key in ("eos_token_id", "pad_token_id") if key in derived}
+    memory = sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()))
+    return LoadedCheckpoint(
+        model=model,
+        tokenizer=tokenizer,
+        hf_config=model.config,
+        generation_config=generation_config,
+        chat_template=read_chat_template(folder, tokenizer),
+        memory_bytes=memory,
+        dtype=dtype,
+    )
+
+
+def release_memory(device: int | None) -> None:
+    """After the last reference to a model is dropped: collect it and return cached CUDA blocks."""
+    gc.collect()
+    if device is not None:
+        import torch
+
+        torch.cuda.empty_cache()

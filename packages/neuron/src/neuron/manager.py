@@ -1,0 +1,500 @@
+"""ModelManager: the `torch` harness - every model's lifecycle on this neuron, owned by one object.
+
+States: `loading` -> `loaded` | `failed` (reason kept for /models); `loaded` -> `unloading`
+-> gone; `poisoned` when a device fault made a model unusable. Loads are single-flight per
+model id: the record is created and the load task started without an `await` in between,
+so concurrent identical loads all await one task. A load of a loaded model is a no-op
+success. Torch work (load, free) runs on the device's owner thread; the event loop only
+awaits it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator, Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from cortex_core.config.neuron import EngineConfig, NeuronConfig
+from cortex_core.errors import ApiError
+from cortex_core.neuron_api import (
+    ActivationFailure,
+    ActivationStatus,
+    ModelInfo,
+    ModelLimit,
+    ModelLoad,
+    ModelSpec,
+    ModelState,
+)
+from neuron.device import DeviceWorker
+from neuron.discovery import HostProbe
+from neuron.engine.api import Engine, GenerationRequest, TokenEvent
+from neuron.loader import LoadedCheckpoint, device_name, load_checkpoint, release_memory
+from neuron.metrics import LiveReadings, NeuronMetrics
+from neuron.prepare import ModelPreparer, Placement, PreparedModel
+from neuron.runtime import LoadedModel
+from neuron.sources import effective_sources
+
+log = logging.getLogger(__name__)
+
+HARNESS = "torch"
+MIB = 1024 * 1024
+# What a client should wait before retrying a model that is still loading or unloading.
+RETRY_AFTER_SECS = 5.0
+# An engine that does not stop within this long on unload is abandoned (its memory with it).
+ENGINE_CLOSE_TIMEOUT_SECS = 20.0
+
+
+class EngineFactory(Protocol):
+    def __call__(
+        self, checkpoint: LoadedCheckpoint, worker: DeviceWorker, config: EngineConfig, model_id: str
+    ) -> Engine: ...
+
+
+def default_engine_factory(
+    checkpoint: LoadedCheckpoint, worker: DeviceWorker, config: EngineConfig, model_id: str
+) -> Engine:
+    """The continuous-batching engine of `neuron.engine` (imported late: it pulls in torch)."""
+    try:
+        from neuron.engine import build_engine
+    except ImportError as exc:
+        raise ApiError(
+            503,
+            f"model '{model_id}' cannot be served: this neuron build has no inference engine ({exc})",
+            code="engine_unavailable",
+        ) from exc
+    return build_engine(checkpoint.model, worker=worker, engine_config=config, model_id=model_id)
+
+
+def choose_device(
+    model_id: str, requested: Sequence[int] | None, free_by_gpu: dict[int, int], no_gpu_reason: str | None
+) -> int | None:
+    """The GPU to load on (None = CPU): the requested one, else the one with the most free memory."""
+    if not free_by_gpu:
+        if requested:
+            raise ApiError(
+                422,
+                f"model '{model_id}' asks for devices {list(requested)} but this host has no usable GPU "
+                f"({no_gpu_reason or 'none found'}); leave devices unset to load on the CPU",
+                code="device_unavailable",
+                param="devices",
+            )
+        return None
+    if requested:
+        unknown = [index for index in requested if index not in free_by_gpu]
+        if unknown:
+            raise ApiError(
+                422,
+                f"model '{model_id}' asks for devices {list(requested)} but this host has GPUs "
+                f"{sorted(free_by_gpu)}; unknown: {unknown}",
+                code="device_unavailable",
+                param="devices",
+            )
+        return requested[0]
+    return max(sorted(free_by_gpu), key=lambda index: free_by_gpu[index])
+
+
+class DevicePool:
+    """One owner thread per device, started on first use and kept for the daemon's life."""
+
+    def __init__(self) -> None:
+        self._workers: dict[int | None, DeviceWorker] = {}
+
+    def worker(self, device: int | None) -> DeviceWorker:
+        if device not in self._workers:
+            self._workers[device] = DeviceWorker(device_name(device))
+        return self._workers[device]
+
+    def close(self) -> None:
+        for worker in self._workers.values():
+            worker.close(timeout=5.0)
+        self._workers.clear()
+
+
+class MeteredEngine:
+    """The engine as serving sees it: counts requests and generated tokens, marks the model used."""
+
+    def __init__(
+        self, inner: Engine, on_request: Callable[[], None], on_tokens: Callable[[int], None]
+    ) -> None:
+        self.inner = inner
+        self._on_request = on_request
+        self._on_tokens = on_tokens
+
+    def generate(self, request: GenerationRequest) -> AsyncIterator[TokenEvent]:
+        # Called synchronously like the engine's own, so its refusals (400, 503) still raise at once.
+        stream = self.inner.generate(request)
+        self._on_request()
+        return self._counted(stream)
+
+    async def _counted(self, stream: AsyncIterator[TokenEvent]) -> AsyncIterator[TokenEvent]:
+        try:
+            async for event in stream:
+                if event.token_id is not None:
+                    self._on_tokens(1)
+                yield event
+        finally:
+            close = getattr(stream, "aclose", None)
+            if close is not None:
+                await close()
+
+    def load(self) -> ModelLoad:
+        return self.inner.load()
+
+    async def close(self) -> None:
+        await self.inner.close()
+
+    def __getattr__(self, name: str) -> Any:
+        # Engine-specific extras (e.g. statistics) stay reachable through the wrapper.
+        return getattr(self.inner, name)
+
+
+@dataclass
+class ModelRecord:
+    spec: ModelSpec
+    state: ModelState
+    requested_at: float
+    device: int | None = None
+    error: str | None = None
+    loaded: LoadedModel | None = None
+    memory_bytes: int = 0
+    loaded_at: float | None = None
+    last_used: float | None = None
+    load_seconds: float | None = None
+    task: asyncio.Task[LoadedModel] | None = field(default=None, repr=False)
+    unload_task: asyncio.Task[None] | None = field(default=None, repr=False)
+
+
+def _capabilities(loaded: LoadedModel) -> tuple[bool, bool]:
+    """(tool_call, reasoning): the template takes tools; the vocabulary has reasoning markers."""
+    from neuron.serving.reasoning import find_reasoning_markers
+
+    tool_call = bool(loaded.chat_template and "tools" in loaded.chat_template)
+    return tool_call, find_reasoning_markers(loaded.tokenizer) is not None
+
+
+def _retrieve(task: asyncio.Task[Any]) -> None:
+    if not task.cancelled():
+        task.exception()
+
+
+class ModelManager:
+    """Implements cortex_core.harness.Harness for the in-process `torch` harness."""
+
+    def __init__(
+        self,
+        config: NeuronConfig,
+        probe: HostProbe,
+        *,
+        metrics: NeuronMetrics | None = None,
+        engine_factory: EngineFactory = default_engine_factory,
+        preparer: ModelPreparer | None = None,
+        devices: DevicePool | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.config = config
+        self.probe = probe
+        self.metrics = metrics or NeuronMetrics()
+        self.metrics.watch(self.live_readings)
+        self._engine_factory = engine_factory
+        self.preparer = preparer or ModelPreparer(effective_sources(config), config.default_source)
+        self.devices = devices or DevicePool()
+        self._clock = clock
+        self._records: dict[str, ModelRecord] = {}
+        self.activation = ActivationStatus()
+
+    @property
+    def name(self) -> str:
+        return HARNESS
+
+    # --- queries ---------------------------------------------------------------------------
+
+    def models(self) -> list[ModelInfo]:
+        return [self._info(model_id, record) for model_id, record in sorted(self._records.items())]
+
+    def info(self, model_id: str) -> ModelInfo:
+        return self._info(model_id, self._records[model_id])
+
+    def _info(self, model_id: str, record: ModelRecord) -> ModelInfo:
+        info = ModelInfo(
+            id=model_id,
+            harness=HARNESS,
+            status=record.state,
+            devices=[] if record.device is None else [record.device],
+            error=record.error,
+            loaded_at=record.loaded_at,
+            last_used=record.last_used,
+        )
+        loaded = record.loaded
+        if loaded is not None:
+            info.vram_used_mb = record.memory_bytes // MIB
+            info.capabilities = list(loaded.capabilities)
+            context = getattr(loaded.hf_config, "max_position_embeddings", None)
+            if isinstance(context, int):
+                info.limit = ModelLimit(context=context, output=context)
+            info.tool_call, info.reasoning = _capabilities(loaded)
+            info.in_flight = loaded.engine.load().in_flight
+        return info
+
+    def get(self, model_id: str) -> LoadedModel:
+        """The loaded model for serving; 404 when absent or failed, 503 + Retry-After while it changes."""
+        record = self._records.get(model_id)
+        if record is None:
+            raise ApiError(
+                404,
+                f"model '{model_id}' is not loaded on this neuron; loaded: {self._loaded_ids()}. "
+                "Load it with POST /models/load",
+                code="model_not_found",
+                extras={"model_id": model_id},
+            )
+        if record.state == "loaded" and record.loaded is not None:
+            record.last_used = self._clock()
+            return record.loaded
+        if record.state in ("loading", "unloading"):
+            raise ApiError(
+                503,
+                f"model '{model_id}' is {record.state}; retry shortly",
+                code=f"model_{record.state}",
+                retry_after=RETRY_AFTER_SECS,
+            )
+        if record.state == "poisoned":
+            raise ApiError(
+                500,
+                f"model '{model_id}' is poisoned ({record.error}); unload and load it again to recover",
+                code="model_poisoned",
+            )
+        raise ApiError(
+            404,
+            f"model '{model_id}' failed to load: {record.error}. Fix the cause and load it again",
+            code="model_not_found",
+            extras={"model_id": model_id},
+        )
+
+    def _loaded_ids(self) -> list[str]:
+        return sorted(model_id for model_id, record in self._records.items() if record.state == "loaded")
+
+    def loads(self) -> list[ModelLoad]:
+        return [
+            record.loaded.engine.load()
+            for _, record in sorted(self._records.items())
+            if record.state == "loaded" and record.loaded is not None
+        ]
+
+    def live_readings(self) -> LiveReadings:
+        live = LiveReadings()
+        for model_id, record in self._records.items():
+            if record.state == "loaded" and record.loaded is not None:
+                load = record.loaded.engine.load()
+                live.requests[model_id] = (load.in_flight, load.queue_depth)
+                live.model_memory[model_id] = record.memory_bytes
+        for reading in self.probe.device_health():
+            live.device_memory[str(reading.index)] = (reading.vram_used_mb * MIB, reading.vram_free_mb * MIB)
+        if not self.probe.gpu_indices:
+            from neuron.discovery import read_meminfo
+
+            memory = read_meminfo()
+            total, free = memory.get("MemTotal", 0), memory.get("MemAvailable", 0)
+            live.device_memory["cpu"] = (total - free, free)
+        return live
+
+    # --- load ------------------------------------------------------------------------------
+
+    async def load(self, spec: ModelSpec) -> ModelInfo:
+        """Load (single-flight per id) and return once resident; a loaded model is a no-op success."""
+        if spec.harness != HARNESS:
+            raise ApiError(
+                400,
+                f"unknown harness '{spec.harness}' for model '{spec.model_id}'; this neuron runs ['{HARNESS}']",
+                code="unknown_harness",
+                param="harness",
+            )
+        if not spec.model_id.strip():
+            raise ApiError(400, "model_id is empty", code="invalid_model_id", param="model_id")
+        if spec.tensor_parallel is not None and spec.tensor_parallel > 1:
+            raise ApiError(
+                422,
+                f"model '{spec.model_id}' asks for tensor_parallel={spec.tensor_parallel}, which this neuron "
+                "cannot do yet; load it with tensor_parallel unset (one device)",
+                code="tensor_parallel_unavailable",
+                param="tensor_parallel",
+            )
+        model_id = spec.model_id
+        record = self._records.get(model_id)
+        if record is not None and record.state == "unloading":
+            raise ApiError(
+                503,
+                f"model '{model_id}' is being unloaded; retry shortly",
+                code="model_unloading",
+                retry_after=RETRY_AFTER_SECS,
+            )
+        if record is not None and record.state == "poisoned":
+            raise ApiError(
+                409,
+                f"model '{model_id}' is poisoned; unload it first, then load it again",
+                code="model_poisoned",
+            )
+        if record is None or record.state == "failed":
+            # No await between the membership check and the insert: this is what makes it single-flight.
+            record = ModelRecord(spec=spec, state="loading", requested_at=self._clock())
+            self._records[model_id] = record
+            record.task = asyncio.create_task(self._run_load(model_id, record), name=f"load {model_id}")
+            # The outcome is kept in the record; mark it retrieved for when every waiter went away.
+            record.task.add_done_callback(_retrieve)
+        if record.task is not None and record.state == "loading":
+            # Shielded: a caller that goes away (HTTP disconnect) does not cancel the load for the others.
+            await asyncio.shield(record.task)
+        return self._info(model_id, record)
+
+    async def _run_load(self, model_id: str, record: ModelRecord) -> LoadedModel:
+        started = time.monotonic()
+        try:
+            loaded = await self._load_steps(model_id, record)
+        except ApiError as exc:
+            self._fail(model_id, record, exc.message)
+            raise
+        except asyncio.CancelledError:
+            self._fail(model_id, record, "the load was cancelled (the neuron is shutting down)")
+            raise
+        except Exception as exc:  # translated, never swallowed: the caller gets it as an ApiError
+            message = f"loading model '{model_id}' failed: {type(exc).__name__}: {exc}"
+            log.exception("%s", message)
+            self._fail(model_id, record, message)
+            raise ApiError(500, message, code="load_failed") from exc
+        record.load_seconds = time.monotonic() - started
+        record.loaded = loaded
+        record.loaded_at = self._clock()
+        record.state = "loaded"
+        self.metrics.load_duration.labels(model_id).observe(record.load_seconds)
+        self._count_loaded()
+        log.info("model %s loaded on %s in %.1f s", model_id, device_name(record.device), record.load_seconds)
+        return loaded
+
+    def _fail(self, model_id: str, record: ModelRecord, message: str) -> None:
+        record.state = "failed"
+        record.error = message
+        self.metrics.load_failures.labels(model_id).inc()
+        log.warning("model %s failed to load: %s", model_id, message)
+
+    def _placement(self, model_id: str, spec: ModelSpec) -> Placement:
+        free_by_gpu = {index: self.probe.free_bytes(index) for index in self.probe.gpu_indices}
+        device = choose_device(model_id, spec.devices, free_by_gpu, self.probe.cuda_unavailable_reason)
+        if device is None:
+            return Placement(None, self.probe.free_bytes(None), "this host's memory (CPU)")
+        return Placement(device, free_by_gpu[device], f"GPU {device}")
+
+    async def _load_steps(self, model_id: str, record: ModelRecord) -> LoadedModel:
+        placement = self._placement(model_id, record.spec)
+        record.device = placement.device
+        prepared: PreparedModel = await self.preparer.prepare(model_id, record.spec.quant, placement)
+        worker = self.devices.worker(placement.device)
+        checkpoint = await worker.run(load_checkpoint, prepared.folder, prepared.gguf_file, placement.device)
+        record.memory_bytes = checkpoint.memory_bytes
+        engine = self._engine_factory(checkpoint, worker, self.config.engine, model_id)
+        metered = MeteredEngine(
+            engine,
+            on_request=self.metrics.requests.labels(model_id).inc,
+            on_tokens=self.metrics.tokens_generated.labels(model_id).inc,
+        )
+        return LoadedModel(
+            model_id=model_id,
+            spec=record.spec,
+            path=prepared.folder,
+            tokenizer=checkpoint.tokenizer,
+            hf_config=checkpoint.hf_config,
+            generation_config=checkpoint.generation_config,
+            chat_template=checkpoint.chat_template,
+            engine=metered,
+            worker=worker,
+            devices=[] if placement.device is None else [placement.device],
+        )
+
+    def _count_loaded(self) -> None:
+        self.metrics.models_loaded.set(sum(1 for r in self._records.values() if r.state == "loaded"))
+
+    # --- unload ----------------------------------------------------------------------------
+
+    async def unload(self, model_id: str) -> None:
+        record = self._records.get(model_id)
+        if record is None:
+            raise ApiError(
+                404,
+                f"model '{model_id}' is not loaded on this neuron; loaded: {self._loaded_ids()}",
+                code="model_not_found",
+                param="model_id",
+            )
+        if record.state == "loading":
+            raise ApiError(
+                503,
+                f"model '{model_id}' is still loading; unload it once the load has finished",
+                code="model_loading",
+                retry_after=RETRY_AFTER_SECS,
+            )
+        if record.state == "failed":
+            del self._records[model_id]
+            return
+        if record.unload_task is None:
+            record.state = "unloading"
+            record.unload_task = asyncio.create_task(
+                self._run_unload(model_id, record), name=f"unload {model_id}"
+            )
+        await asyncio.shield(record.unload_task)
+
+    async def _run_unload(self, model_id: str, record: ModelRecord) -> None:
+        loaded, record.loaded = record.loaded, None
+        try:
+            if loaded is not None:
+                try:
+                    await asyncio.wait_for(loaded.engine.close(), ENGINE_CLOSE_TIMEOUT_SECS)
+                except TimeoutError:
+                    log.error(
+                        "engine of %s did not stop within %.0f s; dropping it",
+                        model_id,
+                        ENGINE_CLOSE_TIMEOUT_SECS,
+                    )
+                worker = loaded.worker
+                # Drop the last references here so that the collection on the owner thread frees them.
+                del loaded
+                await worker.run(release_memory, record.device)
+        finally:
+            self._records.pop(model_id, None)
+            self._count_loaded()
+        log.info("model %s unloaded", model_id)
+
+    # --- default models and shutdown -------------------------------------------------------
+
+    def start_activation(self, specs: Sequence[ModelSpec]) -> asyncio.Task[None]:
+        """Begin loading the default models in the background; /health shows `pre_warming` at once."""
+        self.activation = ActivationStatus(
+            state="pre_warming" if specs else "ready", pending=[spec.model_id for spec in specs]
+        )
+        return asyncio.create_task(self._activate(specs), name="activate default models")
+
+    async def _activate(self, specs: Sequence[ModelSpec]) -> None:
+        """One after another (they compete for memory); a failure does not stop the rest."""
+        for spec in specs:
+            self.activation.pending.remove(spec.model_id)
+            self.activation.in_progress = spec.model_id
+            try:
+                await self.load(spec)
+            except ApiError as exc:
+                self.activation.failed.append(ActivationFailure(model_id=spec.model_id, error=exc.message))
+            else:
+                self.activation.completed.append(spec.model_id)
+        self.activation.in_progress = None
+        self.activation.state = "ready"
+
+    async def close(self) -> None:
+        """Unload everything (loads in progress are cancelled) and stop the device threads."""
+        for record in list(self._records.values()):
+            if record.task is not None and not record.task.done():
+                record.task.cancel()
+        for model_id, record in list(self._records.items()):
+            if record.state in ("loaded", "poisoned", "unloading"):
+                try:
+                    await self.unload(model_id)
+                except ApiError as exc:
+                    log.error("unloading %s at shutdown failed: %s", model_id, exc.message)
+        self._records.clear()
+        self.devices.close()

@@ -1,0 +1,420 @@
+"""The neuron app in process: every lifecycle route, with tiny real checkpoints and the real engine."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import shutil
+import weakref
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote
+
+import httpx2
+import pytest
+from support.fake_hf_cache import add_to_hf_cache
+from support.fake_nvml import FakeGpu, FakeNvml
+from support.tiny_gguf import write_tiny_llama_gguf
+
+import neuron.manager as manager_module
+from cortex_core.config.neuron import NeuronConfig, SourceConfig
+from cortex_core.neuron_api import ModelSpec
+from neuron.app import create_app
+from neuron.discovery import HostProbe
+from neuron.loader import LoadedCheckpoint, load_checkpoint
+from neuron.manager import ModelManager, default_engine_factory
+
+MIB = 1024 * 1024
+
+
+class SmallHost(HostProbe):
+    """A CPU-only host whose free memory the test decides."""
+
+    def __init__(self, free_bytes: int | None = None) -> None:
+        super().__init__(None, cuda_unavailable_reason="test host: CPU only")
+        self._free = free_bytes
+
+    def free_bytes(self, device: int | None) -> int:
+        return super().free_bytes(device) if self._free is None else self._free
+
+
+def cpu_host() -> HostProbe:
+    return SmallHost()
+
+
+class Node:
+    """An app, its manager and a client, plus a count of checkpoint loads."""
+
+    def __init__(self, config: NeuronConfig, probe: HostProbe, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.loads: list[Path] = []
+        self.models: list[weakref.ref[Any]] = []
+
+        def counting_load(folder: Path, gguf_file: str | None, device: int | None) -> LoadedCheckpoint:
+            self.loads.append(folder)
+            checkpoint = load_checkpoint(folder, gguf_file, device)
+            self.models.append(weakref.ref(checkpoint.model))
+            return checkpoint
+
+        monkeypatch.setattr(manager_module, "load_checkpoint", counting_load)
+        self.manager = ModelManager(config, probe, engine_factory=default_engine_factory)
+        self.app = create_app(config, probe=probe, manager=self.manager)
+        self.client = httpx2.AsyncClient(transport=httpx2.ASGITransport(app=self.app), base_url="http://test")
+
+
+@pytest.fixture
+async def make_node(monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[Callable[..., Node]]:
+    nodes: list[Node] = []
+
+    def make(config: NeuronConfig | None = None, probe: HostProbe | None = None) -> Node:
+        node = Node(config or NeuronConfig(), probe or cpu_host(), monkeypatch)
+        nodes.append(node)
+        return node
+
+    yield make
+    for node in nodes:
+        await node.client.aclose()
+        await node.manager.close()
+
+
+def endpoint_path(model_id: str) -> str:
+    return f"/models/{quote(model_id, safe='')}/endpoint"
+
+
+def copy_model(source: Path, target: Path) -> Path:
+    shutil.copytree(source, target)
+    return target
+
+
+async def test_load_list_endpoint_unload_a_local_folder(
+    make_node: Callable[..., Node], tiny_qwen3: Path
+) -> None:
+    node = make_node()
+    model_id = str(tiny_qwen3)
+    response = await node.client.post("/models/load", json={"model_id": model_id, "harness": "torch"})
+    assert response.status_code == 200, response.text
+    assert response.json()["status"] == "loaded"
+    assert response.json()["model_id"] == model_id
+
+    [info] = (await node.client.get("/models")).json()
+    assert info["id"] == model_id
+    assert info["status"] == "loaded"
+    assert info["harness"] == "torch"
+    assert info["capabilities"] == ["text"]
+    assert info["limit"]["context"] == 1024
+    assert info["reasoning"] is True and info["tool_call"] is True
+    assert info["vram_used_mb"] == 0  # 400 KB of weights
+    assert "devices" not in info  # CPU: no device index
+
+    # Percent-encoded (as the gateway sends it) and raw.
+    for path in (endpoint_path(model_id), f"/models/{model_id}/endpoint"):
+        endpoint = await node.client.get(path)
+        assert endpoint.status_code == 200, endpoint.text
+        assert endpoint.json() == {"url": "http://test"}
+
+    # Loading a loaded model is a no-op success.
+    again = await node.client.post("/models/load", json={"model_id": model_id})
+    assert again.status_code == 200
+    assert len(node.loads) == 1
+
+    health = (await node.client.get("/health")).json()
+    assert [m["id"] for m in health["models"]] == [model_id]
+
+    unload = await node.client.post("/models/unload", json={"model_id": model_id})
+    assert unload.json() == {"status": "unloaded", "model_id": model_id}
+    assert (await node.client.get("/models")).json() == []
+    # The weights are gone, not just unlisted.
+    assert node.models[0]() is None
+
+    missing = await node.client.post("/models/unload", json={"model_id": model_id})
+    assert missing.status_code == 404
+    assert missing.json()["error"]["code"] == "model_not_found"
+    gone = await node.client.get(endpoint_path(model_id))
+    assert gone.status_code == 404
+    assert "not loaded" in gone.json()["error"]["message"]
+
+
+async def test_concurrent_identical_loads_share_one(make_node: Callable[..., Node], tiny_qwen3: Path) -> None:
+    node = make_node()
+    body = {"model_id": str(tiny_qwen3)}
+    responses = await asyncio.gather(*(node.client.post("/models/load", json=body) for _ in range(6)))
+    direct = await asyncio.gather(*(node.manager.load(ModelSpec(model_id=str(tiny_qwen3))) for _ in range(4)))
+    assert [r.status_code for r in responses] == [200] * 6
+    assert {info.status for info in direct} == {"loaded"}
+    assert len(node.loads) == 1
+
+
+async def test_a_model_that_is_loading_reports_loading_and_refuses_unload(
+    make_node: Callable[..., Node], tiny_llama: Path
+) -> None:
+    node = make_node()
+    model_id = str(tiny_llama)
+    load = asyncio.create_task(node.client.post("/models/load", json={"model_id": model_id}))
+    for _ in range(200):
+        if node.manager.models():
+            break
+        await asyncio.sleep(0.005)
+    [info] = (await node.client.get("/models")).json()
+    assert info["status"] == "loading"
+    refused = await node.client.post("/models/unload", json={"model_id": model_id})
+    assert refused.status_code == 503
+    assert refused.headers["retry-after"] == "5"
+    busy = await node.client.get(endpoint_path(model_id))
+    assert busy.status_code == 503 and "retry-after" in busy.headers
+    assert (await load).status_code == 200
+
+
+async def test_unknown_architecture_is_refused_before_weights_and_shown_as_failed(
+    make_node: Callable[..., Node], tiny_qwen3: Path, tmp_path: Path
+) -> None:
+    folder = copy_model(tiny_qwen3, tmp_path / "odd")
+    config = json.loads((folder / "config.json").read_text())
+    config["model_type"] = "not_a_real_arch"
+    (folder / "config.json").write_text(json.dumps(config))
+    node = make_node()
+    response = await node.client.post("/models/load", json={"model_id": str(folder)})
+    assert response.status_code == 422
+    error = response.json()["error"]
+    assert error["code"] == "unsupported_architecture"
+    assert "unsupported model_type 'not_a_real_arch'" in error["message"]
+    assert str(folder) in error["message"]
+    assert "qwen3" in error["message"] and "llama" in error["message"]
+    assert node.loads == []  # refused before anything was loaded
+
+    [info] = (await node.client.get("/models")).json()
+    assert info["status"] == "failed"
+    assert "not_a_real_arch" in info["error"]
+    # Serving a failed model says why it is not there.
+    failed = await node.client.get(endpoint_path(str(folder)))
+    assert failed.status_code == 404 and "failed to load" in failed.json()["error"]["message"]
+
+    # Fixing the cause and loading again works; unloading a failed entry clears it.
+    config["model_type"] = "qwen3"
+    (folder / "config.json").write_text(json.dumps(config))
+    assert (await node.client.post("/models/load", json={"model_id": str(folder)})).status_code == 200
+    assert (await node.client.get("/models")).json()[0]["status"] == "loaded"
+
+
+async def test_a_model_too_big_for_free_memory_is_refused_with_the_numbers(
+    make_node: Callable[..., Node], tiny_qwen3: Path
+) -> None:
+    node = make_node(probe=SmallHost(free_bytes=100 * MIB))
+    response = await node.client.post("/models/load", json={"model_id": str(tiny_qwen3)})
+    assert response.status_code == 422
+    error = response.json()["error"]
+    assert error["code"] == "insufficient_memory"
+    assert error["free_mb"] == 100
+    assert error["required_mb"] >= 256
+    assert "100 MiB is free" in error["message"]
+    assert node.loads == []
+
+
+async def test_a_model_too_big_for_the_chosen_gpu_is_refused(
+    make_node: Callable[..., Node], tiny_qwen3: Path
+) -> None:
+    probe = HostProbe.open(
+        FakeNvml(gpus=[FakeGpu(total_mb=24576, used_mb=24500), FakeGpu(total_mb=1024, used_mb=0)])
+    )
+    node = make_node(probe=probe)
+    response = await node.client.post("/models/load", json={"model_id": str(tiny_qwen3), "devices": [0]})
+    assert response.status_code == 422
+    assert "does not fit on GPU 0" in response.json()["error"]["message"]
+    assert response.json()["error"]["free_mb"] == 76
+    unknown = await node.client.post("/models/load", json={"model_id": str(tiny_qwen3), "devices": [5]})
+    assert unknown.status_code == 422 and unknown.json()["error"]["code"] == "device_unavailable"
+
+
+async def test_devices_on_a_cpu_only_host_are_refused(
+    make_node: Callable[..., Node], tiny_qwen3: Path
+) -> None:
+    node = make_node()
+    response = await node.client.post("/models/load", json={"model_id": str(tiny_qwen3), "devices": [0]})
+    assert response.status_code == 422
+    assert "no usable GPU (test host: CPU only)" in response.json()["error"]["message"]
+
+
+@pytest.mark.parametrize(
+    ("remove", "index_shards", "named"),
+    [
+        (["tokenizer.json"], None, "tokenizer.json or tokenizer.model or vocab.json"),
+        (["config.json"], None, "config.json"),
+        (
+            ["model.safetensors"],
+            ["model.safetensors", "model-00002-of-00002.safetensors"],
+            "model-00002-of-00002.safetensors",
+        ),
+    ],
+)
+async def test_missing_files_are_named(
+    make_node: Callable[..., Node],
+    tiny_qwen3: Path,
+    tmp_path: Path,
+    remove: list[str],
+    index_shards: list[str] | None,
+    named: str,
+) -> None:
+    folder = copy_model(tiny_qwen3, tmp_path / "partial")
+    if index_shards:
+        # A sharded checkpoint whose second shard never arrived.
+        (folder / "model.safetensors").rename(
+            folder / index_shards[0].replace("model.", "model-00001-of-00002.")
+        )
+        weight_map = {"a": "model-00001-of-00002.safetensors", "b": index_shards[1]}
+        (folder / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    else:
+        for name in remove:
+            (folder / name).unlink()
+    node = make_node()
+    response = await node.client.post("/models/load", json={"model_id": str(folder)})
+    assert response.status_code == 422, response.text
+    assert response.json()["error"]["code"] == "missing_files"
+    assert named in response.json()["error"]["message"]
+    assert node.loads == []
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "fragment"),
+    [
+        (b"", 400, "empty"),
+        (b"{not json", 400, "not valid JSON"),
+        (b'{"harness": "torch"}', 400, "model_id"),
+        (b'{"model_id": "x/y", "harness": "vllm"}', 400, "unknown harness 'vllm'"),
+        (b'{"model_id": "noslash"}', 400, "missing the '/'"),
+        (b'{"model_id": "unknownscheme:o/m"}', 400, "[sources.unknownscheme]"),
+        (b'{"model_id": "/no/such/folder"}', 404, "nothing exists there"),
+        (b'{"model_id": "o/m", "tensor_parallel": 2}', 422, "tensor_parallel=2"),
+    ],
+)
+async def test_bad_load_requests_get_actionable_errors(
+    make_node: Callable[..., Node], body: bytes, status: int, fragment: str
+) -> None:
+    node = make_node()
+    response = await node.client.post("/models/load", content=body)
+    assert response.status_code == status, response.text
+    assert fragment in response.json()["error"]["message"]
+
+
+async def test_unknown_routes_answer_json(make_node: Callable[..., Node]) -> None:
+    node = make_node()
+    response = await node.client.get("/nope")
+    assert response.status_code == 404
+    assert "no route GET /nope" in response.json()["error"]["message"]
+    wrong_method = await node.client.get("/models/load")
+    assert wrong_method.status_code == 405
+
+
+async def test_a_gguf_file_loads_dequantised(
+    make_node: Callable[..., Node], tiny_llama: Path, tmp_path: Path
+) -> None:
+    gguf = write_tiny_llama_gguf(tiny_llama, tmp_path / "tiny-llama.F32.gguf")
+    node = make_node()
+    response = await node.client.post("/models/load", json={"model_id": str(gguf)})
+    assert response.status_code == 200, response.text
+    [info] = (await node.client.get("/models")).json()
+    assert info["status"] == "loaded"
+    loaded = node.manager.get(str(gguf))
+    assert loaded.chat_template is not None and "<|im_start|>" in loaded.chat_template
+    assert loaded.tokenizer.encode("The capital of France") == load_checkpoint(
+        tiny_llama, None, None
+    ).tokenizer.encode("The capital of France")
+
+
+async def test_hub_ids_load_offline_from_the_hf_cache(
+    make_node: Callable[..., Node], tiny_qwen3: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    hub_cache = tmp_path / "hf-home" / "hub"
+    monkeypatch.delenv("HF_HUB_CACHE", raising=False)
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-home"))
+    add_to_hf_cache(hub_cache, "tiny-org/tiny-qwen3", tiny_qwen3)
+    mirror_cache = tmp_path / "mirror-cache"
+    add_to_hf_cache(mirror_cache, "tiny-org/tiny-qwen3", tiny_qwen3)
+    config = NeuronConfig(
+        sources={
+            "mirror": SourceConfig(
+                endpoint="http://127.0.0.1:9", auth_env="MIRROR_TOKEN", cache_dir=str(mirror_cache)
+            )
+        }
+    )
+    node = make_node(config)
+
+    for model_id in ("tiny-org/tiny-qwen3", "mirror:tiny-org/tiny-qwen3"):
+        response = await node.client.post("/models/load", json={"model_id": model_id})
+        assert response.status_code == 200, response.text
+        endpoint = await node.client.get(endpoint_path(model_id))
+        assert endpoint.status_code == 200
+    assert {p.parent.parent for p in node.loads} == {
+        hub_cache / "models--tiny-org--tiny-qwen3",
+        mirror_cache / "models--tiny-org--tiny-qwen3",
+    }
+
+    absent = await node.client.post("/models/load", json={"model_id": "tiny-org/not-cached"})
+    assert absent.status_code == 404
+    error = absent.json()["error"]
+    assert error["code"] == "model_not_cached"
+    assert "HF_HUB_OFFLINE" in error["message"] and str(hub_cache) in error["message"]
+
+
+async def test_default_models_activate_in_the_background(
+    make_node: Callable[..., Node], tiny_qwen3: Path, tiny_llama: Path
+) -> None:
+    specs = [
+        ModelSpec(model_id=str(tiny_qwen3)),
+        ModelSpec(model_id="/no/such/model"),
+        ModelSpec(model_id=str(tiny_llama)),
+    ]
+    node = make_node(NeuronConfig(default_models=specs))
+    async with node.app.router.lifespan_context(node.app):
+        health: dict[str, Any] = {}
+        for _ in range(600):
+            health = (await node.client.get("/health")).json()
+            if health["activation"]["state"] == "ready":
+                break
+            await asyncio.sleep(0.02)
+        activation = health["activation"]
+        assert activation["state"] == "ready"
+        assert activation["completed"] == [str(tiny_qwen3), str(tiny_llama)]
+        assert [f["model_id"] for f in activation["failed"]] == ["/no/such/model"]
+        assert "nothing exists there" in activation["failed"][0]["error"]
+        models = {m["id"]: m["status"] for m in (await node.client.get("/models")).json()}
+        assert models == {str(tiny_qwen3): "loaded", str(tiny_llama): "loaded", "/no/such/model": "failed"}
+    # Shutdown (lifespan exit) unloads everything.
+    assert node.manager.models() == []
+
+
+async def test_metrics_version_and_a_generation_through_the_real_engine(
+    make_node: Callable[..., Node], tiny_qwen3: Path
+) -> None:
+    node = make_node()
+    model_id = str(tiny_qwen3)
+    assert (await node.client.post("/models/load", json={"model_id": model_id})).status_code == 200
+    chat = await node.client.post(
+        "/v1/chat/completions",
+        json={
+            "model": model_id,
+            "messages": [{"role": "user", "content": "Hello"}],
+            "max_tokens": 4,
+            "temperature": 0,
+        },
+    )
+    assert chat.status_code == 200, chat.text
+    generated = chat.json()["usage"]["completion_tokens"]
+    assert generated >= 1
+
+    metrics = (await node.client.get("/metrics")).text
+    label = f'model="{model_id}"'
+    assert "neuron_models_loaded 1.0" in metrics
+    assert f"neuron_model_load_duration_seconds_count{{{label}}} 1.0" in metrics
+    assert f"neuron_requests_total{{{label}}} 1.0" in metrics
+    assert f"neuron_tokens_generated_total{{{label}}} {float(generated)}" in metrics
+    assert f"neuron_requests_running{{{label}}} 0.0" in metrics
+    assert f"neuron_requests_waiting{{{label}}} 0.0" in metrics
+    assert 'neuron_device_memory_free_bytes{device="cpu"}' in metrics
+    assert f"neuron_model_memory_bytes{{{label}}}" in metrics
+
+    version = (await node.client.get("/version")).json()
+    assert version["name"] == "neuron" and version["torch"].startswith("2.")
+
+    unknown = await node.client.post(
+        "/v1/chat/completions", json={"model": "o/absent", "messages": [{"role": "user", "content": "hi"}]}
+    )
+    assert unknown.status_code == 404
