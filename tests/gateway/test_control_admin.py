@@ -145,3 +145,17 @@ async def test_health_is_impaired_by_a_down_node_or_a_broken_model() -> None:
     assert health.status == "impaired"
     assert health.nodes == admin.NodeCounts(healthy=2, total=2)
     assert [(u.node, u.model, u.status) for u in health.unservable] == [("b", "org/small", "poisoned")]
+
+
+async def test_admin_unload_of_a_busy_model_is_409() -> None:
+    a = FakeNeuron("a", devices_mb=[24_000])
+    a.preload("org/small", 6_000)
+    async with gateway([a], CATALOGUE) as (app, http):
+        lease = await app.state.router.acquire("org/small")
+        lease.use(lease.candidates[0])
+        busy = await http.post("/admin/models/unload", json={"model": "org/small"})
+        assert busy.status_code == 409
+        assert "in flight" in busy.json()["error"]["message"]
+        assert a.unload_calls == []
+        lease.release()
+        assert (await http.post("/admin/models/unload", json={"model": "org/small"})).status_code == 200

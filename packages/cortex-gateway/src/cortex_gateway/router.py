@@ -304,7 +304,15 @@ class Router:
                 404, f"model '{model_id}' is not loaded on {where}", code="model_not_loaded", param="model"
             )
         for name in nodes:
-            await self._evict(name, model_id)
+            try:
+                await self._evict(name, model_id)
+            except _Replan as exc:
+                raise ApiError(
+                    409,
+                    f"model '{model_id}' on neuron '{name}' has requests in flight; unload it when it is idle",
+                    code="model_busy",
+                    param="model",
+                ) from exc
         return nodes
 
     def _require_node(self, node: str) -> None:
