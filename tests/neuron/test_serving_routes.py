@@ -576,3 +576,105 @@ async def test_count_tokens_matches_the_prompt_sent_to_the_engine(harness: Harne
         counted = (await client.post("/v1/chat/count_tokens", json=body)).json()
         await client.post("/v1/chat/completions", json=body)
     assert counted == {"input_tokens": len(harness.engine.requests[0].prompt_ids)}
+
+
+# --- responses ------------------------------------------------------------------------------
+
+
+def named_events(text: str) -> list[tuple[str, dict[str, Any]]]:
+    out = []
+    for frame in text.strip().split("\n\n"):
+        lines = dict(line.split(": ", 1) for line in frame.splitlines() if not line.startswith(":"))
+        out.append((lines["event"], json.loads(lines["data"])))
+    return out
+
+
+async def test_responses_non_streaming(harness: Harness) -> None:
+    harness.script("<think>Recall geography.</think>Paris.", cached_tokens=2)
+    body = {
+        "model": "tiny",
+        "input": "Capital of France?",
+        "instructions": "Be brief.",
+        "max_output_tokens": 40,
+    }
+    async with harness.client() as client:
+        response = (await client.post("/v1/responses", json=body)).json()
+    assert response["object"] == "response" and response["id"].startswith("resp_")
+    assert response["status"] == "completed"
+    kinds = [item["type"] for item in response["output"]]
+    assert kinds == ["reasoning", "message"]
+    assert response["output"][0]["content"][0]["text"] == "Recall geography."
+    assert response["output"][1]["content"][0]["text"] == "Paris."
+    assert response["usage"]["input_tokens_details"]["cached_tokens"] == 2
+    assert response["usage"]["output_tokens"] == len(harness.engine.tokens)
+    request = harness.engine.requests[0]
+    assert request.max_new_tokens == 40
+    assert "Be brief." in harness.tokenizer.decode(request.prompt_ids)
+
+
+async def test_responses_stream_event_sequence(harness: Harness) -> None:
+    harness.script("<think>Recall.</think>Paris is the capital.")
+    async with harness.client() as client:
+        response = await client.post("/v1/responses", json={"model": "tiny", "input": "Hi", "stream": True})
+    events = named_events(response.text)
+    names = [name for name, _ in events]
+    assert names[:2] == ["response.created", "response.in_progress"]
+    assert names[-1] == "response.completed"
+    assert [data["sequence_number"] for _, data in events] == list(range(len(events)))
+    assert all(data["type"] == name for name, data in events)
+    text = "".join(d["delta"] for n, d in events if n == "response.output_text.delta")
+    reasoning = "".join(d["delta"] for n, d in events if n == "response.reasoning_text.delta")
+    assert (reasoning, text) == ("Recall.", "Paris is the capital.")
+    final = events[-1][1]["response"]
+    assert [item["type"] for item in final["output"]] == ["reasoning", "message"]
+    assert final["usage"]["output_tokens"] == len(harness.engine.tokens)
+    assert "[DONE]" not in response.text
+
+
+async def test_responses_tool_call_stream_and_length(harness: Harness) -> None:
+    tool = {"type": "function", "name": "get_weather", "parameters": WEATHER_TOOL["function"]["parameters"]}
+    harness.script(TOOL_OUTPUT)
+    async with harness.client() as client:
+        streamed = await client.post(
+            "/v1/responses", json={"model": "tiny", "input": "Weather?", "tools": [tool], "stream": True}
+        )
+        harness.script("a b c d e f g")
+        cut = (
+            await client.post("/v1/responses", json={"model": "tiny", "input": "x", "max_output_tokens": 2})
+        ).json()
+    events = named_events(streamed.text)
+    final = events[-1][1]["response"]
+    call = next(item for item in final["output"] if item["type"] == "function_call")
+    assert call["name"] == "get_weather" and json.loads(call["arguments"]) == {"city": "Zürich"}
+    assert any(name == "response.function_call_arguments.delta" for name, _ in events)
+    assert cut["status"] == "incomplete"
+
+
+async def test_responses_failure_mid_stream_is_response_failed(harness: Harness) -> None:
+    harness.script("Paris is the capital of France.", fail_after=2)
+    async with harness.client() as client:
+        response = await client.post("/v1/responses", json={"model": "tiny", "input": "Hi", "stream": True})
+    name, data = named_events(response.text)[-1]
+    assert name == "response.failed"
+    assert "illegal memory access" in data["response"]["error"]["message"]
+
+
+async def test_responses_refusals_are_plain_errors(harness: Harness) -> None:
+    async with harness.client() as client:
+        chained = await client.post(
+            "/v1/responses",
+            json={"model": "tiny", "input": "x", "previous_response_id": "resp_1", "stream": True},
+        )
+        unknown = await client.post("/v1/responses", json={"model": "nope", "input": "x"})
+    assert chained.status_code == 400 and chained.json()["error"]["param"] == "previous_response_id"
+    assert unknown.status_code == 404 and unknown.json()["error"]["code"] == "model_not_found"
+
+
+async def test_openai_sdk_responses_in_process(harness: Harness) -> None:
+    harness.script("Paris is the capital.")
+    async with harness.client() as http:
+        client = openai.AsyncOpenAI(base_url="http://test/v1", api_key="unused", http_client=http)
+        answer = await client.responses.create(model="tiny", input="Capital of France?")
+        stream = await client.responses.create(model="tiny", input="Capital of France?", stream=True)
+        deltas = [event.delta async for event in stream if event.type == "response.output_text.delta"]
+    assert answer.output_text == "".join(deltas) == "Paris is the capital."

@@ -114,20 +114,29 @@ def sampling_request(request: ChatCompletionRequest) -> SamplingRequest:
     )
 
 
-def render_chat_prompt(model: ServingModel, request: ChatCompletionRequest, *, thinking: bool) -> str:
+def render_chat_prompt(
+    model: ServingModel, request: ChatCompletionRequest, *, enable_thinking: bool | None
+) -> str:
+    """`enable_thinking` is the template default when the client's chat_template_kwargs do
+    not set it (None: leave it to the template)."""
     messages = template_messages(msgspec.to_builtins(request.messages), model.model_id)
     tools = msgspec.to_builtins(given(request.tools)) or None
     kwargs: dict[str, Any] = dict(given(request.chat_template_kwargs) or {})
-    # Hidden reasoning used to eat the whole budget and return empty answers, so thinking is
-    # on only when the client asked for it, either way (neuron.md §13.8).
-    if model.markers is not None:
-        kwargs.setdefault("enable_thinking", thinking)
+    if model.markers is not None and enable_thinking is not None:
+        kwargs.setdefault("enable_thinking", enable_thinking)
     return model.template.render(messages, tools=tools, template_kwargs=kwargs)
 
 
-def prepare_chat(model: ServingModel, request: ChatCompletionRequest, *, thinking: bool) -> Prepared:
+def prepare_chat(
+    model: ServingModel,
+    request: ChatCompletionRequest,
+    *,
+    thinking: bool,
+    enable_thinking: bool | None,
+) -> Prepared:
+    """`thinking`: reasoning goes back into content inside its markers (x-include-thinking)."""
     check_supported(request)
-    prompt = render_chat_prompt(model, request, thinking=thinking)
+    prompt = render_chat_prompt(model, request, enable_thinking=enable_thinking)
     # The template already wrote BOS and other specials, as transformers assumes.
     prompt_ids = model.encode(prompt, add_special_tokens=False)
     params = resolve(

@@ -23,6 +23,8 @@ from starlette.routing import Route
 from cortex_core.errors import ApiError, decode_json_body
 from cortex_core.openai.chat import ChatCompletionRequest
 from cortex_core.openai.completions import CompletionRequest
+from cortex_core.openai.responses import ResponsesRequest
+from cortex_core.sse import encode_data, encode_event
 from cortex_core.wire import given
 from neuron.runtime import LoadedModel
 from neuron.serving.chat import (
@@ -37,14 +39,8 @@ from neuron.serving.chat import (
 from neuron.serving.completions import CompletionStreamProjector, collect_completion, prepare_completion
 from neuron.serving.generation import OutputEvent, generate_events
 from neuron.serving.model import ServingModel, ServingModels
-from neuron.serving.sse import (
-    DONE_FRAME,
-    KEEPALIVE_FRAME,
-    EventStreamResponse,
-    Tick,
-    data_frame,
-    with_keepalive,
-)
+from neuron.serving.responses import ResponsesStreamProjector, collect_response, prepare_responses
+from neuron.serving.sse import DONE_FRAME, KEEPALIVE_FRAME, EventStreamResponse, Tick, with_keepalive
 
 log = logging.getLogger(__name__)
 
@@ -162,11 +158,11 @@ async def open_stream(
 
 
 def chat_error_frame(error: ApiError) -> bytes:
-    return data_frame(error.openai_body())
+    return encode_data(error.openai_body())
 
 
 def inference_routes(lookup: Callable[[str], LoadedModel], *, keepalive_secs: float = 5.0) -> list[Route]:
-    """Routes for /v1/chat/completions, /v1/completions, /v1/chat/count_tokens.
+    """Routes for /v1/chat/completions, /v1/completions, /v1/responses, /v1/chat/count_tokens.
 
     `lookup(model_id)` returns the loaded model or raises ApiError(404, model_not_found).
     """
@@ -181,6 +177,8 @@ def inference_routes(lookup: Callable[[str], LoadedModel], *, keepalive_secs: fl
         head: list[bytes],
         project: Callable[[OutputEvent], list[bytes]],
         collect_into: Callable[[list[OutputEvent]], Any],
+        tail: list[bytes] | None = None,
+        error_frame: Callable[[ApiError], bytes] = chat_error_frame,
     ) -> Response:
         events = generate_events(model.loaded.engine, prepared.generation, prepared.processor)
         if stream:
@@ -189,8 +187,8 @@ def inference_routes(lookup: Callable[[str], LoadedModel], *, keepalive_secs: fl
                 keepalive_secs=keepalive_secs,
                 head=head,
                 project=project,
-                tail=[DONE_FRAME],
-                error_frame=chat_error_frame,
+                tail=[DONE_FRAME] if tail is None else tail,
+                error_frame=error_frame,
             )
         try:
             collected = await until_disconnect(request, collect(events))
@@ -203,7 +201,9 @@ def inference_routes(lookup: Callable[[str], LoadedModel], *, keepalive_secs: fl
         body = decode_json_body(await request.body(), ChatCompletionRequest)
         model = models.get(body.model)
         thinking = include_thinking(request.headers.get(INCLUDE_THINKING_HEADER))
-        prepared = prepare_chat(model, body, thinking=thinking)
+        # Hidden reasoning used to eat the whole budget and return empty answers, so thinking
+        # is on only when the client asks for it, either way (neuron.md §13.8).
+        prepared = prepare_chat(model, body, thinking=thinking, enable_thinking=thinking)
         options = given(body.stream_options)
         projector = ChatStreamProjector(body.model, bool(options and given(options.include_usage)))
         return await run(
@@ -211,8 +211,8 @@ def inference_routes(lookup: Callable[[str], LoadedModel], *, keepalive_secs: fl
             model,
             prepared,
             stream=bool(given(body.stream)),
-            head=[data_frame(projector.start())],
-            project=lambda event: [data_frame(chunk) for chunk in projector.project(event)],
+            head=[encode_data(projector.start())],
+            project=lambda event: [encode_data(chunk) for chunk in projector.project(event)],
             collect_into=lambda events: collect_chat_completion(body.model, events),
         )
 
@@ -228,19 +228,43 @@ def inference_routes(lookup: Callable[[str], LoadedModel], *, keepalive_secs: fl
             prepared,
             stream=bool(given(body.stream)),
             head=[],
-            project=lambda event: [data_frame(chunk) for chunk in projector.project(event)],
+            project=lambda event: [encode_data(chunk) for chunk in projector.project(event)],
             collect_into=lambda events: collect_completion(body.model, events),
+        )
+
+    async def responses(request: Request) -> Response:
+        body = decode_json_body(await request.body(), ResponsesRequest)
+        model = models.get(body.model)
+        chat, prepared = prepare_responses(model, body)
+        projector = ResponsesStreamProjector(body)
+
+        def failed(error: ApiError) -> bytes:
+            return b"".join(
+                encode_event(e) for e in projector.fail(error.message, error.code or "server_error")
+            )
+
+        return await run(
+            request,
+            model,
+            prepared,
+            stream=bool(given(chat.stream)),
+            head=[encode_event(event) for event in projector.start()],
+            project=lambda event: [encode_event(e) for e in projector.project(event)],
+            collect_into=lambda events: collect_response(body, events),
+            tail=[],
+            error_frame=failed,
         )
 
     async def count_tokens(request: Request) -> Response:
         body = decode_json_body(await request.body(), ChatCompletionRequest)
         model = models.get(body.model)
         thinking = include_thinking(request.headers.get(INCLUDE_THINKING_HEADER))
-        prompt = render_chat_prompt(model, body, thinking=thinking)
+        prompt = render_chat_prompt(model, body, enable_thinking=thinking)
         return json_response({"input_tokens": len(model.encode(prompt, add_special_tokens=False))})
 
     return [
         Route("/v1/chat/completions", api_edge(chat_completions), methods=["POST"]),
         Route("/v1/completions", api_edge(completions), methods=["POST"]),
+        Route("/v1/responses", api_edge(responses), methods=["POST"]),
         Route("/v1/chat/count_tokens", api_edge(count_tokens), methods=["POST"]),
     ]

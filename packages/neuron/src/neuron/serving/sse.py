@@ -14,9 +14,8 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncGenerator, AsyncIterator
-from typing import Any, Final, TypeVar
+from typing import Final, TypeVar
 
-import msgspec
 from starlette.requests import ClientDisconnect
 from starlette.responses import StreamingResponse
 from starlette.types import Receive, Scope, Send
@@ -33,14 +32,6 @@ class Tick:
 KEEPALIVE: Final = Tick()
 KEEPALIVE_FRAME = b": keep-alive\n\n"
 DONE_FRAME = b"data: [DONE]\n\n"
-
-
-def data_frame(payload: Any) -> bytes:
-    return b"data: " + msgspec.json.encode(payload) + b"\n\n"
-
-
-def named_frame(event: str, payload: Any) -> bytes:
-    return b"event: " + event.encode() + b"\ndata: " + msgspec.json.encode(payload) + b"\n\n"
 
 
 async def with_keepalive(source: AsyncIterator[T], interval: float) -> AsyncGenerator[T | Tick, None]:
