@@ -14,13 +14,17 @@ from cortex_core.anthropic.convert import (
     tool_input,
 )
 from cortex_core.anthropic.messages import CountTokensRequest, MessagesRequest
-from cortex_core.errors import ApiError
-from cortex_core.openai.chat import ChatCompletion
+from cortex_core.errors import ApiError, decode_json_body
+from cortex_core.openai.chat import ChatCompletion, ChatCompletionRequest
 
 
 def _convert(body: dict[str, Any]) -> dict[str, Any]:
     request = msgspec.convert({"model": "m", "max_tokens": 100, **body}, MessagesRequest)
-    result: dict[str, Any] = msgspec.to_builtins(messages_request_to_chat(request))
+    chat = messages_request_to_chat(request)
+    # What the gateway sends upstream must be a valid chat request for the neuron.
+    wire = msgspec.json.encode(chat)
+    assert decode_json_body(wire, ChatCompletionRequest) == chat
+    result: dict[str, Any] = msgspec.json.decode(wire)
     return result
 
 

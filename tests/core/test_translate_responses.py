@@ -11,8 +11,8 @@ from typing import Any
 import msgspec
 import pytest
 
-from cortex_core.errors import ApiError
-from cortex_core.openai.chat import ChatCompletion, ChatCompletionChunk
+from cortex_core.errors import ApiError, decode_json_body
+from cortex_core.openai.chat import ChatCompletion, ChatCompletionChunk, ChatCompletionRequest
 from cortex_core.openai.responses import ResponsesRequest, ResponseStreamEvent
 from cortex_core.openai.responses_convert import response_from_chat_completion, responses_request_to_chat
 from cortex_core.openai.responses_stream import ResponsesStreamConverter
@@ -24,7 +24,10 @@ def _request(**body: Any) -> ResponsesRequest:
 
 
 def _chat(**body: Any) -> dict[str, Any]:
-    result: dict[str, Any] = msgspec.to_builtins(responses_request_to_chat(_request(**body)))
+    chat = responses_request_to_chat(_request(**body))
+    wire = msgspec.json.encode(chat)
+    assert decode_json_body(wire, ChatCompletionRequest) == chat  # a valid chat request on the wire
+    result: dict[str, Any] = msgspec.json.decode(wire)
     return result
 
 
