@@ -274,3 +274,19 @@ async def test_unknown_route_is_404_in_openai_shape() -> None:
         response = await http.get("/v2/nothing")
     assert response.status_code == 404
     assert "/v2/nothing" in response.json()["error"]["message"]
+
+
+async def test_only_unreachable_upstreams_count_toward_node_health() -> None:
+    a = FakeNeuron("a", devices_mb=[24_000])
+    a.preload("org/small", 6_000)
+    async with gateway([a], CATALOGUE, poller={"unhealthy_after": 2}) as (app, _):
+        router: Router = app.state.router
+        lease = await router.acquire("org/small")
+        for _ in range(3):
+            lease.upstream_failed(lease.candidates[0], "HTTP 503")  # the neuron answered
+        assert app.state.fleet.snapshot().node("a").healthy
+        for _ in range(2):
+            lease.upstream_failed(lease.candidates[0], "connection refused", unreachable=True)
+        assert not app.state.fleet.snapshot().node("a").healthy
+        await app.state.poller.poll_once()  # healthy again as soon as it answers a poll
+        assert app.state.fleet.snapshot().node("a").healthy

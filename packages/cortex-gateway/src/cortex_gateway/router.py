@@ -140,11 +140,14 @@ class Router:
         self._fleet.set_inference_url(node, model_id, url)
         return url
 
-    def _upstream_failed(self, upstream: Upstream, reason: str) -> None:
+    def _upstream_failed(self, upstream: Upstream, reason: str, unreachable: bool) -> None:
         log.warning(
             "request to %s on %s failed before the first byte: %s", upstream.model_id, upstream.node, reason
         )
-        self._fleet.record_failure(upstream.node, reason)
+        if unreachable:
+            # Counts like a failed poll: a dead node leaves the rotation after N in a row
+            # instead of costing every request a connect timeout until the next poll.
+            self._fleet.record_failure(upstream.node, reason)
 
     async def _wait_for_load(self, model_id: str, decision: ColdLoad, started: float) -> None:
         waiting = self._waiting.get(model_id, 0)

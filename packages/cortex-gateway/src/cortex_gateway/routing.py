@@ -56,7 +56,7 @@ class Lease:
         waited_secs: float = 0.0,
         on_use: Callable[[Upstream], None] | None = None,
         on_done: Callable[[Upstream], None] | None = None,
-        on_failure: Callable[[Upstream, str], None] | None = None,
+        on_failure: Callable[[Upstream, str, bool], None] | None = None,
     ) -> None:
         if not candidates:
             raise ValueError("a lease needs at least one candidate upstream")
@@ -95,10 +95,15 @@ class Lease:
         if self._on_use is not None:
             self._on_use(upstream)
 
-    def upstream_failed(self, upstream: Upstream, reason: str) -> None:
-        """An attempt on `upstream` failed before any byte reached the client."""
+    def upstream_failed(self, upstream: Upstream, reason: str, *, unreachable: bool = False) -> None:
+        """An attempt on `upstream` failed before any byte reached the client.
+
+        `unreachable=True` when the neuron could not be reached at all (connect error,
+        reset before any response): that counts toward marking the node unhealthy, like a
+        failed poll. A neuron that answered (a 5xx, its own backpressure) is reachable.
+        """
         if self._on_failure is not None:
-            self._on_failure(upstream, reason)
+            self._on_failure(upstream, reason, unreachable)
 
     def release(self) -> None:
         """The request is over; ends the in-flight count and stamps the model's last use."""
@@ -167,7 +172,7 @@ class FixedRouter:
             candidates=ordered,
             on_use=self._inc,
             on_done=self._dec,
-            on_failure=lambda upstream, reason: self.failures.append((upstream, reason)),
+            on_failure=lambda upstream, reason, unreachable: self.failures.append((upstream, reason)),
         )
         return lease
 
