@@ -1,0 +1,176 @@
+"""The serving layer over the real engine and a tiny random checkpoint, through the neuron app.
+
+Golden: greedy text through /v1/completions equals transformers' greedy generate(); the
+chat path agrees with itself streaming and not; seeds reproduce; a repeated prompt is
+reported as cached; a client that hangs up frees its batch slot.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import httpx2
+import pytest
+from support.engine_harness import load_model, reference_greedy
+
+from cortex_core.config.neuron import NeuronConfig
+from neuron.app import create_app
+from neuron.discovery import HostProbe
+from neuron.manager import ModelManager
+
+HANG_GUARD_SECS = 120
+
+
+class Node:
+    def __init__(self) -> None:
+        probe = HostProbe(None, cuda_unavailable_reason="test host: CPU only")
+        self.manager = ModelManager(NeuronConfig(), probe)
+        self.app = create_app(NeuronConfig(), probe=probe, manager=self.manager, activate_defaults=False)
+        self.client = httpx2.AsyncClient(
+            transport=httpx2.ASGITransport(app=self.app), base_url="http://test", timeout=HANG_GUARD_SECS
+        )
+
+
+@pytest.fixture(scope="module")
+async def node(tiny_qwen3: Path) -> AsyncIterator[Node]:
+    node = Node()
+    loaded = await node.client.post("/models/load", json={"model_id": str(tiny_qwen3)})
+    assert loaded.status_code == 200, loaded.text
+    yield node
+    await node.client.aclose()
+    await node.manager.close()
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_qwen3: Path) -> tuple[Any, Any]:
+    return load_model(tiny_qwen3)
+
+
+def sse_data(text: str) -> list[dict[str, Any]]:
+    return [
+        json.loads(line[6:])
+        for line in text.splitlines()
+        if line.startswith("data: ") and line != "data: [DONE]"
+    ]
+
+
+async def test_greedy_completion_equals_transformers_generate(
+    node: Node, tiny_qwen3: Path, reference: tuple[Any, Any]
+) -> None:
+    model, tokenizer = reference
+    prompt = "The capital of France is"
+    ids = tokenizer.encode(prompt)
+    tokens, finish = reference_greedy(model, ids, 24)
+    body = {"model": str(tiny_qwen3), "prompt": prompt, "max_tokens": 24, "temperature": 0}
+    response = (await node.client.post("/v1/completions", json=body)).json()
+    special = set(tokenizer.all_special_ids)
+    assert response["choices"][0]["text"] == tokenizer.decode([t for t in tokens if t not in special])
+    assert response["choices"][0]["finish_reason"] == finish
+    assert response["usage"]["completion_tokens"] == len(tokens)
+    assert response["usage"]["prompt_tokens"] == len(ids)
+
+
+async def test_chat_streaming_equals_non_streaming_and_usage_is_right(
+    node: Node, tiny_qwen3: Path, reference: tuple[Any, Any]
+) -> None:
+    model, tokenizer = reference
+    messages = [{"role": "user", "content": "What is the capital of France?"}]
+    body = {"model": str(tiny_qwen3), "messages": messages, "max_tokens": 20, "temperature": 0}
+    whole = (await node.client.post("/v1/chat/completions", json=body)).json()
+    stream_body = {**body, "stream": True, "stream_options": {"include_usage": True}}
+    chunks = sse_data((await node.client.post("/v1/chat/completions", json=stream_body)).text)
+
+    prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True, enable_thinking=False)
+    prompt_ids = prompt if isinstance(prompt, list) else prompt["input_ids"]
+    tokens, finish = reference_greedy(model, prompt_ids, 20)
+    message = whole["choices"][0]["message"]
+    streamed = "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks if c["choices"])
+    streamed_reasoning = "".join(
+        c["choices"][0]["delta"].get("reasoning_content") or "" for c in chunks if c["choices"]
+    )
+    assert streamed == (message["content"] or "")
+    assert streamed_reasoning == message.get("reasoning_content", "")
+    assert whole["usage"]["prompt_tokens"] == len(prompt_ids)
+    assert whole["usage"]["completion_tokens"] == chunks[-1]["usage"]["completion_tokens"] == len(tokens)
+    assert whole["choices"][0]["finish_reason"] == finish
+
+
+async def test_seed_reproduces_and_stop_string_cuts(node: Node, tiny_qwen3: Path) -> None:
+    body = {
+        "model": str(tiny_qwen3),
+        "prompt": "Hello, how are",
+        "max_tokens": 16,
+        "temperature": 1.0,
+        "seed": 1234,
+    }
+    first, second = [
+        (await node.client.post("/v1/completions", json=body)).json()["choices"][0]["text"] for _ in range(2)
+    ]
+    assert first == second and first
+    stop = first[len(first) // 2 : len(first) // 2 + 2]
+    cut = (await node.client.post("/v1/completions", json={**body, "stop": [stop]})).json()
+    assert cut["choices"][0]["text"] == first[: first.index(stop)]
+    assert cut["choices"][0]["finish_reason"] == "stop"
+
+
+async def test_repeated_prompt_reports_cached_tokens(node: Node, tiny_qwen3: Path) -> None:
+    messages = [{"role": "user", "content": "The quick brown fox jumps over the lazy dog. " * 4}]
+    body = {"model": str(tiny_qwen3), "messages": messages, "max_tokens": 4, "temperature": 0}
+    await node.client.post("/v1/chat/completions", json=body)
+    again = (await node.client.post("/v1/chat/completions", json=body)).json()
+    cached = again["usage"]["prompt_tokens_details"]["cached_tokens"]
+    assert 0 < cached < again["usage"]["prompt_tokens"]
+
+
+async def test_client_hang_up_frees_the_slot(node: Node, tiny_qwen3: Path) -> None:
+    model_id = str(tiny_qwen3)
+    engine = node.manager.get(model_id).engine
+    body = {
+        "model": model_id,
+        "messages": [{"role": "user", "content": "Hello"}],
+        "max_tokens": 900,
+        "temperature": 1.0,
+        "seed": 5,
+        "stream": True,
+    }
+    hang_up = asyncio.Event()
+    sent = False
+
+    async def receive() -> dict[str, Any]:
+        nonlocal sent
+        if not sent:
+            sent = True
+            return {"type": "http.request", "body": json.dumps(body).encode(), "more_body": False}
+        await hang_up.wait()
+        return {"type": "http.disconnect"}
+
+    async def send(message: dict[str, Any]) -> None:
+        if message["type"] == "http.response.body" and b'"content":"' in message.get("body", b""):
+            assert engine.load().in_flight == 1
+            hang_up.set()
+
+    scope = {
+        "type": "http",
+        "asgi": {"version": "3.0", "spec_version": "2.3"},
+        "http_version": "1.1",
+        "method": "POST",
+        "scheme": "http",
+        "path": "/v1/chat/completions",
+        "raw_path": b"/v1/chat/completions",
+        "query_string": b"",
+        "headers": [(b"content-type", b"application/json")],
+        "server": ("test", 80),
+        "client": ("test", 1),
+        "root_path": "",
+    }
+    await asyncio.wait_for(node.app(scope, receive, send), HANG_GUARD_SECS)
+    assert hang_up.is_set()
+    for _ in range(HANG_GUARD_SECS * 10):
+        if engine.load().in_flight == 0:
+            break
+        await asyncio.sleep(0.1)
+    assert engine.load().in_flight == 0
