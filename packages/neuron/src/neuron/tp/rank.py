@@ -1,0 +1,115 @@
+"""One rank's side of a tensor-parallel model, identical on rank 0 and on the workers.
+
+A rank joins the group, checks it with an all-reduce, loads the checkpoint, keeps its
+shard and builds the inner runner; then it executes the calls rank 0 fans out. Rank 0
+keeps the results; workers only report small facts (cached_tokens, batch size) that rank 0
+compares with its own to catch ranks drifting apart.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+from typing import Any
+
+import torch
+from torch._C._distributed_c10d import Store
+
+from neuron.runner import ModelRunner, PrefillResult
+from neuron.tp.group import all_reduce_with, create_group, sanity_sum
+from neuron.tp.protocol import Call, ModelSource, RankSetup
+from neuron.tp.shard import plan_shards, shard_model
+
+log = logging.getLogger(__name__)
+
+
+def import_factory(path: str) -> Any:
+    module_name, _, attr = path.partition(":")
+    if not module_name or not attr:
+        raise ValueError(f"runner factory must look like 'module:callable', got {path!r}")
+    return getattr(importlib.import_module(module_name), attr)
+
+
+def load_sharded_model(source: ModelSource, setup: RankSetup, group: Any) -> Any:
+    """Load the full checkpoint on the CPU, keep this rank's shard, then move it to the device."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(source.path)
+    plan = plan_shards(config, setup.world_size)
+    model: Any = AutoModelForCausalLM.from_pretrained(
+        source.path, config=config, dtype=getattr(torch, source.dtype)
+    )
+    shard_model(model, setup.rank, plan, all_reduce_with(group))
+    return model.to(torch.device(setup.device)).eval()
+
+
+class RankState:
+    def __init__(self, setup: RankSetup, group: Any) -> None:
+        self.setup = setup
+        self.group = group
+        self.runner: ModelRunner | None = None
+
+    @classmethod
+    def join(cls, setup: RankSetup, store: Store) -> RankState:
+        """Create this rank's group (waits for all ranks) and check it with an all-reduce."""
+        if setup.torch_threads is not None:
+            torch.set_num_threads(setup.torch_threads)
+        group = create_group(
+            setup.backend, store, setup.rank, setup.world_size, setup.collective_timeout_s, setup.device
+        )
+        observed = sanity_sum(group, setup.device)
+        if observed != setup.world_size:
+            raise RuntimeError(
+                f"all-reduce sanity check: rank {setup.rank} observed {observed}, expected {setup.world_size}"
+            )
+        return cls(setup, group)
+
+    def load(self) -> int:
+        """Load the shard and build the inner runner; returns its max_context (0 without a model)."""
+        source = self.setup.model
+        if source is None:
+            return 0
+        model = load_sharded_model(source, self.setup, self.group)
+        factory = import_factory(source.runner_factory)
+        self.runner = factory(model, device=torch.device(self.setup.device), **source.runner_kwargs)
+        return int(self.runner.max_context)
+
+    def _runner(self) -> ModelRunner:
+        if self.runner is None:
+            raise RuntimeError("no model is loaded on this rank")
+        return self.runner
+
+    def execute(self, call: Call) -> Any:
+        """Run one call; the result on rank 0, a small comparable fact on the workers' side."""
+        if call.op == "prefill":
+            seq_id, token_ids = call.args
+            return self._runner().prefill(seq_id, token_ids)
+        if call.op == "decode":
+            seq_ids, token_ids = call.args
+            return self._runner().decode(seq_ids, token_ids)
+        if call.op == "release":
+            (seq_id,) = call.args
+            self._runner().release(seq_id)
+            return None
+        if call.op == "sanity":
+            return sanity_sum(self.group, self.setup.device)
+        if call.op == "close":
+            self.close()
+            return None
+        raise ValueError(f"unknown tensor parallel op {call.op!r}")
+
+    def close(self) -> None:
+        if self.runner is not None:
+            self.runner.close()
+            self.runner = None
+
+
+def summarise(op: str, result: Any) -> Any:
+    """The part of a result that every rank must agree on (never a tensor)."""
+    if op == "prefill" and isinstance(result, PrefillResult):
+        return ("prefill", result.cached_tokens, tuple(result.logits.shape))
+    if op == "decode" and isinstance(result, torch.Tensor):
+        return ("decode", tuple(result.shape))
+    if op == "sanity":
+        return ("sanity", result)
+    return (op, None)

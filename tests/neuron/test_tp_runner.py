@@ -1,0 +1,160 @@
+"""Tensor parallel on CPU ranks (gloo, world size 2): same greedy tokens as one process.
+
+The TP runners are real: rank 0 in this process, rank 1 a spawned `neuron.tp.worker`. One
+runner per architecture is shared by the module's tests (starting one costs seconds).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Iterator, Sequence
+from pathlib import Path
+
+import pytest
+import torch
+from support.engine_harness import PROMPT_TEXTS, collect, eos_ids, load_model, reference_greedy
+
+from cortex_core.config.neuron import EngineConfig
+from neuron.device import DeviceWorker
+from neuron.engine import SingleDeviceRunner, TorchEngine
+from neuron.engine.api import GenerationRequest, SamplingParams
+from neuron.runner import ModelRunner, PrefillResult
+from neuron.tp import ModelSource, TensorParallelRunner
+
+pytestmark = pytest.mark.slow
+
+GREEDY = SamplingParams(temperature=0.0)
+PROMPT_A = [5, 17, 42, 99, 7, 250, 3, 8]
+PROMPT_B = [11, 12, 13]
+
+
+@pytest.fixture(scope="module")
+def one_thread() -> Iterator[None]:
+    """Two ranks on two cores: one torch thread for rank 0 too (the worker gets one as well)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module", params=["tiny_qwen3", "tiny_llama"])
+def arch_path(request: pytest.FixtureRequest) -> Path:
+    path: Path = request.getfixturevalue(request.param)
+    return path
+
+
+@pytest.fixture(scope="module")
+def tp_runner(arch_path: Path, one_thread: None) -> Iterator[TensorParallelRunner]:
+    runner = TensorParallelRunner.start(
+        ModelSource(str(arch_path)), [0, 1], backend="gloo", worker_threads=1, step_timeout_s=60
+    )
+    yield runner
+    runner.close()
+    assert all(worker.proc.poll() is not None for worker in runner._group.workers)
+
+
+def greedy_script(runner: ModelRunner) -> tuple[dict[int, list[int]], list[int], list[torch.Tensor]]:
+    """Two sequences decoded together, one leaves, a third joins reusing its prefix."""
+    first: dict[int, PrefillResult] = {1: runner.prefill(1, PROMPT_A), 2: runner.prefill(2, PROMPT_B)}
+    tokens = {seq: [int(result.logits.argmax())] for seq, result in first.items()}
+    logits_seen = [first[1].logits]
+    for _ in range(8):
+        logits = runner.decode([1, 2], [tokens[1][-1], tokens[2][-1]])
+        logits_seen.append(logits)
+        for row, seq in enumerate((1, 2)):
+            tokens[seq].append(int(logits[row].argmax()))
+    runner.release(1)
+    third = runner.prefill(3, PROMPT_A + tokens[1][:4])
+    tokens[3] = [int(third.logits.argmax())]
+    for _ in range(6):
+        logits = runner.decode([3, 2], [tokens[3][-1], tokens[2][-1]])
+        logits_seen.append(logits)
+        for row, seq in enumerate((3, 2)):
+            tokens[seq].append(int(logits[row].argmax()))
+    runner.release(2)
+    runner.release(3)
+    return tokens, [first[1].cached_tokens, first[2].cached_tokens, third.cached_tokens], logits_seen
+
+
+def test_runner_api_matches_single_process(tp_runner: TensorParallelRunner, arch_path: Path) -> None:
+    model, _ = load_model(arch_path)
+    reference = SingleDeviceRunner(model, device="cpu")
+    expected_tokens, expected_cached, expected_logits = greedy_script(reference)
+    tokens, cached, logits = greedy_script(tp_runner)
+    assert tokens == expected_tokens
+    assert cached == expected_cached
+    assert cached[2] > 0, "the third prompt should have reused the released sequence's prefix"
+    for got, want in zip(logits, expected_logits, strict=True):
+        torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+    assert tp_runner.max_context == reference.max_context
+    assert tp_runner.failure is None
+
+
+def test_bad_calls_are_refused_without_poisoning(tp_runner: TensorParallelRunner) -> None:
+    with pytest.raises(ValueError, match="at least one token"):
+        tp_runner.prefill(50, [])
+    with pytest.raises(ValueError, match="never prefilled"):
+        tp_runner.decode([51], [1])
+    with pytest.raises(ValueError, match="one token per sequence"):
+        tp_runner.decode([51, 52], [1])
+    tp_runner.release(53)  # unknown: a no-op, as for the single-device runner
+    assert tp_runner.failure is None
+    result = tp_runner.prefill(54, PROMPT_B)
+    assert result.logits.shape[0] > 0
+    tp_runner.release(54)
+
+
+class KeepOpen:
+    """The engine closes its runner; the module's shared TP runner is closed by its fixture."""
+
+    def __init__(self, runner: TensorParallelRunner) -> None:
+        self._runner = runner
+
+    @property
+    def max_context(self) -> int:
+        return self._runner.max_context
+
+    def prefill(self, seq_id: int, token_ids: Sequence[int]) -> PrefillResult:
+        return self._runner.prefill(seq_id, token_ids)
+
+    def decode(self, seq_ids: Sequence[int], token_ids: Sequence[int]) -> torch.Tensor:
+        return self._runner.decode(seq_ids, token_ids)
+
+    def release(self, seq_id: int) -> None:
+        self._runner.release(seq_id)
+
+    def close(self) -> None:
+        pass
+
+
+@pytest.fixture
+async def tp_engine(tp_runner: TensorParallelRunner) -> AsyncIterator[TorchEngine]:
+    worker = DeviceWorker("tp-rank0")
+    engine = TorchEngine(
+        KeepOpen(tp_runner), worker=worker, config=EngineConfig(max_batch_size=8), model_id="tp"
+    )
+    yield engine
+    await engine.close()
+    worker.close()
+
+
+async def test_engine_concurrent_requests_match_generate(tp_engine: TorchEngine, arch_path: Path) -> None:
+    """The engine's scheduler drives the TP runner like any runner: concurrent, batched, exact."""
+    model, tokenizer = load_model(arch_path)
+    stops = eos_ids(model)
+    prompts = [tokenizer.encode(text) for text in PROMPT_TEXTS[:5]]
+    budgets = [10, 16, 6, 12, 9]
+    expected = [reference_greedy(model, p, n) for p, n in zip(prompts, budgets, strict=True)]
+
+    def request(prompt: list[int], max_new: int) -> GenerationRequest:
+        return GenerationRequest(
+            prompt_ids=prompt, max_new_tokens=max_new, sampling=GREEDY, stop_token_ids=stops
+        )
+
+    results = await asyncio.gather(
+        *(collect(tp_engine.generate(request(p, n))) for p, n in zip(prompts, budgets, strict=True))
+    )
+    for (tokens, finish), got in zip(expected, results, strict=True):
+        assert got.tokens == tokens
+        assert got.finish_reason == finish
+    assert tp_engine.load().in_flight == 0

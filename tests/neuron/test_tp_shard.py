@@ -1,0 +1,182 @@
+"""Tensor-parallel pieces that need no second process: sharding math, plans, device choice."""
+
+from __future__ import annotations
+
+import re
+import threading
+from collections.abc import Callable
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+import torch
+
+from neuron.tp.group import UnsupportedBackend, choose_backend, rank_devices
+from neuron.tp.leader import describe_exit
+from neuron.tp.shard import UnshardableModel, plan_shards, shard_model
+from neuron.tp.smoke import parse_devices
+
+
+def dense_config(**overrides: Any) -> SimpleNamespace:
+    base = {
+        "model_type": "qwen3",
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "intermediate_size": 128,
+        "hidden_size": 64,
+        "head_dim": 16,
+    }
+    return SimpleNamespace(**(base | overrides))
+
+
+@pytest.mark.parametrize(
+    ("config", "world", "expected"),
+    [
+        (dense_config(), 1, (4, 2, 128, 16)),
+        (dense_config(), 2, (2, 1, 64, 16)),
+        (dense_config(head_dim=None), 2, (2, 1, 64, 16)),  # head_dim from hidden_size // heads
+        (
+            dense_config(num_attention_heads=8, num_key_value_heads=8, intermediate_size=256),
+            4,
+            (2, 2, 64, 16),
+        ),
+    ],
+)
+def test_plan_shards_splits_heads_and_channels(config: Any, world: int, expected: tuple[int, ...]) -> None:
+    plan = plan_shards(config, world)
+    assert (plan.local_heads, plan.local_kv_heads, plan.local_intermediate, plan.head_dim) == expected
+
+
+@pytest.mark.parametrize(
+    ("config", "world", "message"),
+    [
+        (dense_config(), 3, "attention heads (4)"),
+        (dense_config(), 4, "key/value heads (2)"),
+        (dense_config(intermediate_size=129), 2, "intermediate size (129)"),
+        (dense_config(model_type="qwen3_moe", num_experts=4), 2, "mixture-of-experts"),
+        (dense_config(), 0, "at least 1"),
+        (SimpleNamespace(model_type="weird"), 2, "'weird'"),
+    ],
+)
+def test_plan_shards_refuses_with_a_reason(config: Any, world: int, message: str) -> None:
+    with pytest.raises(UnshardableModel, match=re.escape(message)):
+        plan_shards(config, world)
+
+
+@pytest.mark.parametrize(
+    ("devices", "backend", "expected"),
+    [
+        ([0, 1], "gloo", ["cpu", "cpu"]),
+        ([2, 3], "nccl", ["cuda:2", "cuda:3"]),
+        ([0], "nccl", ["cuda:0"]),
+    ],
+)
+def test_rank_devices(devices: list[int], backend: str, expected: list[str]) -> None:
+    assert rank_devices(devices, backend) == expected
+
+
+@pytest.mark.parametrize(
+    ("devices", "backend", "message"),
+    [([], "gloo", "at least one"), ([1, 1], "nccl", "distinct"), ([0, 1], "mpi", "unknown")],
+)
+def test_rank_devices_refuses(devices: list[int], backend: str, message: str) -> None:
+    with pytest.raises(UnsupportedBackend, match=message):
+        rank_devices(devices, backend)
+
+
+@pytest.mark.parametrize(
+    ("cuda", "allow_cpu", "expected"),
+    [(True, False, "nccl"), (True, True, "nccl"), (False, True, "gloo"), (False, False, None)],
+)
+def test_choose_backend(cuda: bool, allow_cpu: bool, expected: str | None) -> None:
+    if expected is None:
+        with pytest.raises(UnsupportedBackend, match="allow_cpu_tensor_parallel"):
+            choose_backend(cuda_available=cuda, allow_cpu=allow_cpu)
+    else:
+        assert choose_backend(cuda_available=cuda, allow_cpu=allow_cpu) == expected
+
+
+@pytest.mark.parametrize(("text", "expected"), [("0,1", [0, 1]), ("3", [3]), ("0, 1,", [0, 1])])
+def test_parse_devices(text: str, expected: list[int]) -> None:
+    assert parse_devices(text) == expected
+
+
+@pytest.mark.parametrize("text", ["", "a,b", ","])
+def test_parse_devices_refuses(text: str) -> None:
+    with pytest.raises(ValueError):
+        parse_devices(text)
+
+
+@pytest.mark.parametrize(
+    ("code", "expected"),
+    [(0, "exited with code 0"), (3, "exited with code 3"), (-9, "was killed by SIGKILL")],
+)
+def test_describe_exit(code: int, expected: str) -> None:
+    assert describe_exit(code) == expected
+
+
+class ThreadAllReduce:
+    """An all-reduce SUM between threads, standing in for the process group in-process."""
+
+    def __init__(self, world_size: int) -> None:
+        self._barrier = threading.Barrier(world_size, timeout=30)
+        self._slots: list[torch.Tensor | None] = [None] * world_size
+
+    def for_rank(self, rank: int) -> Callable[[torch.Tensor], None]:
+        def all_reduce(tensor: torch.Tensor) -> None:
+            self._slots[rank] = tensor
+            self._barrier.wait()
+            total = torch.stack([t for t in self._slots if t is not None]).sum(0)
+            self._barrier.wait()  # everyone has read every slot before anyone overwrites its own
+            tensor.copy_(total)
+
+        return all_reduce
+
+
+def _logits(model: Any, ids: torch.Tensor) -> torch.Tensor:
+    with torch.inference_mode():
+        return model(input_ids=ids).logits
+
+
+@pytest.mark.parametrize("arch", ["tiny_qwen3", "tiny_llama"])
+def test_sharded_ranks_reproduce_the_full_model(arch: str, request: pytest.FixtureRequest) -> None:
+    """Two shards run side by side (threads) give the single model's logits: the slicing is right."""
+    from transformers import AutoModelForCausalLM
+
+    path: Path = request.getfixturevalue(arch)
+    full = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    ids = torch.tensor([[5, 17, 42, 99, 7, 250, 3]])
+    expected = _logits(full, ids)
+
+    world = 2
+    reduce = ThreadAllReduce(world)
+    shards = []
+    for rank in range(world):
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+        shard_model(model, rank, plan_shards(model.config, world), reduce.for_rank(rank))
+        assert (
+            model.model.layers[0].self_attn.q_proj.weight.shape[0]
+            == full.model.layers[0].self_attn.q_proj.weight.shape[0] // world
+        )
+        shards.append(model)
+    results: list[torch.Tensor | None] = [None] * world
+    errors: list[BaseException] = []
+
+    def run(rank: int) -> None:
+        try:
+            results[rank] = _logits(shards[rank], ids)
+        except BaseException as exc:  # surfaced below; a dead thread would otherwise hang its peer
+            errors.append(exc)
+            reduce._barrier.abort()
+
+    threads = [threading.Thread(target=run, args=(rank,)) for rank in range(world)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not errors, errors
+    for result in results:
+        assert result is not None
+        torch.testing.assert_close(result, expected, atol=1e-5, rtol=1e-4)
+    assert shards[0].config.num_key_value_heads == full.config.num_key_value_heads // world
