@@ -21,7 +21,8 @@ from cortex_cli.table import ago, memory, render_table
 NOW = 1_800_000_000.0
 
 FLEET: dict[str, Any] = {
-    "now": NOW,
+    "status": "impaired",
+    "generated_at": NOW,
     "nodes": [
         {
             "name": "gpu1",
@@ -29,15 +30,24 @@ FLEET: dict[str, Any] = {
             "healthy": True,
             "last_poll": NOW - 2,
             "devices": [
-                {"index": 0, "name": "NVIDIA RTX 4090", "vram_total_mb": 24564, "vram_used_mb": 12282},
-                {"index": 1, "name": "NVIDIA RTX 4090", "vram_total_mb": 24564, "vram_free_mb": 24564},
+                {"index": 0, "name": "NVIDIA RTX 4090", "total_mb": 24564, "free_mb": 12282, "temp_c": 61},
+                {
+                    "index": 1,
+                    "name": "NVIDIA RTX 4090",
+                    "total_mb": 24564,
+                    "free_mb": 24564,
+                    "utilization_pct": 7,
+                },
             ],
             "models": [
                 {
                     "id": "Qwen/Qwen3-8B",
                     "status": "loaded",
-                    "in_flight": 3,
+                    "in_flight": 1,
+                    "neuron_in_flight": 3,
                     "queue_depth": 2,
+                    "memory_mb": 17408,
+                    "pinned": True,
                     "last_used": NOW - 75,
                 },
                 {"id": "meta-llama/Llama-3.1-8B-Instruct", "status": "loading"},
@@ -182,7 +192,7 @@ def test_status_table_shows_nodes_devices_and_models(gateway_url: str) -> None:
     result = invoke("status", "--endpoint", gateway_url)
     assert result.exit_code == 0, result.output
     out = result.output
-    assert "1/2 nodes healthy" in out
+    assert "(impaired): 1/2 nodes healthy" in out
     lines = out.splitlines()
 
     def line_with(*needles: str) -> str:
@@ -192,10 +202,10 @@ def test_status_table_shows_nodes_devices_and_models(gateway_url: str) -> None:
 
     line_with("gpu1", "http://gpu1:13131", "healthy", "2s ago")
     line_with("cpu-box", "UNHEALTHY (connection refused)")
-    line_with("gpu1", "0 NVIDIA RTX 4090", "12.0 / 24.0 GiB (50%)")
-    line_with("gpu1", "1 NVIDIA RTX 4090", "0.0 / 24.0 GiB (0%)")
+    line_with("gpu1", "0 NVIDIA RTX 4090", "12.0 / 24.0 GiB (50%)", "61°C")
+    line_with("gpu1", "1 NVIDIA RTX 4090", "0.0 / 24.0 GiB (0%)", "7%")
     line_with("cpu-box", "cpu (host memory)", "16.0 / 32.0 GiB (50%)")
-    line_with("Qwen/Qwen3-8B", "loaded", "gpu1", "3 (+2 queued)", "1m ago")
+    line_with("Qwen/Qwen3-8B", "loaded (pinned)", "gpu1", "17.0 GiB", "3 (+2 queued)", "1m ago")
     line_with("meta-llama/Llama-3.1-8B-Instruct", "loading", "gpu1")
     line_with("org/broken", "failed: unsupported model_type 'mamba'", "cpu-box")
     # Columns line up: every model row starts its STATE column at the same offset.

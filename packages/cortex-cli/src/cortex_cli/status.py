@@ -22,18 +22,22 @@ FLEET_PATH = "/admin/fleet"
 class DeviceRow(msgspec.Struct, kw_only=True):
     index: int
     name: str | None = None
-    vram_total_mb: int | None = None
-    vram_used_mb: int | None = None
-    vram_free_mb: int | None = None
+    total_mb: int | None = None
+    free_mb: int | None = None
     utilization_pct: int | None = None
+    temp_c: int | None = None
 
 
 class ModelRow(msgspec.Struct, kw_only=True):
     id: str
     status: str
     devices: list[int] = msgspec.field(default_factory=list)
+    memory_mb: int | None = None
+    # This gateway's requests in flight on the replica; the neuron's count covers every client.
     in_flight: int = 0
+    neuron_in_flight: int = 0
     queue_depth: int = 0
+    pinned: bool = False
     last_used: float | None = None
     loaded_at: float | None = None
     error: str | None = None
@@ -46,7 +50,7 @@ class NodeRow(msgspec.Struct, kw_only=True):
     last_error: str | None = None
     last_poll: float | None = None
     hostname: str | None = None
-    cpu_only: bool = False
+    cpu_only: bool | None = None
     host_memory_total_mb: int | None = None
     host_memory_free_mb: int | None = None
     devices: list[DeviceRow] = msgspec.field(default_factory=list)
@@ -54,10 +58,11 @@ class NodeRow(msgspec.Struct, kw_only=True):
 
 
 class Fleet(msgspec.Struct, kw_only=True):
+    status: str | None = None
     nodes: list[NodeRow] = msgspec.field(default_factory=list)
     # The gateway's clock when it answered: relative times are computed against it, so a
     # workstation with a skewed clock still reads "12s ago" correctly.
-    now: float | None = None
+    generated_at: float | None = None
 
 
 def fetch_fleet(client: GatewayClient) -> Any:
@@ -93,17 +98,18 @@ def _device_rows(fleet: Fleet) -> list[list[str]]:
     rows: list[list[str]] = []
     for node in fleet.nodes:
         for device in node.devices:
-            used = device.vram_used_mb
-            if used is None and device.vram_total_mb is not None and device.vram_free_mb is not None:
-                used = device.vram_total_mb - device.vram_free_mb
+            used = None
+            if device.total_mb is not None and device.free_mb is not None:
+                used = device.total_mb - device.free_mb
             util = "-" if device.utilization_pct is None else f"{device.utilization_pct}%"
+            temp = "-" if device.temp_c is None else f"{device.temp_c}°C"
             label = f"{device.index} {device.name}" if device.name else str(device.index)
-            rows.append([node.name, label, memory(used, device.vram_total_mb), util])
+            rows.append([node.name, label, memory(used, device.total_mb), util, temp])
         if not node.devices and (node.cpu_only or node.host_memory_total_mb):
             total = node.host_memory_total_mb
             free = node.host_memory_free_mb
             used = total - free if total and free is not None else None
-            rows.append([node.name, "cpu (host memory)", memory(used, total), "-"])
+            rows.append([node.name, "cpu (host memory)", memory(used, total), "-", "-"])
     return rows
 
 
@@ -111,19 +117,22 @@ def _model_rows(fleet: Fleet, now: float) -> list[list[str]]:
     rows: list[list[str]] = []
     for node in fleet.nodes:
         for model in sorted(node.models, key=lambda m: m.id):
-            state = model.status if not model.error else f"{model.status}: {model.error}"
-            in_flight = str(model.in_flight) + (
-                f" (+{model.queue_depth} queued)" if model.queue_depth else ""
-            )
-            rows.append([model.id, state, node.name, in_flight, ago(model.last_used, now)])
+            state = model.status + (" (pinned)" if model.pinned else "")
+            if model.error:
+                state += f": {model.error}"
+            busy = max(model.in_flight, model.neuron_in_flight)
+            in_flight = str(busy) + (f" (+{model.queue_depth} queued)" if model.queue_depth else "")
+            size = "-" if model.memory_mb is None else f"{model.memory_mb / 1024:.1f} GiB"
+            rows.append([model.id, state, node.name, size, in_flight, ago(model.last_used, now)])
     return rows
 
 
 def render_status(raw: Any, *, endpoint: str) -> str:
     fleet = decode_fleet(raw, source=endpoint + FLEET_PATH)
-    now = fleet.now if fleet.now is not None else time.time()
+    now = fleet.generated_at if fleet.generated_at is not None else time.time()
     healthy = sum(node.healthy for node in fleet.nodes)
-    lines = [f"cortex at {endpoint}: {healthy}/{len(fleet.nodes)} nodes healthy", ""]
+    status = f" ({fleet.status})" if fleet.status else ""
+    lines = [f"cortex at {endpoint}{status}: {healthy}/{len(fleet.nodes)} nodes healthy", ""]
     if not fleet.nodes:
         lines.append("  no neurons configured ([[neurons]] in cortex.toml)")
         return "\n".join(lines)
@@ -134,14 +143,14 @@ def render_status(raw: Any, *, endpoint: str) -> str:
     devices = _device_rows(fleet)
     lines += ["", "Devices"]
     lines.append(
-        render_table(["NODE", "DEVICE", "MEMORY USED / TOTAL", "UTIL"], devices)
+        render_table(["NODE", "DEVICE", "MEMORY USED / TOTAL", "UTIL", "TEMP"], devices)
         if devices
         else "  none reported yet"
     )
     models = _model_rows(fleet, now)
     lines += ["", "Models"]
     lines.append(
-        render_table(["MODEL", "STATE", "NODE", "IN-FLIGHT", "LAST USE"], models)
+        render_table(["MODEL", "STATE", "NODE", "MEMORY", "IN-FLIGHT", "LAST USE"], models)
         if models
         else "  none loaded (cortex models load ORG/NAME, or send a request for a catalogue model)"
     )
