@@ -186,3 +186,11 @@ def test_observer_for_picks_by_content_type() -> None:
     assert isinstance(observer_for("text/event-stream; charset=utf-8"), StreamObserver)
     assert isinstance(observer_for("application/json"), BodyObserver)
     assert isinstance(observer_for(None), BodyObserver)
+
+
+def test_an_event_that_never_ends_is_dropped_not_buffered_forever() -> None:
+    observer = StreamObserver()
+    observer.feed(b"data: " + b"x" * (2 * 1024 * 1024), 1.0)
+    observer.feed(b"\n\n" + HELLO + USAGE, 2.0)
+    observation = observer.finish()
+    assert (observation.first_token_at, observation.usage) == (2.0, Usage(12, 7, 4))

@@ -110,6 +110,9 @@ class TargetMetrics:
     """The label children of one (model, node): resolved once, reused by every request."""
 
     __slots__ = (
+        "_model",
+        "_node",
+        "_responses",
         "cached_tokens",
         "completion_tokens",
         "duration",
@@ -118,6 +121,7 @@ class TargetMetrics:
         "overhead",
         "prompt_tokens",
         "requests",
+        "responses",
         "tokens_per_second",
         "tpot",
         "ttft",
@@ -126,6 +130,9 @@ class TargetMetrics:
 
     def __init__(self, metrics: GatewayMetrics, model: str, node: str) -> None:
         self.requests = metrics.requests.labels(model, node)
+        self._responses = metrics.responses
+        self._model, self._node = model, node
+        self.responses: dict[int, Counter] = {}
         self.errors = metrics.errors.labels(model, node)
         self.upstream_failures = metrics.upstream_failures.labels(model, node)
         self.in_flight = metrics.in_flight.labels(model, node)
@@ -137,6 +144,12 @@ class TargetMetrics:
         self.prompt_tokens = metrics.prompt_tokens.labels(model, node)
         self.completion_tokens = metrics.completion_tokens.labels(model, node)
         self.cached_tokens = metrics.cached_tokens.labels(model, node)
+
+    def response(self, status: int) -> Counter:
+        counter = self.responses.get(status)
+        if counter is None:
+            counter = self.responses[status] = self._responses.labels(self._model, self._node, str(status))
+        return counter
 
 
 class GatewayMetrics:
@@ -259,7 +272,7 @@ class GatewayMetrics:
     def record(self, model: str, node: str, outcome: RequestOutcome) -> None:
         target = self.target(model, node)
         target.requests.inc()
-        self.responses.labels(model, node, str(outcome.status)).inc()
+        target.response(outcome.status).inc()
         if outcome.error:
             target.errors.inc()
         t = derive_timings(outcome)

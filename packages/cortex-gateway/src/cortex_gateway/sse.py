@@ -10,9 +10,9 @@ observer never changes or holds back a byte; it only keeps what it needs:
   completions and Responses API streams are understood.
 - `BodyObserver` (a JSON body): the usage of the complete response.
 
-Both are pure: time is passed in, so tables of chunks test them without a clock. Once
-the first token is seen, an event is decoded only if it mentions `"usage"`; every other
-event just moves the last-token time, which keeps the per-chunk cost to a byte search.
+Both are pure: time is passed in, so tables of chunks test them without a clock. Events
+are decoded one by one only until the first token; after it, a chunk costs a few byte
+searches, and only the last event that mentions `"usage"` is decoded.
 """
 
 from __future__ import annotations
@@ -24,6 +24,8 @@ import msgspec
 
 # A non-streamed body larger than this is relayed but not parsed for usage.
 MAX_OBSERVED_BODY_BYTES = 4 * 1024 * 1024
+# An SSE event still incomplete at this size is dropped from observation (never from the relay).
+MAX_PENDING_EVENT_BYTES = 1024 * 1024
 
 
 @dataclass(frozen=True, slots=True)
@@ -160,19 +162,54 @@ class StreamObserver:
         data = self._pending + chunk if self._pending else chunk
         if b"\r" in data:
             data = data.replace(b"\r\n", b"\n")
-        events = data.split(b"\n\n")
-        # The last piece is an event still arriving (empty when the chunk ended on a boundary).
-        self._pending = events.pop()
-        for event in events:
-            self._event(event, now)
+        end = data.rfind(b"\n\n")
+        if end < 0:
+            # No event complete yet; an upstream that never ends one is not followed forever.
+            self._pending = data if len(data) <= MAX_PENDING_EVENT_BYTES else b""
+            return
+        # What follows the last blank line is an event still arriving.
+        self._pending = data[end + 2 :]
+        complete = data[:end]
+        if self._first_token_at is None:
+            complete = self._until_first_token(complete, now)
+        if complete:
+            self._after_first_token(complete, now)
+
+    def _until_first_token(self, data: bytes, now: float) -> bytes:
+        """Decode events one by one until one carries a token; returns the events after it."""
+        start, size = 0, len(data)
+        while start < size:
+            stop = data.find(b"\n\n", start)
+            if stop < 0:
+                stop = size
+            self._event(data[start:stop], now)
+            start = stop + 2
+            if self._first_token_at is not None:
+                return data[start:]
+        return b""
+
+    def _after_first_token(self, data: bytes, now: float) -> None:
+        """Whole events after the first token: only the last one mentioning usage is decoded.
+
+        Every other data event is generation going on (or its finish chunk), which only moves
+        the last-token time; this keeps a chunk's cost to a few byte searches.
+        """
+        at = data.rfind(b'"usage"')
+        if at < 0:
+            if _has_data_event(data):
+                self._last_token_at = now
+            return
+        begin = data.rfind(b"\n\n", 0, at)
+        begin = 0 if begin < 0 else begin + 2
+        end = data.find(b"\n\n", at)
+        end = len(data) if end < 0 else end
+        if _has_data_event(data[:begin]):
+            self._last_token_at = now
+        self._event(data[begin:end], now)
 
     def _event(self, raw: bytes, now: float) -> None:
         payload = _data_of(raw)
         if not payload or payload == b"[DONE]":
-            return
-        if self._first_token_at is not None and b'"usage"' not in payload:
-            # After the first token, any data event but the usage one is generation going on.
-            self._last_token_at = now
             return
         try:
             event = _EVENT_DECODER.decode(payload)
@@ -189,8 +226,12 @@ class StreamObserver:
     def finish(self) -> Observation:
         if self._pending:
             # A stream may end without the final blank line; its last event still counts.
-            pending, self._pending = self._pending, b""
-            self._event(pending.rstrip(b"\n"), self._last_token_at or self._first_byte_at or 0.0)
+            pending, self._pending = self._pending.rstrip(b"\n"), b""
+            now = self._last_token_at or self._first_byte_at or 0.0
+            if self._first_token_at is None:
+                self._until_first_token(pending, now)
+            else:
+                self._after_first_token(pending, now)
         return Observation(
             streamed=True,
             first_byte_at=self._first_byte_at,
@@ -198,6 +239,11 @@ class StreamObserver:
             last_token_at=self._last_token_at,
             usage=self._usage,
         )
+
+
+def _has_data_event(events: bytes) -> bool:
+    # More `data:` lines than `[DONE]` markers: some event other than the terminator.
+    return events.count(b"data:") > events.count(b"[DONE]")
 
 
 class _Body(msgspec.Struct):
