@@ -131,3 +131,22 @@ def serve(config_path: Path | None, host: str | None, port: int | None, log_leve
         sys.stdout.flush()
         sys.stderr.flush()
     os._exit(0)
+
+
+@main.command("tp-smoke")
+@click.option(
+    "--devices", default="0,1", show_default=True, help="comma-separated device indices, one rank each"
+)
+@click.option(
+    "--backend", type=click.Choice(["gloo", "nccl"]), default=None, help="default: nccl with CUDA, else gloo"
+)
+@click.option("--timeout", type=float, default=60.0, show_default=True, help="seconds for init and the check")
+def tp_smoke(devices: str, backend: str | None, timeout: float) -> None:
+    """Tensor-parallel diagnostic: spawn the ranks, init, all-reduce sanity; exit code 0 when healthy."""
+    from neuron.tp.smoke import parse_devices, run_smoke
+
+    try:
+        indices = parse_devices(devices)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--devices") from exc
+    sys.exit(run_smoke(indices, backend, timeout_s=timeout, echo=click.echo))
