@@ -678,3 +678,17 @@ async def test_openai_sdk_responses_in_process(harness: Harness) -> None:
         stream = await client.responses.create(model="tiny", input="Capital of France?", stream=True)
         deltas = [event.delta async for event in stream if event.type == "response.output_text.delta"]
     assert answer.output_text == "".join(deltas) == "Paris is the capital."
+
+
+async def test_an_unloaded_model_is_not_kept_alive_by_the_routes(harness: Harness) -> None:
+    import gc
+    import weakref
+
+    harness.script("ok")
+    async with harness.client() as client:
+        assert (await client.post("/v1/chat/completions", json=chat())).status_code == 200
+    gone = weakref.ref(harness.models.pop("tiny"))
+    gc.collect()
+    assert gone() is None
+    async with harness.client() as client:
+        assert (await client.post("/v1/chat/completions", json=chat())).status_code == 404

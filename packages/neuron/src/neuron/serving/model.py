@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -14,8 +15,7 @@ from neuron.serving.tools import ToolFormat, find_tool_format
 
 
 @dataclass(frozen=True)
-class ServingModel:
-    loaded: LoadedModel
+class ModelTraits:
     template: ChatTemplate
     markers: ReasoningMarkers | None
     tool_format: ToolFormat
@@ -25,7 +25,7 @@ class ServingModel:
     keep_ids: frozenset[int]
 
     @classmethod
-    def build(cls, loaded: LoadedModel) -> ServingModel:
+    def of(cls, loaded: LoadedModel) -> ModelTraits:
         tokenizer = loaded.tokenizer
         markers = find_reasoning_markers(tokenizer)
         tool_format = find_tool_format(tokenizer)
@@ -33,7 +33,6 @@ class ServingModel:
         if markers:
             marker_strings += [markers.open, markers.close]
         return cls(
-            loaded=loaded,
             template=ChatTemplate.for_tokenizer(loaded.model_id, loaded.chat_template, tokenizer),
             markers=markers,
             tool_format=tool_format,
@@ -42,12 +41,42 @@ class ServingModel:
             keep_ids=frozenset(marker_token_ids(tokenizer, marker_strings)),
         )
 
+
+@dataclass(frozen=True)
+class ServingModel:
+    loaded: LoadedModel
+    traits: ModelTraits
+
+    @classmethod
+    def build(cls, loaded: LoadedModel) -> ServingModel:
+        return cls(loaded, ModelTraits.of(loaded))
+
     @property
     def model_id(self) -> str:
         return self.loaded.model_id
 
+    @property
+    def template(self) -> ChatTemplate:
+        return self.traits.template
+
+    @property
+    def markers(self) -> ReasoningMarkers | None:
+        return self.traits.markers
+
+    @property
+    def tool_format(self) -> ToolFormat:
+        return self.traits.tool_format
+
+    @property
+    def eos_ids(self) -> frozenset[int]:
+        return self.traits.eos_ids
+
+    @property
+    def max_context(self) -> int | None:
+        return self.traits.max_context
+
     def detokenizer(self) -> IncrementalDetokenizer:
-        return IncrementalDetokenizer(self.loaded.tokenizer, keep=self.keep_ids)
+        return IncrementalDetokenizer(self.loaded.tokenizer, keep=self.traits.keep_ids)
 
     def encode(self, text: str, *, add_special_tokens: bool) -> list[int]:
         ids: list[int] = self.loaded.tokenizer.encode(text, add_special_tokens=add_special_tokens)
@@ -55,16 +84,21 @@ class ServingModel:
 
 
 class ServingModels:
-    """Per-app cache of ServingModel, rebuilt when a model id is reloaded as a new object."""
+    """Per-app cache of each loaded model's traits.
+
+    Entries hold the LoadedModel only weakly: an unloaded model's weights must be freed when
+    the manager drops it, not when the same id happens to be loaded again.
+    """
 
     def __init__(self, lookup: Callable[[str], LoadedModel]) -> None:
         self._lookup = lookup
-        self._cache: dict[str, ServingModel] = {}
+        self._cache: dict[str, tuple[weakref.ref[LoadedModel], ModelTraits]] = {}
 
     def get(self, model_id: str) -> ServingModel:
         loaded = self._lookup(model_id)  # raises ApiError 404 model_not_found
         cached = self._cache.get(model_id)
-        if cached is None or cached.loaded is not loaded:
-            cached = ServingModel.build(loaded)
-            self._cache[model_id] = cached
-        return cached
+        if cached is not None and cached[0]() is loaded:
+            return ServingModel(loaded, cached[1])
+        traits = ModelTraits.of(loaded)
+        self._cache[model_id] = (weakref.ref(loaded), traits)
+        return ServingModel(loaded, traits)
