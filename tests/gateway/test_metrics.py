@@ -52,6 +52,11 @@ def outcome(observation: Observation | None, **overrides: object) -> RequestOutc
             Timings(2.0005, 0.0015, 0.5, None, None, None, None, None),
         ),
         (
+            "waited for a cold load: its wait is not overhead",
+            outcome(Observation(True, 10.1, 10.5, 11.5, Usage(20, 11, 5)), cold_start=True),
+            Timings(2.0005, None, 0.5, 0.1, 11.0, 20, 11, 5),
+        ),
+        (
             "upstream never reached: no overhead",
             outcome(None, status=503, sent_at=None, last_upstream_byte_at=None, error=True),
             Timings(2.0005, None, None, None, None, None, None, None),
@@ -117,3 +122,40 @@ def test_registries_are_per_app() -> None:
     first.evicted("m", "n")
     assert first.registry.get_sample_value("cortex_evictions_total", {"model": "m", "node": "n"}) == 1.0
     assert second.registry.get_sample_value("cortex_evictions_total", {"model": "m", "node": "n"}) is None
+
+
+async def test_real_app_exposes_request_and_control_plane_series() -> None:
+    """Through create_app: an alias that cold-loads, then streams; labels use the concrete id."""
+    from support.fake_neuron import FakeNeuron, gateway
+    from support.fake_upstream import FakeUpstream, Script, sse_stream
+
+    from cortex_core.config.catalogue import ModelCatalogue, ModelProfile
+
+    catalogue = ModelCatalogue([ModelProfile(id="org/small", vram_mb=1_000)], {"small": "org/small"})
+    neuron = FakeNeuron(
+        "a", devices_mb=[24_000], sizes_mb={"org/small": 1_000}, endpoint="http://127.0.0.1:1"
+    )
+    script = Script(content_type="text/event-stream", chunks=sse_stream(["x", "y"], prompt_tokens=4))
+    async with FakeUpstream(script) as upstream:
+        neuron.inference_url = upstream.base_url
+        async with gateway([neuron], catalogue) as (app, http):
+            body = {"model": "small", "stream": True, "messages": [{"role": "user", "content": "hi"}]}
+            response = await http.post("/v1/chat/completions", json=body)
+            assert response.status_code == 200
+            transport = httpx2.ASGITransport(app=app.state.metrics.asgi_app())
+            async with httpx2.AsyncClient(transport=transport, base_url="http://metrics") as scrape:
+                text = (await scrape.get("/metrics")).text
+    lbl = 'model="org/small",node="a"'
+    for line in (
+        f"cortex_requests_total{{{lbl}}} 1.0",
+        f'cortex_responses_total{{{lbl},status="200"}} 1.0',
+        f"cortex_prompt_tokens_total{{{lbl}}} 4.0",
+        f"cortex_completion_tokens_total{{{lbl}}} 2.0",
+        f"cortex_time_to_first_token_seconds_count{{{lbl}}} 1.0",
+        f"cortex_cold_starts_total{{{lbl}}} 1.0",
+        f"cortex_model_load_duration_seconds_count{{{lbl}}} 1.0",
+        'cortex_queue_wait_seconds_count{model="org/small"} 1.0',
+        f"cortex_requests_in_flight{{{lbl}}} 0.0",
+    ):
+        assert line in text, line
+    assert 'model="small"' not in text  # never the alias

@@ -53,6 +53,8 @@ class RequestOutcome:
     # True when the gateway itself failed the request (unreachable, stalled, cut mid-stream).
     error: bool
     observation: Observation | None = None
+    # The request waited for a cold load first: its time before sending is not overhead.
+    cold_start: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,7 +78,7 @@ def derive_timings(outcome: RequestOutcome) -> Timings:
     cached = usage.cached_tokens if usage is not None else None
 
     overhead = None
-    if outcome.sent_at is not None and outcome.last_upstream_byte_at is not None:
+    if not outcome.cold_start and outcome.sent_at is not None and outcome.last_upstream_byte_at is not None:
         before = outcome.sent_at - outcome.started_at
         after = outcome.finished_at - outcome.last_upstream_byte_at
         overhead = max(0.0, before) + max(0.0, after)

@@ -430,6 +430,7 @@ class RelayResponse(Response):
             finished_at=perf_counter(),
             error=self._error,
             observation=observer.finish() if observer is not None else None,
+            cold_start=lease.cold_start,
         )
         self._proxy.metrics.record(lease.model_id, node, outcome)
 
