@@ -17,6 +17,7 @@ from neuron.runner import PrefillResult
 from neuron.tp.group import rank_devices
 from neuron.tp.leader import TensorParallelError, TensorParallelGroup
 from neuron.tp.protocol import Call, ModelSource
+from neuron.tp.shard import plan_shards
 
 DEFAULT_STEP_TIMEOUT_S = 120.0
 DEFAULT_START_TIMEOUT_S = 600.0
@@ -46,8 +47,13 @@ class TensorParallelRunner:
 
         Blocking (seconds to minutes): call it on the device's owner thread. `on_failure` is
         called once, from the watchdog thread, with the reason when the group gets poisoned
-        (e.g. a worker dies while idle). Raises TensorParallelError if any rank fails to start.
+        (e.g. a worker dies while idle). Raises UnshardableModel before any process starts when
+        the architecture cannot be split over len(devices) ranks, TensorParallelError when any
+        rank fails to start (every process is already cleaned up then).
         """
+        from transformers import AutoConfig
+
+        plan_shards(AutoConfig.from_pretrained(source.path), len(devices))
         group, max_context = TensorParallelGroup.start(
             devices=rank_devices(list(devices), backend),
             backend=backend,
