@@ -111,6 +111,7 @@ class TensorParallelGroup:
         self._failure: str | None = None
         self._op: str | None = None  # what rank 0 is doing now, for the watchdog
         self._deadline = 0.0
+        self._timeout_s = 0.0
         self._closing = False
         self._stop = threading.Event()
         self._spawned = threading.Event()
@@ -154,8 +155,6 @@ class TensorParallelGroup:
             reason = group._failure or group._explain(exc, "start")
             group._poison(reason, notify=False)
             group.close()
-            if isinstance(exc, TensorParallelError):
-                raise
             raise TensorParallelError(reason) from exc
         return group, max_context
 
@@ -270,7 +269,8 @@ class TensorParallelGroup:
 
     def _arm(self, op: str, timeout_s: float) -> None:
         with self._lock:
-            self._op, self._deadline = op, time.monotonic() + timeout_s
+            self._op, self._timeout_s = op, timeout_s
+            self._deadline = time.monotonic() + timeout_s
 
     def _disarm(self) -> None:
         with self._lock:
@@ -301,7 +301,7 @@ class TensorParallelGroup:
                     when = f"during {op}" if op else "while idle"
                     return f"rank {worker.rank} (pid {worker.proc.pid}) {describe_exit(code)} {when}"
             if op is not None and time.monotonic() > self._deadline:
-                return f"{op} did not finish within its deadline; a rank is hung or stalled"
+                return f"{op} did not finish within its deadline ({self._timeout_s:g} s); a rank is hung or stalled"
         return None
 
     def _poison(self, reason: str, *, notify: bool = True) -> None:
@@ -314,7 +314,10 @@ class TensorParallelGroup:
         if self.local is not None:
             abort_group(self.local.group, self.backend)
         if notify and self._on_failure is not None:
-            self._on_failure(reason)
+            try:
+                self._on_failure(reason)
+            except Exception:  # the owner's bug must not kill the watchdog or mask the failure
+                log.exception("on_failure callback raised")
 
     def _kill_workers(self) -> None:
         for worker in self.workers:
