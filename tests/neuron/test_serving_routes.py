@@ -225,14 +225,30 @@ async def test_reasoning_is_split_from_content(harness: Harness) -> None:
     assert "reasoning_content" not in wrapped["choices"][0]["message"]
 
 
-async def test_enable_thinking_defaults_to_the_include_thinking_header(harness: Harness) -> None:
+THINKING_OFF = "<|im_start|>assistant\n<think>\n\n</think>\n\n"  # the template's switch
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "headers", "thinks"),
+    [
+        ("/v1/chat/completions", chat(), {}, False),
+        ("/v1/chat/completions", chat(), {"x-include-thinking": "yes"}, True),
+        ("/v1/chat/completions", chat(reasoning_effort="low"), {}, True),
+        ("/v1/chat/completions", chat(reasoning_effort="none"), {"x-include-thinking": "1"}, False),
+        ("/v1/chat/completions", chat(chat_template_kwargs={"enable_thinking": True}), {}, True),
+        ("/v1/responses", {"model": "tiny", "input": "x"}, {}, True),  # left to the template
+        ("/v1/responses", {"model": "tiny", "input": "x", "reasoning": {"effort": "none"}}, {}, False),
+    ],
+)
+async def test_enable_thinking_default(
+    harness: Harness, path: str, body: dict[str, Any], headers: dict[str, str], thinks: bool
+) -> None:
     harness.script("Paris.")
     async with harness.client() as client:
-        await client.post("/v1/chat/completions", json=chat())
-        await client.post("/v1/chat/completions", json=chat(), headers={"x-include-thinking": "yes"})
-    without, with_header = (harness.tokenizer.decode(r.prompt_ids) for r in harness.engine.requests)
-    assert without.endswith("<think>\n\n</think>\n\n")  # thinking switched off in the template
-    assert with_header.endswith("<|im_start|>assistant\n")
+        assert (await client.post(path, json=body, headers=headers)).status_code == 200
+    prompt = harness.tokenizer.decode(harness.engine.requests[0].prompt_ids)
+    assert prompt.endswith(THINKING_OFF) is not thinks
+    assert prompt.endswith("<|im_start|>assistant\n") is thinks
 
 
 async def test_generation_starting_inside_think(tiny_parts: tuple[Any, Any, str]) -> None:

@@ -67,6 +67,14 @@ class Prepared:
     processor: OutputProcessor
 
 
+def enable_thinking_default(request: ChatCompletionRequest, fallback: bool | None) -> bool | None:
+    """`reasoning_effort` says whether the client wants thinking ("none": no); else `fallback`."""
+    effort = given(request.reasoning_effort)
+    if effort is not None:
+        return effort != "none"
+    return fallback
+
+
 def check_supported(request: ChatCompletionRequest) -> None:
     if given(request.logprobs) or given(request.top_logprobs):
         raise invalid("logprobs are not supported by this server", "logprobs", code="unsupported_parameter")

@@ -4,7 +4,8 @@ The request becomes a chat request (cortex_core's `responses_request_to_chat`); 
 become chat chunks, which `ResponsesStreamConverter` turns into the Responses event
 sequence (created, in_progress, reasoning / message / function_call items, completed or
 incomplete). Reasoning always goes to reasoning items here — the `x-include-thinking`
-header is a chat-completions opt-in — and `enable_thinking` is left to the template.
+header is a chat-completions opt-in — and `enable_thinking` is left to the template unless
+`reasoning.effort` is given.
 """
 
 from __future__ import annotations
@@ -18,7 +19,13 @@ from cortex_core.openai.chat import ChatCompletionRequest
 from cortex_core.openai.responses import Response, ResponsesRequest, ResponseStreamEvent
 from cortex_core.openai.responses_convert import response_from_chat_completion, responses_request_to_chat
 from cortex_core.openai.responses_stream import ResponsesStreamConverter
-from neuron.serving.chat import ChatStreamProjector, Prepared, collect_chat_completion, prepare_chat
+from neuron.serving.chat import (
+    ChatStreamProjector,
+    Prepared,
+    collect_chat_completion,
+    enable_thinking_default,
+    prepare_chat,
+)
 from neuron.serving.generation import Finished, OutputEvent
 from neuron.serving.model import ServingModel
 
@@ -31,7 +38,8 @@ def prepare_responses(
     model: ServingModel, request: ResponsesRequest
 ) -> tuple[ChatCompletionRequest, Prepared]:
     chat = responses_request_to_chat(request)
-    return chat, prepare_chat(model, chat, thinking=False, enable_thinking=None)
+    thinking = enable_thinking_default(chat, None)
+    return chat, prepare_chat(model, chat, thinking=False, enable_thinking=thinking)
 
 
 @dataclass

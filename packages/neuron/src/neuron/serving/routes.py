@@ -32,6 +32,7 @@ from neuron.serving.chat import (
     ChatStreamProjector,
     Prepared,
     collect_chat_completion,
+    enable_thinking_default,
     include_thinking,
     prepare_chat,
     render_chat_prompt,
@@ -203,7 +204,8 @@ def inference_routes(lookup: Callable[[str], LoadedModel], *, keepalive_secs: fl
         thinking = include_thinking(request.headers.get(INCLUDE_THINKING_HEADER))
         # Hidden reasoning used to eat the whole budget and return empty answers, so thinking
         # is on only when the client asks for it, either way (neuron.md §13.8).
-        prepared = prepare_chat(model, body, thinking=thinking, enable_thinking=thinking)
+        enable = enable_thinking_default(body, thinking)
+        prepared = prepare_chat(model, body, thinking=thinking, enable_thinking=enable)
         options = given(body.stream_options)
         projector = ChatStreamProjector(body.model, bool(options and given(options.include_usage)))
         return await run(
@@ -259,7 +261,7 @@ def inference_routes(lookup: Callable[[str], LoadedModel], *, keepalive_secs: fl
         body = decode_json_body(await request.body(), ChatCompletionRequest)
         model = models.get(body.model)
         thinking = include_thinking(request.headers.get(INCLUDE_THINKING_HEADER))
-        prompt = render_chat_prompt(model, body, enable_thinking=thinking)
+        prompt = render_chat_prompt(model, body, enable_thinking=enable_thinking_default(body, thinking))
         return json_response({"input_tokens": len(model.encode(prompt, add_special_tokens=False))})
 
     return [
