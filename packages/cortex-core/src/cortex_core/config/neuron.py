@@ -50,6 +50,8 @@ class NeuronConfig(Strict):
     default_models: list[ModelSpec] = msgspec.field(default_factory=list)
     # Tensor parallel over gloo on CPU ranks; for tests and diagnostics, never for speed.
     allow_cpu_tensor_parallel: bool = False
+    # A tensor-parallel step (any rank) taking longer than this poisons the model instead of hanging it.
+    tensor_parallel_step_timeout_secs: float = 120.0
     # Seconds in-flight requests get to finish on SIGTERM before models are unloaded.
     drain_timeout_secs: float = 30.0
     engine: EngineConfig = msgspec.field(default_factory=EngineConfig)
@@ -61,6 +63,8 @@ def load_neuron_config(path: Path | None, *, env: Mapping[str, str] | None = Non
     source = str(path) if path else "environment"
     if not 0 < config.port < 65536:
         raise ConfigError(source, f"expected a TCP port 1-65535, got {config.port}", "port")
+    if config.tensor_parallel_step_timeout_secs <= 0:
+        raise ConfigError(source, "must be positive", "tensor_parallel_step_timeout_secs")
     if config.engine.max_batch_size < 1:
         raise ConfigError(source, "must be at least 1", "engine.max_batch_size")
     for scheme in config.sources:
