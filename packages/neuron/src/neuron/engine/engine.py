@@ -102,6 +102,7 @@ class TokenStream(AsyncIterator[TokenEvent]):
             return
         self._done = True
         self.sequence.cancelled = True
+        self._engine._count_out(self.sequence)
         self._engine._wake()
 
     def __del__(self) -> None:
@@ -254,5 +255,11 @@ class TorchEngine:
         return self._closed is not None and self._closed.done()
 
     def _on_finished(self, seq: Sequence) -> None:
+        self._count_out(seq)
+
+    def _count_out(self, seq: Sequence) -> None:
+        """The request no longer counts against the queue limit (once, whoever gets here first)."""
         with self._lock:
-            self._accepted -= 1
+            if not seq.counted_out:
+                seq.counted_out = True
+                self._accepted -= 1

@@ -38,6 +38,8 @@ class Sequence:
     max_new_tokens: int
     # Set from the event loop's thread when the consumer goes away; read at the next step.
     cancelled: bool = False
+    # Guarded by the engine's lock: the request has left the admission count.
+    counted_out: bool = False
     cached_tokens: int = 0
     last_token: int = -1
     finished: bool = False

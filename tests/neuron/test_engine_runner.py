@@ -1,0 +1,142 @@
+"""The single-device runner and its prefix store, without the scheduler."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+import torch
+from support.engine_harness import load_model
+
+from neuron.engine.hf_runner import SingleDeviceRunner
+from neuron.engine.kv import PrefixStore, common_prefix_len
+
+
+def kv_of(length: int, value: float = 1.0) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    t = torch.full((1, 2, length, 4), value)
+    return [(t, t.clone())]
+
+
+@pytest.mark.parametrize(
+    ("a", "b", "shared"),
+    [
+        ([], [1], 0),
+        ([1, 2, 3], [1, 2, 3], 3),
+        ([1, 2, 3], [1, 2, 4], 2),
+        ([1, 2], [1, 2, 3], 2),
+        ([5], [1], 0),
+    ],
+)
+def test_common_prefix_len(a: list[int], b: list[int], shared: int) -> None:
+    assert common_prefix_len(a, b) == shared
+
+
+@pytest.mark.parametrize(
+    ("stored", "prompt", "limit", "shared"),
+    [
+        ([[1, 2, 3, 4]], [1, 2, 3, 4, 5], 4, 4),
+        ([[1, 2, 3, 4]], [1, 2, 3, 4], 3, 3),  # capped: the last prompt token is always computed
+        ([[1, 2, 3, 4]], [1, 2, 9, 9], 3, 2),  # the stored turn went on differently (BPE boundary)
+        ([[1, 2, 3, 4], [1, 2, 7, 8, 9]], [1, 2, 7, 8, 0], 4, 4),  # the longest match wins
+        ([[1, 2, 3, 4]], [9, 2, 3, 4], 3, 0),
+    ],
+)
+def test_prefix_lookup(stored: list[list[int]], prompt: list[int], limit: int, shared: int) -> None:
+    store = PrefixStore(max_entries=8, max_bytes=1 << 20)
+    for tokens in stored:
+        store.insert(tokens, kv_of(len(tokens)))
+    entry, found = store.lookup(prompt, limit)
+    assert found == shared
+    assert (entry is None) == (shared == 0)
+
+
+def test_prefix_insert_replaces_entries_it_extends() -> None:
+    store = PrefixStore(max_entries=8, max_bytes=1 << 20)
+    store.insert([1, 2, 3], kv_of(3))
+    store.insert([1, 2, 3, 4, 5], kv_of(5))
+    assert len(store) == 1
+    store.insert([1, 2], kv_of(2))  # already covered by the longer entry
+    assert len(store) == 1
+
+
+def test_prefix_store_is_bounded_lru_by_entries_and_bytes() -> None:
+    store = PrefixStore(max_entries=2, max_bytes=1 << 20)
+    store.insert([1, 1], kv_of(2))
+    store.insert([2, 2], kv_of(2))
+    store.lookup([1, 1, 5], 2)  # touch [1, 1]: [2, 2] is now the least recently used
+    store.insert([3, 3], kv_of(2))
+    assert store.lookup([2, 2, 5], 2)[1] == 0
+    assert store.lookup([1, 1, 5], 2)[1] == 2
+    one_entry = 2 * 2 * 2 * 4 * 4  # keys + values, [1, 2, 2, 4] float32
+    small = PrefixStore(max_entries=8, max_bytes=one_entry)
+    small.insert([1, 1], kv_of(2))
+    small.insert([2, 2], kv_of(2))
+    assert len(small) == 1 and small.nbytes == one_entry
+    small.insert([1, 2, 3], kv_of(3))  # larger than the whole budget: not stored
+    assert small.lookup([2, 2, 0], 2)[1] == 2
+
+
+def test_stored_kv_is_a_copy() -> None:
+    store = PrefixStore(max_entries=2, max_bytes=1 << 20)
+    kv = kv_of(3)
+    store.insert([1, 2, 3], kv)
+    kv[0][0].fill_(7.0)
+    entry, _ = store.lookup([1, 2, 3, 4], 3)
+    assert entry is not None and float(entry.kv[0][0].max()) == 1.0
+
+
+@pytest.fixture(scope="module")
+def model(tiny_llama: Path) -> Any:
+    return load_model(tiny_llama)[0]
+
+
+def test_chunked_prefill_and_prefix_reuse_give_the_same_logits(model: Any) -> None:
+    prompt = [(i * 37) % 300 + 5 for i in range(40)]
+    whole = SingleDeviceRunner(model, device="cpu", prefix_cache_entries=0).prefill(0, prompt)
+    chunked = SingleDeviceRunner(model, device="cpu", prefill_chunk_tokens=7, prefix_cache_entries=0)
+    assert torch.allclose(chunked.prefill(0, prompt).logits, whole.logits, atol=1e-5)
+    reusing = SingleDeviceRunner(model, device="cpu")
+    assert reusing.prefill(0, [*prompt[:30], 1, 2, 3]).cached_tokens == 0
+    reusing.release(0)
+    again = reusing.prefill(1, prompt)
+    assert again.cached_tokens == 30
+    assert torch.allclose(again.logits, whole.logits, atol=1e-5)
+
+
+def test_decode_returns_rows_in_the_order_asked(model: Any) -> None:
+    runner = SingleDeviceRunner(model, device="cpu", prefix_cache_entries=0)
+    runner.prefill(10, [5, 6, 7])
+    runner.prefill(11, [8, 9, 10, 11, 12])
+    both = runner.decode([10, 11], [20, 21])
+    swapped = runner.decode([11, 10], [22, 23])
+    solo = SingleDeviceRunner(model, device="cpu", prefix_cache_entries=0)
+    solo.prefill(0, [8, 9, 10, 11, 12])
+    solo.decode([0], [21])
+    assert torch.allclose(swapped[0], solo.decode([0], [22])[0], atol=1e-5)
+    assert both.shape == swapped.shape
+
+
+def test_runner_refuses_misuse(model: Any) -> None:
+    runner = SingleDeviceRunner(model, device="cpu")
+    with pytest.raises(ValueError, match="empty"):
+        runner.prefill(0, [])
+    runner.prefill(0, [1, 2, 3])
+    with pytest.raises(ValueError, match="already exists"):
+        runner.prefill(0, [1, 2, 3])
+    with pytest.raises(ValueError, match="unknown sequence 5"):
+        runner.decode([0, 5], [1, 1])
+    runner.release(0)
+    runner.release(0)  # releasing twice is harmless
+
+
+def test_unsupported_layer_types_are_named() -> None:
+    config = SimpleNamespace(
+        model_type="qwen3_next",
+        layer_types=["linear_attention", "full_attention"],
+        num_hidden_layers=2,
+        max_position_embeddings=64,
+    )
+    with pytest.raises(ValueError, match=r"qwen3_next.*linear_attention"):
+        SingleDeviceRunner(SimpleNamespace(config=config), device="cpu")
