@@ -76,3 +76,9 @@ def rpm(session: nox.Session) -> None:
 def bench_gateway(session: nox.Session) -> None:
     """Gateway added latency and throughput vs direct and a bare relay (bench/gateway.py)."""
     session.run(PY, "bench/gateway.py", *session.posargs)
+
+
+@nox.session
+def bench_neuron(session: nox.Session) -> None:
+    """Engine tok/s and TTFT vs transformers' generate() on SmolLM2-135M (bench/neuron.py)."""
+    session.run(PY, "bench/neuron.py", *session.posargs, env=TEST_ENV)
