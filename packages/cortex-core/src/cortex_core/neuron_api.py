@@ -77,7 +77,7 @@ class HealthResponse(msgspec.Struct, kw_only=True):
     host_memory_free_mb: int = 0
 
 
-class ModelLimit(msgspec.Struct, kw_only=True):
+class ModelLimit(msgspec.Struct, kw_only=True, omit_defaults=True):
     context: int
     input: int | None = None
     output: int
