@@ -23,6 +23,8 @@ def test_converted_folder_is_a_plain_bf16_checkpoint_with_chat_template(smollm2_
     assert config["model_type"] == "llama"
     assert config["dtype"] == "bfloat16"
     assert "quantization_config" not in config
+    generation = json.loads((smollm2_dir / "generation_config.json").read_text())
+    assert generation["temperature"] == embedded.SAMPLING_DEFAULTS["temperature"]
     template = (smollm2_dir / "chat_template.jinja").read_text()
     assert "<|im_start|>" in template and "add_generation_prompt" in template
     _, version = embedded.locate_gguf()

@@ -21,6 +21,7 @@ import contextlib
 import fcntl
 import importlib.metadata
 import importlib.util
+import json
 import logging
 import os
 import shutil
@@ -41,6 +42,9 @@ SERVED_MODEL_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
 # Files whose presence marks a finished conversion (the folder is only ever renamed into place
 # complete, so this guards against a folder someone else put there by hand).
 REQUIRED_FILES = ("config.json", "model.safetensors", "tokenizer.json")
+# SmolLM2's model card recommends these; the GGUF carries no sampling defaults, and at the
+# neuron's built-in temperature of 1.0 a 135M model rambles ("the capital of France is ...").
+SAMPLING_DEFAULTS = {"do_sample": True, "temperature": 0.2, "top_p": 0.9}
 
 
 class EmbeddedModelError(RuntimeError):
@@ -135,16 +139,41 @@ def _make_readable(folder: Path) -> None:
         path.chmod(0o666 & ~umask)
 
 
+def has_sampling_defaults(folder: Path) -> bool:
+    try:
+        config = json.loads((folder / "generation_config.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return all(key in config for key in SAMPLING_DEFAULTS)
+
+
+def write_sampling_defaults(folder: Path) -> None:
+    """Merge SAMPLING_DEFAULTS into generation_config.json, atomically (readers see old or new)."""
+    path = folder / "generation_config.json"
+    try:
+        config = json.loads(path.read_text())
+    except (OSError, ValueError):
+        config = {}
+    config.update(SAMPLING_DEFAULTS)
+    staging = path.with_name(path.name + ".tmp")
+    staging.write_text(json.dumps(config, indent=2) + "\n")
+    staging.chmod(path.stat().st_mode if path.exists() else 0o644)
+    os.replace(staging, path)
+
+
 def ensure_embedded_model(*, root: Path | None = None) -> Path:
     """The converted SmolLM2 folder, converting it first if this wheel version has none yet."""
     gguf, version = locate_gguf()
     root = cache_root() if root is None else root
     folder = model_folder(version, root)
-    if is_complete(folder):
+    if is_complete(folder) and has_sampling_defaults(folder):
         return folder
     with _exclusive(folder.with_name(folder.name + ".lock")):
         # Another process may have finished while we waited for the lock.
         if is_complete(folder):
+            if not has_sampling_defaults(folder):
+                # A folder converted before the defaults existed: no need to convert again.
+                write_sampling_defaults(folder)
             return folder
         log.warning(
             "converting the embedded model %s (%s %s) into %s; this happens once and takes about 30 s",
@@ -156,6 +185,7 @@ def ensure_embedded_model(*, root: Path | None = None) -> Path:
         staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
         try:
             convert_gguf(gguf, staging)
+            write_sampling_defaults(staging)
             _make_readable(staging)
             if folder.exists():
                 # An incomplete folder left by hand or by an older layout: replace it.

@@ -1,0 +1,157 @@
+"""The README's first command, as a real process: `cortex serve` with no config serves the
+embedded SmolLM2 through the gateway and a local neuron; the official SDK gets "Paris".
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Any
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+READY_TIMEOUT_SECS = 600
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+@dataclass
+class Served:
+    process: subprocess.Popen[str]
+    ready: dict[str, Any]
+
+
+def read_ready_line(stdout: IO[str], process: subprocess.Popen[str]) -> dict[str, Any]:
+    deadline = time.monotonic() + READY_TIMEOUT_SECS
+    while time.monotonic() < deadline:
+        line = stdout.readline()
+        if not line:
+            raise AssertionError(f"cortex serve exited with {process.wait()} before it was ready")
+        if line.startswith("{"):
+            event: dict[str, Any] = json.loads(line)
+            if event.get("event") == "ready":
+                return event
+    raise AssertionError("cortex serve was not ready in time")
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # A zombie (exited, not yet reaped by its parent) counts as gone.
+    status = Path(f"/proc/{pid}/status")
+    return status.exists() and "\nState:\tZ" not in status.read_text()
+
+
+def wait_gone(pid: int, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if not pid_alive(pid):
+            return True
+        time.sleep(0.2)
+    return False
+
+
+@pytest.fixture(scope="module")
+def served(smollm2_dir: Path) -> Iterator[Served]:
+    # smollm2_dir: the conversion happens (once) in the fixture, so this start is fast.
+    api, metrics = free_port(), free_port()
+    process = subprocess.Popen(
+        [
+            sys.executable, "-m", "cortex_cli", "serve", "--json",
+            "--listen", f"127.0.0.1:{api}", "--metrics-listen", f"127.0.0.1:{metrics}", "--neuron-port", "0",
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "HF_HUB_OFFLINE": "1", "CORTEX_CACHE_DIR": str(smollm2_dir.parent.parent)},
+    )  # fmt: skip
+    assert process.stdout is not None
+    try:
+        yield Served(process, read_ready_line(process.stdout, process))
+    finally:
+        if process.poll() is None:
+            process.send_signal(signal.SIGINT)
+            try:
+                process.wait(timeout=90)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+
+
+def test_openai_sdk_gets_paris(served: Served) -> None:
+    from openai import OpenAI
+
+    client = OpenAI(base_url=served.ready["api"] + "/v1", api_key="unused", timeout=300, max_retries=0)
+    models = [model.id for model in client.models.list().data]
+    assert served.ready["model"] in models
+    answer = client.chat.completions.create(
+        model=served.ready["model"],
+        messages=[{"role": "user", "content": "What is the capital of France?"}],
+        max_tokens=24,
+    )
+    assert "Paris" in (answer.choices[0].message.content or "")
+
+
+def test_cortex_status_shows_the_local_node_and_model(served: Served) -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "cortex_cli", "status", "--endpoint", served.ready["api"]],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "1/1 nodes healthy" in done.stdout
+    assert any("local" in line and "healthy" in line for line in done.stdout.splitlines())
+    assert any("smollm2-135m-instruct" in line and "loaded" in line for line in done.stdout.splitlines())
+
+
+def test_metrics_listener_answers(served: Served) -> None:
+    import urllib.request
+
+    with urllib.request.urlopen(served.ready["metrics"] + "/metrics", timeout=10) as response:
+        assert b"cortex_requests_total" in response.read()
+
+
+def test_stopping_cortex_stops_the_neuron(served: Served) -> None:
+    # Last in this module: it ends the served process.
+    neuron_pid = served.ready["neuron_pid"]
+    assert pid_alive(neuron_pid)
+    served.process.send_signal(signal.SIGINT)
+    assert served.process.wait(timeout=120) == 0
+    assert wait_gone(neuron_pid, 30)
+
+
+def test_a_killed_cortex_takes_its_neuron_along(smollm2_dir: Path) -> None:
+    # SIGKILL leaves no chance to clean up: the kernel's parent-death signal must do it.
+    process = subprocess.Popen(
+        [
+            sys.executable, "-m", "cortex_cli", "serve", "--json", "--listen", f"127.0.0.1:{free_port()}",
+            "--metrics-listen", f"127.0.0.1:{free_port()}", "--neuron-port", "0",
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "HF_HUB_OFFLINE": "1", "CORTEX_CACHE_DIR": str(smollm2_dir.parent.parent)},
+    )  # fmt: skip
+    assert process.stdout is not None
+    try:
+        ready = read_ready_line(process.stdout, process)
+    finally:
+        process.kill()
+        process.wait()
+    assert wait_gone(ready["neuron_pid"], 60)
