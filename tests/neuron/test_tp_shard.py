@@ -14,6 +14,7 @@ import torch
 
 from neuron.tp.group import UnsupportedBackend, choose_backend, rank_devices
 from neuron.tp.leader import describe_exit
+from neuron.tp.loading import TensorParallelPlacementError, tensor_parallel_devices
 from neuron.tp.shard import UnshardableModel, plan_shards, shard_model
 from neuron.tp.smoke import parse_devices
 
@@ -83,6 +84,42 @@ def test_rank_devices(devices: list[int], backend: str, expected: list[str]) -> 
 def test_rank_devices_refuses(devices: list[int], backend: str, message: str) -> None:
     with pytest.raises(UnsupportedBackend, match=message):
         rank_devices(devices, backend)
+
+
+@pytest.mark.parametrize(
+    ("requested", "tp", "gpus", "expected"),
+    [
+        (None, None, [0, 1], None),  # no TP asked for
+        ([1], None, [0, 1], None),  # one named device is a single-device load
+        (None, 1, [0, 1], None),
+        (None, 2, [3, 1, 0], [3, 1]),  # the first (best) GPUs
+        ([2, 0], None, [0, 1, 2], [2, 0]),  # the list's length is the size; its order the ranks
+        ([0, 1], 2, [0, 1], [0, 1]),
+        (None, 2, [], [0, 1]),  # CPU host: nominal rank numbers
+        ([4, 5], None, [], [4, 5]),
+    ],
+)
+def test_tensor_parallel_devices(
+    requested: list[int] | None, tp: int | None, gpus: list[int], expected: list[int] | None
+) -> None:
+    assert tensor_parallel_devices(requested, tp, gpus) == expected
+
+
+@pytest.mark.parametrize(
+    ("requested", "tp", "gpus", "message"),
+    [
+        ([0, 1], 3, [0, 1, 2], "name 2 device(s) but tensor_parallel is 3"),
+        (None, 4, [0, 1], "needs 4 GPUs but this host has 2"),
+        ([0, 7], None, [0, 1], "devices [7] do not exist"),
+        ([1, 1], None, [0, 1], "distinct"),
+        (None, 0, [0], "at least 1"),
+    ],
+)
+def test_tensor_parallel_devices_refuses(
+    requested: list[int] | None, tp: int | None, gpus: list[int], message: str
+) -> None:
+    with pytest.raises(TensorParallelPlacementError, match=re.escape(message)):
+        tensor_parallel_devices(requested, tp, gpus)
 
 
 @pytest.mark.parametrize(
