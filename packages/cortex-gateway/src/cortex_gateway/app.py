@@ -27,6 +27,7 @@ from cortex_core.config.catalogue import ModelCatalogue
 from cortex_core.config.gateway import GatewayConfig
 from cortex_core.errors import ApiError, decode_json_body
 from cortex_gateway import admin
+from cortex_gateway.dialects import anthropic
 from cortex_gateway.fleet import FleetState
 from cortex_gateway.metrics import GatewayMetrics
 from cortex_gateway.neuron_client import NeuronClient
@@ -179,6 +180,9 @@ def create_app(
 
     routes: list[BaseRoute] = [
         *(Route(path, relay, methods=["POST"]) for path in OPENAI_PATHS),
+        *anthropic.routes(
+            router=router, proxy=proxy, read_body=lambda request: read_body(request, body_limit)
+        ),
         Route("/v1/models", list_models, methods=["GET"]),
         Route("/health", health, methods=["GET"]),
         Route("/", health, methods=["GET"]),

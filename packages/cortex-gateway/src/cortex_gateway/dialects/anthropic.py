@@ -1,0 +1,448 @@
+"""Anthropic Messages on the gateway: `POST /v1/messages` and `POST /v1/messages/count_tokens`.
+
+`/v1/messages`, per request:
+
+1. The body decodes into `MessagesRequest` (a 400 `invalid_request_error` names the field)
+   and converts to the internal chat request with cortex-core's pure converter; a stream
+   asks for `stream_options.include_usage`, so the usage arrives in the last chunk.
+2. The router grants a lease for the requested model; the chat request carries the
+   concrete model id (an alias is resolved there, not spliced afterwards).
+3. The chat request goes to the neuron's `/v1/chat/completions` through the proxy's own
+   machinery (`RelayResponse`): candidates in the lease's order with failover only before
+   the first byte, the session's idle timeout, the watcher that cancels the upstream when
+   the client goes away, and the same metrics as the OpenAI routes (TTFT, tokens and
+   throughput are read from the upstream's OpenAI bytes by the same observers). Only the
+   body differs: instead of relaying it, this module converts it —
+   - not streamed: the whole chat completion → one Anthropic `Message`
+     (`message_from_chat_completion`); a body that breaks or does not parse is a 502/504,
+     still an HTTP error since nothing has been sent;
+   - streamed: OpenAI chunks → `AnthropicStreamConverter` → `event:`/`data:` frames. An
+     upstream error frame, a broken connection or a stall ends the stream with Anthropic's
+     `error` event; a neuron keep-alive comment is passed on as a comment.
+4. A neuron's own error answer (4xx, or the last candidate's 5xx) keeps its status,
+   message and Retry-After, in Anthropic's error shape, so SDKs raise their typed errors.
+
+`x-include-thinking` and the client's other headers are forwarded like on the OpenAI
+routes (docs/dialects.md says what the neuron does with it).
+
+`/v1/messages/count_tokens` converts the request the same way and asks a replica of the
+model (cold-loading it if needed, as any request would) to render and count it:
+`POST {neuron}/v1/chat/count_tokens` → `{"input_tokens": n}`.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from time import perf_counter
+
+import aiohttp
+import msgspec
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+from starlette.types import Send
+
+from cortex_core.anthropic.convert import (
+    count_tokens_request_to_chat,
+    message_from_chat_completion,
+    messages_request_to_chat,
+)
+from cortex_core.anthropic.messages import (
+    CountTokensRequest,
+    CountTokensResponse,
+    MessagesRequest,
+    MessageStreamEvent,
+)
+from cortex_core.anthropic.stream import AnthropicStreamConverter
+from cortex_core.errors import ApiError, decode_json_body
+from cortex_core.openai.chat import ChatCompletion, ChatCompletionChunk, ChatCompletionRequest
+from cortex_core.sse import SSEDecoder, SSEMessage, encode_event
+from cortex_gateway.proxy import Proxy, RelayResponse, _Attempted, request_headers
+from cortex_gateway.routing import Lease, LeaseProvider, Upstream
+from cortex_gateway.sse import BodyObserver, StreamObserver
+
+log = logging.getLogger(__name__)
+
+CHAT_PATH = "/v1/chat/completions"
+COUNT_TOKENS_PATH = "/v1/chat/count_tokens"
+KEEPALIVE_COMMENT = b": keep-alive\n\n"
+# Anthropic's error kinds; an upstream error of another kind is reported as `api_error`.
+ANTHROPIC_ERROR_TYPES = frozenset(
+    {
+        "invalid_request_error",
+        "authentication_error",
+        "permission_error",
+        "not_found_error",
+        "request_too_large",
+        "rate_limit_error",
+        "api_error",
+        "overloaded_error",
+    }
+)
+_SSE_HEADERS = [
+    (b"content-type", b"text/event-stream; charset=utf-8"),
+    (b"cache-control", b"no-cache"),
+]
+_JSON_HEADERS = [(b"content-type", b"application/json")]
+
+ReadBody = Callable[[Request], Awaitable[bytes]]
+
+
+# --- upstream error envelopes -------------------------------------------------------------
+
+
+class _ErrorDetail(msgspec.Struct):
+    message: str = ""
+    type: str | None = None
+    code: str | None = None
+
+
+class _ErrorEnvelope(msgspec.Struct):
+    # A neuron's error body, or an error frame in its stream: `{"error": {...}}`.
+    error: _ErrorDetail | None = None
+
+
+_ENVELOPE_DECODER = msgspec.json.Decoder(_ErrorEnvelope)
+_CHUNK_DECODER = msgspec.json.Decoder(ChatCompletionChunk)
+_COMPLETION_DECODER = msgspec.json.Decoder(ChatCompletion)
+
+
+class _TokenCount(msgspec.Struct):
+    input_tokens: int
+
+
+def upstream_error(status: int, body: bytes, retry_after: str | None, node: str) -> ApiError:
+    """A neuron's error answer as an ApiError: its status, message and Retry-After kept."""
+    detail: _ErrorDetail | None = None
+    try:
+        detail = _ENVELOPE_DECODER.decode(body).error
+    except (msgspec.DecodeError, msgspec.ValidationError):
+        detail = None
+    message = (
+        detail.message if detail is not None and detail.message else f"node '{node}' answered HTTP {status}"
+    )
+    seconds: float | None = None
+    if retry_after is not None:
+        try:
+            seconds = float(retry_after)
+        except ValueError:
+            seconds = None
+    return ApiError(
+        status,
+        message,
+        type=detail.type if detail is not None else None,
+        code=detail.code if detail is not None else "upstream_error",
+        retry_after=seconds,
+    )
+
+
+def _anthropic_error_type(openai_type: str | None) -> str:
+    return openai_type if openai_type in ANTHROPIC_ERROR_TYPES else "api_error"
+
+
+# --- the stream translator (pure: bytes in, bytes out) --------------------------------------
+
+
+@dataclass(slots=True)
+class AnthropicSSETranslator:
+    """The upstream's OpenAI SSE bytes → Anthropic SSE bytes, whatever the chunk boundaries.
+
+    `feed` each upstream chunk, then `close()` at the upstream's end of stream, or `fail()`
+    when it broke. `[DONE]` finishes the message; an OpenAI error frame ends it with an
+    Anthropic `error` event. Frames that are not chat chunks are skipped (and logged).
+    """
+
+    converter: AnthropicStreamConverter = field(default_factory=AnthropicStreamConverter)
+    decoder: SSEDecoder = field(default_factory=SSEDecoder)
+
+    def feed(self, chunk: bytes) -> bytes:
+        out = self._frames(self.decoder.feed(chunk))
+        if not out and _has_comment(chunk) and not self.converter.finished:
+            return KEEPALIVE_COMMENT  # the neuron's keep-alive during a long prefill
+        return out
+
+    def close(self) -> bytes:
+        """End of the upstream body: the message is closed even without `[DONE]`."""
+        out = self._frames(self.decoder.close())
+        return out + b"".join(encode_event(event) for event in self.converter.finish())
+
+    def fail(self, reason: str) -> bytes:
+        return b"".join(encode_event(event) for event in self.converter.fail(reason))
+
+    def _frames(self, messages: list[SSEMessage]) -> bytes:
+        frames: list[bytes] = []
+        for message in messages:
+            frames += [encode_event(event) for event in self._events(message)]
+        return b"".join(frames)
+
+    def _events(self, message: SSEMessage) -> list[MessageStreamEvent]:
+        data = message.data.strip()
+        if data == "[DONE]":
+            return list(self.converter.finish())
+        payload = data.encode()
+        if b'"error"' in payload:
+            try:
+                error = _ENVELOPE_DECODER.decode(payload).error
+            except (msgspec.DecodeError, msgspec.ValidationError):
+                error = None
+            if error is not None:
+                return list(
+                    self.converter.fail(
+                        error.message or "the node failed mid-stream",
+                        error_type=_anthropic_error_type(error.type),
+                    )
+                )
+        try:
+            chunk = _CHUNK_DECODER.decode(payload)
+        except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+            log.warning("skipping an upstream frame that is not a chat chunk: %s", exc)
+            return []
+        return list(self.converter.feed(chunk))
+
+
+def _has_comment(chunk: bytes) -> bool:
+    return chunk.startswith(b":") or b"\n:" in chunk
+
+
+# --- the response: the proxy's relay with a converted body ----------------------------------
+
+
+class MessagesResponse(RelayResponse):
+    """`RelayResponse` (candidates, failover, idle timeout, client watch, metrics) whose body
+    is converted to Anthropic's dialect instead of relayed. It overrides `_relay` only; the
+    rest of the request's life is the proxy's."""
+
+    def __init__(
+        self,
+        proxy: Proxy,
+        lease: Lease,
+        body: bytes,
+        headers: list[tuple[str, str]],
+        started_at: float,
+        *,
+        stream: bool,
+    ) -> None:
+        super().__init__(proxy, lease, CHAT_PATH, body, headers, started_at)
+        self._streamed = stream
+
+    async def _relay(self, send: Send) -> Upstream | None:
+        try:
+            upstream, response, first = await self._open()
+        except _Attempted as failed:
+            await self._send_error(send, failed.error, gateway_failed=True)
+            return self._lease.current
+        try:
+            if response.status >= 300:
+                await self._relay_upstream_error(send, upstream, response, first)
+            elif self._streamed:
+                await self._convert_stream(send, response, first)
+            else:
+                await self._convert_body(send, upstream, response, first)
+        finally:
+            # As in the proxy: a finished body returns the connection to the pool, anything
+            # else closes it, which tells the neuron nobody is listening.
+            if response.content.at_eof() and not self._error:
+                response.release()
+            else:
+                response.close()
+        return upstream
+
+    async def _send_error(self, send: Send, error: ApiError, *, gateway_failed: bool) -> None:
+        self._status = error.status
+        self._error = gateway_failed
+        headers = _JSON_HEADERS + [
+            (k.encode("latin-1"), v.encode("latin-1")) for k, v in error.headers().items()
+        ]
+        await send({"type": "http.response.start", "status": error.status, "headers": headers})
+        await send({"type": "http.response.body", "body": msgspec.json.encode(error.anthropic_body())})
+
+    async def _read_rest(self, response: aiohttp.ClientResponse, first: bytes) -> bytes:
+        rest = await response.content.read()
+        self._last_upstream_byte_at = perf_counter()
+        return first + rest
+
+    async def _relay_upstream_error(
+        self, send: Send, upstream: Upstream, response: aiohttp.ClientResponse, first: bytes
+    ) -> None:
+        try:
+            body = await self._read_rest(response, first)
+        except (aiohttp.ClientError, TimeoutError):
+            body = first  # the status says enough; the message is a bonus
+        error = upstream_error(response.status, body, response.headers.get("retry-after"), upstream.node)
+        await self._send_error(send, error, gateway_failed=False)
+
+    async def _convert_body(
+        self, send: Send, upstream: Upstream, response: aiohttp.ClientResponse, first: bytes
+    ) -> None:
+        observer = BodyObserver()
+        self._observer = observer
+        try:
+            body = await self._read_rest(response, first)
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            stalled = isinstance(exc, TimeoutError)
+            error = ApiError(
+                504 if stalled else 502,
+                f"node '{upstream.node}' "
+                + (
+                    f"sent nothing for {self._proxy.config.idle_timeout_secs:g} s"
+                    if stalled
+                    else f"broke off its answer ({type(exc).__name__})"
+                ),
+                code="upstream_timeout" if stalled else "upstream_connection_error",
+            )
+            await self._send_error(send, error, gateway_failed=True)
+            return
+        observer.feed(body, self._last_upstream_byte_at or perf_counter())
+        try:
+            completion = _COMPLETION_DECODER.decode(body)
+        except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+            error = ApiError(
+                502,
+                f"node '{upstream.node}' sent a malformed chat completion: {exc}",
+                code="upstream_malformed_response",
+            )
+            await self._send_error(send, error, gateway_failed=True)
+            return
+        message = message_from_chat_completion(completion)
+        self._status = 200
+        await send({"type": "http.response.start", "status": 200, "headers": _JSON_HEADERS})
+        await send({"type": "http.response.body", "body": msgspec.json.encode(message)})
+
+    async def _convert_stream(self, send: Send, response: aiohttp.ClientResponse, first: bytes) -> None:
+        observer = StreamObserver()
+        self._observer = observer
+        translator = AnthropicSSETranslator()
+        self._status = 200
+        now = self._last_upstream_byte_at = perf_counter()
+        await send({"type": "http.response.start", "status": 200, "headers": _SSE_HEADERS})
+        observer.feed(first, now)
+        await _send_more(send, translator.feed(first))
+        read = response.content.readany
+        try:
+            while True:
+                chunk = await read()
+                if not chunk:
+                    break
+                now = self._last_upstream_byte_at = perf_counter()
+                observer.feed(chunk, now)
+                await _send_more(send, translator.feed(chunk))
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            self._error = True
+            reason = (
+                f"no data from node for {self._proxy.config.idle_timeout_secs:g} s"
+                if isinstance(exc, TimeoutError)
+                else f"connection to node lost mid-response ({type(exc).__name__})"
+            )
+            log.warning("upstream %s for %s: %s", CHAT_PATH, self._lease.model_id, reason)
+            await send({"type": "http.response.body", "body": translator.fail(reason), "more_body": False})
+            return
+        await send({"type": "http.response.body", "body": translator.close(), "more_body": False})
+
+
+async def _send_more(send: Send, body: bytes) -> None:
+    if body:
+        await send({"type": "http.response.body", "body": body, "more_body": True})
+
+
+# --- count_tokens --------------------------------------------------------------------------
+
+
+async def count_on_replica(proxy: Proxy, lease: Lease, payload: bytes, headers: list[tuple[str, str]]) -> int:
+    """The neuron's token count for a chat request; candidates tried like the relay does."""
+    attempts = proxy.config.max_attempts
+    candidates = lease.candidates
+    last_error: ApiError | None = None
+    for attempt in range(attempts):
+        upstream = candidates[attempt % len(candidates)]
+        final = attempt == attempts - 1
+        lease.use(upstream)
+        try:
+            async with proxy.session.post(
+                upstream.base_url + COUNT_TOKENS_PATH, data=payload, headers=headers
+            ) as response:
+                body = await response.read()
+                status, retry_after = response.status, response.headers.get("retry-after")
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            unreachable = isinstance(exc, (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError))
+            last_error = ApiError(
+                503 if unreachable else 502,
+                f"node '{upstream.node}' could not count tokens: {type(exc).__name__}: {exc}",
+                code="upstream_unavailable" if unreachable else "upstream_connection_error",
+                retry_after=5.0 if unreachable else None,
+            )
+            lease.upstream_failed(upstream, last_error.message, unreachable=unreachable)
+            continue
+        if status >= 500 and not final:
+            lease.upstream_failed(upstream, f"HTTP {status}")
+            continue
+        if status >= 300:
+            raise upstream_error(status, body, retry_after, upstream.node)
+        try:
+            return _TOKEN_COUNT_DECODER.decode(body).input_tokens
+        except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+            raise ApiError(
+                502,
+                f"node '{upstream.node}' sent a malformed token count: {exc}",
+                code="upstream_malformed_response",
+            ) from exc
+    assert last_error is not None
+    raise last_error
+
+
+_TOKEN_COUNT_DECODER = msgspec.json.Decoder(_TokenCount)
+
+
+# --- routes --------------------------------------------------------------------------------
+
+
+def forward_headers(request: Request) -> list[tuple[str, str]]:
+    """The client's headers for the neuron (x-include-thinking among them), as JSON."""
+    headers = [
+        (name, value)
+        for name, value in request_headers(request.headers.raw)
+        if name.lower() != "content-type"
+    ]
+    headers.append(("content-type", "application/json"))
+    return headers
+
+
+def _encode_for(chat: ChatCompletionRequest, lease: Lease) -> bytes:
+    chat.model = lease.model_id
+    return msgspec.json.encode(chat)
+
+
+def routes(*, router: LeaseProvider, proxy: Proxy, read_body: ReadBody) -> list[Route]:
+    """`/v1/messages` and `/v1/messages/count_tokens` over the app's router and proxy."""
+
+    async def create_message(request: Request) -> Response:
+        received_at = perf_counter()
+        parsed = decode_json_body(await read_body(request), MessagesRequest)
+        chat = messages_request_to_chat(parsed)
+        lease = await router.acquire(parsed.model)
+        return MessagesResponse(
+            proxy,
+            lease,
+            _encode_for(chat, lease),
+            forward_headers(request),
+            received_at,
+            stream=bool(parsed.stream),
+        )
+
+    async def count_tokens(request: Request) -> Response:
+        parsed = decode_json_body(await read_body(request), CountTokensRequest)
+        chat = count_tokens_request_to_chat(parsed)
+        lease = await router.acquire(parsed.model)
+        try:
+            count = await count_on_replica(proxy, lease, _encode_for(chat, lease), forward_headers(request))
+        finally:
+            lease.release()
+        return Response(
+            msgspec.json.encode(CountTokensResponse(input_tokens=count)), media_type="application/json"
+        )
+
+    return [
+        Route("/v1/messages", create_message, methods=["POST"]),
+        Route("/v1/messages/count_tokens", count_tokens, methods=["POST"]),
+    ]

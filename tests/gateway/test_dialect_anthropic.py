@@ -1,0 +1,480 @@
+"""`/v1/messages` and `/v1/messages/count_tokens` through the real gateway app.
+
+The official `anthropic` SDK drives the app in process; behind it a fake neuron answers the
+management API and a scripted neuron (loopback) replays OpenAI chat chunk sequences, so
+the gateway's conversion, relay, failover and metrics all run for real.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+import anthropic
+import httpx2
+import pytest
+import pytest_asyncio
+from starlette.applications import Starlette
+from support.fake_neuron import FakeNeuron, gateway
+from support.scripted_upstream import (
+    Chunk,
+    Reply,
+    ScriptedNeuron,
+    finish,
+    reasoning,
+    role,
+    text,
+    tool_arguments,
+    tool_start,
+)
+
+from cortex_core.config.catalogue import ModelCatalogue, ModelProfile
+from cortex_core.sse import SSEDecoder
+
+MODEL = "org/chat"
+ALIAS = "claude-local"
+CATALOGUE = ModelCatalogue([ModelProfile(id=MODEL)], {ALIAS: MODEL})
+USER: Any = [{"role": "user", "content": "What is the weather in Paris?"}]
+TOOLS: Any = [
+    {
+        "name": "get_weather",
+        "description": "Weather for a city",
+        "input_schema": {"type": "object", "properties": {"city": {"type": "string"}}},
+    },
+    {"name": "get_time", "input_schema": {"type": "object", "properties": {"tz": {"type": "string"}}}},
+]
+
+
+@dataclass
+class Stack:
+    upstream: ScriptedNeuron
+    app: Starlette
+    http: httpx2.AsyncClient
+    sdk: anthropic.AsyncAnthropic
+
+
+@pytest_asyncio.fixture(loop_scope="function")
+async def stack() -> AsyncIterator[Stack]:
+    async with ScriptedNeuron() as upstream:
+        neuron = FakeNeuron(
+            "a", devices_mb=[24_000], endpoint="http://127.0.0.1:1", inference_url=upstream.base_url
+        )
+        neuron.preload(MODEL, 1_000)
+        async with gateway([neuron], CATALOGUE) as (app, http):
+            sdk_http = httpx2.AsyncClient(transport=httpx2.ASGITransport(app=app), base_url="http://gateway")
+            sdk = anthropic.AsyncAnthropic(
+                base_url="http://gateway", api_key="x", max_retries=0, http_client=sdk_http
+            )
+            async with sdk:
+                yield Stack(upstream, app, http, sdk)
+
+
+# --- upstream shapes -----------------------------------------------------------------------
+
+TEXT = [role(), text("Hello"), text(", world"), finish("stop")]
+THINKING = [role(), reasoning("Let me "), reasoning("think."), text("42"), finish("stop")]
+THINKING_AS_REASONING = [role(), reasoning("Hmm.", field_name="reasoning"), text("Yes"), finish("stop")]
+TEXT_THEN_TOOL = [
+    role(),
+    text("Let me check."),
+    tool_start(0, "call_1", "get_weather"),
+    tool_arguments(0, '{"city": '),
+    tool_arguments(0, '"Paris"}'),
+    finish("tool_calls"),
+]
+PARALLEL_TOOLS: Any = [
+    role(),
+    tool_start(0, "call_1", "get_weather", '{"city":'),
+    tool_start(1, "call_2", "get_time", '{"tz":'),
+    tool_arguments(0, ' "Paris"}'),
+    tool_arguments(1, ' "CET"}'),
+    finish("tool_calls"),
+]
+THINKING_THEN_TOOL = [
+    role(),
+    reasoning("The user wants weather."),
+    tool_start(0, "call_9", "get_weather", '{"city": "Paris"}'),
+    finish("tool_calls"),
+]
+STOP_SEQUENCE = [role(), text("one two"), finish("stop", stop_reason="END")]
+MAX_TOKENS = [role(), text("cut"), finish("length")]
+
+# (chunks, expected content as (type, payload), stop_reason, stop_sequence)
+ANSWERS: dict[str, tuple[list[Chunk], list[tuple[str, Any]], str, str | None]] = {
+    "text": (TEXT, [("text", "Hello, world")], "end_turn", None),
+    "thinking": (THINKING, [("thinking", "Let me think."), ("text", "42")], "end_turn", None),
+    "reasoning-field": (THINKING_AS_REASONING, [("thinking", "Hmm."), ("text", "Yes")], "end_turn", None),
+    "text-then-tool": (
+        TEXT_THEN_TOOL,
+        [("text", "Let me check."), ("tool_use", ("call_1", "get_weather", {"city": "Paris"}))],
+        "tool_use",
+        None,
+    ),
+    "parallel-tools": (
+        PARALLEL_TOOLS,
+        [
+            ("tool_use", ("call_1", "get_weather", {"city": "Paris"})),
+            ("tool_use", ("call_2", "get_time", {"tz": "CET"})),
+        ],
+        "tool_use",
+        None,
+    ),
+    "thinking-then-tool": (
+        THINKING_THEN_TOOL,
+        [("thinking", "The user wants weather."), ("tool_use", ("call_9", "get_weather", {"city": "Paris"}))],
+        "tool_use",
+        None,
+    ),
+    "stop-sequence": (STOP_SEQUENCE, [("text", "one two")], "stop_sequence", "END"),
+    "max-tokens": (MAX_TOKENS, [("text", "cut")], "max_tokens", None),
+}
+
+
+def content_of(message: anthropic.types.Message) -> list[tuple[str, Any]]:
+    out: list[tuple[str, Any]] = []
+    for block in message.content:
+        if block.type == "text":
+            out.append(("text", block.text))
+        elif block.type == "thinking":
+            out.append(("thinking", block.thinking))
+        elif block.type == "tool_use":
+            out.append(("tool_use", (block.id, block.name, block.input)))
+        else:
+            out.append((block.type, None))
+    return out
+
+
+@pytest.mark.parametrize("name", list(ANSWERS))
+async def test_sdk_create_and_stream_agree(stack: Stack, name: str) -> None:
+    chunks, content, stop_reason, stop_sequence = ANSWERS[name]
+    stack.upstream.reply = Reply(chunks)
+    kwargs: dict[str, Any] = {"model": ALIAS, "max_tokens": 64, "messages": USER, "tools": TOOLS}
+
+    created = await stack.sdk.messages.create(**kwargs)
+    async with stack.sdk.messages.stream(**kwargs) as stream:
+        events = [event.type async for event in stream]
+        streamed = await stream.get_final_message()
+
+    assert content_of(created) == content
+    assert (created.stop_reason, created.stop_sequence) == (stop_reason, stop_sequence)
+    assert created.model == MODEL
+    assert created.usage.input_tokens == 11
+    assert created.usage.output_tokens == stack.upstream.reply.usage()["completion_tokens"]
+    assert streamed.model_dump() == created.model_dump()
+    assert events.count("message_start") == 1 and events[-1] == "message_stop"
+
+    plain, streaming = (call.body for call in stack.upstream.calls)
+    assert plain["model"] == streaming["model"] == MODEL  # the alias resolved by the router
+    assert plain["messages"] == [{"role": "user", "content": "What is the weather in Paris?"}]
+    assert plain["tools"][0]["function"]["name"] == "get_weather"
+    assert "stream" not in plain
+    assert streaming["stream"] is True and streaming["stream_options"] == {"include_usage": True}
+
+
+async def test_text_stream_yields_the_text_deltas(stack: Stack) -> None:
+    stack.upstream.reply = Reply(TEXT)
+    async with stack.sdk.messages.stream(model=MODEL, max_tokens=16, messages=USER) as stream:
+        pieces = [piece async for piece in stream.text_stream]
+    assert pieces == ["Hello", ", world"]
+
+
+async def test_request_conversion_reaches_the_neuron(stack: Stack) -> None:
+    stack.upstream.reply = Reply(TEXT)
+    await stack.sdk.messages.create(
+        model=MODEL,
+        max_tokens=32,
+        system="Be brief.",
+        stop_sequences=["END"],
+        thinking={"type": "enabled", "budget_tokens": 1024},
+        messages=[
+            {"role": "user", "content": "Weather?"},
+            {
+                "role": "assistant",
+                "content": [
+                    {"type": "thinking", "thinking": "need a tool", "signature": ""},
+                    {"type": "tool_use", "id": "call_1", "name": "get_weather", "input": {"city": "Paris"}},
+                ],
+            },
+            {
+                "role": "user",
+                "content": [{"type": "tool_result", "tool_use_id": "call_1", "content": "sunny"}],
+            },
+        ],
+        tools=TOOLS,
+        extra_headers={"x-include-thinking": "true"},
+        # No longer SDK arguments, still sent by clients such as Claude Code.
+        extra_body={"temperature": 0.2, "top_k": 5},
+    )
+    call = stack.upstream.calls[0]
+    assert call.path == "/v1/chat/completions"
+    assert call.headers["x-include-thinking"] == "true"
+    body = call.body
+    assert body["messages"] == [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "Weather?"},
+        {
+            "role": "assistant",
+            "content": "",
+            "reasoning_content": "need a tool",
+            "tool_calls": [
+                {
+                    "id": "call_1",
+                    "type": "function",
+                    "function": {"name": "get_weather", "arguments": '{"city":"Paris"}'},
+                }
+            ],
+        },
+        {"role": "tool", "content": "sunny", "tool_call_id": "call_1"},
+    ]
+    assert body["chat_template_kwargs"] == {"enable_thinking": True, "thinking_budget": 1024}
+    assert (body["max_tokens"], body["temperature"], body["top_k"], body["stop"]) == (32, 0.2, 5, ["END"])
+
+
+# --- the exact event sequence on the wire, per upstream shape -------------------------------
+
+
+def summarize(event: dict[str, Any]) -> str:
+    kind = event["type"]
+    if kind == "content_block_start":
+        return f"start {event['index']} {event['content_block']['type']}"
+    if kind == "content_block_delta":
+        return f"delta {event['index']} {event['delta']['type']}"
+    if kind == "content_block_stop":
+        return f"stop {event['index']}"
+    if kind == "message_delta":
+        return f"message_delta {event['delta']['stop_reason']}"
+    if kind == "error":
+        return f"error {event['error']['type']}"
+    return str(kind)
+
+
+OPEN = ["message_start", "ping"]
+CLOSE_END = ["message_delta end_turn", "message_stop"]
+CLOSE_TOOL = ["message_delta tool_use", "message_stop"]
+GOLDEN: dict[str, tuple[Reply, list[str]]] = {
+    "text": (
+        Reply(TEXT),
+        [*OPEN, "start 0 text", "delta 0 text_delta", "delta 0 text_delta", "stop 0", *CLOSE_END],
+    ),
+    "reasoning-then-text": (
+        Reply(THINKING),
+        [
+            *OPEN,
+            "start 0 thinking",
+            "delta 0 thinking_delta",
+            "delta 0 thinking_delta",
+            "stop 0",
+            "start 1 text",
+            "delta 1 text_delta",
+            "stop 1",
+            *CLOSE_END,
+        ],
+    ),
+    "text-then-tool": (
+        Reply(TEXT_THEN_TOOL),
+        [
+            *OPEN,
+            "start 0 text",
+            "delta 0 text_delta",
+            "stop 0",
+            "start 1 tool_use",
+            "delta 1 input_json_delta",
+            "stop 1",
+            *CLOSE_TOOL,
+        ],
+    ),
+    "parallel-tools": (
+        Reply(PARALLEL_TOOLS),
+        [
+            *OPEN,
+            "start 0 tool_use",
+            "delta 0 input_json_delta",
+            "stop 0",
+            "start 1 tool_use",
+            "delta 1 input_json_delta",
+            "stop 1",
+            *CLOSE_TOOL,
+        ],
+    ),
+    "reasoning-then-tool": (
+        Reply(THINKING_THEN_TOOL),
+        [
+            *OPEN,
+            "start 0 thinking",
+            "delta 0 thinking_delta",
+            "stop 0",
+            "start 1 tool_use",
+            "delta 1 input_json_delta",
+            "stop 1",
+            *CLOSE_TOOL,
+        ],
+    ),
+    "error-frame-mid-stream": (
+        Reply(TEXT, error_frame_after=2),
+        [*OPEN, "start 0 text", "delta 0 text_delta", "error api_error"],
+    ),
+    "connection-lost-mid-stream": (
+        Reply(TEXT, break_after=2),
+        [*OPEN, "start 0 text", "delta 0 text_delta", "error api_error"],
+    ),
+}
+
+
+async def post_stream(stack: Stack, body: dict[str, Any]) -> tuple[httpx2.Response, list[dict[str, Any]]]:
+    response = await stack.http.post("/v1/messages", json={**body, "stream": True})
+    decoder = SSEDecoder()
+    messages = decoder.feed(response.content) + decoder.close()
+    events = []
+    for message in messages:
+        event = json.loads(message.data)
+        assert message.event == event["type"]  # `event:` names what `data:` holds
+        events.append(event)
+    return response, events
+
+
+@pytest.mark.parametrize("name", list(GOLDEN))
+async def test_golden_event_sequence(stack: Stack, name: str) -> None:
+    reply, expected = GOLDEN[name]
+    stack.upstream.reply = reply
+    response, events = await post_stream(stack, {"model": MODEL, "max_tokens": 64, "messages": USER})
+    assert response.status_code == 200
+    assert response.headers["content-type"].startswith("text/event-stream")
+    assert [summarize(e) for e in events] == expected
+
+
+async def test_usage_from_the_last_chunk_reaches_message_delta(stack: Stack) -> None:
+    stack.upstream.reply = Reply(TEXT, prompt_tokens=20, cached_tokens=8, completion_tokens=2)
+    _, events = await post_stream(stack, {"model": MODEL, "max_tokens": 64, "messages": USER})
+    start, delta = events[0], events[-2]
+    assert start["message"]["usage"]["output_tokens"] == 0
+    assert delta["usage"] == {
+        "output_tokens": 2,
+        "input_tokens": 12,
+        "cache_read_input_tokens": 8,
+        "cache_creation_input_tokens": 0,
+    }
+
+
+async def test_tool_arguments_arrive_whole_in_the_stream(stack: Stack) -> None:
+    stack.upstream.reply = Reply(PARALLEL_TOOLS)
+    _, events = await post_stream(stack, {"model": MODEL, "max_tokens": 64, "messages": USER})
+    arguments = [e["delta"]["partial_json"] for e in events if e["type"] == "content_block_delta"]
+    assert [json.loads(a) for a in arguments] == [{"city": "Paris"}, {"tz": "CET"}]
+
+
+# --- errors: the SDK's typed exceptions -----------------------------------------------------
+
+
+async def test_unknown_model_is_not_found(stack: Stack) -> None:
+    with pytest.raises(anthropic.NotFoundError) as raised:
+        await stack.sdk.messages.create(model="org/nope", max_tokens=8, messages=USER)
+    assert raised.value.body["error"]["type"] == "not_found_error"  # type: ignore[index]
+    assert stack.upstream.calls == []
+
+
+HOLOGRAM: Any = [{"role": "user", "content": [{"type": "hologram", "data": "?"}]}]
+
+
+async def test_bad_body_names_the_field(stack: Stack) -> None:
+    with pytest.raises(anthropic.BadRequestError) as raised:
+        await stack.sdk.messages.create(
+            model=MODEL,
+            max_tokens=8,
+            messages=HOLOGRAM,
+        )
+    assert raised.value.body["error"]["type"] == "invalid_request_error"  # type: ignore[index]
+    assert "$.messages[0].content[0]" in raised.value.message
+    response = await stack.http.post("/v1/messages", json={"model": MODEL, "messages": USER})
+    assert response.status_code == 400
+    assert "max_tokens" in response.json()["error"]["message"]
+
+
+async def test_unsupported_server_tool_is_a_clear_400(stack: Stack) -> None:
+    with pytest.raises(anthropic.BadRequestError) as raised:
+        await stack.sdk.messages.create(
+            model=MODEL,
+            max_tokens=8,
+            messages=USER,
+            tools=[{"type": "web_search_20250305", "name": "web_search"}],
+        )
+    assert "tools[0].type" in raised.value.message
+
+
+async def test_neuron_429_is_a_rate_limit_error_with_retry_after(stack: Stack) -> None:
+    stack.upstream.reply = Reply(
+        status=429,
+        retry_after="7",
+        error={"error": {"message": "queue full", "type": "rate_limit_error", "code": "queue_full"}},
+    )
+    with pytest.raises(anthropic.RateLimitError) as raised:
+        await stack.sdk.messages.create(model=MODEL, max_tokens=8, messages=USER)
+    assert raised.value.response.headers["retry-after"] == "7"
+    assert raised.value.body == {
+        "type": "error",
+        "error": {"type": "rate_limit_error", "message": "queue full"},
+    }
+    with pytest.raises(anthropic.RateLimitError):
+        async with stack.sdk.messages.stream(model=MODEL, max_tokens=8, messages=USER) as stream:
+            await stream.get_final_message()
+
+
+async def test_neuron_503_is_retried_then_an_overloaded_error(stack: Stack) -> None:
+    stack.upstream.reply = Reply(status=503, error={"error": {"message": "draining", "type": "api_error"}})
+    with pytest.raises(anthropic.InternalServerError) as raised:
+        await stack.sdk.messages.create(model=MODEL, max_tokens=8, messages=USER)
+    assert raised.value.status_code == 503
+    assert raised.value.body == {
+        "type": "error",
+        "error": {"type": "overloaded_error", "message": "draining"},
+    }
+    assert len(stack.upstream.calls) == 2  # proxy.max_attempts: failover before the first byte
+
+
+async def test_error_mid_stream_raises_in_the_sdk(stack: Stack) -> None:
+    stack.upstream.reply = Reply(TEXT, error_frame_after=2)
+    with pytest.raises(anthropic.APIStatusError) as raised:
+        async with stack.sdk.messages.stream(model=MODEL, max_tokens=8, messages=USER) as stream:
+            await stream.get_final_message()
+    assert "device fault" in raised.value.message
+
+
+async def test_unreachable_neuron_is_an_anthropic_shaped_503(stack: Stack) -> None:
+    port = stack.upstream.port
+    await stack.upstream.__aexit__(None, None, None)  # nothing listens there any more
+    response = await stack.http.post("/v1/messages", json={"model": MODEL, "max_tokens": 8, "messages": USER})
+    assert response.status_code == 503, port
+    assert response.json()["type"] == "error"
+    assert response.json()["error"]["type"] == "overloaded_error"
+    assert "retry-after" in response.headers
+
+
+# --- count_tokens and metrics ---------------------------------------------------------------
+
+
+async def test_count_tokens_asks_the_neuron_with_the_converted_request(stack: Stack) -> None:
+    stack.upstream.count_tokens = 37
+    counted = await stack.sdk.messages.count_tokens(
+        model=ALIAS, system="Be brief.", messages=USER, tools=TOOLS
+    )
+    assert counted.input_tokens == 37
+    (call,) = stack.upstream.calls
+    assert call.path == "/v1/chat/count_tokens"
+    assert call.body["model"] == MODEL
+    assert call.body["messages"][0] == {"role": "system", "content": "Be brief."}
+    assert [t["function"]["name"] for t in call.body["tools"]] == ["get_weather", "get_time"]
+    with pytest.raises(anthropic.NotFoundError):
+        await stack.sdk.messages.count_tokens(model="org/nope", messages=USER)
+
+
+async def test_stream_records_ttft_and_tokens(stack: Stack) -> None:
+    stack.upstream.reply = Reply(TEXT, prompt_tokens=20, completion_tokens=2)
+    await post_stream(stack, {"model": MODEL, "max_tokens": 64, "messages": USER})
+    registry = stack.app.state.metrics.registry
+    labels = {"model": MODEL, "node": "a"}
+    assert registry.get_sample_value("cortex_requests_total", labels) == 1.0
+    assert registry.get_sample_value("cortex_time_to_first_token_seconds_count", labels) == 1.0
+    assert registry.get_sample_value("cortex_prompt_tokens_total", labels) == 20.0
+    assert registry.get_sample_value("cortex_completion_tokens_total", labels) == 2.0
+    assert registry.get_sample_value("cortex_requests_in_flight", labels) == 0.0
