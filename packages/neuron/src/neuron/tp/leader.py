@@ -341,7 +341,7 @@ class TensorParallelGroup:
             except (OSError, TensorParallelError) as exc:
                 log.warning("tensor-parallel workers did not close cleanly: %s", exc)
         if self.local is not None:
-            self.local.close()
+            self.local.close(shutdown_group=healthy and self._failure is None)
             self.local = None
         deadline = time.monotonic() + CLOSE_TIMEOUT_S
         for worker in self.workers:

@@ -94,14 +94,18 @@ class RankState:
         if call.op == "sanity":
             return sanity_sum(self.group, self.setup.device)
         if call.op == "close":
-            self.close()
+            self.close(shutdown_group=True)
             return None
         raise ValueError(f"unknown tensor parallel op {call.op!r}")
 
-    def close(self) -> None:
+    def close(self, *, shutdown_group: bool = False) -> None:
+        """Free the model; with `shutdown_group`, also release the communicator cleanly (only
+        when every rank is healthy: a poisoned NCCL group was aborted instead)."""
         if self.runner is not None:
             self.runner.close()
             self.runner = None
+        if shutdown_group:
+            self.group.shutdown()
 
 
 def summarise(op: str, result: Any) -> Any:
