@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import socket
 
 import pytest
@@ -128,3 +129,20 @@ async def test_headers_never_arrive_is_504() -> None:
         response = await client.post("/v1/chat/completions", content=REQUEST)
     assert response.status_code == 504
     assert response.json()["error"]["code"] == "upstream_timeout"
+
+
+async def test_upstream_that_hangs_up_without_answering_is_502() -> None:
+    async def hang_up(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.close()
+
+    server = await asyncio.start_server(hang_up, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    async with server:
+        fleet = router(f"http://127.0.0.1:{port}")
+        async with in_process(relay_app(fleet)) as client:
+            response = await client.post("/v1/chat/completions", content=REQUEST)
+    assert response.status_code == 502
+    assert "retry-after" not in response.headers
+    assert response.json()["error"]["code"] == "upstream_connection_error"
+    assert len(fleet.failures) == 2

@@ -111,3 +111,21 @@ async def _settled(app: object) -> None:
         if registry.get_sample_value("cortex_requests_in_flight", labels) == 0.0:
             return
         await asyncio.sleep(0.01)
+
+
+async def test_chunks_reach_the_client_before_the_stream_ends() -> None:
+    # The upstream holds its second token until the client has seen the first: a proxy that
+    # buffered would never deliver it, and the test would time out.
+    gate = asyncio.Event()
+    chunks = sse_stream(["first", "second"])
+    script = Script(content_type="text/event-stream", chunks=chunks, gate=(2, gate))
+    async with FakeUpstream(script) as upstream:
+        app = relay_app(router(upstream))
+        async with on_hypercorn(app) as base_url, aiohttp.ClientSession() as session:
+            response = await session.post(base_url + "/v1/chat/completions", data=REQUEST)
+            seen = b""
+            while b'"first"' not in seen:
+                seen += await asyncio.wait_for(response.content.readany(), PATIENCE_SECS)
+            gate.set()
+            seen += await response.content.read()
+    assert seen == b"".join(chunks)

@@ -87,6 +87,8 @@ class Script:
     # Seconds to sit silent after this many chunks: (index, seconds).
     stall: tuple[int, float] | None = None
     extra_headers: dict[str, str] = field(default_factory=dict)
+    # Hold chunk `index` until the event is set: (index, event). Proves relaying is incremental.
+    gate: tuple[int, asyncio.Event] | None = None
 
 
 @dataclass
@@ -144,6 +146,8 @@ class FakeUpstream:
                     assert request.transport is not None
                     request.transport.abort()
                     return response
+                if script.gate is not None and index == script.gate[0]:
+                    await script.gate[1].wait()
                 if script.stall is not None and index == script.stall[0]:
                     await asyncio.sleep(script.stall[1])
                 if script.delay:
