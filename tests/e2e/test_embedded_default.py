@@ -108,6 +108,19 @@ def test_openai_sdk_gets_paris(served: Served) -> None:
     assert "Paris" in (answer.choices[0].message.content or "")
 
 
+def test_anthropic_sdk_gets_paris(served: Served) -> None:
+    from anthropic import Anthropic
+
+    client = Anthropic(base_url=served.ready["api"], api_key="unused", timeout=300, max_retries=0)
+    message = client.messages.create(
+        model=served.ready["model"],
+        max_tokens=24,
+        messages=[{"role": "user", "content": "What is the capital of France?"}],
+    )
+    text = "".join(block.text for block in message.content if block.type == "text")
+    assert "Paris" in text
+
+
 def test_cortex_status_shows_the_local_node_and_model(served: Served) -> None:
     done = subprocess.run(
         [sys.executable, "-m", "cortex_cli", "status", "--endpoint", served.ready["api"]],
