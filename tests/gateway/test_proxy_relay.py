@@ -144,3 +144,16 @@ def test_header_filters() -> None:
         [(b"Transfer-Encoding", b"chunked"), (b"Content-Type", b"text/event-stream"), (b"Date", b"x")]
     )
     assert relayed == [(b"Content-Type", b"text/event-stream")]
+
+
+async def test_cookies_from_one_answer_never_reach_another_request() -> None:
+    script = Script(extra_headers={"set-cookie": "session=client-a; Path=/"})
+    async with FakeUpstream(script) as upstream:
+        # A host name, not an IP: aiohttp's default jar would keep this cookie and send it on.
+        by_name = Upstream("node0", upstream.base_url.replace("127.0.0.1", "localhost"), "qwen")
+        async with in_process(relay_app(FixedRouter({"qwen": [by_name]}))) as client:
+            first = await client.post("/v1/chat/completions", content=REQUEST)
+            client.cookies.clear()
+            await client.post("/v1/chat/completions", content=REQUEST)
+    assert first.headers["set-cookie"].startswith("session=client-a")  # relayed to its client
+    assert "cookie" not in {k.lower() for k in upstream.calls[1].headers}

@@ -189,6 +189,9 @@ class Proxy:
             timeout=timeout,
             auto_decompress=False,
             skip_auto_headers=("User-Agent", "Content-Type"),
+            # One session serves every client: a cookie one neuron answer sets must never ride
+            # along on another client's request (and not parsing them is cheaper).
+            cookie_jar=aiohttp.DummyCookieJar(),
         )
 
     async def close(self) -> None:
