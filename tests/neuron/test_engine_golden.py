@@ -131,3 +131,17 @@ async def test_repeated_prefix_reports_cached_tokens_and_keeps_output(
     assert second.cached_tokens >= len(first_turn)
     assert second.cached_tokens < len(second_turn)
     assert (second.tokens, second.finish_reason) == (expected, finish)
+
+
+async def test_long_batched_generation_grows_its_buffers_and_still_matches(
+    model_and_prompts: tuple[Any, list[list[int]]], engine_and_runner: tuple[TorchEngine, RecordingRunner]
+) -> None:
+    # 300 steps outgrow the initial K/V headroom and padding-mask width of the batch.
+    model, prompts = model_and_prompts
+    engine, _ = engine_and_runner
+    chosen = [prompts[0], prompts[5]]
+    expected = [reference_greedy(model, p, 300, stop_at_eos=False) for p in chosen]
+    results = await asyncio.gather(*(collect(engine.generate(request(p, 300, frozenset()))) for p in chosen))
+    for (tokens, _), got in zip(expected, results, strict=True):
+        assert len(tokens) == 300
+        assert got.tokens == tokens

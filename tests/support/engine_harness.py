@@ -36,7 +36,9 @@ def eos_ids(model: Any) -> frozenset[int]:
     return frozenset([eos] if isinstance(eos, int) else (eos or []))
 
 
-def reference_greedy(model: Any, prompt: Sequence[int], max_new_tokens: int) -> tuple[list[int], str]:
+def reference_greedy(
+    model: Any, prompt: Sequence[int], max_new_tokens: int, *, stop_at_eos: bool = True
+) -> tuple[list[int], str]:
     """transformers' greedy generate(): the tokens without the EOS, and the finish reason."""
     import torch
 
@@ -46,9 +48,11 @@ def reference_greedy(model: Any, prompt: Sequence[int], max_new_tokens: int) -> 
             attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
             max_new_tokens=max_new_tokens,
             do_sample=False,
+            # An empty list (not None, which means "the model's default") disables stopping.
+            eos_token_id=sorted(eos_ids(model)) if stop_at_eos else [],
         )
     tokens = out[0, len(prompt) :].tolist()
-    stops = eos_ids(model)
+    stops = eos_ids(model) if stop_at_eos else frozenset()
     for i, token in enumerate(tokens):
         if token in stops:
             return tokens[:i], "stop"
