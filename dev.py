@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shutil
 import subprocess
 import sys
 import venv
@@ -29,6 +30,9 @@ DEPENDENCY_FILES = (
     *(f"packages/{name}/pyproject.toml" for name in PACKAGES),
 )
 SESSION_ALIASES = {"test": "tests"}
+# System tools some sessions need, by the Debian package that provides them. The RPM specs
+# are built and inspected by the test suite: an untested spec is a broken spec.
+SYSTEM_TOOLS = {"tests": {"rpmbuild": "rpm"}, "rpm": {"rpmbuild": "rpm"}}
 
 
 def venv_python() -> Path:
@@ -72,12 +76,28 @@ def ensure_environment() -> None:
     stamp.write_text(wanted)
 
 
+def ensure_system_tools(session: str) -> None:
+    missing = {tool: pkg for tool, pkg in SYSTEM_TOOLS.get(session, {}).items() if not shutil.which(tool)}
+    if not missing:
+        return
+    packages = sorted(set(missing.values()))
+    if os.geteuid() != 0 or not shutil.which("apt-get"):
+        print(
+            f"dev.py: {', '.join(missing)} missing; install the package(s) {', '.join(packages)}", flush=True
+        )
+        return
+    print(f"dev.py: installing {', '.join(packages)} (for {', '.join(missing)})", flush=True)
+    subprocess.run(["apt-get", "update", "-qq"], check=True)
+    subprocess.run(["apt-get", "install", "-y", "-qq", *packages], check=True)
+
+
 def main(argv: list[str]) -> int:
     if not argv or argv[0] in {"-h", "--help"}:
         print(__doc__)
         return 0 if argv else 2
     session = SESSION_ALIASES.get(argv[0], argv[0])
     ensure_environment()
+    ensure_system_tools(session)
     nox = [str(VENV / "bin" / "nox"), "-f", str(ROOT / "noxfile.py"), "-s", session, *argv[1:]]
     os.chdir(ROOT)
     env = {**os.environ, "PATH": f"{VENV / 'bin'}{os.pathsep}{os.environ.get('PATH', '')}"}
