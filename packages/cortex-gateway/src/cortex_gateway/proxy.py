@@ -256,7 +256,15 @@ class _ClientWatch:
 
 
 class RelayResponse(Response):
-    """An ASGI response that performs the upstream request and relays it (see module doc)."""
+    """An ASGI response that performs the upstream request and relays it (see module doc).
+
+    Dialects that convert the body instead of relaying it (dialects/anthropic.py) subclass
+    this and override `_relay` only. Their contract: `_open()` returns (upstream, response,
+    first body chunk) after failover, or raises `_Attempted` carrying the error to render;
+    set `_status`, `_error`, `_observer` (fed with the upstream's bytes) and
+    `_last_upstream_byte_at`, and `__call__`/`_finish` do the client watch, lease release
+    and metrics as for a plain relay.
+    """
 
     def __init__(
         self,
