@@ -1,0 +1,226 @@
+"""End to end on loopback: the official SDKs → a real gateway process → a real `neuron serve`
+process running SmolLM2-135M-Instruct on the CPU.
+
+Both processes are started once for the module (a torch start and a model load are the
+expensive part) and stopped with SIGTERM at the end. Decoding is greedy so the answers do
+not depend on luck.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import anthropic
+import httpx2
+import openai
+import pytest
+
+pytestmark = pytest.mark.slow
+
+STARTUP_TIMEOUT_SECS = 180.0
+ALIAS = "smollm2"
+QUESTION = "What is the capital of France?"
+
+GATEWAY_MAIN = """
+import logging, sys
+from pathlib import Path
+from cortex_core.config.catalogue import load_catalogue
+from cortex_core.config.gateway import load_gateway_config
+from cortex_gateway.serve import run_gateway
+logging.basicConfig(level=logging.INFO)
+config = load_gateway_config(Path(sys.argv[1]))
+run_gateway(config, load_catalogue(Path(config.models_config)))
+"""
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def neuron_command() -> list[str]:
+    script = Path(sys.executable).with_name("neuron")
+    if script.is_file():
+        return [str(script)]
+    return [sys.executable, "-c", "from neuron.cli import main; main()"]
+
+
+def wait_for(check: object, process: subprocess.Popen[bytes], log: Path, what: str) -> None:
+    assert callable(check)
+    deadline = time.monotonic() + STARTUP_TIMEOUT_SECS
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise AssertionError(f"{what} exited during startup:\n{log.read_text()[-4000:]}")
+        try:
+            if check():
+                return
+        except httpx2.TransportError:
+            pass
+        time.sleep(0.2)
+    raise AssertionError(f"{what} was not ready in time:\n{log.read_text()[-4000:]}")
+
+
+def stop(process: subprocess.Popen[bytes]) -> None:
+    if process.poll() is None:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+@dataclass
+class Fleet:
+    gateway_url: str
+    model_id: str
+
+
+@pytest.fixture(scope="module")
+def fleet(tmp_path_factory: pytest.TempPathFactory, smollm2_dir: Path) -> Iterator[Fleet]:
+    work = tmp_path_factory.mktemp("gateway-sdks")
+    model_id = str(smollm2_dir)
+    neuron_port, api_port, metrics_port = free_port(), free_port(), free_port()
+    (work / "neuron.toml").write_text(
+        f'host = "127.0.0.1"\nport = {neuron_port}\ndrain_timeout_secs = 5\n\n'
+        f"[[default_models]]\nmodel_id = {model_id!r}\n"
+    )
+    (work / "models.toml").write_text(f"[[models]]\nid = {model_id!r}\n\n[aliases]\n{ALIAS} = {model_id!r}\n")
+    (work / "cortex.toml").write_text(
+        f'models_config = "{work / "models.toml"}"\n\n'
+        f'[gateway]\nlisten = "127.0.0.1:{api_port}"\nmetrics_listen = "127.0.0.1:{metrics_port}"\n\n'
+        f'[[neurons]]\nname = "local"\nendpoint = "http://127.0.0.1:{neuron_port}"\n\n'
+        "[poller]\ninterval_secs = 0.2\n"
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("NEURON_", "CORTEX_GATEWAY"))}
+    env["HF_HUB_OFFLINE"] = "1"
+    neuron_log, gateway_log = work / "neuron.log", work / "gateway.log"
+    with neuron_log.open("wb") as out:
+        neuron = subprocess.Popen(
+            [*neuron_command(), "serve", "--config", str(work / "neuron.toml")],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env=env,
+        )
+    gateway: subprocess.Popen[bytes] | None = None
+    try:
+        with httpx2.Client(base_url=f"http://127.0.0.1:{neuron_port}", timeout=30) as client:
+            wait_for(
+                lambda: client.get("/health").json()["activation"]["state"] == "ready",
+                neuron,
+                neuron_log,
+                "neuron",
+            )
+        with gateway_log.open("wb") as out:
+            gateway = subprocess.Popen(
+                [sys.executable, "-c", GATEWAY_MAIN, str(work / "cortex.toml")],
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                env=env,
+            )
+        gateway_url = f"http://127.0.0.1:{api_port}"
+        with httpx2.Client(base_url=gateway_url, timeout=30) as client:
+
+            def model_listed() -> bool:
+                models = client.get("/v1/models").json()["data"]
+                return any(m["id"] == model_id and m.get("status", "loaded") == "loaded" for m in models)
+
+            wait_for(model_listed, gateway, gateway_log, "gateway")
+        yield Fleet(gateway_url, model_id)
+    finally:
+        if gateway is not None:
+            stop(gateway)
+        stop(neuron)
+
+
+def anthropic_client(fleet: Fleet) -> anthropic.Anthropic:
+    return anthropic.Anthropic(base_url=fleet.gateway_url, api_key="x", max_retries=0, timeout=120)
+
+
+def openai_client(fleet: Fleet) -> openai.OpenAI:
+    return openai.OpenAI(base_url=fleet.gateway_url + "/v1", api_key="x", max_retries=0, timeout=120)
+
+
+ASK = [{"role": "user", "content": QUESTION}]
+
+
+def test_anthropic_sdk_gets_paris(fleet: Fleet) -> None:
+    client = anthropic_client(fleet)
+    message = client.messages.create(model=ALIAS, max_tokens=24, messages=ASK, extra_body={"temperature": 0})  # type: ignore[arg-type]
+    text = "".join(block.text for block in message.content if block.type == "text")
+    assert "Paris" in text, text
+    assert message.stop_reason in ("end_turn", "max_tokens")
+    assert message.usage.input_tokens > 0 and message.usage.output_tokens > 0
+    assert message.model == fleet.model_id
+
+
+def test_anthropic_sdk_streams_paris(fleet: Fleet) -> None:
+    client = anthropic_client(fleet)
+    with client.messages.stream(
+        model=ALIAS,
+        max_tokens=24,
+        messages=ASK,  # type: ignore[arg-type]
+        extra_body={"temperature": 0},
+    ) as stream:
+        pieces = list(stream.text_stream)
+        final = stream.get_final_message()
+    text = "".join(pieces)
+    assert "Paris" in text, text
+    assert len(pieces) > 1  # really streamed, token by token
+    assert final.content[0].type == "text" and final.content[0].text == text
+    assert final.usage.input_tokens > 0 and final.usage.output_tokens > 0
+
+
+def test_anthropic_count_tokens_uses_the_model_template(fleet: Fleet, smollm2_dir: Path) -> None:
+    from transformers import AutoTokenizer
+
+    # The oracle: transformers renders the model's own template and tokenizes it. (SmolLM2's
+    # template adds a default system prompt when there is none, so "shorter" is not the test.)
+    tokenizer = AutoTokenizer.from_pretrained(smollm2_dir)
+
+    def expected(messages: list[dict[str, str]]) -> int:
+        prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        return len(tokenizer(prompt, add_special_tokens=False).input_ids)
+
+    client = anthropic_client(fleet)
+    bare = client.messages.count_tokens(model=ALIAS, messages=ASK)  # type: ignore[arg-type]
+    system = "Answer in one word."
+    with_system = client.messages.count_tokens(model=ALIAS, system=system, messages=ASK)  # type: ignore[arg-type]
+    assert bare.input_tokens == expected(ASK)
+    assert with_system.input_tokens == expected([{"role": "system", "content": system}, *ASK])
+
+
+def test_openai_sdk_chat_gets_paris(fleet: Fleet) -> None:
+    client = openai_client(fleet)
+    completion = client.chat.completions.create(model=ALIAS, messages=ASK, max_tokens=24, temperature=0)  # type: ignore[arg-type]
+    answer = completion.choices[0].message.content or ""
+    assert "Paris" in answer, answer
+    stream = client.chat.completions.create(
+        model=ALIAS,
+        messages=ASK,  # type: ignore[arg-type]
+        max_tokens=24,
+        temperature=0,
+        stream=True,
+        stream_options={"include_usage": True},
+    )
+    pieces = [c.choices[0].delta.content or "" for c in stream if c.choices]
+    assert "".join(pieces) == answer
+
+
+def test_openai_sdk_responses_gets_paris(fleet: Fleet) -> None:
+    client = openai_client(fleet)
+    response = client.responses.create(model=ALIAS, input=QUESTION, max_output_tokens=24, temperature=0)
+    assert "Paris" in response.output_text, response.output_text
+    with client.responses.stream(model=ALIAS, input=QUESTION, max_output_tokens=24, temperature=0) as stream:
+        final = stream.get_final_response()
+    assert final.output_text == response.output_text
