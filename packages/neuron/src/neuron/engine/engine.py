@@ -21,7 +21,7 @@ from cortex_core.neuron_api import ModelLoad
 from neuron.device import DeviceWorker
 from neuron.engine.api import GenerationRequest, TokenEvent
 from neuron.engine.sampling import SamplerState
-from neuron.engine.scheduler import Scheduler, Sequence
+from neuron.engine.scheduler import Scheduler, SeqState
 from neuron.runner import ModelRunner
 
 # Suggested wait for a client refused because the queue is full.
@@ -76,7 +76,7 @@ class TokenStream(AsyncIterator[TokenEvent]):
         self._engine = engine
         self.loop = loop
         self.queue: asyncio.Queue[TokenEvent | BaseException] = asyncio.Queue()
-        self.sequence: Sequence
+        self.sequence: SeqState
         self._done = False
 
     def __aiter__(self) -> TokenStream:
@@ -176,7 +176,7 @@ class TorchEngine:
                 )
             self._accepted += 1
             seq_id = next(self._seq_ids)
-        stream.sequence = Sequence(
+        stream.sequence = SeqState(
             seq_id=seq_id,
             request=request,
             sink=self._outbox.sink_for(stream),
@@ -186,6 +186,11 @@ class TorchEngine:
         self._scheduler.incoming.append(stream.sequence)
         self._wake()
         return stream
+
+    @property
+    def max_context(self) -> int:
+        """Prompt + new tokens allowed per request (for resolving a default max_tokens)."""
+        return self.runner.max_context
 
     def load(self) -> ModelLoad:
         running = len(self._scheduler.running)
@@ -239,12 +244,18 @@ class TorchEngine:
 
     def _shutdown(self) -> None:
         assert self._closed is not None
-        try:
-            self._scheduler.shutdown(
-                lambda: ApiError(
-                    503, f"model {self.model_id} was unloaded", retry_after=QUEUE_FULL_RETRY_AFTER_SECS
-                )
+
+        def unloaded() -> ApiError:
+            return ApiError(
+                503, f"model {self.model_id} was unloaded", retry_after=QUEUE_FULL_RETRY_AFTER_SECS
             )
+
+        if self._closed.done():
+            # A request that slipped in while closing: refuse it, the runner is already gone.
+            self._scheduler.fail_all(unloaded)
+            return
+        try:
+            self._scheduler.shutdown(unloaded)
         except BaseException as exc:
             self._closed.set_exception(exc)
             raise
@@ -254,10 +265,10 @@ class TorchEngine:
     def _is_closed(self) -> bool:
         return self._closed is not None and self._closed.done()
 
-    def _on_finished(self, seq: Sequence) -> None:
+    def _on_finished(self, seq: SeqState) -> None:
         self._count_out(seq)
 
-    def _count_out(self, seq: Sequence) -> None:
+    def _count_out(self, seq: SeqState) -> None:
         """The request no longer counts against the queue limit (once, whoever gets here first)."""
         with self._lock:
             if not seq.counted_out:

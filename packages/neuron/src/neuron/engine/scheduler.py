@@ -30,7 +30,7 @@ class EventSink(Protocol):
 
 
 @dataclass
-class Sequence:
+class SeqState:
     seq_id: int
     request: GenerationRequest
     sink: EventSink
@@ -71,16 +71,16 @@ class Scheduler:
         *,
         max_batch_size: int,
         prefill_budget_tokens: int,
-        on_finished: Callable[[Sequence], None],
+        on_finished: Callable[[SeqState], None],
     ) -> None:
         self.runner = runner
         self.max_batch_size = max_batch_size
         self.prefill_budget_tokens = prefill_budget_tokens
         self.on_finished = on_finished
         # Appended from the event loop's thread (deque appends are atomic), popped here.
-        self.incoming: deque[Sequence] = deque()
-        self.waiting: deque[Sequence] = deque()
-        self.running: list[Sequence] = []
+        self.incoming: deque[SeqState] = deque()
+        self.waiting: deque[SeqState] = deque()
+        self.running: list[SeqState] = []
         self.throughput = Throughput()
 
     def has_work(self) -> bool:
@@ -145,7 +145,7 @@ class Scheduler:
             if not self._accept(seq, token):
                 self.running.remove(seq)
 
-    def _accept(self, seq: Sequence, token: int) -> bool:
+    def _accept(self, seq: SeqState, token: int) -> bool:
         """Emit `token` for `seq`; False when the sequence has ended (and was finished)."""
         if token in seq.request.stop_token_ids:
             self._finish(seq, "stop")
@@ -158,7 +158,7 @@ class Scheduler:
             self._finish(seq, None)
         return not done
 
-    def _event(self, seq: Sequence, token: int | None, finish: FinishReason | None) -> TokenEvent:
+    def _event(self, seq: SeqState, token: int | None, finish: FinishReason | None) -> TokenEvent:
         return TokenEvent(
             token_id=token,
             finish_reason=finish,
@@ -167,7 +167,7 @@ class Scheduler:
             completion_tokens=seq.completion_tokens,
         )
 
-    def _finish(self, seq: Sequence, reason: FinishReason | None, *, release: bool = True) -> None:
+    def _finish(self, seq: SeqState, reason: FinishReason | None, *, release: bool = True) -> None:
         """End a sequence: a final event when `reason` is given, its cache released, counted out."""
         if seq.finished:
             return
@@ -178,7 +178,7 @@ class Scheduler:
             self.runner.release(seq.seq_id)
         self.on_finished(seq)
 
-    def _fail(self, seq: Sequence, exc: BaseException) -> None:
+    def _fail(self, seq: SeqState, exc: BaseException) -> None:
         if seq.finished:
             return
         seq.sink.put(exc)
