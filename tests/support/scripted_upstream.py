@@ -82,6 +82,9 @@ class Reply:
     # Streamed only: an OpenAI error frame after this many frames, or the connection aborted.
     error_frame_after: int | None = None
     break_after: int | None = None
+    # Streamed only: seconds before each frame, and a silence of (before frame index, seconds).
+    delay: float = 0.0
+    stall: tuple[int, float] | None = None
 
     def usage(self) -> dict[str, Any]:
         produced = sum(1 for c in self.chunks if _carries_output(c))
@@ -227,6 +230,10 @@ class ScriptedNeuron:
                     assert request.transport is not None
                     request.transport.abort()
                     return response
+                if reply.stall is not None and index == reply.stall[0]:
+                    await asyncio.sleep(reply.stall[1])
+                if reply.delay:
+                    await asyncio.sleep(reply.delay)
                 # Split each frame in two writes: the gateway must not depend on boundaries.
                 half = len(frame) // 2
                 await response.write(frame[:half])
