@@ -44,13 +44,35 @@ async def test_cold_load_evicts_the_idle_resident_then_serves_through_the_proxy(
             assert response.json()["choices"][0]["message"]["content"] == "Hello there"
     assert a.unload_calls == ["org/old"]
     assert a.load_calls == [
-        {"model_id": "org/big", "harness": "torch", "quant": "q4k", "tensor_parallel": None, "devices": [0]}
+        {
+            "model_id": "org/big",
+            "harness": "torch",
+            "quant": "q4k",
+            "tensor_parallel": None,
+            "devices": [0],
+            "served_model_name": None,
+        }
     ]
     assert set(a.models) == {"org/big"}
     assert json.loads(upstream.calls[0].body)["model"] == "org/big"
     text = _metrics_text(app)
     assert 'cortex_evictions_total{model="org/old",node="a"} 1.0' in text
     assert 'cortex_cold_starts_total{model="org/big",node="a"} 1.0' in text
+
+
+async def test_a_mirror_sourced_model_is_loaded_from_the_mirror_and_served_under_its_catalogue_id() -> None:
+    catalogue = ModelCatalogue([ModelProfile(id="org/mirrored", vram_mb=1_000, source="helexa")], {})
+    a = FakeNeuron("a", devices_mb=[24_000], sizes_mb={"org/mirrored": 1_000}, endpoint="http://127.0.0.1:1")
+    async with FakeUpstream() as upstream:
+        a.inference_url = upstream.base_url
+        async with gateway([a], catalogue) as (_app, http):
+            response = await http.post("/v1/chat/completions", json=chat("org/mirrored"))
+            assert response.status_code == 200, response.text
+            listed = (await http.get("/v1/models")).json()["data"]
+    [load] = a.load_calls
+    assert (load["model_id"], load["served_model_name"]) == ("helexa:org/mirrored", "org/mirrored")
+    assert [entry["id"] for entry in listed] == ["org/mirrored"]
+    assert listed[0]["loaded"] is True
 
 
 def _metrics_text(app: object) -> str:

@@ -134,6 +134,32 @@ async def test_load_list_endpoint_unload_a_local_folder(
     assert "not loaded" in gone.json()["error"]["message"]
 
 
+async def test_a_folder_is_served_and_listed_under_its_served_model_name(
+    make_node: Callable[..., Node], tiny_qwen3: Path
+) -> None:
+    node = make_node()
+    spec = {"model_id": str(tiny_qwen3), "served_model_name": "tiny-chat"}
+    response = await node.client.post("/models/load", json=spec)
+    assert response.status_code == 200, response.text
+    assert response.json()["model_id"] == "tiny-chat"
+    assert [info["id"] for info in (await node.client.get("/models")).json()] == ["tiny-chat"]
+    assert (await node.client.get(endpoint_path("tiny-chat"))).status_code == 200
+    assert (await node.client.get(endpoint_path(str(tiny_qwen3)))).status_code == 404
+
+    chat = await node.client.post(
+        "/v1/chat/completions",
+        json={"model": "tiny-chat", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 3},
+    )
+    assert chat.status_code == 200, chat.text
+    assert chat.json()["model"] == "tiny-chat"
+
+    # Loading it again by its served name is a no-op, not a second load.
+    assert (await node.client.post("/models/load", json=spec)).status_code == 200
+    assert len(node.loads) == 1
+    unload = await node.client.post("/models/unload", json={"model_id": "tiny-chat"})
+    assert unload.status_code == 200
+
+
 async def test_concurrent_identical_loads_share_one(make_node: Callable[..., Node], tiny_qwen3: Path) -> None:
     node = make_node()
     body = {"model_id": str(tiny_qwen3)}

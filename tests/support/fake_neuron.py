@@ -151,7 +151,7 @@ class FakeNeuron:
     async def _load(self, request: Request) -> JSONResponse:
         spec = json.loads(await request.body())
         self.load_calls.append(spec)
-        model_id = spec["model_id"]
+        model_id = spec.get("served_model_name") or spec["model_id"]
         if model_id in self.models and self.models[model_id].status == "loaded":
             return JSONResponse({"status": "loaded", "model_id": model_id})
         devices = spec.get("devices") or ([0] if self.devices_mb else [])

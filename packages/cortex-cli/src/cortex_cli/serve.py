@@ -5,8 +5,8 @@ per GPU host): torch stays out of the gateway's process, and the neuron's shutdo
 unload) is its own. The child never outlives us: it gets SIGTERM when we stop, and the
 kernel sends it SIGTERM should we die without stopping (PR_SET_PDEATHSIG).
 
-The model is served under a short name (an alias in the gateway's in-memory catalogue):
-a local folder is otherwise known by its path.
+The model is served under a short name (the neuron's `served_model_name`): a local folder
+would otherwise be known by its path.
 """
 
 from __future__ import annotations
@@ -122,6 +122,7 @@ def write_neuron_config(folder: Path, port: int, model: LocalModel) -> Path:
     path = folder / "neuron.toml"
     path.write_text(
         f'host = "127.0.0.1"\nport = {port}\n\n[[default_models]]\nmodel_id = {json.dumps(model.load_id)}\n'
+        f"served_model_name = {json.dumps(model.name)}\n"
     )
     return path
 
@@ -161,9 +162,7 @@ async def wait_for_neuron_model(
         if process.poll() is not None:
             raise CliError(f"the local neuron exited with status {process.returncode} (see its log above)")
         try:
-            status, error = model_state(
-                await asyncio.to_thread(get_json, neuron_url + "/models"), model.load_id
-            )
+            status, error = model_state(await asyncio.to_thread(get_json, neuron_url + "/models"), model.name)
         except (urllib.error.URLError, OSError, ValueError):
             status, error = None, None  # still starting
         if status == "loaded":
@@ -298,8 +297,7 @@ def serve_embedded(options: ServeOptions) -> None:
         neurons=[NeuronEndpoint(name=LOCAL_NODE, endpoint=neuron_url)],
         poller=msgspec.structs.replace(base.poller, interval_secs=LOCAL_POLL_SECS),
     )
-    aliases = {} if model.name == model.load_id else {model.name: model.load_id}
-    catalogue = ModelCatalogue([], aliases)
+    catalogue = ModelCatalogue([], {})
     api_url, metrics_url = connect_url(config.gateway.listen), connect_url(config.gateway.metrics_listen)
     failure: list[CliError] = []
 

@@ -108,6 +108,14 @@ class ModelSpec(msgspec.Struct, kw_only=True):
     quant: str | None = None
     tensor_parallel: int | None = None
     devices: list[int] | None = None
+    # The id the model is served and listed under. Defaults to `model_id`; set it when the
+    # source is a mirror (`helexa:Org/X`), a local folder or a .gguf path, so clients and
+    # the gateway's catalogue see one stable name.
+    served_model_name: str | None = None
+
+    @property
+    def served_id(self) -> str:
+        return self.served_model_name or self.model_id
 
 
 class UnloadRequest(msgspec.Struct, kw_only=True):

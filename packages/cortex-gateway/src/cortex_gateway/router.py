@@ -334,6 +334,8 @@ def load_spec(profile: ModelProfile, devices: tuple[int, ...]) -> ModelSpec:
     """The body of POST /models/load for a catalogue profile."""
     return ModelSpec(
         model_id=profile.load_id,
+        # A mirror-sourced model (`helexa:Org/X`) must still be listed as the catalogue id.
+        served_model_name=profile.id if profile.load_id != profile.id else None,
         harness=profile.harness,
         quant=profile.quant,
         tensor_parallel=profile.min_devices if profile.min_devices > 1 else None,

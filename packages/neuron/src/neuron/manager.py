@@ -320,7 +320,7 @@ class ModelManager:
                 code="tensor_parallel_unavailable",
                 param="tensor_parallel",
             )
-        model_id = spec.model_id
+        model_id = spec.served_id
         record = self._records.get(model_id)
         if record is not None and record.state == "unloading":
             raise ApiError(
@@ -387,7 +387,9 @@ class ModelManager:
     async def _load_steps(self, model_id: str, record: ModelRecord) -> LoadedModel:
         placement = self._placement(model_id, record.spec)
         record.device = placement.device
-        prepared: PreparedModel = await self.preparer.prepare(model_id, record.spec.quant, placement)
+        prepared: PreparedModel = await self.preparer.prepare(
+            record.spec.model_id, record.spec.quant, placement
+        )
         worker = self.devices.worker(placement.device)
         checkpoint = await worker.run(load_checkpoint, prepared.folder, prepared.gguf_file, placement.device)
         record.memory_bytes = checkpoint.memory_bytes
@@ -467,21 +469,21 @@ class ModelManager:
     def start_activation(self, specs: Sequence[ModelSpec]) -> asyncio.Task[None]:
         """Begin loading the default models in the background; /health shows `pre_warming` at once."""
         self.activation = ActivationStatus(
-            state="pre_warming" if specs else "ready", pending=[spec.model_id for spec in specs]
+            state="pre_warming" if specs else "ready", pending=[spec.served_id for spec in specs]
         )
         return asyncio.create_task(self._activate(specs), name="activate default models")
 
     async def _activate(self, specs: Sequence[ModelSpec]) -> None:
         """One after another (they compete for memory); a failure does not stop the rest."""
         for spec in specs:
-            self.activation.pending.remove(spec.model_id)
-            self.activation.in_progress = spec.model_id
+            self.activation.pending.remove(spec.served_id)
+            self.activation.in_progress = spec.served_id
             try:
                 await self.load(spec)
             except ApiError as exc:
-                self.activation.failed.append(ActivationFailure(model_id=spec.model_id, error=exc.message))
+                self.activation.failed.append(ActivationFailure(model_id=spec.served_id, error=exc.message))
             else:
-                self.activation.completed.append(spec.model_id)
+                self.activation.completed.append(spec.served_id)
         self.activation.in_progress = None
         self.activation.state = "ready"
 
