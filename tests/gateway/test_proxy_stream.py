@@ -81,8 +81,11 @@ async def test_client_disconnect_while_waiting_for_headers_cancels_upstream() ->
         fleet = router(upstream)
         app = relay_app(fleet)
         async with on_hypercorn(app) as base_url, aiohttp.ClientSession() as session:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(session.post(base_url + "/v1/chat/completions", data=REQUEST), 0.5)
+            waiting = asyncio.ensure_future(session.post(base_url + "/v1/chat/completions", data=REQUEST))
+            await asyncio.wait_for(upstream.called.wait(), PATIENCE_SECS)  # the neuron is generating
+            waiting.cancel()  # the client gives up and hangs up
+            with contextlib.suppress(asyncio.CancelledError):
+                await waiting
             await asyncio.wait_for(upstream.gone.wait(), PATIENCE_SECS)
             await _settled(app)
     assert all(count == 0 for count in fleet.in_flight.values())

@@ -102,6 +102,7 @@ class FakeUpstream:
     def __init__(self, script: Script | None = None) -> None:
         self.script = script or Script()
         self.calls: list[RecordedCall] = []
+        self.called = asyncio.Event()  # a request has arrived
         self.gone = asyncio.Event()  # the gateway closed the connection while we were answering
         self.finished = 0
         self._runner: web.AppRunner | None = None
@@ -133,6 +134,7 @@ class FakeUpstream:
     async def _handle(self, request: web.Request) -> web.StreamResponse:
         script = self.script
         self.calls.append(RecordedCall(request.path, dict(request.headers), await request.read()))
+        self.called.set()
         try:
             if script.before_headers:
                 await asyncio.sleep(script.before_headers)
