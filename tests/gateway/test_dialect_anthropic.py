@@ -209,7 +209,7 @@ async def test_request_conversion_reaches_the_neuron(stack: Stack) -> None:
     )
     call = stack.upstream.calls[0]
     assert call.path == "/v1/chat/completions"
-    assert call.headers["x-include-thinking"] == "true"
+    assert "x-include-thinking" not in {name.lower() for name in call.headers}
     body = call.body
     assert body["messages"] == [
         {"role": "system", "content": "Be brief."},
@@ -230,6 +230,25 @@ async def test_request_conversion_reaches_the_neuron(stack: Stack) -> None:
     ]
     assert body["chat_template_kwargs"] == {"enable_thinking": True, "thinking_budget": 1024}
     assert (body["max_tokens"], body["temperature"], body["top_k"], body["stop"]) == (32, 0.2, 5, ["END"])
+
+
+async def test_include_thinking_header_turns_thinking_on_as_thinking_blocks(stack: Stack) -> None:
+    stack.upstream.reply = Reply(THINKING)
+    include = {"x-include-thinking": "true"}
+    async with stack.sdk.messages.stream(
+        model=MODEL, max_tokens=16, messages=USER, extra_headers=include
+    ) as stream:
+        message = await stream.get_final_message()
+    assert content_of(message) == [("thinking", "Let me think."), ("text", "42")]
+    await stack.sdk.messages.create(
+        model=MODEL, max_tokens=16, messages=USER, extra_headers=include, thinking={"type": "disabled"}
+    )
+    await stack.sdk.messages.create(model=MODEL, max_tokens=16, messages=USER)
+    switched_on, client_decided, untouched = (call.body for call in stack.upstream.calls)
+    assert switched_on["chat_template_kwargs"] == {"enable_thinking": True}
+    assert client_decided["chat_template_kwargs"] == {"enable_thinking": False}
+    assert "chat_template_kwargs" not in untouched
+    assert all("x-include-thinking" not in call.headers for call in stack.upstream.calls)
 
 
 # --- the exact event sequence on the wire, per upstream shape -------------------------------

@@ -22,8 +22,11 @@
 4. A neuron's own error answer (4xx, or the last candidate's 5xx) keeps its status,
    message and Retry-After, in Anthropic's error shape, so SDKs raise their typed errors.
 
-`x-include-thinking` and the client's other headers are forwarded like on the OpenAI
-routes (docs/dialects.md says what the neuron does with it).
+The client's headers are forwarded like on the OpenAI routes, except `x-include-thinking`:
+on a neuron it moves reasoning into `content` between literal markers, which here would
+turn thinking into answer text (the peers' bug, peers.md §3.1). Its intent — show me the
+reasoning — is kept instead: when the request does not set `thinking` itself, the header
+switches the template's thinking on, and the reasoning comes back as `thinking` blocks.
 
 `/v1/messages/count_tokens` converts the request the same way and asks a replica of the
 model (cold-loading it if needed, as any request would) to render and count it:
@@ -59,6 +62,7 @@ from cortex_core.anthropic.stream import AnthropicStreamConverter
 from cortex_core.errors import ApiError, decode_json_body
 from cortex_core.openai.chat import ChatCompletion, ChatCompletionChunk, ChatCompletionRequest
 from cortex_core.sse import SSEDecoder, SSEMessage, encode_event
+from cortex_core.wire import given
 from cortex_gateway.proxy import Proxy, RelayResponse, _Attempted, request_headers
 from cortex_gateway.routing import Lease, LeaseProvider, Upstream
 from cortex_gateway.sse import BodyObserver, StreamObserver
@@ -68,6 +72,8 @@ log = logging.getLogger(__name__)
 CHAT_PATH = "/v1/chat/completions"
 COUNT_TOKENS_PATH = "/v1/chat/count_tokens"
 KEEPALIVE_COMMENT = b": keep-alive\n\n"
+INCLUDE_THINKING_HEADER = "x-include-thinking"
+_NOT_FORWARDED = frozenset({"content-type", INCLUDE_THINKING_HEADER})
 # Anthropic's error kinds; an upstream error of another kind is reported as `api_error`.
 ANTHROPIC_ERROR_TYPES = frozenset(
     {
@@ -398,18 +404,26 @@ _TOKEN_COUNT_DECODER = msgspec.json.Decoder(_TokenCount)
 
 
 def forward_headers(request: Request) -> list[tuple[str, str]]:
-    """The client's headers for the neuron (x-include-thinking among them), as JSON."""
+    """The client's headers for the neuron, as JSON, without `x-include-thinking` (module doc)."""
     headers = [
         (name, value)
         for name, value in request_headers(request.headers.raw)
-        if name.lower() != "content-type"
+        if name.lower() not in _NOT_FORWARDED
     ]
     headers.append(("content-type", "application/json"))
     return headers
 
 
-def _encode_for(chat: ChatCompletionRequest, lease: Lease) -> bytes:
+def wants_thinking(request: Request) -> bool:
+    return request.headers.get(INCLUDE_THINKING_HEADER, "").strip().lower() in ("1", "true", "yes")
+
+
+def upstream_body(chat: ChatCompletionRequest, lease: Lease, *, include_thinking: bool) -> bytes:
+    """The chat request for the lease's replica: the concrete model id, and thinking switched
+    on for `x-include-thinking` unless the request's own `thinking` already decided."""
     chat.model = lease.model_id
+    if include_thinking and given(chat.chat_template_kwargs) is None:
+        chat.chat_template_kwargs = {"enable_thinking": True}
     return msgspec.json.encode(chat)
 
 
@@ -424,7 +438,7 @@ def routes(*, router: LeaseProvider, proxy: Proxy, read_body: ReadBody) -> list[
         return MessagesResponse(
             proxy,
             lease,
-            _encode_for(chat, lease),
+            upstream_body(chat, lease, include_thinking=wants_thinking(request)),
             forward_headers(request),
             received_at,
             stream=bool(parsed.stream),
@@ -435,7 +449,8 @@ def routes(*, router: LeaseProvider, proxy: Proxy, read_body: ReadBody) -> list[
         chat = count_tokens_request_to_chat(parsed)
         lease = await router.acquire(parsed.model)
         try:
-            count = await count_on_replica(proxy, lease, _encode_for(chat, lease), forward_headers(request))
+            body = upstream_body(chat, lease, include_thinking=wants_thinking(request))
+            count = await count_on_replica(proxy, lease, body, forward_headers(request))
         finally:
             lease.release()
         return Response(
