@@ -27,7 +27,7 @@ def router(upstream: FakeUpstream) -> FixedRouter:
 async def test_stalled_stream_is_ended_with_an_error_event() -> None:
     chunks = sse_stream(["a", "b", "c"])
     script = Script(content_type="text/event-stream", chunks=chunks, stall=(2, 5.0))
-    config = ProxySection(idle_timeout_secs=0.3)
+    config = ProxySection(idle_timeout_secs=0.5)
     async with FakeUpstream(script) as upstream:
         app = relay_app(router(upstream), config)
         async with in_process(app) as client:
@@ -35,7 +35,7 @@ async def test_stalled_stream_is_ended_with_an_error_event() -> None:
         await asyncio.wait_for(upstream.gone.wait(), PATIENCE_SECS)
     assert response.content.startswith(chunks[0] + chunks[1])
     assert b"upstream_stream_error" in response.content
-    assert b"no data from node for 0.3 s" in response.content
+    assert b"no data from node for 0.5 s" in response.content
     assert b"[DONE]" not in response.content
     assert len(upstream.calls) == 1
     labels = {"model": "qwen", "node": "node0"}
@@ -43,10 +43,10 @@ async def test_stalled_stream_is_ended_with_an_error_event() -> None:
 
 
 async def test_long_steady_stream_outlives_the_idle_timeout() -> None:
-    # 12 chunks 0.1 s apart: well over the 0.3 s idle timeout in total, never idle that long.
-    chunks = sse_stream([f"t{i}" for i in range(9)])
+    # 16 chunks 0.1 s apart: 1.6 s in all, three times the idle timeout, never idle near it.
+    chunks = sse_stream([f"t{i}" for i in range(12)])
     script = Script(content_type="text/event-stream", chunks=chunks, delay=0.1)
-    config = ProxySection(idle_timeout_secs=0.3)
+    config = ProxySection(idle_timeout_secs=0.5)
     async with (
         FakeUpstream(script) as upstream,
         in_process(relay_app(router(upstream), config)) as client,
