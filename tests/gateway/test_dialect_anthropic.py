@@ -497,3 +497,22 @@ async def test_stream_records_ttft_and_tokens(stack: Stack) -> None:
     assert registry.get_sample_value("cortex_prompt_tokens_total", labels) == 20.0
     assert registry.get_sample_value("cortex_completion_tokens_total", labels) == 2.0
     assert registry.get_sample_value("cortex_requests_in_flight", labels) == 0.0
+
+
+async def test_a_model_not_yet_loaded_is_cold_loaded_for_messages_and_count_tokens() -> None:
+    cold = "org/cold"
+    catalogue = ModelCatalogue([ModelProfile(id=MODEL), ModelProfile(id=cold, vram_mb=1_000)], {})
+    async with ScriptedNeuron(Reply(TEXT)) as upstream:
+        neuron = FakeNeuron(
+            "a", devices_mb=[24_000], endpoint="http://127.0.0.1:1", inference_url=upstream.base_url
+        )
+        async with gateway([neuron], catalogue) as (app, http):
+            counted = await http.post("/v1/messages/count_tokens", json={"model": cold, "messages": USER})
+            answered = await http.post(
+                "/v1/messages", json={"model": cold, "max_tokens": 8, "messages": USER}
+            )
+    assert counted.json() == {"input_tokens": 42}
+    assert answered.json()["content"] == [{"type": "text", "text": "Hello, world"}]
+    assert [call["model_id"] for call in neuron.load_calls] == [cold]  # loaded once, then resident
+    registry = app.state.metrics.registry
+    assert registry.get_sample_value("cortex_cold_starts_total", {"model": cold, "node": "a"}) == 1.0
