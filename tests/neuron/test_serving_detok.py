@@ -69,22 +69,23 @@ def test_special_tokens_dropped_except_kept_markers(tokenizer: Any) -> None:
 
 
 STOP_CASES = [
-    # (stops, pieces, emitted text, stopped)
-    (["</answer>"], ["The answer", " is 4", "</ans", "wer> trailing"], "The answer is 4", True),
-    (["</answer>"], ["a<", "/", "an", "swer", ">b"], "a", True),
-    (["STOP"], ["ST", "ART and go"], "START and go", False),
-    (["\n\n"], ["line one\n", "\nline two"], "line one", True),
-    (["abc", "bcd"], ["xab", "cd"], "x", True),
-    (["abc", "b"], ["xa", "bc"], "x", True),  # the earliest match wins
-    ([], ["no stops at all"], "no stops at all", False),
-    (["never"], ["held partial: nev"], "held partial: nev", False),
-    ([""], ["empty stop strings are ignored"], "empty stop strings are ignored", False),
+    # (stops, pieces, emitted text, the stop string that matched)
+    (["</answer>"], ["The answer", " is 4", "</ans", "wer> trailing"], "The answer is 4", "</answer>"),
+    (["</answer>"], ["a<", "/", "an", "swer", ">b"], "a", "</answer>"),
+    (["STOP"], ["ST", "ART and go"], "START and go", None),
+    (["\n\n"], ["line one\n", "\nline two"], "line one", "\n\n"),
+    (["abc", "bcd"], ["xab", "cd"], "x", "abc"),
+    (["abc", "b"], ["xa", "bc"], "x", "abc"),  # the earliest match wins
+    (["bc", "xab"], ["xa", "bc"], "", "xab"),
+    ([], ["no stops at all"], "no stops at all", None),
+    (["never"], ["held partial: nev"], "held partial: nev", None),
+    ([""], ["empty stop strings are ignored"], "empty stop strings are ignored", None),
 ]
 
 
-@pytest.mark.parametrize(("stops", "pieces", "emitted", "stopped"), STOP_CASES)
+@pytest.mark.parametrize(("stops", "pieces", "emitted", "matched"), STOP_CASES)
 def test_stop_strings_split_across_tokens(
-    stops: list[str], pieces: list[str], emitted: str, stopped: bool
+    stops: list[str], pieces: list[str], emitted: str, matched: str | None
 ) -> None:
     matcher = StopStringMatcher(stops)
     out = []
@@ -95,7 +96,8 @@ def test_stop_strings_split_across_tokens(
                 assert stop not in "".join(out)
     out.append(matcher.flush())
     assert "".join(out) == emitted
-    assert matcher.stopped is stopped
+    assert matcher.stopped is (matched is not None)
+    assert matcher.matched == matched
 
 
 def test_partial_match_is_held_not_emitted() -> None:

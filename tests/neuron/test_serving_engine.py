@@ -115,6 +115,30 @@ async def test_seed_reproduces_and_stop_string_cuts(node: Node, tiny_qwen3: Path
     cut = (await node.client.post("/v1/completions", json={**body, "stop": [stop]})).json()
     assert cut["choices"][0]["text"] == first[: first.index(stop)]
     assert cut["choices"][0]["finish_reason"] == "stop"
+    # Which stop string ended it (vLLM's stop_reason): the Anthropic dialect reports it as stop_sequence.
+    assert cut["choices"][0]["stop_reason"] == stop
+    assert "stop_reason" not in (await node.client.post("/v1/completions", json=body)).json()["choices"][0]
+
+    chat = {
+        "model": body["model"],
+        "messages": [{"role": "user", "content": "Hi"}],
+        "max_tokens": 16,
+        "seed": 7,
+    }
+    free = (await node.client.post("/v1/chat/completions", json=chat)).json()["choices"][0]["message"][
+        "content"
+    ]
+    stop = free[len(free) // 2 : len(free) // 2 + 2]
+    for stream in (False, True):
+        response = await node.client.post(
+            "/v1/chat/completions", json={**chat, "stop": stop, "stream": stream}
+        )
+        if stream:
+            frames = [line[6:] for line in response.text.splitlines() if line.startswith("data: {")]
+            choice = [c for c in (json.loads(f)["choices"] for f in frames) if c][-1][0]
+        else:
+            choice = response.json()["choices"][0]
+        assert (choice["finish_reason"], choice["stop_reason"]) == ("stop", stop)
 
 
 async def test_repeated_prompt_reports_cached_tokens(node: Node, tiny_qwen3: Path) -> None:

@@ -196,13 +196,13 @@ class ChatStreamProjector:
     id: str = field(default_factory=new_completion_id)
     created: int = field(default_factory=lambda: int(time.time()))
 
-    def _chunk(self, delta: ChoiceDelta, finish_reason: str | None = None) -> ChatCompletionChunk:
-        return ChatCompletionChunk(
-            id=self.id,
-            created=self.created,
-            model=self.model,
-            choices=[ChunkChoice(index=0, delta=delta, finish_reason=finish_reason)],
-        )
+    def _chunk(
+        self, delta: ChoiceDelta, finish_reason: str | None = None, stop_reason: str | None = None
+    ) -> ChatCompletionChunk:
+        choice = ChunkChoice(index=0, delta=delta, finish_reason=finish_reason)
+        if stop_reason is not None:
+            choice.stop_reason = stop_reason
+        return ChatCompletionChunk(id=self.id, created=self.created, model=self.model, choices=[choice])
 
     def start(self) -> ChatCompletionChunk:
         return self._chunk(ChoiceDelta(role="assistant", content=""))
@@ -225,7 +225,7 @@ class ChatStreamProjector:
                 index=event.index, function=ChoiceDeltaToolCallFunction(arguments=event.delta)
             )
             return [self._chunk(ChoiceDelta(tool_calls=[call]))]
-        chunks = [self._chunk(ChoiceDelta(), finish_reason=event.reason)]
+        chunks = [self._chunk(ChoiceDelta(), finish_reason=event.reason, stop_reason=event.stop_sequence)]
         if self.include_usage:
             chunks.append(
                 ChatCompletionChunk(
@@ -269,10 +269,13 @@ def collect_chat_completion(model: str, events: Iterable[OutputEvent]) -> ChatCo
         reasoning=thoughts if thoughts else UNSET,
         tool_calls=tool_calls if tool_calls else UNSET,
     )
+    choice = Choice(index=0, message=message, finish_reason=finished.reason)
+    if finished.stop_sequence is not None:
+        choice.stop_reason = finished.stop_sequence
     return ChatCompletion(
         id=new_completion_id(),
         created=int(time.time()),
         model=model,
-        choices=[Choice(index=0, message=message, finish_reason=finished.reason)],
+        choices=[choice],
         usage=completion_usage(finished.usage),
     )

@@ -102,6 +102,8 @@ class CompletionStreamProjector:
         if not isinstance(event, Finished):
             return []  # no reasoning or tool parsing on this endpoint
         final = CompletionChoice(index=0, text="", finish_reason=event.reason)
+        if event.stop_sequence is not None:
+            final.stop_reason = event.stop_sequence
         chunks = [CompletionChunk(id=self.id, created=self.created, model=self.model, choices=[final])]
         if self.include_usage:
             chunks.append(
@@ -126,10 +128,13 @@ def collect_completion(model: str, events: Iterable[OutputEvent]) -> Completion:
             finished = event
     if finished is None:
         raise ApiError(500, "generation ended without a finish event")
+    choice = CompletionChoice(index=0, text="".join(text), finish_reason=finished.reason)
+    if finished.stop_sequence is not None:
+        choice.stop_reason = finished.stop_sequence
     return Completion(
         id=new_completion_id("cmpl"),
         created=int(time.time()),
         model=model,
-        choices=[CompletionChoice(index=0, text="".join(text), finish_reason=finished.reason)],
+        choices=[choice],
         usage=completion_usage(finished.usage),
     )

@@ -42,6 +42,8 @@ class Usage:
 class Finished:
     reason: str  # "stop" | "length" | "tool_calls"
     usage: Usage
+    # The stop string that ended generation, when one did.
+    stop_sequence: str | None = None
 
 
 OutputEvent = TextDelta | ReasoningDelta | ToolCallStart | ToolCallArguments | Finished
@@ -70,6 +72,10 @@ class OutputProcessor:
     @property
     def stopped(self) -> bool:
         return self._stops.stopped
+
+    @property
+    def matched_stop(self) -> str | None:
+        return self._stops.matched
 
     def _route(self, pieces: list[tuple[Channel, str]]) -> list[OutputEvent]:
         events: list[OutputEvent] = []
@@ -159,4 +165,5 @@ async def generate_events(
             cached_tokens=last.cached_tokens,
             reasoning_tokens=min(processor.reasoning_tokens, last.completion_tokens),
         ),
+        stop_sequence=processor.matched_stop if final_reason == "stop" else None,
     )

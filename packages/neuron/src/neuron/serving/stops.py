@@ -15,6 +15,8 @@ class StopStringMatcher:
         self._stops = tuple(stop for stop in stops if stop)
         self._held = ""
         self.stopped = False
+        # The stop string that ended the text (reported as the choice's stop_reason).
+        self.matched: str | None = None
 
     def _longest_partial(self, text: str) -> int:
         """Length of the longest suffix of `text` that is a proper prefix of a stop string."""
@@ -33,11 +35,12 @@ class StopStringMatcher:
         if not self._stops:
             return text
         buffer = self._held + text
-        matches = [index for index in (buffer.find(stop) for stop in self._stops) if index >= 0]
+        matches = [(index, stop) for stop in self._stops if (index := buffer.find(stop)) >= 0]
         if matches:
+            index, self.matched = min(matches, key=lambda match: match[0])
             self.stopped = True
             self._held = ""
-            return buffer[: min(matches)]
+            return buffer[:index]
         keep = self._longest_partial(buffer)
         self._held = buffer[len(buffer) - keep :] if keep else ""
         return buffer[: len(buffer) - keep]
