@@ -308,7 +308,7 @@ async def test_missing_files_are_named(
         (b'{"model_id": "noslash"}', 400, "missing the '/'"),
         (b'{"model_id": "unknownscheme:o/m"}', 400, "[sources.unknownscheme]"),
         (b'{"model_id": "/no/such/folder"}', 404, "nothing exists there"),
-        (b'{"model_id": "o/m", "tensor_parallel": 2}', 422, "tensor_parallel=2"),
+        (b'{"model_id": "o/m", "tensor_parallel": 2}', 422, "allow_cpu_tensor_parallel = true"),
     ],
 )
 async def test_bad_load_requests_get_actionable_errors(

@@ -127,3 +127,24 @@ def release_memory(device: int | None) -> None:
         import torch
 
         torch.cuda.empty_cache()
+
+
+@dataclass
+class CheckpointMetadata:
+    tokenizer: Any
+    hf_config: Any
+    generation_config: dict[str, Any]
+    chat_template: str | None
+
+
+def read_metadata(folder: Path) -> CheckpointMetadata:
+    """Tokenizer, config and template without the weights (a tensor-parallel model's ranks load those)."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    return CheckpointMetadata(
+        tokenizer,
+        AutoConfig.from_pretrained(folder),
+        read_generation_config(folder),
+        read_chat_template(folder, tokenizer),
+    )

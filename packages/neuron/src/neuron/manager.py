@@ -31,7 +31,14 @@ from cortex_core.neuron_api import (
 from neuron.device import DeviceWorker
 from neuron.discovery import HostProbe
 from neuron.engine.api import Engine, GenerationRequest, TokenEvent
-from neuron.loader import LoadedCheckpoint, device_name, load_checkpoint, release_memory
+from neuron.loader import (
+    LoadedCheckpoint,
+    choose_dtype,
+    device_name,
+    load_checkpoint,
+    read_metadata,
+    release_memory,
+)
 from neuron.metrics import LiveReadings, NeuronMetrics
 from neuron.prepare import ModelPreparer, Placement, PreparedModel
 from neuron.runtime import LoadedModel
@@ -157,6 +164,8 @@ class ModelRecord:
     state: ModelState
     requested_at: float
     device: int | None = None
+    # Every rank's device of a tensor-parallel model (rank 0's is `device`); empty otherwise.
+    devices: list[int] = field(default_factory=list)
     error: str | None = None
     loaded: LoadedModel | None = None
     memory_bytes: int = 0
@@ -222,7 +231,7 @@ class ModelManager:
             id=model_id,
             harness=HARNESS,
             status=record.state,
-            devices=[] if record.device is None else [record.device],
+            devices=record.devices or ([] if record.device is None else [record.device]),
             error=record.error,
             loaded_at=record.loaded_at,
             last_used=record.last_used,
@@ -312,14 +321,6 @@ class ModelManager:
             )
         if not spec.model_id.strip():
             raise ApiError(400, "model_id is empty", code="invalid_model_id", param="model_id")
-        if spec.tensor_parallel is not None and spec.tensor_parallel > 1:
-            raise ApiError(
-                422,
-                f"model '{spec.model_id}' asks for tensor_parallel={spec.tensor_parallel}, which this neuron "
-                "cannot do yet; load it with tensor_parallel unset (one device)",
-                code="tensor_parallel_unavailable",
-                param="tensor_parallel",
-            )
         model_id = spec.served_id
         record = self._records.get(model_id)
         if record is not None and record.state == "unloading":
@@ -385,6 +386,9 @@ class ModelManager:
         return Placement(device, free_by_gpu[device], f"GPU {device}")
 
     async def _load_steps(self, model_id: str, record: ModelRecord) -> LoadedModel:
+        tp_devices = self._tensor_parallel_devices(model_id, record.spec)
+        if tp_devices is not None:
+            return await self._load_tensor_parallel(model_id, record, tp_devices)
         placement = self._placement(model_id, record.spec)
         record.device = placement.device
         prepared: PreparedModel = await self.preparer.prepare(
@@ -411,6 +415,102 @@ class ModelManager:
             worker=worker,
             devices=[] if placement.device is None else [placement.device],
         )
+
+    def _tensor_parallel_devices(self, model_id: str, spec: ModelSpec) -> list[int] | None:
+        """Each rank's device when the spec asks for more than one, else None (imports torch lazily)."""
+        if (spec.tensor_parallel or 1) <= 1 and len(spec.devices or []) <= 1:
+            return None
+        from neuron.tp import TensorParallelPlacementError, tensor_parallel_devices
+
+        best_first = sorted(self.probe.gpu_indices, key=lambda index: -self.probe.free_bytes(index))
+        try:
+            return tensor_parallel_devices(spec.devices, spec.tensor_parallel, best_first)
+        except TensorParallelPlacementError as exc:
+            raise ApiError(
+                422, f"model '{model_id}': {exc}", code="tensor_parallel_unavailable", param="tensor_parallel"
+            ) from exc
+
+    async def _load_tensor_parallel(
+        self, model_id: str, record: ModelRecord, devices: list[int]
+    ) -> LoadedModel:
+        """Rank 0 on this process's owner thread for devices[0]; the other ranks are worker processes."""
+        from neuron.engine import TorchEngine
+        from neuron.tp import UnshardableModel, UnsupportedBackend, choose_backend, start_tensor_parallel
+
+        on_gpu = bool(self.probe.gpu_indices)
+        allow_cpu = self.config.allow_cpu_tensor_parallel
+        try:
+            choose_backend(cuda_available=on_gpu, allow_cpu=allow_cpu)
+        except UnsupportedBackend as exc:
+            raise ApiError(
+                422, f"model '{model_id}': {exc}", code="tensor_parallel_unavailable", param="tensor_parallel"
+            ) from exc
+        if on_gpu:
+            free = sum(self.probe.free_bytes(index) for index in devices)
+            placement = Placement(devices[0], free, f"GPUs {devices}")
+        else:
+            placement = Placement(None, self.probe.free_bytes(None), "this host's memory (CPU)")
+        record.device, record.devices = placement.device, list(devices)
+        prepared = await self.preparer.prepare(record.spec.model_id, record.spec.quant, placement)
+        if prepared.gguf_file:
+            raise ApiError(
+                422,
+                f"model '{model_id}' is a GGUF file; tensor parallel needs a safetensors checkpoint",
+                code="tensor_parallel_unavailable",
+                param="tensor_parallel",
+            )
+        record.memory_bytes = prepared.weight_bytes
+        worker = self.devices.worker(placement.device)
+        loop = asyncio.get_running_loop()
+
+        def on_failure(reason: str) -> None:  # runs on the TP watchdog's thread
+            loop.call_soon_threadsafe(self._poison, model_id, record, reason)
+
+        metadata = await worker.run(read_metadata, prepared.folder)
+        config_dtype = getattr(metadata.hf_config, "dtype", None)
+        try:
+            runner = await worker.run(
+                start_tensor_parallel,
+                prepared.folder,
+                devices,
+                cuda_available=on_gpu,
+                allow_cpu=allow_cpu,
+                engine_config=self.config.engine,
+                dtype=choose_dtype(placement.device, None if config_dtype is None else str(config_dtype)),
+                step_timeout_s=self.config.tensor_parallel_step_timeout_secs,
+                on_failure=on_failure,
+            )
+        except UnshardableModel as exc:
+            raise ApiError(
+                422, f"model '{model_id}': {exc}", code="tensor_parallel_unavailable", param="tensor_parallel"
+            ) from exc
+        engine = TorchEngine(runner, worker=worker, config=self.config.engine, model_id=model_id)
+        metered = MeteredEngine(
+            engine,
+            on_request=self.metrics.requests.labels(model_id).inc,
+            on_tokens=self.metrics.tokens_generated.labels(model_id).inc,
+        )
+        return LoadedModel(
+            model_id=model_id,
+            spec=record.spec,
+            path=prepared.folder,
+            tokenizer=metadata.tokenizer,
+            hf_config=metadata.hf_config,
+            generation_config=metadata.generation_config,
+            chat_template=metadata.chat_template,
+            engine=metered,
+            worker=worker,
+            devices=list(devices),
+        )
+
+    def _poison(self, model_id: str, record: ModelRecord, reason: str) -> None:
+        """A device fault (e.g. a tensor-parallel rank died): refuse requests until unload + load."""
+        if self._records.get(model_id) is not record or record.state != "loaded":
+            return
+        record.state = "poisoned"
+        record.error = reason
+        self._count_loaded()
+        log.error("model %s is poisoned: %s", model_id, reason)
 
     def _count_loaded(self) -> None:
         self.metrics.models_loaded.set(sum(1 for r in self._records.values() if r.state == "loaded"))
