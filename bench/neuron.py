@@ -150,7 +150,9 @@ async def main() -> int:
     from neuron.device import DeviceWorker
     from neuron.engine import build_engine
 
+    # Two copies: the engine packs its model's bf16 linears for oneDNN, generate() keeps a stock one.
     model, tokenizer = load()
+    engine_model, _ = load()
     all_prompts = prompts(tokenizer)
     batch = (all_prompts * ((args.streams + len(all_prompts) - 1) // len(all_prompts)))[: args.streams]
     single = all_prompts[:1]
@@ -162,7 +164,8 @@ async def main() -> int:
 
     worker = DeviceWorker("bench-cpu")
     config = EngineConfig(max_batch_size=max(8, args.streams), prefix_cache_entries=0)
-    engine = build_engine(model, worker=worker, engine_config=config, model_id="smollm2")
+    engine = build_engine(engine_model, worker=worker, engine_config=config, model_id="smollm2")
+    print(f"engine: {engine.runner.packed_linears} linear layers packed for oneDNN")
     # Warm both paths (first-call allocations, lazy imports) outside the measurements.
     generate_run(model, tokenizer, single, 4)
     await engine_run(engine, single, 4)

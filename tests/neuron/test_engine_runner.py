@@ -10,6 +10,7 @@ import pytest
 import torch
 from support.engine_harness import load_model
 
+from neuron.engine.cpu_linear import PackedLinear, packing_available
 from neuron.engine.hf_runner import SingleDeviceRunner
 from neuron.engine.kv import PrefixStore, common_prefix_len
 
@@ -140,3 +141,29 @@ def test_unsupported_layer_types_are_named() -> None:
     )
     with pytest.raises(ValueError, match=r"qwen3_next.*linear_attention"):
         SingleDeviceRunner(SimpleNamespace(config=config), device="cpu")
+
+
+@pytest.mark.skipif(not packing_available(), reason="this CPU/torch build has no oneDNN bf16 linear")
+def test_packed_bf16_linear_matches_linear() -> None:
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(64, 96, bias=True, dtype=torch.bfloat16)
+    packed = PackedLinear(linear)
+    for shape in [(1, 1, 64), (8, 1, 64), (2, 37, 64)]:
+        x = torch.randn(*shape, dtype=torch.bfloat16)
+        with torch.inference_mode():
+            assert torch.allclose(packed(x).float(), linear(x).float(), atol=0.05, rtol=0.02)
+
+
+@pytest.mark.skipif(not packing_available(), reason="this CPU/torch build has no oneDNN bf16 linear")
+def test_runner_packs_bf16_cpu_models_only(tiny_qwen3: Path) -> None:
+    from transformers import AutoModelForCausalLM
+
+    fp32 = AutoModelForCausalLM.from_pretrained(tiny_qwen3, dtype=torch.float32).eval()
+    assert SingleDeviceRunner(fp32, device="cpu").packed_linears == 0
+    bf16 = AutoModelForCausalLM.from_pretrained(tiny_qwen3, dtype=torch.bfloat16).eval()
+    reference = bf16(input_ids=torch.tensor([[5, 6, 7, 8]])).logits[0, -1].float()
+    runner = SingleDeviceRunner(bf16, device="cpu")
+    assert runner.packed_linears == 2 * 7 + 1  # q, k, v, o, gate, up, down per layer + lm_head
+    got = runner.prefill(0, [5, 6, 7, 8]).logits
+    assert torch.allclose(got, reference, atol=0.05)
+    assert runner.decode([0], [9]).shape == (1, reference.shape[0])

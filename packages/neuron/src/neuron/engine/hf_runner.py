@@ -20,6 +20,7 @@ from typing import Any
 import torch
 from transformers.cache_utils import Cache
 
+from neuron.engine.cpu_linear import pack_cpu_linears as pack_linears
 from neuron.engine.kv import (
     PrefixStore,
     SeqKV,
@@ -62,6 +63,7 @@ class SingleDeviceRunner:
         prefix_cache_entries: int = 8,
         prefix_cache_bytes: int = 1 << 30,
         max_context: int | None = None,
+        pack_cpu_linears: bool = True,
     ) -> None:
         config = model.config
         layer_types = set(getattr(config, "layer_types", None) or ["full_attention"])
@@ -73,6 +75,8 @@ class SingleDeviceRunner:
             )
         self.model = model
         self.device = torch.device(device)
+        # Decode on the CPU is matmul-bound: pack bf16 weights for oneDNN once (cpu_linear.py).
+        self.packed_linears = pack_linears(model) if pack_cpu_linears and self.device.type == "cpu" else 0
         self.num_layers = int(config.num_hidden_layers)
         self.prefill_chunk_tokens = max(1, prefill_chunk_tokens)
         self._max_context = int(max_context or config.max_position_embeddings)
