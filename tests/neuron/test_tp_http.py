@@ -157,3 +157,23 @@ async def test_tp_refusals_are_client_errors(tiny_qwen3_moe: Path, tiny_qwen3: P
     finally:
         await node.client.aclose()
         await node.manager.close()
+
+
+async def test_tp_llama_streams_the_same_greedy_text_as_one_process(tiny_llama: Path, tmp_path: Path) -> None:
+    tp_id = str(shutil.copytree(tiny_llama, tmp_path / "tp"))
+    single_id = str(shutil.copytree(tiny_llama, tmp_path / "single"))
+    client = Node()
+    try:
+        for body in ({"model_id": single_id}, {"model_id": tp_id, "tensor_parallel": 2}):
+            loaded = await client.client.post("/models/load", json=body)
+            assert loaded.status_code == 200, loaded.text
+        responses = await asyncio.gather(
+            *(client.chat(model, question) for question in QUESTIONS for model in (tp_id, single_id))
+        )
+        texts = [streamed_text(response) for response in responses]
+        for tp_text, single_text in zip(texts[::2], texts[1::2], strict=True):
+            assert tp_text == single_text and tp_text
+    finally:
+        await client.client.aclose()
+        await client.manager.close()
+    assert worker_pids() == []
