@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import shutil
+import threading
 import weakref
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -24,6 +25,7 @@ from neuron.app import create_app
 from neuron.discovery import HostProbe
 from neuron.loader import LoadedCheckpoint, load_checkpoint
 from neuron.manager import ModelManager, default_engine_factory
+from neuron.preflight import required_bytes
 
 MIB = 1024 * 1024
 
@@ -233,6 +235,34 @@ async def test_a_model_too_big_for_free_memory_is_refused_with_the_numbers(
     assert error["required_mb"] >= 256
     assert "100 MiB is free" in error["message"]
     assert node.loads == []
+
+
+async def test_two_loads_in_flight_cannot_both_claim_the_same_free_memory(
+    make_node: Callable[..., Node], tiny_qwen3: Path, tiny_llama: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Room for one tiny model (weights + the runtime headroom pre-flight asks for), not two.
+    weights = (tiny_qwen3 / "model.safetensors").stat().st_size
+    node = make_node(probe=SmallHost(free_bytes=required_bytes(weights) * 3 // 2))
+    first_loading, release_first = threading.Event(), threading.Event()
+    load = manager_module.load_checkpoint
+
+    def held_load(folder: Path, gguf_file: str | None, device: int | None) -> LoadedCheckpoint:
+        if folder == tiny_qwen3:
+            first_loading.set()
+            release_first.wait(30)
+        return load(folder, gguf_file, device)
+
+    monkeypatch.setattr(manager_module, "load_checkpoint", held_load)
+    first = asyncio.create_task(node.client.post("/models/load", json={"model_id": str(tiny_qwen3)}))
+    assert await asyncio.to_thread(first_loading.wait, 30)
+    # The host's free-memory reading has not moved yet; only the reservation knows.
+    second = await node.client.post("/models/load", json={"model_id": str(tiny_llama)})
+    release_first.set()
+    assert (await first).status_code == 200
+    assert second.status_code == 422, second.text
+    assert second.json()["error"]["code"] == "insufficient_memory"
+    # Once the first load is done its reservation is gone (the probe would now show the weights).
+    assert node.manager._reserved == {None: 0}
 
 
 async def test_a_model_too_big_for_the_chosen_gpu_is_refused(

@@ -11,9 +11,10 @@ awaits it.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -40,6 +41,7 @@ from neuron.loader import (
     release_memory,
 )
 from neuron.metrics import LiveReadings, NeuronMetrics
+from neuron.preflight import check_fit, required_bytes
 from neuron.prepare import ModelPreparer, Placement, PreparedModel
 from neuron.runtime import LoadedModel
 from neuron.sources import effective_sources
@@ -212,6 +214,9 @@ class ModelManager:
         self.devices = devices or DevicePool()
         self._clock = clock
         self._records: dict[str, ModelRecord] = {}
+        # Bytes that loads in progress will occupy, per device (None = host memory). Free memory
+        # readings do not show a load until its weights are resident.
+        self._reserved: dict[int | None, int] = {}
         self.activation = ActivationStatus()
 
     @property
@@ -378,12 +383,36 @@ class ModelManager:
         self.metrics.load_failures.labels(model_id).inc()
         log.warning("model %s failed to load: %s", model_id, message)
 
+    def _free_bytes(self, device: int | None) -> int:
+        return self.probe.free_bytes(device) - self._reserved.get(device, 0)
+
     def _placement(self, model_id: str, spec: ModelSpec) -> Placement:
-        free_by_gpu = {index: self.probe.free_bytes(index) for index in self.probe.gpu_indices}
+        free_by_gpu = {index: self._free_bytes(index) for index in self.probe.gpu_indices}
         device = choose_device(model_id, spec.devices, free_by_gpu, self.probe.cuda_unavailable_reason)
         if device is None:
-            return Placement(None, self.probe.free_bytes(None), "this host's memory (CPU)")
+            return Placement(None, self._free_bytes(None), "this host's memory (CPU)")
         return Placement(device, free_by_gpu[device], f"GPU {device}")
+
+    @contextlib.contextmanager
+    def _reservation(
+        self, model_id: str, devices: Sequence[int | None], weight_bytes: int, where: str
+    ) -> Iterator[None]:
+        """Check the fit again and hold the memory until the load ends.
+
+        Pre-flight checked against free memory before an await (downloads, file reads); another
+        load may have claimed that memory since. Checking and reserving here with no await in
+        between means two loads can never both count the same free bytes.
+        """
+        # The headroom pre-flight demands (weights plus runtime overhead) is what gets held.
+        share = required_bytes(weight_bytes) // len(devices)
+        check_fit(model_id, weight_bytes, sum(self._free_bytes(device) for device in devices), where)
+        for device in devices:
+            self._reserved[device] = self._reserved.get(device, 0) + share
+        try:
+            yield
+        finally:
+            for device in devices:
+                self._reserved[device] -= share
 
     async def _load_steps(self, model_id: str, record: ModelRecord) -> LoadedModel:
         tp_devices = self._tensor_parallel_devices(model_id, record.spec)
@@ -395,7 +424,10 @@ class ModelManager:
             record.spec.model_id, record.spec.quant, placement
         )
         worker = self.devices.worker(placement.device)
-        checkpoint = await worker.run(load_checkpoint, prepared.folder, prepared.gguf_file, placement.device)
+        with self._reservation(model_id, [placement.device], prepared.weight_bytes, placement.description):
+            checkpoint = await worker.run(
+                load_checkpoint, prepared.folder, prepared.gguf_file, placement.device
+            )
         record.memory_bytes = checkpoint.memory_bytes
         engine = self._engine_factory(checkpoint, worker, self.config.engine, model_id)
         metered = MeteredEngine(
@@ -446,10 +478,10 @@ class ModelManager:
                 422, f"model '{model_id}': {exc}", code="tensor_parallel_unavailable", param="tensor_parallel"
             ) from exc
         if on_gpu:
-            free = sum(self.probe.free_bytes(index) for index in devices)
+            free = sum(self._free_bytes(index) for index in devices)
             placement = Placement(devices[0], free, f"GPUs {devices}")
         else:
-            placement = Placement(None, self.probe.free_bytes(None), "this host's memory (CPU)")
+            placement = Placement(None, self._free_bytes(None), "this host's memory (CPU)")
         record.device, record.devices = placement.device, list(devices)
         prepared = await self.preparer.prepare(record.spec.model_id, record.spec.quant, placement)
         if prepared.gguf_file:
@@ -468,18 +500,20 @@ class ModelManager:
 
         metadata = await worker.run(read_metadata, prepared.folder)
         config_dtype = getattr(metadata.hf_config, "dtype", None)
+        reserved_on: list[int | None] = list(devices) if on_gpu else [None]
         try:
-            runner = await worker.run(
-                start_tensor_parallel,
-                prepared.folder,
-                devices,
-                cuda_available=on_gpu,
-                allow_cpu=allow_cpu,
-                engine_config=self.config.engine,
-                dtype=choose_dtype(placement.device, None if config_dtype is None else str(config_dtype)),
-                step_timeout_s=self.config.tensor_parallel_step_timeout_secs,
-                on_failure=on_failure,
-            )
+            with self._reservation(model_id, reserved_on, prepared.weight_bytes, placement.description):
+                runner = await worker.run(
+                    start_tensor_parallel,
+                    prepared.folder,
+                    devices,
+                    cuda_available=on_gpu,
+                    allow_cpu=allow_cpu,
+                    engine_config=self.config.engine,
+                    dtype=choose_dtype(placement.device, None if config_dtype is None else str(config_dtype)),
+                    step_timeout_s=self.config.tensor_parallel_step_timeout_secs,
+                    on_failure=on_failure,
+                )
         except UnshardableModel as exc:
             raise ApiError(
                 422, f"model '{model_id}': {exc}", code="tensor_parallel_unavailable", param="tensor_parallel"
