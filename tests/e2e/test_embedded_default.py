@@ -4,49 +4,28 @@ embedded SmolLM2 through the gateway and a local neuron; the official SDK gets "
 
 from __future__ import annotations
 
-import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 import pytest
+from support.processes import free_port, read_ready_event
 
 pytestmark = pytest.mark.slow
 
 READY_TIMEOUT_SECS = 600
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
 @dataclass
 class Served:
     process: subprocess.Popen[str]
     ready: dict[str, Any]
-
-
-def read_ready_line(stdout: IO[str], process: subprocess.Popen[str]) -> dict[str, Any]:
-    deadline = time.monotonic() + READY_TIMEOUT_SECS
-    while time.monotonic() < deadline:
-        line = stdout.readline()
-        if not line:
-            raise AssertionError(f"cortex serve exited with {process.wait()} before it was ready")
-        if line.startswith("{"):
-            event: dict[str, Any] = json.loads(line)
-            if event.get("event") == "ready":
-                return event
-    raise AssertionError("cortex serve was not ready in time")
 
 
 def pid_alive(pid: int) -> bool:
@@ -83,7 +62,7 @@ def served(smollm2_dir: Path) -> Iterator[Served]:
     )  # fmt: skip
     assert process.stdout is not None
     try:
-        yield Served(process, read_ready_line(process.stdout, process))
+        yield Served(process, read_ready_event(process.stdout, process, READY_TIMEOUT_SECS))
     finally:
         if process.poll() is None:
             process.send_signal(signal.SIGINT)
@@ -163,7 +142,7 @@ def test_a_killed_cortex_takes_its_neuron_along(smollm2_dir: Path) -> None:
     )  # fmt: skip
     assert process.stdout is not None
     try:
-        ready = read_ready_line(process.stdout, process)
+        ready = read_ready_event(process.stdout, process, READY_TIMEOUT_SECS)
     finally:
         process.kill()
         process.wait()

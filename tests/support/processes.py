@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
 import socket
@@ -12,6 +13,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import IO, Any
 
 import httpx2
 
@@ -100,3 +102,19 @@ def neuron_serve(config: Path, port: int, env: dict[str, str] | None = None) -> 
         yield service
     finally:
         service.stop()
+
+
+def read_ready_event(
+    stdout: IO[str], process: subprocess.Popen[str], timeout: float = STARTUP_TIMEOUT_SECS
+) -> dict[str, Any]:
+    """The `{"event": "ready", ...}` line `cortex serve --json` prints once it can serve."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        line = stdout.readline()
+        if not line:
+            raise AssertionError(f"cortex serve exited with {process.wait()} before it was ready")
+        if line.startswith("{"):
+            event: dict[str, Any] = json.loads(line)
+            if event.get("event") == "ready":
+                return event
+    raise AssertionError("cortex serve was not ready in time")
