@@ -106,6 +106,44 @@ def test_chunked_prefill_and_prefix_reuse_give_the_same_logits(model: Any) -> No
     assert torch.allclose(again.logits, whole.logits, atol=1e-5)
 
 
+def test_batched_prefill_matches_prefilling_alone(model: Any) -> None:
+    prompts = [[5, 6, 7], [(i * 37) % 300 + 5 for i in range(40)], [8, 9, 10, 11, 12], [44]]
+    alone = SingleDeviceRunner(model, device="cpu", prefix_cache_entries=0)
+    expected = [alone.prefill(i, p).logits for i, p in enumerate(prompts)]
+    expected_next = alone.decode([0, 1, 2, 3], [20, 21, 22, 23])
+    together = SingleDeviceRunner(model, device="cpu", prefix_cache_entries=0)
+    results = together.prefill_batch([0, 1, 2, 3], prompts)
+    for got, want in zip(results, expected, strict=True):
+        assert got.cached_tokens == 0
+        torch.testing.assert_close(got.logits, want, atol=1e-5, rtol=1e-5)
+    # The padded prefill's K/V carries on exactly like the lone ones' (pads never leak in).
+    torch.testing.assert_close(
+        together.decode([0, 1, 2, 3], [20, 21, 22, 23]), expected_next, atol=1e-5, rtol=1e-5
+    )
+
+
+def test_batched_prefill_runs_prefix_hits_and_long_prompts_alone(model: Any) -> None:
+    long_prompt = [(i * 11) % 300 + 5 for i in range(20)]
+    runner = SingleDeviceRunner(model, device="cpu", prefill_chunk_tokens=16)
+    runner.prefill(0, [1, 2, 3, 4, 5, 6])
+    results = runner.prefill_batch([1, 2, 3, 4], [[1, 2, 3, 4, 5, 9], long_prompt, [7, 8], [9, 10, 11]])
+    assert [r.cached_tokens for r in results] == [5, 0, 0, 0]
+    reference = SingleDeviceRunner(model, device="cpu", prefix_cache_entries=0)
+    torch.testing.assert_close(
+        results[1].logits, reference.prefill(0, long_prompt).logits, atol=1e-5, rtol=1e-5
+    )
+
+
+def test_a_refused_batched_prefill_leaves_nothing_behind(model: Any) -> None:
+    runner = SingleDeviceRunner(model, device="cpu", prefix_cache_entries=0)
+    runner.prefill(0, [1, 2, 3])
+    with pytest.raises(ValueError, match="already exists"):
+        runner.prefill_batch([1, 0], [[4, 5], [6]])
+    with pytest.raises(ValueError, match="empty"):
+        runner.prefill_batch([1, 2], [[4, 5], []])
+    assert [r.cached_tokens for r in runner.prefill_batch([1, 2], [[4, 5], [6]])] == [0, 0]
+
+
 def test_decode_returns_rows_in_the_order_asked(model: Any) -> None:
     runner = SingleDeviceRunner(model, device="cpu", prefix_cache_entries=0)
     runner.prefill(10, [5, 6, 7])

@@ -16,6 +16,8 @@ from cortex_core.errors import ApiError
 from neuron.device import DeviceWorker
 from neuron.engine import SingleDeviceRunner, TorchEngine
 from neuron.engine.api import GenerationRequest, SamplingParams
+from neuron.engine.sampling import SamplerState
+from neuron.engine.scheduler import Scheduler, SeqState
 from neuron.runner import PrefillResult
 
 GREEDY = SamplingParams(temperature=0.0)
@@ -180,10 +182,17 @@ async def test_seed_reproduces_alone_and_batched(make_engine: Any, prompt: list[
 
 
 class FailingRunner(SingleDeviceRunner):
+    """A prompt starting with token 7 fails its prefill, and any batched prefill it is part of."""
+
     def prefill(self, seq_id: int, token_ids: Sequence[int]) -> PrefillResult:
         if token_ids[0] == 7:
             raise RuntimeError("prefill exploded")
         return super().prefill(seq_id, token_ids)
+
+    def prefill_batch(self, seq_ids: Sequence[int], prompts: Sequence[Sequence[int]]) -> list[PrefillResult]:
+        if any(prompt[0] == 7 for prompt in prompts):
+            raise RuntimeError("batched prefill exploded")
+        return super().prefill_batch(seq_ids, prompts)
 
 
 async def test_a_failed_prefill_fails_only_its_request(
@@ -197,6 +206,43 @@ async def test_a_failed_prefill_fails_only_its_request(
     assert len((await collect(healthy)).tokens) == 6
     assert engine.load().queue_depth == 0
     await engine.close()
+
+
+class ListSink:
+    def __init__(self) -> None:
+        self.items: list[Any] = []
+
+    def put(self, item: Any) -> None:
+        self.items.append(item)
+
+
+def test_a_failed_batched_prefill_is_retried_one_by_one(
+    model_and_tokenizer: tuple[Any, Any], prompt: list[int]
+) -> None:
+    """Admitted in the same step, the healthy request survives its companion's failure."""
+    finished: list[int] = []
+    runner = FailingRunner(model_and_tokenizer[0], device="cpu")
+    scheduler = Scheduler(
+        runner, max_batch_size=8, prefill_budget_tokens=512, on_finished=lambda s: finished.append(s.seq_id)
+    )
+    sequences = [
+        SeqState(
+            seq_id=i,
+            request=greedy(p, 3),
+            sink=ListSink(),
+            sampler=SamplerState.create(GREEDY),
+            max_new_tokens=3,
+        )
+        for i, p in enumerate([prompt, [7, *prompt], prompt[1:]])
+    ]
+    scheduler.incoming.extend(sequences)
+    while scheduler.has_work():
+        scheduler.step(lambda: None)
+    healthy, doomed, other = (seq.sink.items for seq in sequences)  # type: ignore[attr-defined]
+    assert isinstance(doomed[0], RuntimeError) and "prefill exploded" in str(doomed[0])
+    assert [e.token_id is not None for e in healthy] == [True, True, True]
+    assert len(other) == 3 and other[-1].finish_reason == "length"
+    assert sorted(finished) == [0, 1, 2]
 
 
 async def test_close_fails_running_requests_with_503(make_engine: Any, prompt: list[int]) -> None:

@@ -54,8 +54,10 @@ def tp_runner(arch_path: Path, one_thread: None) -> Iterator[TensorParallelRunne
 
 
 def greedy_script(runner: ModelRunner) -> tuple[dict[int, list[int]], list[int], list[torch.Tensor]]:
-    """Two sequences decoded together, one leaves, a third joins reusing its prefix."""
-    first: dict[int, PrefillResult] = {1: runner.prefill(1, PROMPT_A), 2: runner.prefill(2, PROMPT_B)}
+    """Two sequences prefilled and decoded together, one leaves, a third joins reusing its prefix."""
+    first: dict[int, PrefillResult] = dict(
+        zip((1, 2), runner.prefill_batch([1, 2], [PROMPT_A, PROMPT_B]), strict=True)
+    )
     tokens = {seq: [int(result.logits.argmax())] for seq, result in first.items()}
     logits_seen = [first[1].logits]
     for _ in range(8):
@@ -116,6 +118,9 @@ class KeepOpen:
 
     def prefill(self, seq_id: int, token_ids: Sequence[int]) -> PrefillResult:
         return self._runner.prefill(seq_id, token_ids)
+
+    def prefill_batch(self, seq_ids: Sequence[int], prompts: Sequence[Sequence[int]]) -> list[PrefillResult]:
+        return self._runner.prefill_batch(seq_ids, prompts)
 
     def decode(self, seq_ids: Sequence[int], token_ids: Sequence[int]) -> torch.Tensor:
         return self._runner.decode(seq_ids, token_ids)

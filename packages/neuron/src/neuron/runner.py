@@ -38,6 +38,14 @@ class ModelRunner(Protocol):
         """Start sequence `seq_id` with its prompt; reuse a cached prefix when one matches."""
         ...
 
+    def prefill_batch(self, seq_ids: Sequence[int], prompts: Sequence[Sequence[int]]) -> list[PrefillResult]:
+        """Start several sequences at once (one result each, in order), as `prefill` would.
+
+        A runner may compute them in one forward; the results must be what `prefill` gives
+        up to floating-point rounding. If it raises, none of the sequences exists afterwards.
+        """
+        ...
+
     def decode(self, seq_ids: Sequence[int], token_ids: Sequence[int]) -> torch.Tensor:
         """Append one token to each sequence in a single batched forward; logits [B, vocab]."""
         ...

@@ -7,7 +7,8 @@ the set of sequences changes (a prefill joins, a sequence leaves), so a steady s
 nothing but the new token's K/V.
 
 Prefill runs alone (batch of one) in chunks, from a stored prefix when one shares the start
-of the prompt. All behaviour is a deterministic function of the calls, as the tensor-parallel
+of the prompt; prompts admitted together without a prefix hit share one left-padded forward
+(`prefill_batch`), and join the decode batch through the same rebuild. All behaviour is a deterministic function of the calls, as the tensor-parallel
 runner, which replays them on every rank, requires.
 """
 
@@ -22,6 +23,7 @@ from transformers.cache_utils import Cache
 
 from neuron.engine.cpu_linear import pack_cpu_linears as pack_linears
 from neuron.engine.kv import (
+    PrefixEntry,
     PrefixStore,
     SeqKV,
     cache_from_prefix,
@@ -51,6 +53,22 @@ class _Batch:
     @property
     def width(self) -> int:
         return cache_layers(self.cache)[0].length
+
+
+@dataclass(frozen=True)
+class _Prefilled:
+    """A prefilled sequence waiting to join the decode batch: row `row` of `cache`, from column `start`."""
+
+    cache: Cache
+    row: int
+    start: int
+
+    def kv(self) -> SeqKV:
+        return row_kv(self.cache, self.row, self.start)
+
+    @property
+    def alone(self) -> bool:
+        return cache_layers(self.cache)[0].rows == 1
 
 
 class SingleDeviceRunner:
@@ -84,7 +102,7 @@ class SingleDeviceRunner:
         # Token ids whose K/V is held, per sequence (prompt + fed tokens).
         self._tokens: dict[int, list[int]] = {}
         # Sequences prefilled but not yet part of the decode batch.
-        self._solo: dict[int, Cache] = {}
+        self._solo: dict[int, _Prefilled] = {}
         self._batch: _Batch | None = None
 
     @property
@@ -93,13 +111,60 @@ class SingleDeviceRunner:
 
     @torch.inference_mode()
     def prefill(self, seq_id: int, token_ids: Sequence[int]) -> PrefillResult:
+        tokens = self._admit(seq_id, token_ids)
+        # At least the last prompt token is computed: its logits pick the first new token.
+        entry, cached = self.prefixes.lookup(tokens, len(tokens) - 1)
+        return self._prefill_alone(seq_id, tokens, entry, cached)
+
+    @torch.inference_mode()
+    def prefill_batch(self, seq_ids: Sequence[int], prompts: Sequence[Sequence[int]]) -> list[PrefillResult]:
+        """Several prompts in one left-padded forward (one weight pass instead of one each).
+
+        A prompt that reuses a stored prefix, or that is longer than a prefill chunk, runs
+        alone as in `prefill`; the others share a forward. Prompts of the same call do not
+        reuse each other's prefixes (they are computed at the same time).
+        """
+        if len(seq_ids) != len(prompts) or len(set(seq_ids)) != len(seq_ids):
+            raise ValueError("prefill_batch needs one prompt per distinct sequence")
+        if len(seq_ids) == 1:
+            return [self.prefill(seq_ids[0], prompts[0])]
+        token_lists = [self._admit(seq_id, prompt) for seq_id, prompt in zip(seq_ids, prompts, strict=True)]
+        try:
+            return self._prefill_batch(seq_ids, token_lists)
+        except BaseException:
+            for seq_id in seq_ids:  # all or nothing: the caller may retry them one by one
+                self._tokens.pop(seq_id, None)
+                self._solo.pop(seq_id, None)
+            raise
+
+    def _prefill_batch(self, seq_ids: Sequence[int], token_lists: list[list[int]]) -> list[PrefillResult]:
+        results: dict[int, PrefillResult] = {}
+        together: list[int] = []
+        for seq_id, tokens in zip(seq_ids, token_lists, strict=True):
+            entry, cached = self.prefixes.lookup(tokens, len(tokens) - 1)
+            if entry is not None or len(tokens) > self.prefill_chunk_tokens:
+                results[seq_id] = self._prefill_alone(seq_id, tokens, entry, cached)
+            else:
+                together.append(seq_id)
+        if len(together) == 1:
+            seq_id = together[0]
+            results[seq_id] = self._prefill_alone(seq_id, token_lists[seq_ids.index(seq_id)], None, 0)
+        elif together:
+            rows = [token_lists[seq_ids.index(seq_id)] for seq_id in together]
+            for seq_id, logits in zip(together, self._prefill_together(together, rows), strict=True):
+                results[seq_id] = PrefillResult(logits=logits, cached_tokens=0)
+        return [results[seq_id] for seq_id in seq_ids]
+
+    def _admit(self, seq_id: int, token_ids: Sequence[int]) -> list[int]:
         if not token_ids:
             raise ValueError("cannot prefill an empty prompt")
         if seq_id in self._tokens:
             raise ValueError(f"sequence {seq_id} already exists")
-        tokens = list(token_ids)
-        # At least the last prompt token is computed: its logits pick the first new token.
-        entry, cached = self.prefixes.lookup(tokens, len(tokens) - 1)
+        return list(token_ids)
+
+    def _prefill_alone(
+        self, seq_id: int, tokens: list[int], entry: PrefixEntry | None, cached: int
+    ) -> PrefillResult:
         cache = cache_from_prefix(entry.kv, cached) if entry else new_cache(self.num_layers)
         logits = None
         for start in range(cached, len(tokens), self.prefill_chunk_tokens):
@@ -112,11 +177,37 @@ class SingleDeviceRunner:
             )
             logits = out.logits
         assert logits is not None
-        self._solo[seq_id] = cache
+        self._solo[seq_id] = _Prefilled(cache, 0, 0)
         self._tokens[seq_id] = tokens
         if len(tokens) >= MIN_PREFIX_TOKENS:
             self.prefixes.insert(tokens, row_kv(cache, 0, 0))
         return PrefillResult(logits=logits[0, -1].float(), cached_tokens=cached)
+
+    def _prefill_together(self, seq_ids: list[int], rows: list[list[int]]) -> list[torch.Tensor]:
+        """One forward over left-padded prompts; each row's K/V stays in the shared cache."""
+        width = max(len(tokens) for tokens in rows)
+        pads = [width - len(tokens) for tokens in rows]
+        # Pad columns hold token 0 and are masked out here and in every later step.
+        input_ids = torch.tensor([[0] * pad + tokens for pad, tokens in zip(pads, rows, strict=True)])
+        mask = torch.tensor([[0] * pad + [1] * len(tokens) for pad, tokens in zip(pads, rows, strict=True)])
+        # Positions count real tokens only, as generate() numbers a left-padded batch.
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        cache = new_cache(self.num_layers)
+        out = self.model(
+            input_ids=input_ids.to(self.device),
+            attention_mask=mask.to(self.device),
+            position_ids=positions.to(self.device),
+            past_key_values=cache,
+            use_cache=True,
+            logits_to_keep=1,
+        )
+        logits: torch.Tensor = out.logits[:, -1].float()
+        for row, (seq_id, tokens) in enumerate(zip(seq_ids, rows, strict=True)):
+            self._solo[seq_id] = _Prefilled(cache, row, pads[row])
+            self._tokens[seq_id] = tokens
+            if len(tokens) >= MIN_PREFIX_TOKENS:
+                self.prefixes.insert(tokens, row_kv(cache, row, pads[row]))
+        return list(logits.unbind(0))
 
     @torch.inference_mode()
     def decode(self, seq_ids: Sequence[int], token_ids: Sequence[int]) -> torch.Tensor:
@@ -156,9 +247,14 @@ class SingleDeviceRunner:
         for seq_id in seq_ids:
             if seq_id not in self._tokens:
                 raise ValueError(f"unknown sequence {seq_id}")
-        if self._batch is None and len(seq_ids) == 1 and seq_ids[0] in self._solo:
+        if (
+            self._batch is None
+            and len(seq_ids) == 1
+            and seq_ids[0] in self._solo
+            and self._solo[seq_ids[0]].alone
+        ):
             # One fresh sequence: adopt its prefill cache as the batch without copying.
-            cache = self._solo.pop(seq_ids[0])
+            cache = self._solo.pop(seq_ids[0]).cache
             width = cache_layers(cache)[0].length
             mask = torch.ones(1, width + 256, dtype=torch.long, device=self.device)
             self._batch = _Batch([seq_ids[0]], cache, [0], mask, {seq_ids[0]: 0})
@@ -177,7 +273,7 @@ class SingleDeviceRunner:
 
     def _sequence_kv(self, seq_id: int) -> SeqKV:
         if seq_id in self._solo:
-            return row_kv(self._solo[seq_id], 0, 0)
+            return self._solo[seq_id].kv()
         batch = self._batch
         if batch is None or seq_id not in batch.row_of:
             raise ValueError(f"sequence {seq_id} has no cache")
@@ -200,7 +296,7 @@ class SingleDeviceRunner:
 
     def _sequence_kv_or_none(self, seq_id: int) -> SeqKV | None:
         if seq_id in self._solo:
-            return row_kv(self._solo[seq_id], 0, 0)
+            return self._solo[seq_id].kv()
         batch = self._batch
         if batch is not None and seq_id in batch.row_of:
             row = batch.row_of[seq_id]

@@ -78,6 +78,10 @@ class GrowingKVLayer(CacheLayerMixin):  # type: ignore[no-untyped-call]
 
         self._keys_buf, self._values_buf = grown(self._keys_buf), grown(self._values_buf)
 
+    @property
+    def rows(self) -> int:
+        return int(self._keys_buf.shape[0])
+
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
         return self.length + query_length, 0
 

@@ -1,7 +1,7 @@
 """The continuous-batching scheduler: what runs on the device's owner thread, one step at a time.
 
-A step: drop cancelled sequences, admit waiting requests (prefill, first token) while the
-batch has room and the step's prefill budget lasts, then decode every running sequence in
+A step: drop cancelled sequences, admit waiting requests (one prefill call for all of them,
+first tokens) while the batch has room and the step's prefill budget lasts, then decode every running sequence in
 one forward. A sequence joins the batch when its prefill is done and leaves when it ends.
 Events leave the step through `deliver`, a callback that hands them to the event loop; the
 scheduler itself never touches asyncio.
@@ -17,7 +17,7 @@ from typing import Protocol
 
 from neuron.engine.api import FinishReason, GenerationRequest, TokenEvent
 from neuron.engine.sampling import SamplerState, next_token, next_tokens
-from neuron.runner import ModelRunner
+from neuron.runner import ModelRunner, PrefillResult
 
 # How much a new measurement moves the tok/s averages reported by load().
 EMA_WEIGHT = 0.2
@@ -105,26 +105,60 @@ class Scheduler:
             self._finish(seq, None)
 
     def _admit(self) -> bool:
-        admitted = False
-        budget = self.prefill_budget_tokens
-        while self.waiting and len(self.running) < self.max_batch_size and (budget > 0 or not admitted):
-            seq = self.waiting.popleft()
-            started = time.perf_counter()
+        """Prefill the requests that fit (batch room, step budget) together; True if any was tried."""
+        group = self._admissible()
+        if not group:
+            return False
+        started = time.perf_counter()
+        computed = 0
+        for seq, outcome in zip(group, self._prefill(group), strict=True):
             try:
-                result = self.runner.prefill(seq.seq_id, seq.request.prompt_ids)
-                token = next_token(result.logits, seq.sampler)
+                if isinstance(outcome, BaseException):
+                    raise outcome
+                token = next_token(outcome.logits, seq.sampler)
             except Exception as exc:  # this request fails; the others go on
                 self._fail(seq, exc)
                 continue
-            computed = len(seq.request.prompt_ids) - result.cached_tokens
-            budget -= computed
-            tp = self.throughput
-            tp.prefill_tok_s = tp.blend(tp.prefill_tok_s, computed, time.perf_counter() - started)
-            seq.cached_tokens = result.cached_tokens
-            admitted = True
+            computed += len(seq.request.prompt_ids) - outcome.cached_tokens
+            seq.cached_tokens = outcome.cached_tokens
             if self._accept(seq, token):
                 self.running.append(seq)
-        return admitted
+        tp = self.throughput
+        tp.prefill_tok_s = tp.blend(tp.prefill_tok_s, computed, time.perf_counter() - started)
+        return True
+
+    def _admissible(self) -> list[SeqState]:
+        """Waiting requests for this step: while the batch has room and their prompts fit the
+        prefill budget (the first one always goes, however long)."""
+        group: list[SeqState] = []
+        budget = self.prefill_budget_tokens
+        while self.waiting and len(self.running) + len(group) < self.max_batch_size:
+            prompt = len(self.waiting[0].request.prompt_ids)
+            if group and prompt > budget:
+                break
+            budget -= prompt
+            group.append(self.waiting.popleft())
+        return group
+
+    def _prefill(self, group: list[SeqState]) -> list[PrefillResult | Exception]:
+        """Prefill the group in one runner call; if that fails, one by one, so that only the
+        requests that fail alone fail (the runner undoes a failed batch call)."""
+        batch_failure: Exception | None = None
+        if len(group) > 1:
+            try:
+                ids, prompts = [s.seq_id for s in group], [s.request.prompt_ids for s in group]
+                return list(self.runner.prefill_batch(ids, prompts))
+            except Exception as exc:  # retried one by one below, where each failure reaches its request
+                batch_failure = exc
+        outcomes: list[PrefillResult | Exception] = []
+        for seq in group:
+            try:
+                outcomes.append(self.runner.prefill(seq.seq_id, seq.request.prompt_ids))
+            except Exception as exc:
+                if batch_failure is not None:
+                    exc.add_note(f"the batched prefill with its companions failed first: {batch_failure!r}")
+                outcomes.append(exc)
+        return outcomes
 
     def _decode(self) -> None:
         batch = list(self.running)

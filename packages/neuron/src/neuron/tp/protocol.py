@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-Op = Literal["prefill", "decode", "release", "sanity", "close"]
+Op = Literal["prefill", "prefill_batch", "decode", "release", "sanity", "close"]
 
 
 @dataclass(frozen=True)

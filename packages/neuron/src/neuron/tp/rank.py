@@ -84,6 +84,9 @@ class RankState:
         if call.op == "prefill":
             seq_id, token_ids = call.args
             return self._runner().prefill(seq_id, token_ids)
+        if call.op == "prefill_batch":
+            seq_ids, prompts = call.args
+            return self._runner().prefill_batch(seq_ids, prompts)
         if call.op == "decode":
             seq_ids, token_ids = call.args
             return self._runner().decode(seq_ids, token_ids)
@@ -112,6 +115,8 @@ def summarise(op: str, result: Any) -> Any:
     """The part of a result that every rank must agree on (never a tensor)."""
     if op == "prefill" and isinstance(result, PrefillResult):
         return ("prefill", result.cached_tokens, tuple(result.logits.shape))
+    if op == "prefill_batch" and isinstance(result, list):
+        return ("prefill_batch", tuple((r.cached_tokens, tuple(r.logits.shape)) for r in result))
     if op == "decode" and isinstance(result, torch.Tensor):
         return ("decode", tuple(result.shape))
     if op == "sanity":

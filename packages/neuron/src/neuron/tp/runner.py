@@ -91,6 +91,18 @@ class TensorParallelRunner:
         self._running.add(seq_id)
         return result
 
+    def prefill_batch(self, seq_ids: Sequence[int], prompts: Sequence[Sequence[int]]) -> list[PrefillResult]:
+        if len(seq_ids) != len(prompts) or not all(prompts):
+            raise ValueError("prefill_batch needs one prompt of at least one token per sequence")
+        already = [seq for seq in seq_ids if seq in self._running]
+        if already or len(set(seq_ids)) != len(seq_ids):
+            raise ValueError(f"sequences already running or repeated: {already or list(seq_ids)}")
+        results: list[PrefillResult] = self._group.call(
+            Call("prefill_batch", ([int(s) for s in seq_ids], [[int(t) for t in p] for p in prompts]))
+        )
+        self._running.update(seq_ids)
+        return results
+
     def decode(self, seq_ids: Sequence[int], token_ids: Sequence[int]) -> torch.Tensor:
         if len(seq_ids) != len(token_ids) or not seq_ids:
             raise ValueError(
