@@ -48,7 +48,7 @@ def json_response(value: object, status: int = 200, headers: dict[str, str] | No
 
 
 def render_error(request: Request, error: ApiError) -> Response:
-    body = error.anthropic_body() if request.url.path.startswith("/v1/messages") else error.openai_body()
+    body = error.anthropic_body() if request.scope["path"].startswith("/v1/messages") else error.openai_body()
     return json_response(body, error.status, error.headers())
 
 
@@ -115,7 +115,8 @@ def create_app(
         received_at = perf_counter()
         body = await read_body(request, body_limit)
         lease = await router.acquire(read_model(body))
-        return await proxy.forward(request, body, lease, request.url.path, received_at=received_at)
+        # scope["path"], not request.url: the URL object costs a parse on every relayed request.
+        return await proxy.forward(request, body, lease, request.scope["path"], received_at=received_at)
 
     async def list_models(request: Request) -> Response:
         return json_response(admin.model_list(fleet.snapshot(), catalogue, clock()))
