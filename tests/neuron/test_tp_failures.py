@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 from support.engine_harness import load_model
+from support.processes import tp_worker_pids
 
 from neuron.engine import SingleDeviceRunner
 from neuron.tp import ModelSource, TensorParallelError, TensorParallelRunner, UnshardableModel
@@ -54,24 +55,6 @@ def wait_until(condition: object, what: str) -> None:
         if time.monotonic() > deadline:
             raise AssertionError(f"hang guard: {what} did not happen within {HANG_GUARD_S} s")
         time.sleep(0.05)
-
-
-def our_worker_pids() -> list[int]:
-    """Live `neuron.tp.worker` children of this test process."""
-    found = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/cmdline", "rb") as f:
-                cmdline = f.read()
-            with open(f"/proc/{entry}/stat") as f:
-                fields = f.read().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if b"neuron.tp.worker" in cmdline and int(fields[1]) == os.getpid() and fields[0] != "Z":
-            found.append(int(entry))
-    return found
 
 
 def greedy(runner: object, steps: int = 6) -> list[int]:
@@ -118,7 +101,7 @@ def test_killed_worker_poisons_then_reload_then_hang_hits_the_deadline(tiny_qwen
         runner.prefill(8, PROMPT)
     runner.release(7)
     runner.close()
-    assert our_worker_pids() == []
+    assert tp_worker_pids() == []
 
     # 2. The model loads again and is exact again.
     reasons = []
@@ -136,7 +119,7 @@ def test_killed_worker_poisons_then_reload_then_hang_hits_the_deadline(tiny_qwen
         assert reasons and "hung" in reasons[0]
     finally:
         runner.close()
-    assert our_worker_pids() == []
+    assert tp_worker_pids() == []
 
 
 def test_worker_dying_while_idle_is_noticed_without_a_request() -> None:
@@ -169,13 +152,13 @@ def test_a_rank_failing_to_load_fails_the_start_and_leaves_no_process(tiny_qwen3
             backend="gloo",
             worker_threads=1,
         )
-    assert our_worker_pids() == []
+    assert tp_worker_pids() == []
 
 
 def test_unshardable_model_is_refused_before_spawning(tiny_qwen3_moe: Path) -> None:
     with pytest.raises(UnshardableModel, match="mixture-of-experts"):
         TensorParallelRunner.start(ModelSource(str(tiny_qwen3_moe)), [0, 1], backend="gloo")
-    assert our_worker_pids() == []
+    assert tp_worker_pids() == []
 
 
 DAEMON_SCRIPT = """

@@ -19,6 +19,7 @@ from typing import Any
 
 import httpx2
 import pytest
+from support.processes import tp_worker_pids
 
 from cortex_core.config.neuron import NeuronConfig
 from neuron.app import create_app
@@ -29,24 +30,6 @@ pytestmark = pytest.mark.slow
 
 HANG_GUARD_SECS = 120
 QUESTIONS = ["Hello", "What is the capital of France?", "Count: 0 1 2", "def add(a, b):"]
-
-
-def worker_pids() -> list[int]:
-    """Live `neuron.tp.worker` children of this process."""
-    found = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/cmdline", "rb") as f:
-                cmdline = f.read()
-            with open(f"/proc/{entry}/stat") as f:
-                fields = f.read().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if b"neuron.tp.worker" in cmdline and int(fields[1]) == os.getpid() and fields[0] != "Z":
-            found.append(int(entry))
-    return found
 
 
 class Node:
@@ -103,7 +86,7 @@ async def test_tp_model_serves_poisons_and_reloads_over_http(tiny_qwen3: Path, t
     finally:
         await client.client.aclose()
         await client.manager.close()
-    assert worker_pids() == []
+    assert tp_worker_pids() == []
 
 
 async def serve_poison_reload(client: Node, tp_id: str, single_id: str) -> None:
@@ -120,7 +103,7 @@ async def serve_poison_reload(client: Node, tp_id: str, single_id: str) -> None:
         assert tp_text == single_text and tp_text
 
     # Kill the worker while rank 0 is inside a collective of a running request.
-    [pid] = worker_pids()
+    [pid] = tp_worker_pids()
     os.kill(pid, signal.SIGSTOP)
     killer = threading.Timer(0.5, os.kill, (pid, signal.SIGKILL))
     killer.start()
@@ -137,7 +120,7 @@ async def serve_poison_reload(client: Node, tp_id: str, single_id: str) -> None:
 
     # Unload + load: exact again.
     assert (await client.client.post("/models/unload", json={"model_id": tp_id})).status_code == 200
-    assert worker_pids() == []
+    assert tp_worker_pids() == []
     again = await client.client.post("/models/load", json={"model_id": tp_id, "tensor_parallel": 2})
     assert again.status_code == 200, again.text
     tp_text, single_text = await both(QUESTIONS[1])
@@ -153,7 +136,7 @@ async def test_tp_refusals_are_client_errors(tiny_qwen3_moe: Path, tiny_qwen3: P
         assert moe.status_code == 422 and "mixture-of-experts" in moe.json()["error"]["message"]
         odd = await node.client.post("/models/load", json={"model_id": str(tiny_qwen3), "tensor_parallel": 3})
         assert odd.status_code == 422 and "not divisible" in odd.json()["error"]["message"]
-        assert worker_pids() == []
+        assert tp_worker_pids() == []
     finally:
         await node.client.aclose()
         await node.manager.close()
@@ -176,4 +159,4 @@ async def test_tp_llama_streams_the_same_greedy_text_as_one_process(tiny_llama: 
     finally:
         await client.client.aclose()
         await client.manager.close()
-    assert worker_pids() == []
+    assert tp_worker_pids() == []

@@ -118,3 +118,21 @@ def read_ready_event(
             if event.get("event") == "ready":
                 return event
     raise AssertionError("cortex serve was not ready in time")
+
+
+def tp_worker_pids() -> list[int]:
+    """Live `neuron.tp.worker` children of this (test) process, zombies excluded."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                cmdline = f.read()
+            with open(f"/proc/{entry}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if b"neuron.tp.worker" in cmdline and int(fields[1]) == os.getpid() and fields[0] != "Z":
+            found.append(int(entry))
+    return found

@@ -16,6 +16,7 @@ import logging
 import time
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Protocol
 
 from cortex_core.config.neuron import EngineConfig, NeuronConfig
@@ -33,6 +34,7 @@ from neuron.device import DeviceWorker
 from neuron.discovery import HostProbe
 from neuron.engine.api import Engine, GenerationRequest, TokenEvent
 from neuron.loader import (
+    CheckpointMetadata,
     LoadedCheckpoint,
     choose_dtype,
     device_name,
@@ -430,6 +432,20 @@ class ModelManager:
             )
         record.memory_bytes = checkpoint.memory_bytes
         engine = self._engine_factory(checkpoint, worker, self.config.engine, model_id)
+        devices = [] if placement.device is None else [placement.device]
+        return self._serving_model(model_id, record, prepared.folder, checkpoint, engine, worker, devices)
+
+    def _serving_model(
+        self,
+        model_id: str,
+        record: ModelRecord,
+        folder: Path,
+        parts: LoadedCheckpoint | CheckpointMetadata,
+        engine: Engine,
+        worker: DeviceWorker,
+        devices: list[int],
+    ) -> LoadedModel:
+        """What the serving layer gets: tokenizer, template, defaults, and the engine metered."""
         metered = MeteredEngine(
             engine,
             on_request=self.metrics.requests.labels(model_id).inc,
@@ -438,14 +454,14 @@ class ModelManager:
         return LoadedModel(
             model_id=model_id,
             spec=record.spec,
-            path=prepared.folder,
-            tokenizer=checkpoint.tokenizer,
-            hf_config=checkpoint.hf_config,
-            generation_config=checkpoint.generation_config,
-            chat_template=checkpoint.chat_template,
+            path=folder,
+            tokenizer=parts.tokenizer,
+            hf_config=parts.hf_config,
+            generation_config=parts.generation_config,
+            chat_template=parts.chat_template,
             engine=metered,
             worker=worker,
-            devices=[] if placement.device is None else [placement.device],
+            devices=devices,
         )
 
     def _tensor_parallel_devices(self, model_id: str, spec: ModelSpec) -> list[int] | None:
@@ -519,23 +535,7 @@ class ModelManager:
                 422, f"model '{model_id}': {exc}", code="tensor_parallel_unavailable", param="tensor_parallel"
             ) from exc
         engine = TorchEngine(runner, worker=worker, config=self.config.engine, model_id=model_id)
-        metered = MeteredEngine(
-            engine,
-            on_request=self.metrics.requests.labels(model_id).inc,
-            on_tokens=self.metrics.tokens_generated.labels(model_id).inc,
-        )
-        return LoadedModel(
-            model_id=model_id,
-            spec=record.spec,
-            path=prepared.folder,
-            tokenizer=metadata.tokenizer,
-            hf_config=metadata.hf_config,
-            generation_config=metadata.generation_config,
-            chat_template=metadata.chat_template,
-            engine=metered,
-            worker=worker,
-            devices=list(devices),
-        )
+        return self._serving_model(model_id, record, prepared.folder, metadata, engine, worker, list(devices))
 
     def _poison(self, model_id: str, record: ModelRecord, reason: str) -> None:
         """A device fault (e.g. a tensor-parallel rank died): refuse requests until unload + load."""
