@@ -17,7 +17,6 @@ import json
 import socket
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
-from types import TracebackType
 
 import httpx2
 from aiohttp import web
@@ -33,6 +32,7 @@ from cortex_core.errors import ApiError
 from cortex_gateway.metrics import GatewayMetrics
 from cortex_gateway.proxy import Proxy, read_model
 from cortex_gateway.routing import LeaseProvider
+from support.loopback import LoopbackServer
 
 CHAT_JSON = json.dumps(
     {
@@ -98,38 +98,17 @@ class RecordedCall:
     body: bytes
 
 
-class FakeUpstream:
+class FakeUpstream(LoopbackServer):
     def __init__(self, script: Script | None = None) -> None:
         self.script = script or Script()
         self.calls: list[RecordedCall] = []
         self.called = asyncio.Event()  # a request has arrived
         self.gone = asyncio.Event()  # the gateway closed the connection while we were answering
         self.finished = 0
-        self._runner: web.AppRunner | None = None
-        self.port = 0
 
-    @property
-    def base_url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    async def __aenter__(self) -> FakeUpstream:
-        app = web.Application()
+    def routes(self, app: web.Application) -> None:
         for path in ("/v1/chat/completions", "/v1/completions", "/v1/responses"):
             app.router.add_post(path, self._handle)
-        self._runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, "127.0.0.1", 0)
-        await site.start()
-        server = site._server
-        assert isinstance(server, asyncio.Server)
-        self.port = server.sockets[0].getsockname()[1]
-        return self
-
-    async def __aexit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        if self._runner is not None:
-            await self._runner.cleanup()
 
     async def _handle(self, request: web.Request) -> web.StreamResponse:
         script = self.script

@@ -17,10 +17,11 @@ from __future__ import annotations
 import asyncio
 import json
 from dataclasses import dataclass, field
-from types import TracebackType
 from typing import Any
 
 from aiohttp import web
+
+from support.loopback import LoopbackServer
 
 Chunk = dict[str, Any]
 
@@ -152,40 +153,19 @@ class Recorded:
     body: dict[str, Any]
 
 
-class ScriptedNeuron:
+class ScriptedNeuron(LoopbackServer):
     def __init__(self, reply: Reply | None = None) -> None:
         self.reply = reply or Reply()
         self.count_tokens = 42
         self.raw: dict[tuple[str, bool], tuple[str, bytes]] = {}
         self.calls: list[Recorded] = []
         self.gone = asyncio.Event()
-        self._runner: web.AppRunner | None = None
-        self.port = 0
 
-    @property
-    def base_url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    async def __aenter__(self) -> ScriptedNeuron:
-        app = web.Application()
+    def routes(self, app: web.Application) -> None:
         app.router.add_post("/v1/chat/completions", self._chat)
         app.router.add_post("/v1/chat/count_tokens", self._count)
         app.router.add_post("/v1/completions", self._raw)
         app.router.add_post("/v1/responses", self._raw)
-        self._runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, "127.0.0.1", 0)
-        await site.start()
-        server = site._server
-        assert isinstance(server, asyncio.Server)
-        self.port = server.sockets[0].getsockname()[1]
-        return self
-
-    async def __aexit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        if self._runner is not None:
-            await self._runner.cleanup()
 
     async def _record(self, request: web.Request) -> dict[str, Any]:
         body: dict[str, Any] = json.loads(await request.read())
