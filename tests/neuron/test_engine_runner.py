@@ -10,7 +10,7 @@ import pytest
 import torch
 from support.engine_harness import load_model
 
-from neuron.engine.cpu_linear import PackedLinear, packing_available
+from neuron.engine.cpu_linear import PackedLinear, pack_cpu_linears, packing_available
 from neuron.engine.hf_runner import SingleDeviceRunner
 from neuron.engine.kv import PrefixStore, common_prefix_len
 
@@ -190,6 +190,44 @@ def test_packed_bf16_linear_matches_linear() -> None:
         x = torch.randn(*shape, dtype=torch.bfloat16)
         with torch.inference_mode():
             assert torch.allclose(packed(x).float(), linear(x).float(), atol=0.05, rtol=0.02)
+
+
+class Siblings(torch.nn.Module):
+    """Attention-style projections reading one input, and one that reads another."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.q_proj = torch.nn.Linear(64, 96, bias=True, dtype=torch.bfloat16)
+        self.k_proj = torch.nn.Linear(64, 32, bias=False, dtype=torch.bfloat16)
+        self.v_proj = torch.nn.Linear(64, 32, bias=False, dtype=torch.bfloat16)
+        self.o_proj = torch.nn.Linear(96, 64, bias=False, dtype=torch.bfloat16)
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> list[torch.Tensor]:
+        # Out of order, and k twice (the second time on another input): never a stale slice.
+        return [self.v_proj(x), self.q_proj(x), self.k_proj(x), self.k_proj(y), self.o_proj(self.q_proj(y))]
+
+
+@pytest.mark.skipif(not packing_available(), reason="this CPU/torch build has no oneDNN bf16 linear")
+def test_merged_sibling_projections_equal_separate_packed_ones() -> None:
+    torch.manual_seed(0)
+    module = Siblings()
+    separate = {
+        name: PackedLinear(getattr(module, name)) for name in ("q_proj", "k_proj", "v_proj", "o_proj")
+    }
+    assert pack_cpu_linears(module) == 4
+    for rows in (1, 8, 37, 300):
+        x, y = torch.randn(rows, 1, 64, dtype=torch.bfloat16), torch.randn(rows, 1, 64, dtype=torch.bfloat16)
+        with torch.inference_mode():
+            got = module(x, y)
+            want = [
+                separate["v_proj"](x),
+                separate["q_proj"](x),
+                separate["k_proj"](x),
+                separate["k_proj"](y),
+                separate["o_proj"](separate["q_proj"](y)),
+            ]
+        for g, w in zip(got, want, strict=True):
+            assert torch.equal(g, w)
 
 
 @pytest.mark.skipif(not packing_available(), reason="this CPU/torch build has no oneDNN bf16 linear")
