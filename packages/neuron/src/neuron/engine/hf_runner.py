@@ -93,8 +93,11 @@ class SingleDeviceRunner:
             )
         self.model = model
         self.device = torch.device(device)
-        # Decode on the CPU is matmul-bound: pack bf16 weights for oneDNN once (cpu_linear.py).
-        self.packed_linears = pack_linears(model) if pack_cpu_linears and self.device.type == "cpu" else 0
+        # Decode on the CPU is matmul-bound: pack bf16 weights for oneDNN once (cpu_linear.py),
+        # in prepare(), on the owner thread.
+        self._pack_cpu_linears = pack_cpu_linears and self.device.type == "cpu"
+        self.packed_linears = 0
+        self._prepared = False
         self.num_layers = int(config.num_hidden_layers)
         self.prefill_chunk_tokens = max(1, prefill_chunk_tokens)
         self._max_context = int(max_context or config.max_position_embeddings)
@@ -110,7 +113,24 @@ class SingleDeviceRunner:
         return self._max_context
 
     @torch.inference_mode()
+    def prepare(self) -> None:
+        """Get the model ready for serving (pack its CPU linears); the first prefill or decode
+        does it if nobody did before.
+
+        Call it on the owner thread, like everything else: a torch parallel region on another
+        thread (the event loop's, say) gives the process a second OpenMP team, after which
+        libgomp, with more OpenMP threads than cores, throttles spin-waiting for every team
+        and each decode step gets ~50% slower for the life of the process.
+        """
+        if self._prepared:
+            return
+        if self._pack_cpu_linears:
+            self.packed_linears = pack_linears(self.model)
+        self._prepared = True
+
+    @torch.inference_mode()
     def prefill(self, seq_id: int, token_ids: Sequence[int]) -> PrefillResult:
+        self.prepare()
         tokens = self._admit(seq_id, token_ids)
         # At least the last prompt token is computed: its logits pick the first new token.
         entry, cached = self.prefixes.lookup(tokens, len(tokens) - 1)
@@ -128,6 +148,7 @@ class SingleDeviceRunner:
             raise ValueError("prefill_batch needs one prompt per distinct sequence")
         if len(seq_ids) == 1:
             return [self.prefill(seq_ids[0], prompts[0])]
+        self.prepare()
         token_lists = [self._admit(seq_id, prompt) for seq_id, prompt in zip(seq_ids, prompts, strict=True)]
         try:
             return self._prefill_batch(seq_ids, token_lists)
@@ -213,6 +234,7 @@ class SingleDeviceRunner:
     def decode(self, seq_ids: Sequence[int], token_ids: Sequence[int]) -> torch.Tensor:
         if len(seq_ids) != len(token_ids) or not seq_ids:
             raise ValueError("decode needs one token per sequence and at least one sequence")
+        self.prepare()
         batch = self._batch
         if batch is None or set(batch.members) != set(seq_ids):
             batch = self._rebuild(seq_ids)
