@@ -235,7 +235,7 @@ REQUEST_CASES = [
         },
         {
             "stream": True,
-            "stream_options": {"include_usage": True},
+            "stream_options": {"include_usage": True, "continuous_usage_stats": True},
             "temperature": 0.3,
             "top_p": 0.9,
             "top_k": 20,

@@ -8,6 +8,7 @@ not depend on luck.
 
 from __future__ import annotations
 
+import json
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -115,6 +116,19 @@ def test_anthropic_sdk_streams_paris(fleet: Fleet) -> None:
     assert len(pieces) > 1  # really streamed, token by token
     assert final.content[0].type == "text" and final.content[0].text == text
     assert final.usage.input_tokens > 0 and final.usage.output_tokens > 0
+
+
+def test_anthropic_message_start_already_carries_the_input_tokens(fleet: Fleet) -> None:
+    body = {"model": ALIAS, "max_tokens": 8, "messages": ASK, "stream": True, "temperature": 0}
+    with httpx2.Client(base_url=fleet.gateway_url, timeout=120) as client:
+        text = client.post("/v1/messages", json=body, headers={"anthropic-version": "2023-06-01"}).text
+    frames = [json.loads(line[6:]) for line in text.splitlines() if line.startswith("data: ")]
+    start = next(frame for frame in frames if frame["type"] == "message_start")
+    delta = next(frame for frame in frames if frame["type"] == "message_delta")
+    started = start["message"]["usage"]
+    # The same input accounting at the start as at the end (clients show context use early).
+    assert started["input_tokens"] > 0
+    assert started["input_tokens"] == delta["usage"]["input_tokens"]
 
 
 def test_anthropic_count_tokens_uses_the_model_template(fleet: Fleet, smollm2_dir: Path) -> None:

@@ -170,7 +170,10 @@ async def test_sdk_create_and_stream_agree(stack: Stack, name: str) -> None:
     assert plain["messages"] == [{"role": "user", "content": "What is the weather in Paris?"}]
     assert plain["tools"][0]["function"]["name"] == "get_weather"
     assert "stream" not in plain
-    assert streaming["stream"] is True and streaming["stream_options"] == {"include_usage": True}
+    assert streaming["stream"] is True and streaming["stream_options"] == {
+        "include_usage": True,
+        "continuous_usage_stats": True,
+    }
 
 
 async def test_text_stream_yields_the_text_deltas(stack: Stack) -> None:

@@ -150,6 +150,41 @@ async def test_repeated_prompt_reports_cached_tokens(node: Node, tiny_qwen3: Pat
     assert 0 < cached < again["usage"]["prompt_tokens"]
 
 
+async def test_continuous_usage_puts_prompt_and_cached_tokens_on_every_chunk(
+    node: Node, tiny_qwen3: Path
+) -> None:
+    messages = [{"role": "user", "content": "Hello, how are you today? " * 3}]
+    body = {
+        "model": str(tiny_qwen3),
+        "messages": messages,
+        "max_tokens": 6,
+        "temperature": 0,
+        "stream": True,
+        "stream_options": {"include_usage": True, "continuous_usage_stats": True},
+    }
+    await node.client.post("/v1/chat/completions", json=body)  # seeds the prefix cache
+    response = await node.client.post("/v1/chat/completions", json=body)
+    chunks = [json.loads(line[6:]) for line in response.text.splitlines() if line.startswith("data: {")]
+    usages = [chunk["usage"] for chunk in chunks]
+    final = usages[-1]
+    # From the very first chunk (the role): what message_start of the Anthropic dialect needs.
+    assert chunks[0]["choices"][0]["delta"]["role"] == "assistant"
+    assert usages[0]["prompt_tokens"] == final["prompt_tokens"] > 0
+    assert (
+        0
+        < usages[0]["prompt_tokens_details"]["cached_tokens"]
+        == final["prompt_tokens_details"]["cached_tokens"]
+    )
+    counts = [usage["completion_tokens"] for usage in usages]
+    assert counts == sorted(counts) and counts[-1] == final["completion_tokens"] > 0
+    # Without the option only the last chunk carries usage, as OpenAI specifies.
+    plain = await node.client.post(
+        "/v1/chat/completions", json={**body, "stream_options": {"include_usage": True}}
+    )
+    frames = [json.loads(line[6:]) for line in plain.text.splitlines() if line.startswith("data: {")]
+    assert [("usage" in frame) for frame in frames] == [False] * (len(frames) - 1) + [True]
+
+
 async def test_client_hang_up_frees_the_slot(node: Node, tiny_qwen3: Path) -> None:
     model_id = str(tiny_qwen3)
     engine = node.manager.get(model_id).engine

@@ -103,8 +103,9 @@ def messages_request_to_chat(request: MessagesRequest) -> ChatCompletionRequest:
         chat.stop = list(request.stop_sequences)
     if request.stream:
         chat.stream = True
-        # Anthropic reports usage at the end of every stream; OpenAI only when asked.
-        chat.stream_options = ChatCompletionStreamOptions(include_usage=True)
+        # Anthropic reports usage at the end of every stream, and the input tokens already in
+        # message_start; OpenAI only when asked, and only at the end unless usage is continuous.
+        chat.stream_options = ChatCompletionStreamOptions(include_usage=True, continuous_usage_stats=True)
     return chat
 
 

@@ -157,6 +157,9 @@ ResponseFormat = ResponseFormatText | ResponseFormatJSONObject | ResponseFormatJ
 class ChatCompletionStreamOptions(_Wire):
     include_usage: Maybe[bool] = UNSET
     include_obfuscation: Maybe[bool] = UNSET
+    # vLLM's extension: every chunk carries the usage so far (prompt and cached tokens from
+    # the first chunk on), not only the last one.
+    continuous_usage_stats: Maybe[bool] = UNSET
 
 
 ReasoningEffort = Literal["none", "minimal", "low", "medium", "high", "xhigh", "max"]

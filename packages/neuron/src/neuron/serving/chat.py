@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import secrets
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -193,6 +193,8 @@ class ChatStreamProjector:
 
     model: str
     include_usage: bool
+    # With `stream_options.continuous_usage_stats`: the usage so far, put on every chunk.
+    usage_now: Callable[[], Usage | None] | None = None
     id: str = field(default_factory=new_completion_id)
     created: int = field(default_factory=lambda: int(time.time()))
 
@@ -202,7 +204,11 @@ class ChatStreamProjector:
         choice = ChunkChoice(index=0, delta=delta, finish_reason=finish_reason)
         if stop_reason is not None:
             choice.stop_reason = stop_reason
-        return ChatCompletionChunk(id=self.id, created=self.created, model=self.model, choices=[choice])
+        chunk = ChatCompletionChunk(id=self.id, created=self.created, model=self.model, choices=[choice])
+        usage = self.usage_now() if self.usage_now is not None else None
+        if usage is not None:
+            chunk.usage = completion_usage(usage)
+        return chunk
 
     def start(self) -> ChatCompletionChunk:
         return self._chunk(ChoiceDelta(role="assistant", content=""))

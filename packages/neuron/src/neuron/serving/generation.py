@@ -68,6 +68,8 @@ class OutputProcessor:
         self._thinking_open = False
         self._tools = tool_parser
         self.reasoning_tokens = 0
+        # Usage as of the latest engine step (None until the prompt is prefilled).
+        self.usage: Usage | None = None
 
     @property
     def stopped(self) -> bool:
@@ -99,6 +101,14 @@ class OutputProcessor:
         if self._tools is None:
             return [TextDelta(text)]
         return [_lift(event) for event in self._tools.push(text)]
+
+    def observe(self, event: TokenEvent) -> None:
+        self.usage = Usage(
+            prompt_tokens=event.prompt_tokens,
+            completion_tokens=event.completion_tokens,
+            cached_tokens=event.cached_tokens,
+            reasoning_tokens=min(self.reasoning_tokens, event.completion_tokens),
+        )
 
     def on_token(self, token_id: int) -> list[OutputEvent]:
         was_reasoning = self._splitter.in_reasoning
@@ -139,6 +149,7 @@ async def generate_events(
     try:
         async for event in stream:
             last = event
+            processor.observe(event)
             if event.token_id is not None:
                 for output in processor.on_token(event.token_id):
                     yield output

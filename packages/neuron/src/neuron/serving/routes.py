@@ -121,11 +121,14 @@ async def open_stream(
     events: AsyncIterator[OutputEvent],
     *,
     keepalive_secs: float,
-    head: list[bytes],
+    head: Callable[[], list[bytes]],
     project: Callable[[OutputEvent], list[bytes]],
     tail: list[bytes],
     error_frame: Callable[[ApiError], bytes],
 ) -> Response:
+    """The SSE response. `head` (the role chunk, response.created, ...) is built when the first
+    output is ready, so it can carry what only the prefill knows (prompt and cached tokens);
+    keep-alive comments may precede it."""
     ticking = with_keepalive(events, keepalive_secs)
     try:
         first = await anext(ticking)
@@ -134,14 +137,17 @@ async def open_stream(
         raise  # before the stream opened: a plain HTTP error
 
     async def body() -> AsyncIterator[bytes]:
+        started = False
         try:
-            for frame in head:
-                yield frame
             item = first
             while True:
                 if isinstance(item, Tick):
                     yield KEEPALIVE_FRAME
                 else:
+                    if not started:
+                        started = True
+                        for frame in head():
+                            yield frame
                     for frame in project(item):
                         yield frame
                 try:
@@ -175,7 +181,7 @@ def inference_routes(lookup: Callable[[str], LoadedModel], *, keepalive_secs: fl
         prepared: Prepared,
         *,
         stream: bool,
-        head: list[bytes],
+        head: Callable[[], list[bytes]],
         project: Callable[[OutputEvent], list[bytes]],
         collect_into: Callable[[list[OutputEvent]], Any],
         tail: list[bytes] | None = None,
@@ -207,13 +213,18 @@ def inference_routes(lookup: Callable[[str], LoadedModel], *, keepalive_secs: fl
         enable = enable_thinking_default(body, thinking)
         prepared = prepare_chat(model, body, thinking=thinking, enable_thinking=enable)
         options = given(body.stream_options)
-        projector = ChatStreamProjector(body.model, bool(options and given(options.include_usage)))
+        continuous = bool(options and given(options.continuous_usage_stats))
+        projector = ChatStreamProjector(
+            body.model,
+            bool(options and given(options.include_usage)),
+            usage_now=(lambda: prepared.processor.usage) if continuous else None,
+        )
         return await run(
             request,
             model,
             prepared,
             stream=bool(given(body.stream)),
-            head=[encode_data(projector.start())],
+            head=lambda: [encode_data(projector.start())],
             project=lambda event: [encode_data(chunk) for chunk in projector.project(event)],
             collect_into=lambda events: collect_chat_completion(body.model, events),
         )
@@ -229,7 +240,7 @@ def inference_routes(lookup: Callable[[str], LoadedModel], *, keepalive_secs: fl
             model,
             prepared,
             stream=bool(given(body.stream)),
-            head=[],
+            head=list,
             project=lambda event: [encode_data(chunk) for chunk in projector.project(event)],
             collect_into=lambda events: collect_completion(body.model, events),
         )
@@ -250,7 +261,7 @@ def inference_routes(lookup: Callable[[str], LoadedModel], *, keepalive_secs: fl
             model,
             prepared,
             stream=bool(given(chat.stream)),
-            head=[encode_event(event) for event in projector.start()],
+            head=lambda: [encode_event(event) for event in projector.start()],
             project=lambda event: [encode_event(e) for e in projector.project(event)],
             collect_into=lambda events: collect_response(body, events),
             tail=[],
