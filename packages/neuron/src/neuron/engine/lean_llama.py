@@ -1,0 +1,258 @@
+"""A lean decode step for transformers' Llama: the same tensor ops, without the eager plumbing.
+
+A batch-of-8 decode step of SmolLM2 on the CPU spent ~14 of its ~34 ms in transformers'
+forward around the math: ~400 module calls, hooks and kwargs plumbing, a causal mask built
+per step, rotate_half's slices and cats per layer for q and for k. This step walks the
+layers with the model's own weights (the packed oneDNN ones when cpu_linear packed them)
+and applies the operations transformers applies, in the same dtypes, so its logits are
+bitwise those of the HF forward (checked in tests/neuron/test_engine_lean.py):
+
+- RMSNorm in fp32, cast back, times the weight; residual adds in the model dtype.
+- Rotary: cos/sin from the model's own rotary module once per step. `rotate_half(x) * sin`
+  is computed as `x.roll(half) * sin_signed` with the first half of sin negated: the same
+  products up to the sign, which is exact. q and k are rotated in one op over the merged
+  projection's output (elementwise, so the same values as rotating each).
+- Attention: SDPA as transformers' sdpa integration calls it for one query token (enable_gqa
+  without a mask; grouped queries packed per KV head with a padding mask).
+
+Only exact classes are taken (LlamaForCausalLM and its modules, plain or packed linears, no
+hooks, sdpa attention, SiLU); anything else, tensor-parallel shards included, keeps the HF
+forward. `build_lean_decoder` says why in its second return value.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from neuron.engine.cpu_linear import MergedLinearPart, PackedLinear
+from neuron.engine.kv import GrowingKVLayer
+
+
+def _packed_matmul(
+    x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None, in_features: int
+) -> torch.Tensor:
+    flat = x.reshape(-1, in_features)
+    out: torch.Tensor = torch.ops.mkldnn._linear_pointwise(flat, packed, bias, "none", [], "")
+    return out.reshape(*x.shape[:-1], out.shape[-1])
+
+
+@dataclass(frozen=True)
+class _Projection:
+    """One matmul producing the concatenated outputs of one or more sibling linears."""
+
+    weight: torch.Tensor  # packed for oneDNN when `packed`, else the [out, in] weight
+    bias: torch.Tensor | None
+    in_features: int
+    packed: bool
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.packed:
+            return _packed_matmul(x, self.weight, self.bias, self.in_features)
+        return F.linear(x, self.weight, self.bias)
+
+
+@dataclass(frozen=True)
+class _Layer:
+    input_norm: torch.Tensor
+    input_eps: float
+    post_norm: torch.Tensor
+    post_eps: float
+    # One matmul for q|k|v when cpu_linear merged them; else one per projection (fp32 stays unmerged).
+    qkv: tuple[_Projection, ...]
+    o_proj: _Projection
+    gate_up: tuple[_Projection, ...]
+    down: _Projection
+    kv: int  # q and k and v widths are heads * head_dim
+    q: int
+    intermediate: int
+
+
+class Unsupported(ValueError):
+    """The model is not one the lean decode step reproduces exactly; the message says why."""
+
+
+def _single(module: Any, where: str) -> _Projection:
+    if type(module) is nn.Linear:
+        return _Projection(module.weight, module.bias, module.in_features, packed=False)
+    if type(module) is PackedLinear:
+        return _Projection(module.packed, module.bias, module.in_features, packed=True)
+    raise Unsupported(f"{where} is a {type(module).__name__}")
+
+
+def _siblings(parent: Any, names: tuple[str, ...], where: str) -> tuple[_Projection, ...]:
+    """The projections for sibling linears: one merged matmul, or one plain matmul each."""
+    modules: list[Any] = [getattr(parent, name, None) for name in names]
+    if all(type(m) is MergedLinearPart for m in modules):
+        merged = {id(m.merged) for m in modules}
+        if len(merged) != 1 or [m.index for m in modules] != list(range(len(names))):
+            raise Unsupported(f"{where} projections are merged in an unexpected way")
+        m0 = modules[0].merged
+        return (_Projection(m0.packed, m0.bias, m0.in_features, packed=True),)
+    if all(type(m) is nn.Linear for m in modules):
+        return tuple(_single(m, f"{where}.{name}") for m, name in zip(modules, names, strict=True))
+    raise Unsupported(f"{where} projections are {[type(m).__name__ for m in modules]}")
+
+
+def _has_hooks(model: nn.Module) -> bool:
+    return any(m._forward_hooks or m._forward_pre_hooks or hasattr(m, "_hf_hook") for m in model.modules())
+
+
+class LeanLlamaDecoder:
+    """Decode one token per row through a LlamaForCausalLM, writing K/V into GrowingKVLayers."""
+
+    def __init__(self, model: Any) -> None:
+        from transformers.activations import SiLUActivation
+        from transformers.models.llama import modeling_llama as llama
+
+        if type(model) is not llama.LlamaForCausalLM or type(model.model) is not llama.LlamaModel:
+            raise Unsupported(f"{type(model).__name__} is not a plain LlamaForCausalLM")
+        config: Any = model.config
+        if config._attn_implementation != "sdpa":
+            raise Unsupported(f"attention implementation {config._attn_implementation!r} is not sdpa")
+        if getattr(config, "pretraining_tp", 1) not in (1, None):
+            raise Unsupported("pretraining_tp > 1")
+        if _has_hooks(model):
+            raise Unsupported("the model has forward hooks")
+        if type(model.model.rotary_emb) is not llama.LlamaRotaryEmbedding:
+            raise Unsupported("custom rotary embedding")
+        if type(model.model.norm) is not llama.LlamaRMSNorm:
+            raise Unsupported("custom final norm")
+        if type(model.model.embed_tokens) is not nn.Embedding:
+            raise Unsupported("custom embedding")
+        layers: list[Any] = list(model.model.layers)[: config.num_hidden_layers]
+        self.layers: list[_Layer] = []
+        for i, layer in enumerate(layers):
+            where = f"layer {i}"
+            attn, mlp = layer.self_attn, layer.mlp
+            if (
+                type(layer) is not llama.LlamaDecoderLayer
+                or type(attn) is not llama.LlamaAttention
+                or type(mlp) is not llama.LlamaMLP
+                or type(layer.input_layernorm) is not llama.LlamaRMSNorm
+                or type(layer.post_attention_layernorm) is not llama.LlamaRMSNorm
+            ):
+                raise Unsupported(f"{where} has modules other than Llama's own")
+            if type(mlp.act_fn) is not SiLUActivation:
+                raise Unsupported(f"{where} activation is {type(mlp.act_fn).__name__}, not SiLU")
+            head_dim = int(attn.head_dim)
+            q = int(config.num_attention_heads) * head_dim
+            kv = int(config.num_key_value_heads) * head_dim
+            qkv = _siblings(attn, ("q_proj", "k_proj", "v_proj"), f"{where} attention")
+            o_proj = _single(attn.o_proj, f"{where} o_proj")
+            if (
+                getattr(attn.o_proj, "in_features", None) != q
+                or getattr(attn.k_proj, "out_features", None) != kv
+            ):
+                raise Unsupported(f"{where} projection widths differ from the config (sharded?)")
+            self.layers.append(
+                _Layer(
+                    input_norm=layer.input_layernorm.weight,
+                    input_eps=float(layer.input_layernorm.variance_epsilon),
+                    post_norm=layer.post_attention_layernorm.weight,
+                    post_eps=float(layer.post_attention_layernorm.variance_epsilon),
+                    qkv=qkv,
+                    o_proj=o_proj,
+                    gate_up=_siblings(mlp, ("gate_proj", "up_proj"), f"{where} mlp"),
+                    down=_single(mlp.down_proj, f"{where} down_proj"),
+                    kv=kv,
+                    q=q,
+                    intermediate=int(mlp.down_proj.in_features),
+                )
+            )
+        self.head_dim = int(layers[0].self_attn.head_dim)
+        self.kv_heads = int(config.num_key_value_heads)
+        self.heads = int(config.num_attention_heads)
+        self.groups = self.heads // self.kv_heads
+        self.scaling = float(layers[0].self_attn.scaling)
+        self.embed = model.model.embed_tokens.weight
+        self.rotary: Any = model.model.rotary_emb
+        self.norm = model.model.norm.weight
+        self.norm_eps = float(model.model.norm.variance_epsilon)
+        self.lm_head = _single(model.lm_head, "lm_head")
+        half = self.head_dim // 2
+        # rotate_half(x) = cat(-x2, x1) = roll(x, half) with the first half negated; the sign
+        # goes on sin instead (exact).
+        self._sign = torch.ones(self.head_dim, dtype=self.embed.dtype, device=self.embed.device)
+        self._sign[:half] = -1
+        self._half = half
+
+    @staticmethod
+    def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+        input_dtype = x.dtype
+        h = x.to(torch.float32)
+        variance = h.pow(2).mean(-1, keepdim=True)
+        h = h * torch.rsqrt(variance + eps)
+        return weight * h.to(input_dtype)
+
+    def decode(
+        self,
+        input_ids: torch.Tensor,
+        position_ids: torch.Tensor,
+        padding_mask: torch.Tensor | None,
+        layers: list[GrowingKVLayer],
+    ) -> torch.Tensor:
+        """Last-position logits [batch, vocab] for one new token per row ([batch, 1] ids and
+        positions); `padding_mask` is [batch, cache width + 1] (1 = real) or None when no row
+        is padded."""
+        batch = input_ids.shape[0]
+        hidden = F.embedding(input_ids, self.embed)
+        cos, sin = self.rotary(hidden, position_ids=position_ids)
+        # [batch, 1, 1, head_dim]: broadcast over the heads of [batch, 1, heads, head_dim].
+        cos = cos.unsqueeze(2)
+        sin = (sin * self._sign).unsqueeze(2)
+        mask = None if padding_mask is None else padding_mask.bool()[:, None, None, :]
+        heads, kv_heads, dim, groups = self.heads, self.kv_heads, self.head_dim, self.groups
+        for layer, cache in zip(self.layers, layers, strict=True):
+            residual = hidden
+            x = self._rms_norm(hidden, layer.input_norm, layer.input_eps)
+            if len(layer.qkv) == 1:
+                qkv = layer.qkv[0](x)
+                qk = qkv[..., : layer.q + layer.kv].view(batch, 1, heads + kv_heads, dim)
+                value = qkv[..., layer.q + layer.kv :].view(batch, 1, kv_heads, dim)
+                qk = qk * cos + qk.roll(self._half, -1) * sin
+                query, key = qk[:, :, :heads], qk[:, :, heads:]
+            else:
+                q = layer.qkv[0](x).view(batch, 1, heads, dim)
+                k = layer.qkv[1](x).view(batch, 1, kv_heads, dim)
+                value = layer.qkv[2](x).view(batch, 1, kv_heads, dim)
+                query = q * cos + q.roll(self._half, -1) * sin
+                key = k * cos + k.roll(self._half, -1) * sin
+            keys, values = cache.update(key.transpose(1, 2), value.transpose(1, 2))
+            query = query.transpose(1, 2)
+            if groups == 1:
+                out = F.scaled_dot_product_attention(query, keys, values, attn_mask=mask, scale=self.scaling)
+            elif mask is None:
+                out = F.scaled_dot_product_attention(query, keys, values, scale=self.scaling, enable_gqa=True)
+            else:
+                packed_query = query.reshape(batch, kv_heads, groups, dim)
+                out = F.scaled_dot_product_attention(
+                    packed_query, keys, values, attn_mask=mask, scale=self.scaling
+                )
+            out = out.reshape(batch, -1, 1, dim).transpose(1, 2).contiguous().reshape(batch, 1, -1)
+            hidden = residual + layer.o_proj(out)
+            residual = hidden
+            x = self._rms_norm(hidden, layer.post_norm, layer.post_eps)
+            if len(layer.gate_up) == 1:
+                gate_up = layer.gate_up[0](x)
+                gate, up = gate_up[..., : layer.intermediate], gate_up[..., layer.intermediate :]
+            else:
+                gate, up = layer.gate_up[0](x), layer.gate_up[1](x)
+            hidden = residual + layer.down(F.silu(gate) * up)
+        hidden = self._rms_norm(hidden, self.norm, self.norm_eps)
+        logits: torch.Tensor = self.lm_head(hidden[:, -1:])
+        return logits[:, -1]
+
+
+def build_lean_decoder(model: Any) -> tuple[LeanLlamaDecoder | None, str]:
+    """The lean decoder for `model`, or None and why the HF forward must be kept."""
+    try:
+        return LeanLlamaDecoder(model), "lean llama decode"
+    except Unsupported as why:
+        return None, str(why)
+    except AttributeError as missing:  # a Llama class without an attribute the step reads
+        return None, f"unexpected model layout: {missing}"
