@@ -33,14 +33,6 @@ from neuron.engine.cpu_linear import MergedLinearPart, PackedLinear
 from neuron.engine.kv import GrowingKVLayer
 
 
-def _packed_matmul(
-    x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None, in_features: int
-) -> torch.Tensor:
-    flat = x.reshape(-1, in_features)
-    out: torch.Tensor = torch.ops.mkldnn._linear_pointwise(flat, packed, bias, "none", [], "")
-    return out.reshape(*x.shape[:-1], out.shape[-1])
-
-
 @dataclass(frozen=True)
 class _Projection:
     """One matmul producing the concatenated outputs of one or more sibling linears."""
@@ -51,9 +43,13 @@ class _Projection:
     packed: bool
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        if self.packed:
-            return _packed_matmul(x, self.weight, self.bias, self.in_features)
-        return F.linear(x, self.weight, self.bias)
+        """[rows, in] -> [rows, out]."""
+        if self.packed:  # PackedLinear flattens to these 2-d rows too
+            out: torch.Tensor = torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [], "")
+            return out
+        # nn.Linear sees [rows, 1, in] in the HF forward; a 2-d F.linear may take another
+        # BLAS path (addmm with a bias), so keep the 3-d call.
+        return F.linear(x.unsqueeze(1), self.weight, self.bias).squeeze(1)
 
 
 @dataclass(frozen=True)
@@ -185,8 +181,9 @@ class LeanLlamaDecoder:
     def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
         input_dtype = x.dtype
         h = x.to(torch.float32)
-        variance = h.pow(2).mean(-1, keepdim=True)
-        h = h * torch.rsqrt(variance + eps)
+        # In place only on fresh tensors (h is x itself when x is already fp32); same rounding.
+        scale = h.pow(2).mean(-1, keepdim=True).add_(eps).rsqrt_()
+        h = h * scale if h is x else h.mul_(scale)
         return weight * h.to(input_dtype)
 
     def decode(
@@ -200,30 +197,35 @@ class LeanLlamaDecoder:
         positions); `padding_mask` is [batch, cache width + 1] (1 = real) or None when no row
         is padded."""
         batch = input_ids.shape[0]
-        hidden = F.embedding(input_ids, self.embed)
+        # Rows stay 2-d ([batch, hidden]) through the layers: one token each.
+        hidden = F.embedding(input_ids.view(batch), self.embed)
         cos, sin = self.rotary(hidden, position_ids=position_ids)
-        # [batch, 1, 1, head_dim]: broadcast over the heads of [batch, 1, heads, head_dim].
-        cos = cos.unsqueeze(2)
-        sin = (sin * self._sign).unsqueeze(2)
-        mask = None if padding_mask is None else padding_mask.bool()[:, None, None, :]
-        heads, kv_heads, dim, groups = self.heads, self.kv_heads, self.head_dim, self.groups
+        # [batch, 1, head_dim]: broadcast over the heads of [batch, heads, head_dim].
+        sin = sin * self._sign
+        mask = None
+        if padding_mask is not None:
+            # SDPA turns a bool mask into this additive one (0 / -inf, query dtype) on every
+            # call; once per step is enough.
+            blocked = torch.scalar_tensor(float("-inf"), dtype=hidden.dtype, device=hidden.device)
+            mask = torch.where(padding_mask.bool(), 0.0, blocked)[:, None, None, :]
+        heads, kv_heads, dim, groups, half = self.heads, self.kv_heads, self.head_dim, self.groups, self._half
         for layer, cache in zip(self.layers, layers, strict=True):
             residual = hidden
             x = self._rms_norm(hidden, layer.input_norm, layer.input_eps)
             if len(layer.qkv) == 1:
                 qkv = layer.qkv[0](x)
-                qk = qkv[..., : layer.q + layer.kv].view(batch, 1, heads + kv_heads, dim)
-                value = qkv[..., layer.q + layer.kv :].view(batch, 1, kv_heads, dim)
-                qk = qk * cos + qk.roll(self._half, -1) * sin
-                query, key = qk[:, :, :heads], qk[:, :, heads:]
+                qk = qkv[:, : layer.q + layer.kv].view(batch, heads + kv_heads, dim)
+                value = qkv[:, layer.q + layer.kv :].view(batch, kv_heads, dim)
+                qk = qk * cos + qk.roll(half, -1) * sin
+                query, key = qk[:, :heads], qk[:, heads:]
             else:
-                q = layer.qkv[0](x).view(batch, 1, heads, dim)
-                k = layer.qkv[1](x).view(batch, 1, kv_heads, dim)
-                value = layer.qkv[2](x).view(batch, 1, kv_heads, dim)
-                query = q * cos + q.roll(self._half, -1) * sin
-                key = k * cos + k.roll(self._half, -1) * sin
-            keys, values = cache.update(key.transpose(1, 2), value.transpose(1, 2))
-            query = query.transpose(1, 2)
+                q = layer.qkv[0](x).view(batch, heads, dim)
+                k = layer.qkv[1](x).view(batch, kv_heads, dim)
+                value = layer.qkv[2](x).view(batch, kv_heads, dim)
+                query = q * cos + q.roll(half, -1) * sin
+                key = k * cos + k.roll(half, -1) * sin
+            keys, values = cache.update(key.unsqueeze(2), value.unsqueeze(2))
+            query = query.unsqueeze(2)  # [batch, heads, 1, head_dim]
             if groups == 1:
                 out = F.scaled_dot_product_attention(query, keys, values, attn_mask=mask, scale=self.scaling)
             elif mask is None:
@@ -233,19 +235,16 @@ class LeanLlamaDecoder:
                 out = F.scaled_dot_product_attention(
                     packed_query, keys, values, attn_mask=mask, scale=self.scaling
                 )
-            out = out.reshape(batch, -1, 1, dim).transpose(1, 2).contiguous().reshape(batch, 1, -1)
-            hidden = residual + layer.o_proj(out)
+            hidden = residual + layer.o_proj(out.reshape(batch, heads * dim))
             residual = hidden
             x = self._rms_norm(hidden, layer.post_norm, layer.post_eps)
             if len(layer.gate_up) == 1:
                 gate_up = layer.gate_up[0](x)
-                gate, up = gate_up[..., : layer.intermediate], gate_up[..., layer.intermediate :]
+                gate, up = gate_up[:, : layer.intermediate], gate_up[:, layer.intermediate :]
             else:
                 gate, up = layer.gate_up[0](x), layer.gate_up[1](x)
             hidden = residual + layer.down(F.silu(gate) * up)
-        hidden = self._rms_norm(hidden, self.norm, self.norm_eps)
-        logits: torch.Tensor = self.lm_head(hidden[:, -1:])
-        return logits[:, -1]
+        return self.lm_head(self._rms_norm(hidden, self.norm, self.norm_eps))
 
 
 def build_lean_decoder(model: Any) -> tuple[LeanLlamaDecoder | None, str]:
