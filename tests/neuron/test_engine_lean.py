@@ -26,23 +26,28 @@ def worker() -> Iterator[DeviceWorker]:
     w.close()
 
 
-def test_lean_decoder_is_built_for_llama_only(tiny_llama: Path, tiny_qwen3: Path) -> None:
-    llama, _ = load_model(tiny_llama)
-    decoder, why = build_lean_decoder(llama)
-    assert decoder is not None, why
-    qwen3, _ = load_model(tiny_qwen3)
-    decoder, why = build_lean_decoder(qwen3)
+def test_lean_decoder_is_built_for_llama_and_qwen3_only(
+    tiny_llama: Path, tiny_qwen3: Path, tiny_qwen3_moe: Path
+) -> None:
+    for path in (tiny_llama, tiny_qwen3):
+        model, _ = load_model(path)
+        decoder, why = build_lean_decoder(model)
+        assert decoder is not None, why
+    moe, _ = load_model(tiny_qwen3_moe)
+    decoder, why = build_lean_decoder(moe)
     assert decoder is None
-    assert "Qwen3ForCausalLM" in why
+    assert "Qwen3MoeForCausalLM" in why
 
 
-def test_runner_logs_why_it_keeps_the_hf_forward(tiny_qwen3: Path, caplog: pytest.LogCaptureFixture) -> None:
-    model, _ = load_model(tiny_qwen3)
+def test_runner_logs_why_it_keeps_the_hf_forward(
+    tiny_qwen3_moe: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    model, _ = load_model(tiny_qwen3_moe)
     runner = SingleDeviceRunner(model, device="cpu")
     with caplog.at_level(logging.DEBUG, logger="neuron.engine.hf_runner"):
         runner.prepare()
     assert runner.lean is None
-    assert "keeps the transformers forward" in caplog.text and "Qwen3ForCausalLM" in caplog.text
+    assert "keeps the transformers forward" in caplog.text and "Qwen3MoeForCausalLM" in caplog.text
 
 
 def test_lean_decoder_refuses_hooked_or_eager_models(tiny_llama: Path) -> None:
@@ -56,12 +61,16 @@ def test_lean_decoder_refuses_hooked_or_eager_models(tiny_llama: Path) -> None:
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-def test_lean_logits_equal_hf_forward(tiny_llama: Path, dtype: torch.dtype) -> None:
+@pytest.mark.parametrize("checkpoint", ["tiny_llama", "tiny_qwen3"])
+def test_lean_logits_equal_hf_forward(
+    request: pytest.FixtureRequest, checkpoint: str, dtype: torch.dtype
+) -> None:
     """Two runners fed the same calls, one lean and one on the HF forward, through padded
     batches, a membership change and a sequence joining mid-way."""
+    path: Path = request.getfixturevalue(checkpoint)
     with torch.inference_mode():
-        model = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=dtype).eval()
-    tokenizer = AutoTokenizer.from_pretrained(tiny_llama)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).eval()
+    tokenizer = AutoTokenizer.from_pretrained(path)
     prompts = [tokenizer.encode(text) for text in PROMPT_TEXTS[:4]]
     lean = SingleDeviceRunner(model, device="cpu", prefix_cache_entries=0)
     plain = SingleDeviceRunner(model, device="cpu", prefix_cache_entries=0, lean_decode=False)
@@ -102,16 +111,17 @@ def greedy(prompt: list[int], max_new: int, stops: frozenset[int]) -> Generation
     )
 
 
+@pytest.mark.parametrize("checkpoint", ["tiny_llama", "tiny_qwen3"])
 async def test_lean_engine_equals_generate_alone_and_eight_batched(
-    tiny_llama: Path, worker: DeviceWorker
+    request: pytest.FixtureRequest, checkpoint: str, worker: DeviceWorker
 ) -> None:
-    model, tokenizer = load_model(tiny_llama)
+    model, tokenizer = load_model(request.getfixturevalue(checkpoint))
     prompts = [tokenizer.encode(text) for text in PROMPT_TEXTS]
     stops = eos_ids(model)
     max_new = [12, 30, 7, 24, 18, 3, 27, 15]
     expected = [reference_greedy(model, p, n) for p, n in zip(prompts, max_new, strict=True)]
     runner = SingleDeviceRunner(model, device="cpu", prefix_cache_entries=0)
-    engine = TorchEngine(runner, worker=worker, config=EngineConfig(max_batch_size=8), model_id="tiny-llama")
+    engine = TorchEngine(runner, worker=worker, config=EngineConfig(max_batch_size=8), model_id=checkpoint)
     try:
         alone = await collect(engine.generate(greedy(prompts[1], max_new[1], stops)))
         assert (alone.tokens, alone.finish_reason) == expected[1]

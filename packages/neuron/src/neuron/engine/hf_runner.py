@@ -11,7 +11,7 @@ of the prompt; prompts admitted together without a prefix hit share one left-pad
 (`prefill_batch`), and join the decode batch through the same rebuild. All behaviour is a deterministic function of the calls, as the tensor-parallel
 runner, which replays them on every rank, requires.
 
-For a plain Llama model, decode skips transformers' forward for `lean_llama`'s step (the
+For a plain Llama or Qwen3 model, decode skips transformers' forward for `lean_llama`'s step (the
 same ops on the same weights, bitwise the same logits, without ~14 ms of eager plumbing per
 batch-of-8 step); any other model, or a sharded one, keeps the HF forward.
 """

@@ -1,4 +1,5 @@
-"""A lean decode step for transformers' Llama: the same tensor ops, without the eager plumbing.
+"""A lean decode step for transformers' Llama (and Qwen3, the same layers with q/k norms):
+the same tensor ops, without the eager plumbing.
 
 A batch-of-8 decode step of SmolLM2 on the CPU spent ~14 of its ~34 ms in transformers'
 forward around the math: ~400 module calls, hooks and kwargs plumbing, a causal mask built
@@ -15,9 +16,10 @@ bitwise those of the HF forward (checked in tests/neuron/test_engine_lean.py):
 - Attention: SDPA as transformers' sdpa integration calls it for one query token (enable_gqa
   without a mask; grouped queries packed per KV head with a padding mask).
 
-Only exact classes are taken (LlamaForCausalLM and its modules, plain or packed linears, no
-hooks, sdpa attention, SiLU); anything else, tensor-parallel shards included, keeps the HF
-forward. `build_lean_decoder` says why in its second return value.
+Only exact classes are taken (LlamaForCausalLM or Qwen3ForCausalLM and their modules, full
+attention only, plain or packed linears, no hooks, sdpa attention, SiLU); anything else,
+tensor-parallel shards included, keeps the HF forward. `build_lean_decoder` says why in its
+second return value.
 """
 
 from __future__ import annotations
@@ -66,6 +68,9 @@ class _Layer:
     kv: int  # q and k and v widths are heads * head_dim
     q: int
     intermediate: int
+    # Qwen3's per-head RMSNorm (weight, eps) of q and of k, applied before the rotary.
+    q_norm: tuple[torch.Tensor, float] | None = None
+    k_norm: tuple[torch.Tensor, float] | None = None
 
 
 class Unsupported(ValueError):
@@ -98,25 +103,71 @@ def _has_hooks(model: nn.Module) -> bool:
     return any(m._forward_hooks or m._forward_pre_hooks or hasattr(m, "_hf_hook") for m in model.modules())
 
 
+@dataclass(frozen=True)
+class _Family:
+    """The exact module classes of one supported architecture."""
+
+    # Any, not type: `type(x) is <a type>` would narrow the modules to `object` for mypy.
+    model: Any
+    causal_lm: Any
+    layer: Any
+    attention: Any
+    mlp: Any
+    norm: Any
+    rotary: Any
+    qk_norm: bool  # Qwen3: RMSNorm over each head of q and k before the rotary
+
+
+def _families() -> list[_Family]:
+    from transformers.models.llama import modeling_llama as llama
+    from transformers.models.qwen3 import modeling_qwen3 as qwen3
+
+    return [
+        _Family(
+            llama.LlamaModel,
+            llama.LlamaForCausalLM,
+            llama.LlamaDecoderLayer,
+            llama.LlamaAttention,
+            llama.LlamaMLP,
+            llama.LlamaRMSNorm,
+            llama.LlamaRotaryEmbedding,
+            qk_norm=False,
+        ),
+        _Family(
+            qwen3.Qwen3Model,
+            qwen3.Qwen3ForCausalLM,
+            qwen3.Qwen3DecoderLayer,
+            qwen3.Qwen3Attention,
+            qwen3.Qwen3MLP,
+            qwen3.Qwen3RMSNorm,
+            qwen3.Qwen3RotaryEmbedding,
+            qk_norm=True,
+        ),
+    ]
+
+
 class LeanLlamaDecoder:
-    """Decode one token per row through a LlamaForCausalLM, writing K/V into GrowingKVLayers."""
+    """Decode one token per row through a Llama (or Qwen3) causal LM, writing K/V into GrowingKVLayers."""
 
     def __init__(self, model: Any) -> None:
         from transformers.activations import SiLUActivation
-        from transformers.models.llama import modeling_llama as llama
 
-        if type(model) is not llama.LlamaForCausalLM or type(model.model) is not llama.LlamaModel:
-            raise Unsupported(f"{type(model).__name__} is not a plain LlamaForCausalLM")
+        family = next((f for f in _families() if type(model) is f.causal_lm), None)
+        if family is None or type(model.model) is not family.model:
+            raise Unsupported(f"{type(model).__name__} is not a plain LlamaForCausalLM or Qwen3ForCausalLM")
         config: Any = model.config
+        layer_types = set(getattr(config, "layer_types", None) or ["full_attention"])
+        if layer_types != {"full_attention"}:
+            raise Unsupported(f"layer types {sorted(layer_types)}: only full attention is reproduced")
         if config._attn_implementation != "sdpa":
             raise Unsupported(f"attention implementation {config._attn_implementation!r} is not sdpa")
         if getattr(config, "pretraining_tp", 1) not in (1, None):
             raise Unsupported("pretraining_tp > 1")
         if _has_hooks(model):
             raise Unsupported("the model has forward hooks")
-        if type(model.model.rotary_emb) is not llama.LlamaRotaryEmbedding:
+        if type(model.model.rotary_emb) is not family.rotary:
             raise Unsupported("custom rotary embedding")
-        if type(model.model.norm) is not llama.LlamaRMSNorm:
+        if type(model.model.norm) is not family.norm:
             raise Unsupported("custom final norm")
         if type(model.model.embed_tokens) is not nn.Embedding:
             raise Unsupported("custom embedding")
@@ -125,14 +176,16 @@ class LeanLlamaDecoder:
         for i, layer in enumerate(layers):
             where = f"layer {i}"
             attn, mlp = layer.self_attn, layer.mlp
+            norms = [layer.input_layernorm, layer.post_attention_layernorm]
+            if family.qk_norm:
+                norms += [attn.q_norm, attn.k_norm]
             if (
-                type(layer) is not llama.LlamaDecoderLayer
-                or type(attn) is not llama.LlamaAttention
-                or type(mlp) is not llama.LlamaMLP
-                or type(layer.input_layernorm) is not llama.LlamaRMSNorm
-                or type(layer.post_attention_layernorm) is not llama.LlamaRMSNorm
+                type(layer) is not family.layer
+                or type(attn) is not family.attention
+                or type(mlp) is not family.mlp
+                or any(type(norm) is not family.norm for norm in norms)
             ):
-                raise Unsupported(f"{where} has modules other than Llama's own")
+                raise Unsupported(f"{where} has modules other than {family.causal_lm.__name__}'s own")
             if type(mlp.act_fn) is not SiLUActivation:
                 raise Unsupported(f"{where} activation is {type(mlp.act_fn).__name__}, not SiLU")
             head_dim = int(attn.head_dim)
@@ -158,6 +211,12 @@ class LeanLlamaDecoder:
                     kv=kv,
                     q=q,
                     intermediate=int(mlp.down_proj.in_features),
+                    q_norm=(attn.q_norm.weight, float(attn.q_norm.variance_epsilon))
+                    if family.qk_norm
+                    else None,
+                    k_norm=(attn.k_norm.weight, float(attn.k_norm.variance_epsilon))
+                    if family.qk_norm
+                    else None,
                 )
             )
         self.head_dim = int(layers[0].self_attn.head_dim)
@@ -214,14 +273,23 @@ class LeanLlamaDecoder:
             x = self._rms_norm(hidden, layer.input_norm, layer.input_eps)
             if len(layer.qkv) == 1:
                 qkv = layer.qkv[0](x)
-                qk = qkv[:, : layer.q + layer.kv].view(batch, heads + kv_heads, dim)
                 value = qkv[:, layer.q + layer.kv :].view(batch, kv_heads, dim)
+                if layer.q_norm is None or layer.k_norm is None:
+                    qk = qkv[:, : layer.q + layer.kv].view(batch, heads + kv_heads, dim)
+                else:
+                    q = self._rms_norm(qkv[:, : layer.q].view(batch, heads, dim), *layer.q_norm)
+                    k = self._rms_norm(
+                        qkv[:, layer.q : layer.q + layer.kv].view(batch, kv_heads, dim), *layer.k_norm
+                    )
+                    qk = torch.cat((q, k), dim=1)
                 qk = qk * cos + qk.roll(half, -1) * sin
                 query, key = qk[:, :heads], qk[:, heads:]
             else:
                 q = layer.qkv[0](x).view(batch, heads, dim)
                 k = layer.qkv[1](x).view(batch, kv_heads, dim)
                 value = layer.qkv[2](x).view(batch, kv_heads, dim)
+                if layer.q_norm is not None and layer.k_norm is not None:
+                    q, k = self._rms_norm(q, *layer.q_norm), self._rms_norm(k, *layer.k_norm)
                 query = q * cos + q.roll(half, -1) * sin
                 key = k * cos + k.roll(half, -1) * sin
             keys, values = cache.update(key.unsqueeze(2), value.unsqueeze(2))
