@@ -29,6 +29,7 @@ import asyncio
 import logging
 from collections.abc import Iterable, Sequence
 from time import perf_counter
+from typing import Any
 
 import aiohttp
 import msgspec
@@ -259,11 +260,11 @@ class RelayResponse(Response):
     """An ASGI response that performs the upstream request and relays it (see module doc).
 
     Dialects that convert the body instead of relaying it (dialects/anthropic.py) subclass
-    this and override `_relay` only. Their contract: `_open()` returns (upstream, response,
-    first body chunk) after failover, or raises `_Attempted` carrying the error to render;
-    set `_status`, `_error`, `_observer` (fed with the upstream's bytes) and
-    `_last_upstream_byte_at`, and `__call__`/`_finish` do the client watch, lease release
-    and metrics as for a plain relay.
+    this and override `_answer` (what to send once an upstream answered) and `_error_body`
+    (errors in their dialect). `_relay` does the failover, the error answer and the
+    connection's release or close; `_answer` sets `_status` and `_error`, feeds `_observer`
+    with the upstream's bytes and stamps `_last_upstream_byte_at`, and `__call__`/`_finish`
+    do the client watch, lease release and metrics as for a plain relay.
     """
 
     def __init__(
@@ -311,21 +312,10 @@ class RelayResponse(Response):
         try:
             upstream, response, first = await self._open()
         except _Attempted as failed:
-            error = failed.error
-            self._status = error.status
-            self._error = True
-            await send(
-                {
-                    "type": "http.response.start",
-                    "status": error.status,
-                    "headers": _JSON_HEADERS
-                    + [(k.encode("latin-1"), v.encode("latin-1")) for k, v in error.headers().items()],
-                }
-            )
-            await send({"type": "http.response.body", "body": msgspec.json.encode(error.openai_body())})
+            await self._send_error(send, failed.error, gateway_failed=True)
             return self._lease.current
         try:
-            await self._stream(send, response, first)
+            await self._answer(send, upstream, response, first)
         finally:
             # A finished body returns the connection to the pool; anything else closes it,
             # which is how the neuron learns that nobody is listening any more.
@@ -334,6 +324,26 @@ class RelayResponse(Response):
             else:
                 response.close()
         return upstream
+
+    async def _answer(
+        self, send: Send, upstream: Upstream, response: aiohttp.ClientResponse, first: bytes
+    ) -> None:
+        """The upstream answered: relay its bytes (a dialect converts them instead)."""
+        await self._stream(send, response, first)
+
+    def _error_body(self, error: ApiError) -> dict[str, Any]:
+        """An error in the caller's dialect: OpenAI's envelope here."""
+        return error.openai_body()
+
+    async def _send_error(self, send: Send, error: ApiError, *, gateway_failed: bool) -> None:
+        """Answer with `error`; `gateway_failed` is False when it only passes on the neuron's."""
+        self._status = error.status
+        self._error = gateway_failed
+        headers = _JSON_HEADERS + [
+            (k.encode("latin-1"), v.encode("latin-1")) for k, v in error.headers().items()
+        ]
+        await send({"type": "http.response.start", "status": error.status, "headers": headers})
+        await send({"type": "http.response.body", "body": msgspec.json.encode(self._error_body(error))})
 
     async def _open(self) -> tuple[Upstream, aiohttp.ClientResponse, bytes]:
         """Try the candidates until one gives headers and a first body chunk (or its 5xx)."""

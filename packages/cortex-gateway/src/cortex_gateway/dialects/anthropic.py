@@ -39,6 +39,7 @@ import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from time import perf_counter
+from typing import Any
 
 import aiohttp
 import msgspec
@@ -63,7 +64,7 @@ from cortex_core.errors import ApiError, decode_json_body
 from cortex_core.openai.chat import ChatCompletion, ChatCompletionChunk, ChatCompletionRequest
 from cortex_core.sse import SSEDecoder, SSEMessage, encode_event
 from cortex_core.wire import given
-from cortex_gateway.proxy import Proxy, RelayResponse, _Attempted, request_headers
+from cortex_gateway.proxy import Proxy, RelayResponse, request_headers
 from cortex_gateway.routing import Lease, LeaseProvider, Upstream
 from cortex_gateway.sse import BodyObserver, StreamObserver
 
@@ -217,8 +218,8 @@ def _has_comment(chunk: bytes) -> bool:
 
 class MessagesResponse(RelayResponse):
     """`RelayResponse` (candidates, failover, idle timeout, client watch, metrics) whose body
-    is converted to Anthropic's dialect instead of relayed. It overrides `_relay` only; the
-    rest of the request's life is the proxy's."""
+    is converted to Anthropic's dialect instead of relayed. It overrides `_answer` and
+    `_error_body` only; the rest of the request's life is the proxy's."""
 
     def __init__(
         self,
@@ -233,36 +234,18 @@ class MessagesResponse(RelayResponse):
         super().__init__(proxy, lease, CHAT_PATH, body, headers, started_at)
         self._streamed = stream
 
-    async def _relay(self, send: Send) -> Upstream | None:
-        try:
-            upstream, response, first = await self._open()
-        except _Attempted as failed:
-            await self._send_error(send, failed.error, gateway_failed=True)
-            return self._lease.current
-        try:
-            if response.status >= 300:
-                await self._relay_upstream_error(send, upstream, response, first)
-            elif self._streamed:
-                await self._convert_stream(send, response, first)
-            else:
-                await self._convert_body(send, upstream, response, first)
-        finally:
-            # As in the proxy: a finished body returns the connection to the pool, anything
-            # else closes it, which tells the neuron nobody is listening.
-            if response.content.at_eof() and not self._error:
-                response.release()
-            else:
-                response.close()
-        return upstream
+    async def _answer(
+        self, send: Send, upstream: Upstream, response: aiohttp.ClientResponse, first: bytes
+    ) -> None:
+        if response.status >= 300:
+            await self._relay_upstream_error(send, upstream, response, first)
+        elif self._streamed:
+            await self._convert_stream(send, response, first)
+        else:
+            await self._convert_body(send, upstream, response, first)
 
-    async def _send_error(self, send: Send, error: ApiError, *, gateway_failed: bool) -> None:
-        self._status = error.status
-        self._error = gateway_failed
-        headers = _JSON_HEADERS + [
-            (k.encode("latin-1"), v.encode("latin-1")) for k, v in error.headers().items()
-        ]
-        await send({"type": "http.response.start", "status": error.status, "headers": headers})
-        await send({"type": "http.response.body", "body": msgspec.json.encode(error.anthropic_body())})
+    def _error_body(self, error: ApiError) -> dict[str, Any]:
+        return error.anthropic_body()
 
     async def _read_rest(self, response: aiohttp.ClientResponse, first: bytes) -> bytes:
         rest = await response.content.read()
