@@ -46,7 +46,7 @@ from neuron.serving.generation import (
     Usage,
 )
 from neuron.serving.model import ServingModel
-from neuron.serving.params import SamplingRequest, invalid, resolve
+from neuron.serving.params import SamplingRequest, invalid, resolve, sampling_fields
 from neuron.serving.reasoning import prompt_opens_reasoning
 from neuron.serving.template import template_messages
 from neuron.serving.tools import ToolCallArguments, ToolCallStart
@@ -107,19 +107,7 @@ def check_supported(request: ChatCompletionRequest) -> None:
 
 def sampling_request(request: ChatCompletionRequest) -> SamplingRequest:
     max_tokens = given(request.max_completion_tokens)
-    return SamplingRequest(
-        temperature=given(request.temperature),
-        top_p=given(request.top_p),
-        top_k=given(request.top_k),
-        min_p=given(request.min_p),
-        repetition_penalty=given(request.repetition_penalty),
-        presence_penalty=given(request.presence_penalty),
-        frequency_penalty=given(request.frequency_penalty),
-        seed=given(request.seed),
-        max_tokens=max_tokens if max_tokens is not None else given(request.max_tokens),
-        stop=given(request.stop),
-        n=given(request.n),
-    )
+    return sampling_fields(request, max_tokens if max_tokens is not None else given(request.max_tokens))
 
 
 def render_chat_prompt(

@@ -19,7 +19,7 @@ from neuron.engine.api import GenerationRequest
 from neuron.serving.chat import Prepared, completion_usage, new_completion_id
 from neuron.serving.generation import Finished, OutputEvent, OutputProcessor, TextDelta
 from neuron.serving.model import ServingModel
-from neuron.serving.params import SamplingRequest, invalid, resolve
+from neuron.serving.params import invalid, resolve, sampling_fields
 
 
 def check_supported(request: CompletionRequest) -> None:
@@ -59,20 +59,8 @@ def prepare_completion(model: ServingModel, request: CompletionRequest) -> Prepa
     if not ids:
         raise invalid("the prompt is empty", "prompt")
     params = resolve(
-        SamplingRequest(
-            temperature=given(request.temperature),
-            top_p=given(request.top_p),
-            top_k=given(request.top_k),
-            min_p=given(request.min_p),
-            repetition_penalty=given(request.repetition_penalty),
-            presence_penalty=given(request.presence_penalty),
-            frequency_penalty=given(request.frequency_penalty),
-            seed=given(request.seed),
-            # The legacy API's documented default is 16 tokens.
-            max_tokens=given(request.max_tokens) or 16,
-            stop=given(request.stop),
-            n=given(request.n),
-        ),
+        # The legacy API's documented default is 16 tokens.
+        sampling_fields(request, given(request.max_tokens) or 16),
         prompt_tokens=len(ids),
         generation_config=model.loaded.generation_config,
         max_context=model.max_context,

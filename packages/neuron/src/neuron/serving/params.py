@@ -15,6 +15,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from cortex_core.errors import ApiError
+from cortex_core.openai.chat import ChatCompletionRequest
+from cortex_core.openai.completions import CompletionRequest
+from cortex_core.wire import given
 from neuron.engine.api import SamplingParams
 
 BUILTIN_TEMPERATURE = 0.7
@@ -37,6 +40,25 @@ class SamplingRequest:
     max_tokens: int | None = None
     stop: str | Sequence[str] | None = None
     n: int | None = None
+
+
+def sampling_fields(
+    request: ChatCompletionRequest | CompletionRequest, max_tokens: int | None
+) -> SamplingRequest:
+    """The fields chat and legacy completions share; each endpoint decides its max_tokens."""
+    return SamplingRequest(
+        temperature=given(request.temperature),
+        top_p=given(request.top_p),
+        top_k=given(request.top_k),
+        min_p=given(request.min_p),
+        repetition_penalty=given(request.repetition_penalty),
+        presence_penalty=given(request.presence_penalty),
+        frequency_penalty=given(request.frequency_penalty),
+        seed=given(request.seed),
+        max_tokens=max_tokens,
+        stop=given(request.stop),
+        n=given(request.n),
+    )
 
 
 @dataclass(frozen=True)
