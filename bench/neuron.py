@@ -170,7 +170,7 @@ async def main() -> int:
     )
     print(f"prompt lengths: {[len(p) for p in batch]}; load average before: {load_before}")
 
-    config = EngineConfig(max_batch_size=max(8, args.streams), prefix_cache_entries=0)
+    config = EngineConfig(max_batch_size=max(8, args.streams), prefix_caching=False)
     engine = build_engine(engine_model, worker=worker, engine_config=config, model_id="smollm2")
     # Warm both paths (first-call allocations, lazy imports) outside the measurements.
     await worker.run(generate_run, model, tokenizer, single, 4)

@@ -17,6 +17,7 @@ from neuron.device import DeviceWorker
 from neuron.engine import SingleDeviceRunner, TorchEngine
 from neuron.engine.api import GenerationRequest, SamplingParams
 from neuron.engine.lean_llama import build_lean_decoder
+from neuron.engine.paged import ForwardRow
 
 
 @pytest.fixture(scope="module")
@@ -72,8 +73,8 @@ def test_lean_logits_equal_hf_forward(
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).eval()
     tokenizer = AutoTokenizer.from_pretrained(path)
     prompts = [tokenizer.encode(text) for text in PROMPT_TEXTS[:4]]
-    lean = SingleDeviceRunner(model, device="cpu", prefix_cache_entries=0)
-    plain = SingleDeviceRunner(model, device="cpu", prefix_cache_entries=0, lean_decode=False)
+    lean = SingleDeviceRunner(model, device="cpu")
+    plain = SingleDeviceRunner(model, device="cpu", lean_decode=False)
     lean.prepare()
     plain.prepare()
     assert lean.lean is not None and plain.lean is None
@@ -81,24 +82,26 @@ def test_lean_logits_equal_hf_forward(
         assert len(lean.lean.layers[0].qkv) == 1, "packed bf16 should use the merged q/k/v matmul"
     # The same ops in the same dtypes: bitwise equal (measured), in fp32 and in bf16.
     tolerance = {"rtol": 0.0, "atol": 0.0}
+    # Sequence s owns blocks [1 + 4s, 5 + 4s): room for 64 positions each.
+    blocks = {s: list(range(1 + 4 * s, 5 + 4 * s)) for s in range(4)}
+    prefill = [ForwardRow(prompts[s], 0, blocks[s]) for s in range(3)]
     for runner in (lean, plain):
-        runner.prefill_batch([0, 1, 2], prompts[:3])
-    active = {0: prompts[0][-1], 1: prompts[1][-1], 2: prompts[2][-1]}
+        runner.forward(prefill)  # one padded prefill forward on the HF path, for both
+    active = {s: (prompts[s][-1], len(prompts[s])) for s in range(3)}
     for step in range(12):
-        if step == 4:  # sequence 1 leaves, 3 joins: the batch is rebuilt with new padding
-            for runner in (lean, plain):
-                runner.release(1)
-                runner.prefill(3, prompts[3])
+        if step == 4:  # sequence 1 leaves, 3 joins: other rows, other padding
             del active[1]
-            active[3] = prompts[3][-1]
+            for runner in (lean, plain):
+                runner.forward([ForwardRow(prompts[3], 0, blocks[3])])
+            active[3] = (prompts[3][-1], len(prompts[3]))
         ids = list(active)
-        tokens = [active[s] for s in ids]
-        got = lean.decode(ids, tokens)
-        want = plain.decode(ids, tokens)
+        rows = [ForwardRow([active[s][0]], active[s][1], blocks[s]) for s in ids]
+        got = lean.forward(rows)
+        want = plain.forward(rows)
         assert got.dtype == want.dtype == torch.float32
         torch.testing.assert_close(got, want, **tolerance)
-        for seq_id, row in zip(ids, want.argmax(-1).tolist(), strict=True):
-            active[seq_id] = row
+        for seq_id, token in zip(ids, want.argmax(-1).tolist(), strict=True):
+            active[seq_id] = (token, active[seq_id][1] + 1)
     assert lean.lean_steps == 12 and plain.lean_steps == 0
 
 
@@ -120,7 +123,7 @@ async def test_lean_engine_equals_generate_alone_and_eight_batched(
     stops = eos_ids(model)
     max_new = [12, 30, 7, 24, 18, 3, 27, 15]
     expected = [reference_greedy(model, p, n) for p, n in zip(prompts, max_new, strict=True)]
-    runner = SingleDeviceRunner(model, device="cpu", prefix_cache_entries=0)
+    runner = SingleDeviceRunner(model, device="cpu")
     engine = TorchEngine(runner, worker=worker, config=EngineConfig(max_batch_size=8), model_id=checkpoint)
     try:
         alone = await collect(engine.generate(greedy(prompts[1], max_new[1], stops)))

@@ -1,4 +1,4 @@
-"""The single-device runner and its prefix store, without the scheduler."""
+"""The single-device runner over its paged K/V pool, without the scheduler."""
 
 from __future__ import annotations
 
@@ -11,81 +11,19 @@ import torch
 from support.engine_harness import load_model
 
 from neuron.engine.cpu_linear import PackedLinear, pack_cpu_linears, packing_available
-from neuron.engine.hf_runner import SingleDeviceRunner
-from neuron.engine.kv import PrefixStore, common_prefix_len
+from neuron.engine.hf_runner import SingleDeviceRunner, kv_geometry
+from neuron.engine.paged import ForwardRow
 
 
-def kv_of(length: int, value: float = 1.0) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    t = torch.full((1, 2, length, 4), value)
-    return [(t, t.clone())]
+def reference_logits(model: Any, tokens: list[int]) -> torch.Tensor:
+    """transformers' own forward over the whole sequence: logits after its last token."""
+    with torch.inference_mode():
+        return model(input_ids=torch.tensor([tokens])).logits[0, -1].float()
 
 
-@pytest.mark.parametrize(
-    ("a", "b", "shared"),
-    [
-        ([], [1], 0),
-        ([1, 2, 3], [1, 2, 3], 3),
-        ([1, 2, 3], [1, 2, 4], 2),
-        ([1, 2], [1, 2, 3], 2),
-        ([5], [1], 0),
-    ],
-)
-def test_common_prefix_len(a: list[int], b: list[int], shared: int) -> None:
-    assert common_prefix_len(a, b) == shared
-
-
-@pytest.mark.parametrize(
-    ("stored", "prompt", "limit", "shared"),
-    [
-        ([[1, 2, 3, 4]], [1, 2, 3, 4, 5], 4, 4),
-        ([[1, 2, 3, 4]], [1, 2, 3, 4], 3, 3),  # capped: the last prompt token is always computed
-        ([[1, 2, 3, 4]], [1, 2, 9, 9], 3, 2),  # the stored turn went on differently (BPE boundary)
-        ([[1, 2, 3, 4], [1, 2, 7, 8, 9]], [1, 2, 7, 8, 0], 4, 4),  # the longest match wins
-        ([[1, 2, 3, 4]], [9, 2, 3, 4], 3, 0),
-    ],
-)
-def test_prefix_lookup(stored: list[list[int]], prompt: list[int], limit: int, shared: int) -> None:
-    store = PrefixStore(max_entries=8, max_bytes=1 << 20)
-    for tokens in stored:
-        store.insert(tokens, kv_of(len(tokens)))
-    entry, found = store.lookup(prompt, limit)
-    assert found == shared
-    assert (entry is None) == (shared == 0)
-
-
-def test_prefix_insert_replaces_entries_it_extends() -> None:
-    store = PrefixStore(max_entries=8, max_bytes=1 << 20)
-    store.insert([1, 2, 3], kv_of(3))
-    store.insert([1, 2, 3, 4, 5], kv_of(5))
-    assert len(store) == 1
-    store.insert([1, 2], kv_of(2))  # already covered by the longer entry
-    assert len(store) == 1
-
-
-def test_prefix_store_is_bounded_lru_by_entries_and_bytes() -> None:
-    store = PrefixStore(max_entries=2, max_bytes=1 << 20)
-    store.insert([1, 1], kv_of(2))
-    store.insert([2, 2], kv_of(2))
-    store.lookup([1, 1, 5], 2)  # touch [1, 1]: [2, 2] is now the least recently used
-    store.insert([3, 3], kv_of(2))
-    assert store.lookup([2, 2, 5], 2)[1] == 0
-    assert store.lookup([1, 1, 5], 2)[1] == 2
-    one_entry = 2 * 2 * 2 * 4 * 4  # keys + values, [1, 2, 2, 4] float32
-    small = PrefixStore(max_entries=8, max_bytes=one_entry)
-    small.insert([1, 1], kv_of(2))
-    small.insert([2, 2], kv_of(2))
-    assert len(small) == 1 and small.nbytes == one_entry
-    small.insert([1, 2, 3], kv_of(3))  # larger than the whole budget: not stored
-    assert small.lookup([2, 2, 0], 2)[1] == 2
-
-
-def test_stored_kv_is_a_copy() -> None:
-    store = PrefixStore(max_entries=2, max_bytes=1 << 20)
-    kv = kv_of(3)
-    store.insert([1, 2, 3], kv)
-    kv[0][0].fill_(7.0)
-    entry, _ = store.lookup([1, 2, 3, 4], 3)
-    assert entry is not None and float(entry.kv[0][0].max()) == 1.0
+def table(first: int, positions: int, block_size: int = 16) -> list[int]:
+    """Consecutive blocks from `first` covering `positions`."""
+    return list(range(first, first + -(-positions // block_size)))
 
 
 @pytest.fixture(scope="module")
@@ -93,81 +31,76 @@ def model(tiny_llama: Path) -> Any:
     return load_model(tiny_llama)[0]
 
 
-def test_chunked_prefill_and_prefix_reuse_give_the_same_logits(model: Any) -> None:
-    prompt = [(i * 37) % 300 + 5 for i in range(40)]
-    whole = SingleDeviceRunner(model, device="cpu", prefix_cache_entries=0).prefill(0, prompt)
-    chunked = SingleDeviceRunner(model, device="cpu", prefill_chunk_tokens=7, prefix_cache_entries=0)
-    assert torch.allclose(chunked.prefill(0, prompt).logits, whole.logits, atol=1e-5)
-    reusing = SingleDeviceRunner(model, device="cpu")
-    assert reusing.prefill(0, [*prompt[:30], 1, 2, 3]).cached_tokens == 0
-    reusing.release(0)
-    again = reusing.prefill(1, prompt)
-    assert again.cached_tokens == 30
-    assert torch.allclose(again.logits, whole.logits, atol=1e-5)
+PROMPT = [(i * 37) % 300 + 5 for i in range(40)]
 
 
-def test_batched_prefill_matches_prefilling_alone(model: Any) -> None:
-    prompts = [[5, 6, 7], [(i * 37) % 300 + 5 for i in range(40)], [8, 9, 10, 11, 12], [44]]
-    alone = SingleDeviceRunner(model, device="cpu", prefix_cache_entries=0)
-    expected = [alone.prefill(i, p).logits for i, p in enumerate(prompts)]
-    expected_next = alone.decode([0, 1, 2, 3], [20, 21, 22, 23])
-    together = SingleDeviceRunner(model, device="cpu", prefix_cache_entries=0)
-    results = together.prefill_batch([0, 1, 2, 3], prompts)
-    for got, want in zip(results, expected, strict=True):
-        assert got.cached_tokens == 0
-        torch.testing.assert_close(got.logits, want, atol=1e-5, rtol=1e-5)
-    # The padded prefill's K/V carries on exactly like the lone ones' (pads never leak in).
-    torch.testing.assert_close(
-        together.decode([0, 1, 2, 3], [20, 21, 22, 23]), expected_next, atol=1e-5, rtol=1e-5
-    )
+@pytest.mark.parametrize("chunk", [1, 7, 16, 40])
+def test_chunked_prefill_equals_the_whole_forward(model: Any, chunk: int) -> None:
+    runner = SingleDeviceRunner(model, device="cpu")
+    blocks = table(1, len(PROMPT))
+    for start in range(0, len(PROMPT), chunk):
+        logits = runner.forward([ForwardRow(PROMPT[start : start + chunk], start, blocks)])
+    torch.testing.assert_close(logits[0], reference_logits(model, PROMPT), atol=1e-5, rtol=1e-5)
 
 
-def test_batched_prefill_runs_prefix_hits_and_long_prompts_alone(model: Any) -> None:
-    long_prompt = [(i * 11) % 300 + 5 for i in range(20)]
-    runner = SingleDeviceRunner(model, device="cpu", prefill_chunk_tokens=16)
-    runner.prefill(0, [1, 2, 3, 4, 5, 6])
-    results = runner.prefill_batch([1, 2, 3, 4], [[1, 2, 3, 4, 5, 9], long_prompt, [7, 8], [9, 10, 11]])
-    assert [r.cached_tokens for r in results] == [5, 0, 0, 0]
-    reference = SingleDeviceRunner(model, device="cpu", prefix_cache_entries=0)
-    torch.testing.assert_close(
-        results[1].logits, reference.prefill(0, long_prompt).logits, atol=1e-5, rtol=1e-5
-    )
+def test_rows_of_any_shape_share_a_forward(model: Any) -> None:
+    """Decode rows, prefill chunks with and without a past, of different lengths, in one
+    forward: each row's logits are what it gets alone."""
+    runner = SingleDeviceRunner(model, device="cpu")
+    first, second = PROMPT[:30], [9, 8, 7, 6, 5, 4, 3, 2, 1, 10, 11]
+    runner.forward([ForwardRow(first, 0, table(1, 31))])  # blocks 1-2
+    runner.forward([ForwardRow(second[:5], 0, table(3, 11))])  # block 3
+    rows = [
+        ForwardRow([42], 30, table(1, 31)),  # a decode step
+        ForwardRow(second[5:], 5, table(3, 11)),  # the rest of a prompt
+        ForwardRow([5, 6, 7], 0, table(4, 3)),  # a fresh short prompt
+    ]
+    together = runner.forward(rows)
+    expected = [
+        reference_logits(model, [*first, 42]),
+        reference_logits(model, second),
+        reference_logits(model, [5, 6, 7]),
+    ]
+    for got, want in zip(together, expected, strict=True):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
 
 
-def test_a_refused_batched_prefill_leaves_nothing_behind(model: Any) -> None:
-    runner = SingleDeviceRunner(model, device="cpu", prefix_cache_entries=0)
-    runner.prefill(0, [1, 2, 3])
-    with pytest.raises(ValueError, match="already exists"):
-        runner.prefill_batch([1, 0], [[4, 5], [6]])
-    with pytest.raises(ValueError, match="empty"):
-        runner.prefill_batch([1, 2], [[4, 5], []])
-    assert [r.cached_tokens for r in runner.prefill_batch([1, 2], [[4, 5], [6]])] == [0, 0]
+def test_shared_prefix_blocks_serve_two_sequences(model: Any) -> None:
+    """Two sequences read the same full blocks (the prefix cache's sharing) and write only
+    their own last block."""
+    runner = SingleDeviceRunner(model, device="cpu")
+    runner.forward([ForwardRow(PROMPT[:32], 0, [1, 2])])
+    a = runner.forward([ForwardRow(PROMPT[32:], 32, [1, 2, 3])])
+    b = runner.forward([ForwardRow([77, 78], 32, [1, 2, 4])])
+    torch.testing.assert_close(a[0], reference_logits(model, PROMPT), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(b[0], reference_logits(model, [*PROMPT[:32], 77, 78]), atol=1e-5, rtol=1e-5)
 
 
-def test_decode_returns_rows_in_the_order_asked(model: Any) -> None:
-    runner = SingleDeviceRunner(model, device="cpu", prefix_cache_entries=0)
-    runner.prefill(10, [5, 6, 7])
-    runner.prefill(11, [8, 9, 10, 11, 12])
-    both = runner.decode([10, 11], [20, 21])
-    swapped = runner.decode([11, 10], [22, 23])
-    solo = SingleDeviceRunner(model, device="cpu", prefix_cache_entries=0)
-    solo.prefill(0, [8, 9, 10, 11, 12])
-    solo.decode([0], [21])
-    assert torch.allclose(swapped[0], solo.decode([0], [22])[0], atol=1e-5)
-    assert both.shape == swapped.shape
+def test_only_new_tokens_are_written(model: Any) -> None:
+    runner = SingleDeviceRunner(model, device="cpu")
+    runner.forward([ForwardRow(PROMPT[:20], 0, [1, 2]), ForwardRow([1, 2, 3], 0, [3])])
+    runner.forward([ForwardRow([4], 20, [1, 2]), ForwardRow([5], 3, [3])])
+    assert runner.pool is not None
+    assert runner.pool.slots_written == runner.layers * (20 + 3 + 2)
 
 
 def test_runner_refuses_misuse(model: Any) -> None:
     runner = SingleDeviceRunner(model, device="cpu")
-    with pytest.raises(ValueError, match="empty"):
-        runner.prefill(0, [])
-    runner.prefill(0, [1, 2, 3])
-    with pytest.raises(ValueError, match="already exists"):
-        runner.prefill(0, [1, 2, 3])
-    with pytest.raises(ValueError, match="unknown sequence 5"):
-        runner.decode([0, 5], [1, 1])
-    runner.release(0)
-    runner.release(0)  # releasing twice is harmless
+    with pytest.raises(ValueError, match="at least one new token"):
+        runner.forward([ForwardRow([], 0, [1])])
+    with pytest.raises(ValueError, match="holds only 1 blocks"):
+        runner.forward([ForwardRow(PROMPT[:20], 0, [1])])
+    with pytest.raises(ValueError, match="null block"):
+        runner.forward([ForwardRow([1, 2], 0, [0])])
+
+
+def test_the_pool_is_sized_from_its_budget_and_the_batch(model: Any) -> None:
+    layers, kv_heads, head_dim = kv_geometry(model.config)
+    per_block = 2 * layers * 16 * kv_heads * head_dim * 4  # float32
+    assert SingleDeviceRunner(model, device="cpu", kv_cache_bytes=10 * per_block).num_blocks == 11
+    context = model.config.max_position_embeddings
+    capped = SingleDeviceRunner(model, device="cpu", kv_cache_bytes=1 << 40, max_batch_size=2)
+    assert capped.num_blocks == 2 * -(-context // 16) + 1
 
 
 def test_unsupported_layer_types_are_named() -> None:
@@ -242,7 +175,7 @@ def test_runner_packs_bf16_cpu_models_only(tiny_qwen3: Path) -> None:
     reference = bf16(input_ids=torch.tensor([[5, 6, 7, 8]])).logits[0, -1].float()
     runner = SingleDeviceRunner(bf16, device="cpu")
     assert runner.packed_linears == 0, "packing waits for the owner thread"
-    got = runner.prefill(0, [5, 6, 7, 8]).logits
+    got = runner.forward([ForwardRow([5, 6, 7, 8], 0, [1])])[0]
     assert runner.packed_linears == 2 * 7 + 1  # q, k, v, o, gate, up, down per layer + lm_head
     assert torch.allclose(got, reference, atol=0.05)
-    assert runner.decode([0], [9]).shape == (1, reference.shape[0])
+    assert runner.forward([ForwardRow([9], 4, [1])]).shape == (1, reference.shape[0])

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 from support.engine_harness import HANG_GUARD_SECS, collect, load_model, reference_greedy
 
 from cortex_core.config.neuron import EngineConfig
@@ -16,9 +17,9 @@ from cortex_core.errors import ApiError
 from neuron.device import DeviceWorker
 from neuron.engine import SingleDeviceRunner, TorchEngine
 from neuron.engine.api import GenerationRequest, SamplingParams
+from neuron.engine.paged import ForwardRow
 from neuron.engine.sampling import SamplerState
 from neuron.engine.scheduler import Scheduler, SeqState
-from neuron.runner import PrefillResult
 
 GREEDY = SamplingParams(temperature=0.0)
 
@@ -182,17 +183,12 @@ async def test_seed_reproduces_alone_and_batched(make_engine: Any, prompt: list[
 
 
 class FailingRunner(SingleDeviceRunner):
-    """A prompt starting with token 7 fails its prefill, and any batched prefill it is part of."""
+    """A forward fails when it starts a prompt whose first token is 7."""
 
-    def prefill(self, seq_id: int, token_ids: Sequence[int]) -> PrefillResult:
-        if token_ids[0] == 7:
+    def forward(self, rows: Sequence[ForwardRow]) -> torch.Tensor:
+        if any(row.start == 0 and row.tokens[0] == 7 for row in rows):
             raise RuntimeError("prefill exploded")
-        return super().prefill(seq_id, token_ids)
-
-    def prefill_batch(self, seq_ids: Sequence[int], prompts: Sequence[Sequence[int]]) -> list[PrefillResult]:
-        if any(prompt[0] == 7 for prompt in prompts):
-            raise RuntimeError("batched prefill exploded")
-        return super().prefill_batch(seq_ids, prompts)
+        return super().forward(rows)
 
 
 async def test_a_failed_prefill_fails_only_its_request(

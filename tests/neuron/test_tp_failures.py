@@ -18,10 +18,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from support.engine_harness import load_model
+from support.engine_harness import greedy_forward, load_model
 from support.processes import tp_worker_pids
 
 from neuron.engine import SingleDeviceRunner
+from neuron.engine.paged import ForwardRow
 from neuron.tp import ModelSource, TensorParallelError, TensorParallelRunner, UnshardableModel
 from neuron.tp.leader import TensorParallelGroup
 from neuron.tp.protocol import Call
@@ -58,12 +59,7 @@ def wait_until(condition: object, what: str) -> None:
 
 
 def greedy(runner: object, steps: int = 6) -> list[int]:
-    first = runner.prefill(1, PROMPT)  # type: ignore[attr-defined]
-    tokens = [int(first.logits.argmax())]
-    for _ in range(steps):
-        tokens.append(int(runner.decode([1], [tokens[-1]])[0].argmax()))  # type: ignore[attr-defined]
-    runner.release(1)  # type: ignore[attr-defined]
-    return tokens
+    return greedy_forward(runner, PROMPT, steps, [1, 2])
 
 
 def start(path: Path, reasons: list[str], step_timeout_s: float = 5.0) -> TensorParallelRunner:
@@ -84,22 +80,20 @@ def test_killed_worker_poisons_then_reload_then_hang_hits_the_deadline(tiny_qwen
     # 1. A worker killed while rank 0 waits in a collective: the request gets the error.
     reasons: list[str] = []
     runner = start(tiny_qwen3, reasons)
-    first = runner.prefill(7, PROMPT)
-    token = int(first.logits.argmax())
-    token = int(runner.decode([7], [token])[0].argmax())
+    token = int(runner.forward([ForwardRow(PROMPT, 0, [1, 2])])[0].argmax())
+    token = int(runner.forward([ForwardRow([token], len(PROMPT), [1, 2])])[0].argmax())
     (pid,) = runner.worker_pids
     os.kill(pid, signal.SIGSTOP)  # rank 1 stops answering: rank 0 blocks in the first all-reduce
     killer = threading.Timer(0.5, os.kill, (pid, signal.SIGKILL))
     killer.start()
-    with pytest.raises(TensorParallelError, match=r"rank 1 \(pid \d+\) was killed by SIGKILL during decode"):
-        runner.decode([7], [token])
+    with pytest.raises(TensorParallelError, match=r"rank 1 \(pid \d+\) was killed by SIGKILL during forward"):
+        runner.forward([ForwardRow([token], len(PROMPT) + 1, [1, 2])])
     killer.join()
     assert runner.failure is not None and "SIGKILL" in runner.failure
     wait_until(lambda: reasons == [runner.failure], "the on_failure callback")
-    # Poisoned: later calls fail at once with the same reason, release is harmless, close is clean.
+    # Poisoned: later calls fail at once with the same reason, close is clean.
     with pytest.raises(TensorParallelError, match="SIGKILL"):
-        runner.prefill(8, PROMPT)
-    runner.release(7)
+        runner.forward([ForwardRow(PROMPT, 0, [3, 4])])
     runner.close()
     assert tp_worker_pids() == []
 
@@ -112,10 +106,10 @@ def test_killed_worker_poisons_then_reload_then_hang_hits_the_deadline(tiny_qwen
 
         # 3. A hung worker (never answers, never dies): the step deadline poisons the model.
         (pid,) = runner.worker_pids
-        runner.prefill(9, PROMPT)
+        runner.forward([ForwardRow(PROMPT, 0, [3, 4])])
         os.kill(pid, signal.SIGSTOP)
         with pytest.raises(TensorParallelError, match="did not finish within its deadline"):
-            runner.decode([9], [1])
+            runner.forward([ForwardRow([1], len(PROMPT), [3, 4])])
         assert reasons and "hung" in reasons[0]
     finally:
         runner.close()

@@ -18,7 +18,8 @@ from cortex_core.config.neuron import EngineConfig
 from neuron.device import DeviceWorker
 from neuron.engine import SingleDeviceRunner, TorchEngine
 from neuron.engine.api import GenerationRequest, SamplingParams
-from neuron.runner import ModelRunner, PrefillResult
+from neuron.engine.paged import ForwardRow
+from neuron.runner import ModelRunner
 from neuron.tp import ModelSource, TensorParallelRunner
 
 pytestmark = pytest.mark.slow
@@ -53,57 +54,55 @@ def tp_runner(arch_path: Path, one_thread: None) -> Iterator[TensorParallelRunne
     assert all(worker.proc.poll() is not None for worker in runner._group.workers)
 
 
-def greedy_script(runner: ModelRunner) -> tuple[dict[int, list[int]], list[int], list[torch.Tensor]]:
-    """Two sequences prefilled and decoded together, one leaves, a third joins reusing its prefix."""
-    first: dict[int, PrefillResult] = dict(
-        zip((1, 2), runner.prefill_batch([1, 2], [PROMPT_A, PROMPT_B]), strict=True)
-    )
-    tokens = {seq: [int(result.logits.argmax())] for seq, result in first.items()}
-    logits_seen = [first[1].logits]
-    for _ in range(8):
-        logits = runner.decode([1, 2], [tokens[1][-1], tokens[2][-1]])
+def greedy_script(runner: ModelRunner) -> tuple[dict[int, list[int]], list[torch.Tensor]]:
+    """Two sequences prefilled and decoded together, one leaves, a third joins on the first's
+    full block (as the prefix cache shares it)."""
+    blocks = {1: [1, 2], 2: [3], 3: [1, 4]}
+    logits = runner.forward([ForwardRow(PROMPT_A, 0, blocks[1]), ForwardRow(PROMPT_B, 0, blocks[2])])
+    tokens = {1: [int(logits[0].argmax())], 2: [int(logits[1].argmax())]}
+    logits_seen = [logits]
+    for step in range(8):
+        logits = runner.forward(
+            [
+                ForwardRow([tokens[1][-1]], len(PROMPT_A) + step, blocks[1]),
+                ForwardRow([tokens[2][-1]], len(PROMPT_B) + step, blocks[2]),
+            ]
+        )
         logits_seen.append(logits)
         for row, seq in enumerate((1, 2)):
             tokens[seq].append(int(logits[row].argmax()))
-    runner.release(1)
-    third = runner.prefill(3, PROMPT_A + tokens[1][:4])
-    tokens[3] = [int(third.logits.argmax())]
-    for _ in range(6):
-        logits = runner.decode([3, 2], [tokens[3][-1], tokens[2][-1]])
-        logits_seen.append(logits)
-        for row, seq in enumerate((3, 2)):
-            tokens[seq].append(int(logits[row].argmax()))
-    runner.release(2)
-    runner.release(3)
-    return tokens, [first[1].cached_tokens, first[2].cached_tokens, third.cached_tokens], logits_seen
+    # Positions 0-15 of sequence 1 (its prompt and first 8 fed tokens) fill block 1.
+    third = [*PROMPT_A, *tokens[1][:8], 99]
+    logits = runner.forward(
+        [ForwardRow(third[16:], 16, blocks[3]), ForwardRow([tokens[2][-1]], len(PROMPT_B) + 8, blocks[2])]
+    )
+    logits_seen.append(logits)
+    tokens[3] = [int(logits[0].argmax())]
+    return tokens, logits_seen
 
 
 def test_runner_api_matches_single_process(tp_runner: TensorParallelRunner, arch_path: Path) -> None:
     model, _ = load_model(arch_path)
     reference = SingleDeviceRunner(model, device="cpu")
-    expected_tokens, expected_cached, expected_logits = greedy_script(reference)
-    tokens, cached, logits = greedy_script(tp_runner)
+    expected_tokens, expected_logits = greedy_script(reference)
+    tokens, logits = greedy_script(tp_runner)
     assert tokens == expected_tokens
-    assert cached == expected_cached
-    assert cached[2] > 0, "the third prompt should have reused the released sequence's prefix"
     for got, want in zip(logits, expected_logits, strict=True):
         torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
     assert tp_runner.max_context == reference.max_context
+    assert (tp_runner.num_blocks, tp_runner.block_size) == (tp_runner.num_blocks, reference.block_size)
     assert tp_runner.failure is None
 
 
 def test_bad_calls_are_refused_without_poisoning(tp_runner: TensorParallelRunner) -> None:
-    with pytest.raises(ValueError, match="at least one token"):
-        tp_runner.prefill(50, [])
-    with pytest.raises(ValueError, match="never prefilled"):
-        tp_runner.decode([51], [1])
-    with pytest.raises(ValueError, match="one token per sequence"):
-        tp_runner.decode([51, 52], [1])
-    tp_runner.release(53)  # unknown: a no-op, as for the single-device runner
+    with pytest.raises(ValueError, match="at least one new token"):
+        tp_runner.forward([ForwardRow([], 0, [1])])
+    with pytest.raises(ValueError, match="blocks"):
+        tp_runner.forward([ForwardRow(list(range(20)), 0, [1])])  # 20 positions in one block
+    with pytest.raises(ValueError, match="blocks"):
+        tp_runner.forward([ForwardRow([1], 0, [0])])  # the null block
     assert tp_runner.failure is None
-    result = tp_runner.prefill(54, PROMPT_B)
-    assert result.logits.shape[0] > 0
-    tp_runner.release(54)
+    assert tp_runner.forward([ForwardRow(PROMPT_B, 0, [5])]).shape[0] == 1
 
 
 class KeepOpen:
@@ -116,17 +115,16 @@ class KeepOpen:
     def max_context(self) -> int:
         return self._runner.max_context
 
-    def prefill(self, seq_id: int, token_ids: Sequence[int]) -> PrefillResult:
-        return self._runner.prefill(seq_id, token_ids)
+    @property
+    def num_blocks(self) -> int:
+        return self._runner.num_blocks
 
-    def prefill_batch(self, seq_ids: Sequence[int], prompts: Sequence[Sequence[int]]) -> list[PrefillResult]:
-        return self._runner.prefill_batch(seq_ids, prompts)
+    @property
+    def block_size(self) -> int:
+        return self._runner.block_size
 
-    def decode(self, seq_ids: Sequence[int], token_ids: Sequence[int]) -> torch.Tensor:
-        return self._runner.decode(seq_ids, token_ids)
-
-    def release(self, seq_id: int) -> None:
-        self._runner.release(seq_id)
+    def forward(self, rows: Sequence[ForwardRow]) -> torch.Tensor:
+        return self._runner.forward(rows)
 
     def close(self) -> None:
         pass

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from support.engine_harness import greedy_forward
 
 from neuron.tp import ModelSource, TensorParallelRunner
 from neuron.tp.smoke import run_smoke
@@ -56,20 +57,17 @@ def test_nccl_world_size_one_matches_single_device(tiny_qwen3: Path) -> None:
     from transformers import AutoModelForCausalLM
 
     from neuron.engine import SingleDeviceRunner
+    from neuron.engine.paged import ForwardRow
 
     model = AutoModelForCausalLM.from_pretrained(tiny_qwen3, dtype=torch.float32).to("cuda:0").eval()
     reference = SingleDeviceRunner(model, device="cuda:0")
     runner = TensorParallelRunner.start(ModelSource(str(tiny_qwen3)), [0], backend="nccl")
     try:
         prompt = [5, 17, 42, 99, 7, 250, 3, 8]
-        got, want = runner.prefill(1, prompt), reference.prefill(1, prompt)
-        torch.testing.assert_close(got.logits, want.logits, atol=1e-4, rtol=1e-4)
-        tokens = [int(got.logits.argmax())]
-        expected = [int(want.logits.argmax())]
-        for _ in range(8):
-            tokens.append(int(runner.decode([1], [tokens[-1]])[0].argmax()))
-            expected.append(int(reference.decode([1], [expected[-1]])[0].argmax()))
-        assert tokens == expected
+        got = runner.forward([ForwardRow(prompt, 0, [1])])
+        want = reference.forward([ForwardRow(prompt, 0, [1])])
+        torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+        assert greedy_forward(runner, prompt, 8, [1]) == greedy_forward(reference, prompt, 8, [1])
         assert runner.failure is None
     finally:
         runner.close()

@@ -85,3 +85,16 @@ async def collect(stream: AsyncIterator[Any]) -> Collected:
         )
 
     return await asyncio.wait_for(run(), HANG_GUARD_SECS)
+
+
+def greedy_forward(runner: Any, prompt: Sequence[int], steps: int, blocks: Sequence[int]) -> list[int]:
+    """Greedy tokens through a bare runner: the prompt in one forward, then one token a
+    forward, all in `blocks` (which must cover the prompt plus `steps` positions)."""
+    from neuron.engine.paged import ForwardRow
+
+    logits = runner.forward([ForwardRow(list(prompt), 0, blocks)])
+    tokens = [int(logits[0].argmax())]
+    for position in range(len(prompt), len(prompt) + steps):
+        logits = runner.forward([ForwardRow([tokens[-1]], position, blocks)])
+        tokens.append(int(logits[0].argmax()))
+    return tokens

@@ -67,6 +67,12 @@ class ModelLoad(msgspec.Struct, kw_only=True):
     max_queue_depth: int = 0
     tok_s_prefill: float = 0.0
     tok_s_decode: float = 0.0
+    # The longest prompt + output one request can have: the model's position limit or what
+    # its K/V pool holds, whichever is less (None when the engine does not say).
+    max_model_len: int | None = None
+    # K/V pool blocks held by running sequences, and the pool's usable blocks.
+    kv_blocks_used: int = 0
+    kv_blocks_total: int = 0
 
 
 class HealthResponse(msgspec.Struct, kw_only=True):

@@ -247,8 +247,8 @@ class ModelManager:
         if loaded is not None:
             info.vram_used_mb = record.memory_bytes // MIB
             info.capabilities = list(loaded.capabilities)
-            context = getattr(loaded.hf_config, "max_position_embeddings", None)
-            if isinstance(context, int):
+            context = loaded.served_context(getattr(loaded.hf_config, "max_position_embeddings", None))
+            if context is not None:
                 info.limit = ModelLimit(context=context, output=context)
             info.tool_call, info.reasoning = _capabilities(loaded)
             info.in_flight = loaded.engine.load().in_flight

@@ -1,11 +1,11 @@
 """The contract between the engine's scheduler and whatever runs the forward passes.
 
-The scheduler decides *what* to compute each step (which sequences prefill, which decode
-together); a runner computes it. The single-device runner drives a transformers model
-with a KV cache per sequence; the tensor-parallel runner mirrors every call to its worker
-ranks so that all ranks run the same collectives in the same order. Because every call is
-deterministic in its inputs, ranks that receive the same calls make the same cache
-decisions (prefix reuse included) without talking about them.
+The scheduler decides *what* to compute each step: which sequences prefill which chunk,
+which decode together, and which K/V blocks each one's positions live in
+(`engine/blocks.py`). A runner computes it: it holds the weights and the K/V pool's tensors
+and nothing per sequence. The single-device runner drives a transformers model; the
+tensor-parallel runner mirrors every call to its worker ranks, so that all ranks run the
+same collectives in the same order over the same block tables.
 
 All methods run on the device's owner thread (`neuron.device.DeviceWorker`).
 """
@@ -13,47 +13,36 @@ All methods run on the device's owner thread (`neuron.device.DeviceWorker`).
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
 if TYPE_CHECKING:
     import torch
 
-
-@dataclass(frozen=True)
-class PrefillResult:
-    # Next-token logits after the last prompt token, shape [vocab], float32.
-    logits: torch.Tensor
-    # Prompt tokens whose KV came from the prefix cache instead of being computed.
-    cached_tokens: int
+    from neuron.engine.paged import ForwardRow
 
 
 class ModelRunner(Protocol):
     @property
     def max_context(self) -> int:
-        """Longest sequence (prompt + generated) the model supports."""
+        """Longest sequence (prompt + generated) the model's positions support."""
         ...
 
-    def prefill(self, seq_id: int, token_ids: Sequence[int]) -> PrefillResult:
-        """Start sequence `seq_id` with its prompt; reuse a cached prefix when one matches."""
+    @property
+    def num_blocks(self) -> int:
+        """Blocks in the K/V pool, the null block 0 included."""
         ...
 
-    def prefill_batch(self, seq_ids: Sequence[int], prompts: Sequence[Sequence[int]]) -> list[PrefillResult]:
-        """Start several sequences at once (one result each, in order), as `prefill` would.
-
-        A runner may compute them in one forward; the results must be what `prefill` gives
-        up to floating-point rounding. If it raises, none of the sequences exists afterwards.
-        """
+    @property
+    def block_size(self) -> int:
+        """Positions per K/V block."""
         ...
 
-    def decode(self, seq_ids: Sequence[int], token_ids: Sequence[int]) -> torch.Tensor:
-        """Append one token to each sequence in a single batched forward; logits [B, vocab]."""
-        ...
-
-    def release(self, seq_id: int) -> None:
-        """Forget the sequence and free its KV cache (it may seed the prefix cache first)."""
+    def forward(self, rows: Sequence[ForwardRow]) -> torch.Tensor:
+        """Compute each row's new tokens in one forward, writing their K/V into the row's
+        blocks; float32 logits [rows, vocab] after each row's last token. Rows of one call
+        belong to distinct sequences."""
         ...
 
     def close(self) -> None:
-        """Free all caches and the model's memory."""
+        """Free the K/V pool and the model's memory."""
         ...

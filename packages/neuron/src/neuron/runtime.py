@@ -27,3 +27,9 @@ class LoadedModel:
     worker: DeviceWorker
     devices: list[int] = field(default_factory=list)
     capabilities: list[str] = field(default_factory=lambda: ["text"])
+
+    def served_context(self, config_context: int | None) -> int | None:
+        """The context a request can use: the config's (`config_context`), capped by what
+        the engine's K/V pool holds when the engine reports that."""
+        limits = [limit for limit in (config_context, self.engine.load().max_model_len) if limit]
+        return min(limits) if limits else None

@@ -33,9 +33,17 @@ class EngineConfig(Strict):
     max_batch_size: int = 8
     # Requests queued beyond the running batch; more are refused with 503 + Retry-After.
     max_queue_depth: int = 64
+    # Prompt tokens computed per step at most (one chunk of a long prompt, or several short
+    # ones), so running streams wait at most one chunk between tokens.
     prefill_chunk_tokens: int = 512
-    # Prompt prefixes kept for reuse (reported as cached_tokens).
-    prefix_cache_entries: int = 8
+    # Reuse the K/V of earlier requests' full blocks (reported as cached_tokens).
+    prefix_caching: bool = True
+    # Positions per K/V block.
+    kv_block_size: int = 16
+    # The K/V pool: this share of the device memory free once the weights are loaded ...
+    kv_cache_fraction: float = 0.5
+    # ... and never more than this (GiB).
+    kv_cache_max_gib: float = 8.0
     # SSE keep-alive comment interval while a long prompt prefills.
     keepalive_secs: float = 5.0
 
@@ -65,8 +73,18 @@ def load_neuron_config(path: Path | None, *, env: Mapping[str, str] | None = Non
         raise ConfigError(source, f"expected a TCP port 1-65535, got {config.port}", "port")
     if config.tensor_parallel_step_timeout_secs <= 0:
         raise ConfigError(source, "must be positive", "tensor_parallel_step_timeout_secs")
-    if config.engine.max_batch_size < 1:
-        raise ConfigError(source, "must be at least 1", "engine.max_batch_size")
+    engine = config.engine
+    for key, value in (
+        ("max_batch_size", engine.max_batch_size),
+        ("prefill_chunk_tokens", engine.prefill_chunk_tokens),
+        ("kv_block_size", engine.kv_block_size),
+    ):
+        if value < 1:
+            raise ConfigError(source, "must be at least 1", f"engine.{key}")
+    if not 0 < engine.kv_cache_fraction <= 1:
+        raise ConfigError(source, "must be a share of free memory in (0, 1]", "engine.kv_cache_fraction")
+    if engine.kv_cache_max_gib <= 0:
+        raise ConfigError(source, "must be positive", "engine.kv_cache_max_gib")
     for scheme in config.sources:
         if not scheme or "/" in scheme or ":" in scheme:
             raise ConfigError(

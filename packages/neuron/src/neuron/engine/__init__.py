@@ -5,8 +5,10 @@
     engine = build_engine(model, worker=worker, engine_config=config.engine, model_id="org/name")
 
 `device` defaults to the device of the model's parameters. All torch work (packing the
-model's CPU linears, then every forward) runs on `worker`'s thread. `max_context` defaults to the
-model's `max_position_embeddings`. Close with `await engine.close()` (frees the runner).
+model's CPU linears, allocating the K/V pool, then every forward) runs on `worker`'s thread.
+The pool takes `kv_cache_fraction` of the device memory free now (the weights are loaded),
+at most `kv_cache_max_gib`; the engine serves `max_context` (default: the model's
+`max_position_embeddings`) or what the pool holds, whichever is less. Close with `await engine.close()` (frees the runner).
 """
 
 from __future__ import annotations
@@ -20,6 +22,23 @@ from neuron.device import DeviceWorker
 from neuron.engine.engine import TokenStream, TorchEngine
 from neuron.engine.hf_runner import SingleDeviceRunner
 
+GIB = 1 << 30
+
+
+def kv_cache_budget(free_bytes: int, config: EngineConfig) -> int:
+    """Bytes for a model's K/V pool: a share of the memory free after its weights, capped."""
+    return int(min(free_bytes * config.kv_cache_fraction, config.kv_cache_max_gib * GIB))
+
+
+def free_device_bytes(device: torch.device) -> int:
+    """Memory free on `device` now (for the CPU: the host's available memory)."""
+    if device.type == "cuda":
+        free, _total = torch.cuda.mem_get_info(device)
+        return int(free)
+    from neuron.discovery import read_meminfo
+
+    return read_meminfo().get("MemAvailable", 0)
+
 
 def build_engine(
     model: Any,
@@ -32,17 +51,20 @@ def build_engine(
 ) -> TorchEngine:
     """A TorchEngine over a loaded transformers causal LM (eval mode, on `device`)."""
     config = engine_config or EngineConfig()
+    where = torch.device(device) if device is not None else next(model.parameters()).device
     runner = SingleDeviceRunner(
         model,
-        device=device if device is not None else next(model.parameters()).device,
-        prefill_chunk_tokens=config.prefill_chunk_tokens,
-        prefix_cache_entries=config.prefix_cache_entries,
+        device=where,
+        kv_cache_bytes=kv_cache_budget(free_device_bytes(where), config),
+        kv_block_size=config.kv_block_size,
+        max_batch_size=config.max_batch_size,
         max_context=max_context,
     )
-    # Packing runs on the owner thread, ahead of any step (the worker runs jobs in order); a
-    # failure here surfaces again in the first request, which retries it.
+    # Packing and the pool's allocation run on the owner thread, ahead of any step (the
+    # worker runs jobs in order); a failure here surfaces again in the first request, which
+    # retries it.
     worker.submit(runner.prepare)
     return TorchEngine(runner, worker=worker, config=config, model_id=model_id)
 
 
-__all__ = ["SingleDeviceRunner", "TokenStream", "TorchEngine", "build_engine"]
+__all__ = ["SingleDeviceRunner", "TokenStream", "TorchEngine", "build_engine", "kv_cache_budget"]

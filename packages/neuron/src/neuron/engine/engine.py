@@ -132,6 +132,7 @@ class TorchEngine:
             max_batch_size=self.config.max_batch_size,
             prefill_budget_tokens=self.config.prefill_chunk_tokens,
             on_finished=self._on_finished,
+            prefix_caching=self.config.prefix_caching,
         )
         self._seq_ids = itertools.count()
         self._lock = threading.Lock()
@@ -148,7 +149,7 @@ class TorchEngine:
         if prompt == 0:
             raise ApiError(400, "the prompt is empty", code="empty_prompt", param="messages")
         max_new = max(1, request.max_new_tokens)
-        limit = self.runner.max_context
+        limit = self.max_context
         if prompt + max_new > limit:
             raise ApiError(
                 400,
@@ -189,11 +190,13 @@ class TorchEngine:
 
     @property
     def max_context(self) -> int:
-        """Prompt + new tokens allowed per request (for resolving a default max_tokens)."""
-        return self.runner.max_context
+        """Prompt + new tokens allowed per request: the model's position limit or what the
+        whole K/V pool holds, whichever is less (for resolving a default max_tokens)."""
+        return min(self.runner.max_context, self._scheduler.max_sequence_tokens)
 
     def load(self) -> ModelLoad:
-        running = len(self._scheduler.running)
+        running = len(self._scheduler.running) + len(self._scheduler.prefilling)
+        used, total = self._scheduler.kv_usage()
         tp = self._scheduler.throughput
         return ModelLoad(
             id=self.model_id,
@@ -203,6 +206,9 @@ class TorchEngine:
             max_queue_depth=self.config.max_queue_depth,
             tok_s_prefill=round(tp.prefill_tok_s, 2),
             tok_s_decode=round(tp.decode_tok_s, 2),
+            max_model_len=self.max_context,
+            kv_blocks_used=used,
+            kv_blocks_total=total,
         )
 
     async def close(self) -> None:

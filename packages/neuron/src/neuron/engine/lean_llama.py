@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from neuron.engine.cpu_linear import MergedLinearPart, PackedLinear
-from neuron.engine.kv import GrowingKVLayer
+from neuron.engine.paged import PagedLayer
 
 
 @dataclass(frozen=True)
@@ -147,7 +147,7 @@ def _families() -> list[_Family]:
 
 
 class LeanLlamaDecoder:
-    """Decode one token per row through a Llama (or Qwen3) causal LM, writing K/V into GrowingKVLayers."""
+    """Decode one token per row through a Llama (or Qwen3) causal LM, writing K/V through the pool's layers."""
 
     def __init__(self, model: Any) -> None:
         from transformers.activations import SiLUActivation
@@ -250,7 +250,7 @@ class LeanLlamaDecoder:
         input_ids: torch.Tensor,
         position_ids: torch.Tensor,
         padding_mask: torch.Tensor | None,
-        layers: list[GrowingKVLayer],
+        layers: list[PagedLayer],
     ) -> torch.Tensor:
         """Last-position logits [batch, vocab] for one new token per row ([batch, 1] ids and
         positions); `padding_mask` is [batch, cache width + 1] (1 = real) or None when no row

@@ -1,23 +1,40 @@
 """The continuous-batching scheduler: what runs on the device's owner thread, one step at a time.
 
-A step: drop cancelled sequences, admit waiting requests (one prefill call for all of them,
-first tokens) while the batch has room and the step's prefill budget lasts, then decode every running sequence in
-one forward. A sequence joins the batch when its prefill is done and leaves when it ends.
-Events leave the step through `deliver`, a callback that hands them to the event loop; the
-scheduler itself never touches asyncio.
+A sequence is *waiting* (no K/V yet), *prefilling* (its prompt's blocks are held and being
+computed chunk by chunk) or *running* (decoding one token a step). A step:
+
+1. drops cancelled sequences;
+2. gives every running sequence room for its next token, preempting the youngest
+   sequences when the pool is out of blocks;
+3. prefills at most `prefill_budget_tokens` prompt tokens in one forward: first the
+   sequences already prefilling, then waiting ones admitted in order while the batch has
+   room and the pool has blocks for the whole prompt (a prefix-cache hit needs fewer);
+4. decodes every running sequence in one forward.
+
+So a long prompt costs the running streams one chunk per step, never its whole prefill, and
+K/V memory is held by tokens in flight. A preempted sequence gives its blocks back (its full
+ones stay in the prefix cache) and waits at the head of the queue; when readmitted it
+recomputes prompt + generated tokens (mostly from the prefix cache) and carries on where it
+stopped, so its output is the same. Events leave the step through each sequence's `sink`;
+the scheduler itself never touches asyncio.
 """
 
 from __future__ import annotations
 
+import itertools
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
+import torch
+
 from neuron.engine.api import FinishReason, GenerationRequest, TokenEvent
+from neuron.engine.blocks import BlockPool, BlockTable, blocks_for
+from neuron.engine.paged import ForwardRow
 from neuron.engine.sampling import SamplerState, next_token, next_tokens
-from neuron.runner import ModelRunner, PrefillResult
+from neuron.runner import ModelRunner
 
 # How much a new measurement moves the tok/s averages reported by load().
 EMA_WEIGHT = 0.2
@@ -43,10 +60,27 @@ class SeqState:
     cached_tokens: int = 0
     last_token: int = -1
     finished: bool = False
+    # Prompt then generated ids; the K/V of the first `computed` is in `table`'s blocks.
+    tokens: list[int] = field(default_factory=list)
+    computed: int = 0
+    table: BlockTable = field(default_factory=BlockTable)
+    # Admission order (older sequences are preempted last); set at each admission.
+    admitted: int = -1
+    preemptions: int = 0
+
+    def __post_init__(self) -> None:
+        if not self.tokens:
+            self.tokens = list(self.request.prompt_ids)
 
     @property
     def completion_tokens(self) -> int:
         return len(self.sampler.generated)
+
+    @property
+    def prefill_target(self) -> int:
+        """Positions to compute before decoding: the prompt, or, after a preemption, every
+        token but the last generated one (which the next decode step feeds)."""
+        return len(self.tokens) - 1 if self.sampler.generated else len(self.tokens)
 
 
 @dataclass
@@ -63,7 +97,7 @@ class Throughput:
 
 
 class Scheduler:
-    """Owner-thread state: waiting requests, the running batch, and the runner they share."""
+    """Owner-thread state: waiting, prefilling and running sequences, the block pool and the runner."""
 
     def __init__(
         self,
@@ -72,112 +106,222 @@ class Scheduler:
         max_batch_size: int,
         prefill_budget_tokens: int,
         on_finished: Callable[[SeqState], None],
+        prefix_caching: bool = True,
     ) -> None:
         self.runner = runner
         self.max_batch_size = max_batch_size
-        self.prefill_budget_tokens = prefill_budget_tokens
+        self.prefill_budget_tokens = max(1, prefill_budget_tokens)
         self.on_finished = on_finished
+        self.prefix_caching = prefix_caching
+        self.blocks = BlockPool(runner.num_blocks, runner.block_size)
         # Appended from the event loop's thread (deque appends are atomic), popped here.
         self.incoming: deque[SeqState] = deque()
         self.waiting: deque[SeqState] = deque()
+        self.prefilling: list[SeqState] = []
         self.running: list[SeqState] = []
         self.throughput = Throughput()
+        self.preemptions = 0
+        self._admissions = itertools.count()
+
+    @property
+    def max_sequence_tokens(self) -> int:
+        """The longest sequence the pool can hold at all (every usable block)."""
+        return self.blocks.usable_blocks * self.blocks.block_size
 
     def has_work(self) -> bool:
-        return bool(self.incoming or self.waiting or self.running)
+        return bool(self.incoming or self.waiting or self.prefilling or self.running)
 
     def step(self, flush: Callable[[], None]) -> None:
         """One scheduling round; `flush` pushes the events produced so far to their consumers."""
         while self.incoming:
             self.waiting.append(self.incoming.popleft())
         self._drop_cancelled()
-        if self._admit():
+        decoding = self._reserve_decode_slots()
+        chunks = self._plan_prefill()
+        if chunks:
+            self._prefill(chunks)
             flush()  # first tokens go out now, not after the decode step below
-        if self.running:
-            self._decode()
+        decoding = [seq for seq in decoding if seq in self.running and not seq.cancelled]
+        if decoding:
+            self._decode(decoding)
+
+    # --- planning ----------------------------------------------------------------------
 
     def _drop_cancelled(self) -> None:
         for seq in [s for s in self.waiting if s.cancelled]:
             self.waiting.remove(seq)
-            self._finish(seq, None, release=False)
-        for seq in [s for s in self.running if s.cancelled]:
-            self.running.remove(seq)
             self._finish(seq, None)
+        for group in (self.prefilling, self.running):
+            for seq in [s for s in group if s.cancelled]:
+                group.remove(seq)
+                self._finish(seq, None)
 
-    def _admit(self) -> bool:
-        """Prefill the requests that fit (batch room, step budget) together; True if any was tried."""
-        group = self._admissible()
-        if not group:
+    def _reserve_decode_slots(self) -> list[SeqState]:
+        """Blocks for every running sequence's next token, oldest first; the youngest
+        sequences are preempted when the pool runs out."""
+        ready: list[SeqState] = []
+        for seq in sorted(self.running, key=lambda s: s.admitted):
+            if seq not in self.running:
+                continue  # preempted for an older one in this loop
+            if self._grow(seq, seq.computed + 1):
+                ready.append(seq)
+            else:
+                self._preempt(seq)
+        return ready
+
+    def _grow(self, seq: SeqState, positions: int) -> bool:
+        """Make `seq`'s table cover `positions`, preempting younger sequences if needed."""
+        needed = blocks_for(positions, self.blocks.block_size) - len(seq.table.blocks)
+        if needed <= 0:
+            return True
+        while self.blocks.available < needed:
+            victim = self._youngest(other_than=seq)
+            if victim is None:
+                return False
+            self._preempt(victim)
+        taken = self.blocks.allocate(needed)
+        assert taken is not None
+        seq.table.blocks.extend(taken)
+        return True
+
+    def _youngest(self, other_than: SeqState) -> SeqState | None:
+        candidates = [
+            s
+            for s in (*self.prefilling, *self.running)
+            if s is not other_than and s.admitted > other_than.admitted
+        ]
+        return max(candidates, key=lambda s: s.admitted, default=None)
+
+    def _preempt(self, seq: SeqState) -> None:
+        """Give `seq`'s blocks back and queue it first; it recomputes its K/V when readmitted."""
+        for group in (self.prefilling, self.running):
+            if seq in group:
+                group.remove(seq)
+        self._release_blocks(seq)
+        seq.computed = 0
+        seq.preemptions += 1
+        self.preemptions += 1
+        self.waiting.appendleft(seq)
+
+    def _plan_prefill(self) -> list[tuple[SeqState, int]]:
+        """(sequence, tokens to compute) for this step's prefill forward, within the budget."""
+        budget = self.prefill_budget_tokens
+        chunks: list[tuple[SeqState, int]] = []
+        for seq in self.prefilling:
+            if budget <= 0:
+                break
+            count = min(seq.prefill_target - seq.computed, budget)
+            chunks.append((seq, count))
+            budget -= count
+        while budget > 0 and self.waiting and len(self.running) + len(self.prefilling) < self.max_batch_size:
+            seq = self.waiting[0]
+            if not self._admit(seq):
+                break  # in order: a long prompt waits for blocks rather than being overtaken forever
+            self.waiting.popleft()
+            self.prefilling.append(seq)
+            count = min(seq.prefill_target - seq.computed, budget)
+            chunks.append((seq, count))
+            budget -= count
+        return chunks
+
+    def _admit(self, seq: SeqState) -> bool:
+        """Take the blocks for `seq`'s whole prefill (cached ones shared) if the pool has them,
+        keeping one spare block per active sequence for their growth."""
+        target = seq.prefill_target
+        matched: list[int] = []
+        keys: list[int] = []
+        if self.prefix_caching:
+            # At least the last position is computed: its logits pick the next token.
+            matched, keys = self.blocks.match_prefix(seq.tokens, target - 1)
+        fresh = blocks_for(target, self.blocks.block_size) - len(matched)
+        spare = len(self.running) + len(self.prefilling)
+        taken = self.blocks.allocate(fresh) if self.blocks.available >= fresh + spare else None
+        if taken is None:
+            self.blocks.release(matched)
             return False
+        seq.table = BlockTable(blocks=[*matched, *taken], keys=keys)
+        seq.computed = len(matched) * self.blocks.block_size
+        seq.admitted = next(self._admissions)
+        if seq.preemptions == 0:  # what the client is told: its own earlier K/V does not count
+            seq.cached_tokens = seq.computed
+        return True
+
+    # --- execution ---------------------------------------------------------------------
+
+    def _prefill(self, chunks: list[tuple[SeqState, int]]) -> None:
+        """One forward for every chunk; if it fails, one by one, so that only the sequences
+        that fail alone fail (a failed forward wrote only slots its rows own)."""
         started = time.perf_counter()
+        rows = [
+            ForwardRow(seq.tokens[seq.computed : seq.computed + n], seq.computed, seq.table.blocks)
+            for seq, n in chunks
+        ]
+        outcomes: list[torch.Tensor | Exception]
+        try:
+            outcomes = list(self.runner.forward(rows).unbind(0))
+        except (
+            Exception
+        ) as batch_failure:  # retried one by one below, where each failure reaches its sequence
+            if len(rows) == 1:
+                outcomes = [batch_failure]
+            else:
+                outcomes = []
+                for row in rows:
+                    try:
+                        outcomes.append(self.runner.forward([row])[0])
+                    except Exception as exc:
+                        exc.add_note(
+                            f"the batched prefill with its companions failed first: {batch_failure!r}"
+                        )
+                        outcomes.append(exc)
         computed = 0
-        for seq, outcome in zip(group, self._prefill(group), strict=True):
+        for (seq, count), outcome in zip(chunks, outcomes, strict=True):
+            if isinstance(outcome, Exception):
+                self.prefilling.remove(seq)
+                self._fail(seq, outcome)
+                continue
+            seq.computed += count
+            computed += count
+            self._commit(seq)
+            if seq.computed < seq.prefill_target:
+                continue
+            self.prefilling.remove(seq)
+            if seq.sampler.generated:  # resumed after a preemption: its next token is known
+                self.running.append(seq)
+                continue
             try:
-                if isinstance(outcome, BaseException):
-                    raise outcome
-                token = next_token(outcome.logits, seq.sampler)
+                token = next_token(outcome, seq.sampler)
             except Exception as exc:  # this request fails; the others go on
                 self._fail(seq, exc)
                 continue
-            computed += len(seq.request.prompt_ids) - outcome.cached_tokens
-            seq.cached_tokens = outcome.cached_tokens
             if self._accept(seq, token):
                 self.running.append(seq)
         tp = self.throughput
         tp.prefill_tok_s = tp.blend(tp.prefill_tok_s, computed, time.perf_counter() - started)
-        return True
 
-    def _admissible(self) -> list[SeqState]:
-        """Waiting requests for this step: while the batch has room and their prompts fit the
-        prefill budget (the first one always goes, however long)."""
-        group: list[SeqState] = []
-        budget = self.prefill_budget_tokens
-        while self.waiting and len(self.running) + len(group) < self.max_batch_size:
-            prompt = len(self.waiting[0].request.prompt_ids)
-            if group and prompt > budget:
-                break
-            budget -= prompt
-            group.append(self.waiting.popleft())
-        return group
-
-    def _prefill(self, group: list[SeqState]) -> list[PrefillResult | Exception]:
-        """Prefill the group in one runner call; if that fails, one by one, so that only the
-        requests that fail alone fail (the runner undoes a failed batch call)."""
-        batch_failure: Exception | None = None
-        if len(group) > 1:
-            try:
-                ids, prompts = [s.seq_id for s in group], [s.request.prompt_ids for s in group]
-                return list(self.runner.prefill_batch(ids, prompts))
-            except Exception as exc:  # retried one by one below, where each failure reaches its request
-                batch_failure = exc
-        outcomes: list[PrefillResult | Exception] = []
-        for seq in group:
-            try:
-                outcomes.append(self.runner.prefill(seq.seq_id, seq.request.prompt_ids))
-            except Exception as exc:
-                if batch_failure is not None:
-                    exc.add_note(f"the batched prefill with its companions failed first: {batch_failure!r}")
-                outcomes.append(exc)
-        return outcomes
-
-    def _decode(self) -> None:
-        batch = list(self.running)
+    def _decode(self, batch: list[SeqState]) -> None:
         started = time.perf_counter()
+        rows = [ForwardRow([seq.last_token], seq.computed, seq.table.blocks) for seq in batch]
         try:
-            logits = self.runner.decode([s.seq_id for s in batch], [s.last_token for s in batch])
-            tokens = next_tokens(logits, [s.sampler for s in batch])
+            tokens = next_tokens(self.runner.forward(rows), [s.sampler for s in batch])
         except Exception as exc:  # a failed batched forward takes every member with it
-            self.running.clear()
             for seq in batch:
+                self.running.remove(seq)
                 self._fail(seq, exc)
             return
         tp = self.throughput
         tp.decode_tok_s = tp.blend(tp.decode_tok_s, len(batch), time.perf_counter() - started)
         for seq, token in zip(batch, tokens, strict=True):
+            seq.computed += 1
+            self._commit(seq)
             if seq.cancelled:
                 continue  # dropped at the next step; its token is never seen
             if not self._accept(seq, token):
                 self.running.remove(seq)
+
+    def _commit(self, seq: SeqState) -> None:
+        if self.prefix_caching and seq.computed // self.blocks.block_size > len(seq.table.keys):
+            self.blocks.commit(seq.table, seq.tokens[: seq.computed])
 
     def _accept(self, seq: SeqState, token: int) -> bool:
         """Emit `token` for `seq`; False when the sequence has ended (and was finished)."""
@@ -185,6 +329,7 @@ class Scheduler:
             self._finish(seq, "stop")
             return False
         seq.sampler.record(token)
+        seq.tokens.append(token)
         seq.last_token = token
         done = seq.completion_tokens >= seq.max_new_tokens
         seq.sink.put(self._event(seq, token, "length" if done else None))
@@ -201,15 +346,18 @@ class Scheduler:
             completion_tokens=seq.completion_tokens,
         )
 
-    def _finish(self, seq: SeqState, reason: FinishReason | None, *, release: bool = True) -> None:
-        """End a sequence: a final event when `reason` is given, its cache released, counted out."""
+    def _release_blocks(self, seq: SeqState) -> None:
+        self.blocks.release(seq.table.blocks)
+        seq.table = BlockTable()
+
+    def _finish(self, seq: SeqState, reason: FinishReason | None) -> None:
+        """End a sequence: a final event when `reason` is given, its blocks released, counted out."""
         if seq.finished:
             return
         seq.finished = True
         if reason is not None:
             seq.sink.put(self._event(seq, None, reason))
-        if release:
-            self.runner.release(seq.seq_id)
+        self._release_blocks(seq)
         self.on_finished(seq)
 
     def _fail(self, seq: SeqState, exc: BaseException) -> None:
@@ -217,22 +365,24 @@ class Scheduler:
             return
         seq.sink.put(exc)
         seq.finished = True
-        try:
-            self.runner.release(seq.seq_id)
-        except Exception as release_exc:  # the original failure is what the client needs to see
-            exc.add_note(f"releasing the sequence also failed: {release_exc!r}")
+        self._release_blocks(seq)
         self.on_finished(seq)
 
     def fail_all(self, reason: Callable[[], BaseException]) -> None:
         """Fail everything queued or running with a fresh `reason()`."""
         while self.incoming:
             self.waiting.append(self.incoming.popleft())
-        for seq in [*self.waiting, *self.running]:
+        for seq in [*self.waiting, *self.prefilling, *self.running]:
             self._fail(seq, reason())
         self.waiting.clear()
+        self.prefilling.clear()
         self.running.clear()
 
     def shutdown(self, reason: Callable[[], BaseException]) -> None:
         """Fail everything still queued or running, then close the runner."""
         self.fail_all(reason)
         self.runner.close()
+
+    def kv_usage(self) -> tuple[int, int]:
+        """(blocks held by sequences, usable blocks)."""
+        return self.blocks.in_use, self.blocks.usable_blocks

@@ -37,7 +37,7 @@ class ModelTraits:
             markers=markers,
             tool_format=tool_format,
             eos_ids=eos_token_ids(loaded.generation_config, tokenizer, loaded.hf_config),
-            max_context=context_length(loaded.hf_config),
+            max_context=loaded.served_context(context_length(loaded.hf_config)),
             keep_ids=frozenset(marker_token_ids(tokenizer, marker_strings)),
         )
 

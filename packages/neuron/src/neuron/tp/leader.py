@@ -143,22 +143,25 @@ class TensorParallelGroup:
         start_timeout_s: float = 600.0,
         worker_threads: int | None = None,
         on_failure: Callable[[str], None] | None = None,
-    ) -> tuple[TensorParallelGroup, int]:
-        """Spawn, join, load; returns the group and the model's max_context (0 without model).
+    ) -> tuple[TensorParallelGroup, tuple[int, int, int]]:
+        """Spawn, join, load; returns the group and the model's (max_context, K/V blocks, block
+        size), zeros without a model.
 
         Raises TensorParallelError (with every process already cleaned up) when any rank fails.
         """
         group = cls(devices=devices, backend=backend, step_timeout_s=step_timeout_s, on_failure=on_failure)
         try:
-            max_context = group._start(model, start_timeout_s, worker_threads)
+            layout = group._start(model, start_timeout_s, worker_threads)
         except BaseException as exc:
             reason = group._failure or group._explain(exc, "start")
             group._poison(reason, notify=False)
             group.close()
             raise TensorParallelError(reason) from exc
-        return group, max_context
+        return group, layout
 
-    def _start(self, model: ModelSource | None, start_timeout_s: float, worker_threads: int | None) -> int:
+    def _start(
+        self, model: ModelSource | None, start_timeout_s: float, worker_threads: int | None
+    ) -> tuple[int, int, int]:
         collective_timeout = self.step_timeout_s + COLLECTIVE_GRACE_S
         self._store = master_store(self.world_size, collective_timeout)
         self._arm("start", start_timeout_s)
@@ -184,13 +187,13 @@ class TensorParallelGroup:
             worker.conn.send(replace(base, rank=worker.rank, device=self.devices[worker.rank]))
         # Rank 0 lives in the daemon: its thread count is the daemon's business.
         self.local = RankState.join(replace(base, torch_threads=None), self._store)
-        max_context = self.local.load()
-        self._check_replies("start", self._collect(deadline, "start"), expected=lambda _: max_context)
+        layout = self.local.load()
+        self._check_replies("start", self._collect(deadline, "start"), expected=lambda _: layout)
         self._disarm()
         log.info(
             "tensor-parallel group ready: %d ranks, %s on %s", self.world_size, self.backend, self.devices
         )
-        return max_context
+        return layout
 
     # ---- calls ---------------------------------------------------------------------------
 

@@ -77,9 +77,13 @@ def start_tensor_parallel(
     source = ModelSource(
         path=str(folder),
         dtype=dtype,
+        # Each rank holds 1/N of every layer's K/V heads: the cap split N ways gives every rank
+        # the same number of blocks. (Sized from the cap, not from free memory: the ranks'
+        # memory is not known before they load.)
         runner_kwargs={
-            "prefill_chunk_tokens": engine_config.prefill_chunk_tokens,
-            "prefix_cache_entries": engine_config.prefix_cache_entries,
+            "kv_cache_bytes": int(engine_config.kv_cache_max_gib * (1 << 30)) // len(devices),
+            "kv_block_size": engine_config.kv_block_size,
+            "max_batch_size": engine_config.max_batch_size,
         },
     )
     return TensorParallelRunner.start(

@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-Op = Literal["prefill", "prefill_batch", "decode", "release", "sanity", "close"]
+Op = Literal["forward", "sanity", "close"]
 
 
 @dataclass(frozen=True)
@@ -57,6 +57,6 @@ class Call:
 @dataclass(frozen=True)
 class Reply:
     ok: bool
-    # Small plain values only (the sanity sum, max_context); never tensors.
+    # Small plain values only (the sanity sum, the K/V layout); never tensors.
     value: Any = None
     error: str = ""

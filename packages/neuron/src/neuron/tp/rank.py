@@ -2,8 +2,8 @@
 
 A rank joins the group, checks it with an all-reduce, loads the checkpoint, keeps its
 shard and builds the inner runner; then it executes the calls rank 0 fans out. Rank 0
-keeps the results; workers only report small facts (cached_tokens, batch size) that rank 0
-compares with its own to catch ranks drifting apart.
+keeps the results; workers only report small facts (the logits' shape) that rank 0 compares
+with its own to catch ranks drifting apart.
 """
 
 from __future__ import annotations
@@ -15,7 +15,8 @@ from typing import Any
 import torch
 from torch._C._distributed_c10d import Store
 
-from neuron.runner import ModelRunner, PrefillResult
+from neuron.engine.paged import ForwardRow
+from neuron.runner import ModelRunner
 from neuron.tp.group import all_reduce_with, create_group, sanity_sum
 from neuron.tp.protocol import Call, ModelSource, RankSetup
 from neuron.tp.shard import plan_shards, shard_model
@@ -64,15 +65,16 @@ class RankState:
             )
         return cls(setup, group)
 
-    def load(self) -> int:
-        """Load the shard and build the inner runner; returns its max_context (0 without a model)."""
+    def load(self) -> tuple[int, int, int]:
+        """Load the shard and build the inner runner; returns its (max_context, K/V blocks,
+        block size), all 0 without a model. Every rank must report the same."""
         source = self.setup.model
         if source is None:
-            return 0
+            return (0, 0, 0)
         model = load_sharded_model(source, self.setup, self.group)
         factory = import_factory(source.runner_factory)
         self.runner = factory(model, device=torch.device(self.setup.device), **source.runner_kwargs)
-        return int(self.runner.max_context)
+        return (int(self.runner.max_context), int(self.runner.num_blocks), int(self.runner.block_size))
 
     def _runner(self) -> ModelRunner:
         if self.runner is None:
@@ -81,19 +83,11 @@ class RankState:
 
     def execute(self, call: Call) -> Any:
         """Run one call; the result on rank 0, a small comparable fact on the workers' side."""
-        if call.op == "prefill":
-            seq_id, token_ids = call.args
-            return self._runner().prefill(seq_id, token_ids)
-        if call.op == "prefill_batch":
-            seq_ids, prompts = call.args
-            return self._runner().prefill_batch(seq_ids, prompts)
-        if call.op == "decode":
-            seq_ids, token_ids = call.args
-            return self._runner().decode(seq_ids, token_ids)
-        if call.op == "release":
-            (seq_id,) = call.args
-            self._runner().release(seq_id)
-            return None
+        if call.op == "forward":
+            (rows,) = call.args
+            return self._runner().forward(
+                [ForwardRow(tokens, start, blocks) for tokens, start, blocks in rows]
+            )
         if call.op == "sanity":
             return sanity_sum(self.group, self.setup.device)
         if call.op == "close":
@@ -113,12 +107,8 @@ class RankState:
 
 def summarise(op: str, result: Any) -> Any:
     """The part of a result that every rank must agree on (never a tensor)."""
-    if op == "prefill" and isinstance(result, PrefillResult):
-        return ("prefill", result.cached_tokens, tuple(result.logits.shape))
-    if op == "prefill_batch" and isinstance(result, list):
-        return ("prefill_batch", tuple((r.cached_tokens, tuple(r.logits.shape)) for r in result))
-    if op == "decode" and isinstance(result, torch.Tensor):
-        return ("decode", tuple(result.shape))
+    if op == "forward" and isinstance(result, torch.Tensor):
+        return ("forward", tuple(result.shape))
     if op == "sanity":
         return ("sanity", result)
     return (op, None)

@@ -1,10 +1,11 @@
 """TensorParallelRunner: the ModelRunner contract over a tensor-parallel group.
 
 The engine's scheduler drives it exactly like a single-device runner, on the device's owner
-thread. Each call is mirrored to every rank, where the same inner runner (the engine's
-SingleDeviceRunner over that rank's shard) makes the same decisions; rank 0's logits are
-returned. Arguments are checked here before they are fanned out, so a bad call is a plain
-ValueError and does not poison the model; any failure after the fan-out does.
+thread. Each forward is mirrored to every rank, where the same inner runner (the engine's
+SingleDeviceRunner over that rank's shard, with a K/V pool of the same number of blocks)
+computes the same rows into the same blocks; rank 0's logits are returned. Arguments are
+checked here before they are fanned out, so a bad call is a plain ValueError and does not
+poison the model; any failure after the fan-out does.
 """
 
 from __future__ import annotations
@@ -13,7 +14,8 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from neuron.runner import PrefillResult
+from neuron.engine.blocks import NULL_BLOCK
+from neuron.engine.paged import ForwardRow
 from neuron.tp.group import rank_devices
 from neuron.tp.leader import TensorParallelError, TensorParallelGroup
 from neuron.tp.protocol import Call, ModelSource
@@ -26,10 +28,13 @@ __all__ = ["TensorParallelError", "TensorParallelRunner"]
 
 
 class TensorParallelRunner:
-    def __init__(self, group: TensorParallelGroup, max_context: int) -> None:
+    def __init__(
+        self, group: TensorParallelGroup, max_context: int, num_blocks: int, block_size: int
+    ) -> None:
         self._group = group
         self._max_context = max_context
-        self._running: set[int] = set()
+        self._num_blocks = num_blocks
+        self._block_size = block_size
 
     @classmethod
     def start(
@@ -54,7 +59,7 @@ class TensorParallelRunner:
         from transformers import AutoConfig
 
         plan_shards(AutoConfig.from_pretrained(source.path), len(devices))
-        group, max_context = TensorParallelGroup.start(
+        group, (max_context, num_blocks, block_size) = TensorParallelGroup.start(
             devices=rank_devices(list(devices), backend),
             backend=backend,
             model=source,
@@ -63,11 +68,19 @@ class TensorParallelRunner:
             worker_threads=worker_threads,
             on_failure=on_failure,
         )
-        return cls(group, max_context)
+        return cls(group, max_context, num_blocks, block_size)
 
     @property
     def max_context(self) -> int:
         return self._max_context
+
+    @property
+    def num_blocks(self) -> int:
+        return self._num_blocks
+
+    @property
+    def block_size(self) -> int:
+        return self._block_size
 
     @property
     def world_size(self) -> int:
@@ -82,49 +95,19 @@ class TensorParallelRunner:
     def worker_pids(self) -> list[int]:
         return [worker.proc.pid for worker in self._group.workers]
 
-    def prefill(self, seq_id: int, token_ids: Sequence[int]) -> PrefillResult:
-        if not token_ids:
-            raise ValueError("prefill needs at least one token")
-        if seq_id in self._running:
-            raise ValueError(f"sequence {seq_id} is already running")
-        result: PrefillResult = self._group.call(Call("prefill", (seq_id, [int(t) for t in token_ids])))
-        self._running.add(seq_id)
-        return result
-
-    def prefill_batch(self, seq_ids: Sequence[int], prompts: Sequence[Sequence[int]]) -> list[PrefillResult]:
-        if len(seq_ids) != len(prompts) or not all(prompts):
-            raise ValueError("prefill_batch needs one prompt of at least one token per sequence")
-        already = [seq for seq in seq_ids if seq in self._running]
-        if already or len(set(seq_ids)) != len(seq_ids):
-            raise ValueError(f"sequences already running or repeated: {already or list(seq_ids)}")
-        results: list[PrefillResult] = self._group.call(
-            Call("prefill_batch", ([int(s) for s in seq_ids], [[int(t) for t in p] for p in prompts]))
-        )
-        self._running.update(seq_ids)
-        return results
-
-    def decode(self, seq_ids: Sequence[int], token_ids: Sequence[int]) -> torch.Tensor:
-        if len(seq_ids) != len(token_ids) or not seq_ids:
-            raise ValueError(
-                f"decode needs one token per sequence, got {len(seq_ids)} ids and {len(token_ids)} tokens"
-            )
-        unknown = [seq for seq in seq_ids if seq not in self._running]
-        if unknown:
-            raise ValueError(f"decode of sequences that were never prefilled: {unknown}")
-        logits: torch.Tensor = self._group.call(
-            Call("decode", ([int(s) for s in seq_ids], [int(t) for t in token_ids]))
-        )
+    def forward(self, rows: Sequence[ForwardRow]) -> torch.Tensor:
+        if not rows or any(not row.tokens for row in rows):
+            raise ValueError("a forward needs at least one row, each with at least one new token")
+        for row in rows:
+            capacity = len(row.blocks) * self._block_size
+            if row.end > capacity or any(not NULL_BLOCK < b < self._num_blocks for b in row.blocks):
+                raise ValueError(
+                    f"a row up to position {row.end} has blocks {list(row.blocks)} "
+                    f"(pool of {self._num_blocks} blocks of {self._block_size})"
+                )
+        plain = [([int(t) for t in row.tokens], int(row.start), [int(b) for b in row.blocks]) for row in rows]
+        logits: torch.Tensor = self._group.call(Call("forward", (plain,)))
         return logits
 
-    def release(self, seq_id: int) -> None:
-        if seq_id not in self._running:
-            return
-        self._running.discard(seq_id)
-        if self._group.failure is not None:
-            # The workers are gone; rank 0's caches are freed by close().
-            return
-        self._group.call(Call("release", (seq_id,)))
-
     def close(self) -> None:
-        self._running.clear()
         self._group.close()

@@ -67,12 +67,12 @@ def serve(conn: Connection) -> int:
     try:
         store = client_store(setup.store_port, setup.world_size, setup.collective_timeout_s)
         state = RankState.join(setup, store)
-        max_context = state.load()
+        layout = state.load()
     except Exception as exc:  # reported to rank 0, which fails the load with this text
         log.exception("rank %d failed to start", setup.rank)
         conn.send(Reply(ok=False, error=f"{type(exc).__name__}: {exc}"))
         return 1
-    conn.send(Reply(ok=True, value=max_context))
+    conn.send(Reply(ok=True, value=layout))
     while True:
         try:
             call = conn.recv()
