@@ -19,6 +19,7 @@ import httpx2
 import openai
 import pytest
 from starlette.applications import Starlette
+from support.engine_harness import HANG_GUARD_SECS
 from transformers import AutoConfig, AutoTokenizer
 
 from cortex_core.errors import ApiError
@@ -708,3 +709,35 @@ async def test_an_unloaded_model_is_not_kept_alive_by_the_routes(harness: Harnes
     assert gone() is None
     async with harness.client() as client:
         assert (await client.post("/v1/chat/completions", json=chat())).status_code == 404
+
+
+async def test_templating_and_tokenising_leave_the_event_loop_free(
+    harness: Harness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A prompt that takes long to prepare holds only its own request: others are answered."""
+    import threading
+
+    from neuron.serving import routes
+
+    entered, release = threading.Event(), threading.Event()
+    real_prepare = routes.prepare_chat
+
+    def slow_prepare(*args: Any, **kwargs: Any) -> Any:
+        if "slow" in str(args[1].messages[0].content):
+            entered.set()
+            # On the event loop this wait would freeze every request below (and this test).
+            if not release.wait(HANG_GUARD_SECS):
+                raise AssertionError("never released")
+        return real_prepare(*args, **kwargs)
+
+    monkeypatch.setattr(routes, "prepare_chat", slow_prepare)
+    harness.script("Paris.")
+    async with harness.client() as client:
+        slow = asyncio.create_task(client.post("/v1/chat/completions", json=chat("slow")))
+        await asyncio.to_thread(entered.wait, HANG_GUARD_SECS)
+        quick = await client.post("/v1/chat/completions", json=chat("quick"))
+        counted = await client.post("/v1/chat/count_tokens", json=chat("quick"))
+        assert not slow.done()
+        release.set()
+        assert (await slow).status_code == 200
+    assert quick.status_code == 200 and counted.status_code == 200

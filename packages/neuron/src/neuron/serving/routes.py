@@ -1,5 +1,8 @@
 """The HTTP edge of inference: Starlette routes, streaming, errors rendered once.
 
+Rendering the chat template and tokenising the prompt run on a worker thread, never on the
+event loop: a huge prompt must not stall every other request and health check meanwhile.
+
 Errors found before the stream opens (unknown model, bad body, template, context length,
 an engine that refuses the request at once) are plain HTTP errors in the OpenAI envelope,
 even for `stream: true`. The stream opens when the first output arrives or when the first
@@ -211,7 +214,7 @@ def inference_routes(lookup: Callable[[str], LoadedModel], *, keepalive_secs: fl
         # Hidden reasoning used to eat the whole budget and return empty answers, so thinking
         # is on only when the client asks for it, either way (neuron.md §13.8).
         enable = enable_thinking_default(body, thinking)
-        prepared = prepare_chat(model, body, thinking=thinking, enable_thinking=enable)
+        prepared = await asyncio.to_thread(prepare_chat, model, body, thinking=thinking, enable_thinking=enable)
         options = given(body.stream_options)
         continuous = bool(options and given(options.continuous_usage_stats))
         projector = ChatStreamProjector(
@@ -232,7 +235,7 @@ def inference_routes(lookup: Callable[[str], LoadedModel], *, keepalive_secs: fl
     async def completions(request: Request) -> Response:
         body = decode_json_body(await request.body(), CompletionRequest)
         model = models.get(body.model)
-        prepared = prepare_completion(model, body)
+        prepared = await asyncio.to_thread(prepare_completion, model, body)
         options = given(body.stream_options)
         projector = CompletionStreamProjector(body.model, bool(options and given(options.include_usage)))
         return await run(
@@ -248,7 +251,7 @@ def inference_routes(lookup: Callable[[str], LoadedModel], *, keepalive_secs: fl
     async def responses(request: Request) -> Response:
         body = decode_json_body(await request.body(), ResponsesRequest)
         model = models.get(body.model)
-        chat, prepared = prepare_responses(model, body)
+        chat, prepared = await asyncio.to_thread(prepare_responses, model, body)
         projector = ResponsesStreamProjector(body)
 
         def failed(error: ApiError) -> bytes:
@@ -272,8 +275,13 @@ def inference_routes(lookup: Callable[[str], LoadedModel], *, keepalive_secs: fl
         body = decode_json_body(await request.body(), ChatCompletionRequest)
         model = models.get(body.model)
         thinking = include_thinking(request.headers.get(INCLUDE_THINKING_HEADER))
-        prompt = render_chat_prompt(model, body, enable_thinking=enable_thinking_default(body, thinking))
-        return json_response({"input_tokens": len(model.encode(prompt, add_special_tokens=False))})
+        enable = enable_thinking_default(body, thinking)
+
+        def count() -> int:
+            prompt = render_chat_prompt(model, body, enable_thinking=enable)
+            return len(model.encode(prompt, add_special_tokens=False))
+
+        return json_response({"input_tokens": await asyncio.to_thread(count)})
 
     return [
         Route("/v1/chat/completions", api_edge(chat_completions), methods=["POST"]),
