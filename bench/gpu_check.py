@@ -1,0 +1,85 @@
+"""The GPU check: what only a CUDA host can tell, in one run of under 8 minutes on one GPU.
+
+1. NCCL tensor-parallel smoke at world size 1 (`neuron tp-smoke --backend nccl`).
+2. The CUDA tests (`pytest -m cuda`): greedy parity with generate() on the GPU, bf16 logits
+   against the HF forward, the memory given back when an engine closes, and the NCCL
+   runner against a single-device one.
+3. The engine benchmark on CUDA (basic, mixed, arrival), for SmolLM2-135M and for a
+   random-weight 1.2B Llama-shaped model built from a config (realistic speed, no download).
+
+    nox -s gpu_check                  # in the dev environment, with a CUDA build of torch
+    python3 bench/gpu_check.py        # any Python whose torch sees a GPU and that has the
+                                      # neuron's dependencies; the packages' sources are
+                                      # put on PYTHONPATH here
+
+Every step runs even when one before it failed; the exit status is 1 if any failed.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+SOURCES = [
+    ROOT / "packages" / name / "src" for name in ("cortex-core", "neuron", "cortex-gateway", "cortex-cli")
+]
+
+
+def steps(python: str) -> list[tuple[str, list[str], float]]:
+    bench = [python, str(ROOT / "bench" / "neuron.py"), "--device", "cuda", "--repeats", "1"]
+    return [
+        ("NCCL smoke", [python, "-m", "neuron.tp.smoke", "--devices", "0", "--backend", "nccl"], 60),
+        (
+            "CUDA tests",
+            [python, "-m", "pytest", "-q", "-m", "cuda", "-p", "no:cacheprovider", "tests/neuron"],
+            240,
+        ),
+        ("bench SmolLM2", [*bench, "--scenarios", "basic,mixed,arrival"], 120),
+        (
+            "bench Llama 1.2B random",
+            [*bench, "--model", "llama-1b-random", "--scenarios", "basic,mixed,arrival"],
+            120,
+        ),
+    ]
+
+
+def main() -> int:
+    import torch
+
+    if not torch.cuda.is_available():
+        print("gpu_check: torch sees no CUDA device here; run it on a GPU host", file=sys.stderr)
+        return 2
+    print(
+        f"torch {torch.__version__}, CUDA {torch.version.cuda}, {torch.cuda.get_device_name(0)}, "
+        f"{torch.cuda.mem_get_info(0)[1] / 2**30:.0f} GiB",
+        flush=True,
+    )
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([*map(str, SOURCES), os.environ.get("PYTHONPATH", "")]),
+        "HF_HUB_OFFLINE": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+        "PYTHONUNBUFFERED": "1",
+    }
+    failed: list[str] = []
+    for name, command, timeout in steps(sys.executable):
+        print(f"\n=== {name}: {' '.join(command)}", flush=True)
+        started = time.monotonic()
+        try:
+            code = subprocess.run(command, cwd=ROOT, env=env, timeout=timeout).returncode
+        except subprocess.TimeoutExpired:
+            code = -1
+            print(f"=== {name}: timed out after {timeout:.0f} s", flush=True)
+        print(f"=== {name}: exit {code} in {time.monotonic() - started:.0f} s", flush=True)
+        if code != 0:
+            failed.append(name)
+    print(f"\ngpu_check: {'all passed' if not failed else 'FAILED: ' + ', '.join(failed)}")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
