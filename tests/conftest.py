@@ -34,6 +34,22 @@ def tiny_qwen3_moe(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return build_tiny_model(tmp_path_factory.mktemp("tiny-qwen3-moe"), "qwen3_moe")
 
 
+@pytest.fixture(scope="session", params=["qwen3_5", "qwen3_5_moe", "qwen3_next"])
+def tiny_hybrid(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Tiny Gated DeltaNet + full attention checkpoints, one per hybrid family."""
+    from support.tiny_models import build_tiny_hybrid
+
+    return build_tiny_hybrid(tmp_path_factory.mktemp(f"tiny-{request.param}"), request.param)
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen3_5(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny Qwen3.5 checkpoint (hybrid text model inside a vision-language one)."""
+    from support.tiny_models import build_tiny_hybrid
+
+    return build_tiny_hybrid(tmp_path_factory.mktemp("tiny-qwen3_5-served"), "qwen3_5")
+
+
 @pytest.fixture(scope="session")
 def smollm2_dir() -> Path:
     """The real SmolLM2-135M-Instruct as a plain bf16 HF folder (toolchain.md §3a).

@@ -9,7 +9,14 @@ from typing import Any
 
 import pytest
 import torch
-from support.engine_harness import PROMPT_TEXTS, collect, eos_ids, load_model, reference_greedy
+from support.engine_harness import (
+    PROMPT_TEXTS,
+    collect,
+    eos_ids,
+    load_model,
+    reference_greedy,
+    runner_with_blocks,
+)
 
 from cortex_core.config.neuron import EngineConfig
 from neuron.device import DeviceWorker
@@ -147,3 +154,58 @@ async def test_long_batched_generation_grows_its_buffers_and_still_matches(
     for (tokens, _), got in zip(expected, results, strict=True):
         assert len(tokens) == 300
         assert got.tokens == tokens
+
+
+async def test_hybrid_models_equal_generate_alone_batched_and_chunked(
+    tiny_hybrid: Path, worker: DeviceWorker
+) -> None:
+    """Gated DeltaNet + full attention (Qwen3.5, Qwen3.5-MoE, Qwen3-Next): each sequence's
+    linear-attention state travels with it through chunked prefill and batched decode."""
+    model, tokenizer = load_model(tiny_hybrid)
+    prompts = [tokenizer.encode(text) for text in PROMPT_TEXTS[:4]]
+    stops = eos_ids(model)
+    expected = [reference_greedy(model, p, 16) for p in prompts]
+    runner = RecordingRunner(model, device="cpu", max_batch_size=4)
+    # Chunks of 8 tokens: every prompt but the first is prefilled over several steps.
+    config = EngineConfig(max_batch_size=4, prefill_chunk_tokens=8)
+    engine = TorchEngine(runner, worker=worker, config=config, model_id="hybrid")
+    try:
+        alone = await collect(engine.generate(request(prompts[3], 16, stops)))
+        assert (alone.tokens, alone.finish_reason) == expected[3]
+        results = await asyncio.gather(*(collect(engine.generate(request(p, 16, stops))) for p in prompts))
+        # The same prompt again: a hybrid model's state cannot be rebuilt from shared blocks.
+        again = await collect(engine.generate(request(prompts[3], 16, stops)))
+    finally:
+        await engine.close()
+    assert [(r.tokens, r.finish_reason) for r in results] == expected
+    assert max(runner.batch_sizes) > 1, "sequences were not decoded together"
+    assert (again.tokens, again.cached_tokens) == (alone.tokens, 0)
+
+
+def test_a_preempted_hybrid_sequence_recomputes_its_state(tiny_hybrid: Path) -> None:
+    """A pool too small for the batch: preempted sequences restart their linear-attention
+    state from zeros when readmitted, and their output is unchanged."""
+    from neuron.engine.sampling import SamplerState
+    from neuron.engine.scheduler import Scheduler, SeqState
+
+    model, tokenizer = load_model(tiny_hybrid)
+    # 8 blocks of 16 positions: not enough for four sequences of up to 50 positions.
+    runner = runner_with_blocks(model, 8, max_batch_size=4)
+    scheduler = Scheduler(runner, max_batch_size=4, prefill_budget_tokens=64, on_finished=lambda s: None)
+
+    class Sink(list[Any]):
+        def put(self, item: Any) -> None:
+            self.append(item)
+
+    prompts = [tokenizer.encode(text) for text in PROMPT_TEXTS[1:5]]
+    sequences = [
+        SeqState(i, request(p, 30, frozenset()), Sink(), SamplerState.create(GREEDY), 30)
+        for i, p in enumerate(prompts)
+    ]
+    scheduler.incoming.extend(sequences)
+    while scheduler.has_work():
+        scheduler.step(lambda: None)
+    assert scheduler.preemptions > 0
+    for seq, prompt in zip(sequences, prompts, strict=True):
+        tokens = [e.token_id for e in seq.sink if e.token_id is not None]  # type: ignore[attr-defined]
+        assert tokens == reference_greedy(model, prompt, 30, stop_at_eos=False)[0]

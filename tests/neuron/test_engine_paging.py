@@ -10,14 +10,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from support.engine_harness import collect, load_model, reference_greedy
+from support.engine_harness import collect, load_model, reference_greedy, runner_with_blocks
 
 from cortex_core.config.neuron import EngineConfig
 from neuron.device import DeviceWorker
 from neuron.engine import SingleDeviceRunner, TorchEngine
 from neuron.engine.api import GenerationRequest, SamplingParams, TokenEvent
 from neuron.engine.blocks import blocks_for
-from neuron.engine.paged import KVPool
 from neuron.engine.sampling import SamplerState
 from neuron.engine.scheduler import Scheduler, SeqState
 
@@ -34,21 +33,6 @@ def worker() -> Iterator[DeviceWorker]:
     w = DeviceWorker("cpu-test-paging")
     yield w
     w.close()
-
-
-def runner_with_blocks(model: Any, usable_blocks: int, block_size: int = 16) -> SingleDeviceRunner:
-    per_block = KVPool.bytes_per_block(
-        layers=model.config.num_hidden_layers,
-        block_size=block_size,
-        kv_heads=model.config.num_key_value_heads,
-        head_dim=model.config.head_dim,
-        dtype=next(model.parameters()).dtype,
-    )
-    runner = SingleDeviceRunner(
-        model, device="cpu", kv_cache_bytes=usable_blocks * per_block, kv_block_size=block_size
-    )
-    assert runner.num_blocks == usable_blocks + 1
-    return runner
 
 
 class ListSink:

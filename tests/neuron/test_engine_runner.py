@@ -105,12 +105,12 @@ def test_the_pool_is_sized_from_its_budget_and_the_batch(model: Any) -> None:
 
 def test_unsupported_layer_types_are_named() -> None:
     config = SimpleNamespace(
-        model_type="qwen3_next",
-        layer_types=["linear_attention", "full_attention"],
+        model_type="llama4",
+        layer_types=["chunked_attention", "full_attention"],
         num_hidden_layers=2,
         max_position_embeddings=64,
     )
-    with pytest.raises(ValueError, match=r"qwen3_next.*linear_attention"):
+    with pytest.raises(ValueError, match=r"llama4.*chunked_attention"):
         SingleDeviceRunner(SimpleNamespace(config=config), device="cpu")
 
 

@@ -16,6 +16,7 @@ from neuron.preflight import (
     check_architecture,
     check_fit,
     check_gguf_architecture,
+    check_layer_types,
     read_gguf_summary,
     required_bytes,
     safetensors_bytes,
@@ -61,6 +62,33 @@ def test_check_architecture(config: dict[str, object], accepted: bool) -> None:
         check_architecture("o/m", config, supported)
     assert caught.value.status == 422
     assert "'o/m'" in caught.value.message and "llama, qwen3" in caught.value.message
+
+
+HYBRID_TYPES = ["linear_attention", "linear_attention", "linear_attention", "full_attention"]
+
+
+@pytest.mark.parametrize(
+    ("config", "refused"),
+    [
+        ({"model_type": "qwen3"}, None),
+        ({"model_type": "gemma3_text", "layer_types": ["sliding_attention", "full_attention"]}, None),
+        ({"model_type": "qwen3_next", "layer_types": HYBRID_TYPES}, None),
+        ({"model_type": "qwen3_5", "text_config": {"layer_types": HYBRID_TYPES}}, None),
+        (
+            {"model_type": "llama4", "text_config": {"layer_types": ["chunked_attention"]}},
+            "chunked_attention",
+        ),
+        ({"model_type": "mystery", "layer_types": ["full_attention", "mamba"]}, "mamba"),
+    ],
+)
+def test_layer_types_are_checked_from_the_config(config: dict[str, object], refused: str | None) -> None:
+    if refused is None:
+        check_layer_types("o/m", config)
+        return
+    with pytest.raises(ApiError) as caught:
+        check_layer_types("o/m", config)
+    assert caught.value.status == 422
+    assert refused in caught.value.message and str(config["model_type"]) in caught.value.message
 
 
 def test_gguf_architecture_names_are_normalised() -> None:

@@ -6,6 +6,7 @@ import json
 import signal
 import threading
 from pathlib import Path
+from typing import Any
 
 import httpx2
 import pytest
@@ -118,3 +119,37 @@ def test_sigterm_lets_an_in_flight_stream_finish_then_exits_0(tmp_path: Path, ti
     assert finish[-1] in ("length", "stop")
     assert "draining in-flight requests" in neuron.output()
     assert "shutdown complete" in neuron.output()
+
+
+def test_a_hybrid_qwen3_5_checkpoint_serves_through_the_openai_sdk(
+    tmp_path: Path, tiny_qwen3_5: Path
+) -> None:
+    """The seeds' Qwen3.5/3.6 family (Gated DeltaNet + full attention, saved inside a vision
+    model) loads from a folder and answers, streaming and not; /models reports its context."""
+    import openai
+
+    port = free_port()
+    config = write_config(tmp_path, port, 5, str(tiny_qwen3_5))
+    neuron = start(
+        "neuron", [*neuron_command(), "serve", "--config", str(config)], tmp_path / "neuron.log", clean_env()
+    )
+    try:
+        with httpx2.Client(base_url=f"http://127.0.0.1:{port}", timeout=60) as client:
+            neuron.wait_for(lambda: client.get("/health").json()["activation"]["state"] == "ready", "ready")
+            (info,) = client.get("/models").json()
+            (load,) = client.get("/health").json()["models"]
+        assert info["status"] == "loaded", info
+        assert info["limit"]["context"] == load["max_model_len"] > 0
+        sdk = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0)
+        messages: list[Any] = [{"role": "user", "content": "The capital of France is"}]
+        answer = sdk.chat.completions.create(
+            model=str(tiny_qwen3_5), messages=messages, max_tokens=12, temperature=0
+        )
+        assert answer.usage is not None and answer.usage.completion_tokens > 0
+        streamed = sdk.chat.completions.create(
+            model=str(tiny_qwen3_5), messages=messages, max_tokens=12, temperature=0, stream=True
+        )
+        text = "".join(chunk.choices[0].delta.content or "" for chunk in streamed if chunk.choices)
+        assert text == (answer.choices[0].message.content or "")
+    finally:
+        neuron.stop()

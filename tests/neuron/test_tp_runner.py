@@ -120,6 +120,10 @@ class KeepOpen:
         return self._runner.num_blocks
 
     @property
+    def state_slots(self) -> int:
+        return self._runner.state_slots
+
+    @property
     def block_size(self) -> int:
         return self._runner.block_size
 

@@ -98,3 +98,23 @@ def greedy_forward(runner: Any, prompt: Sequence[int], steps: int, blocks: Seque
         logits = runner.forward([ForwardRow([tokens[-1]], position, blocks)])
         tokens.append(int(logits[0].argmax()))
     return tokens
+
+
+def runner_with_blocks(model: Any, usable_blocks: int, block_size: int = 16, **kwargs: Any) -> Any:
+    """A SingleDeviceRunner whose K/V pool holds exactly `usable_blocks` blocks (plus the null one)."""
+    import torch
+
+    from neuron.engine import SingleDeviceRunner
+    from neuron.engine.hf_runner import kv_geometry
+    from neuron.engine.paged import KVPool
+
+    layers, kv_heads, head_dim = kv_geometry(model.config)
+    dtype: torch.dtype = next(model.parameters()).dtype
+    per_block = KVPool.bytes_per_block(
+        layers=layers, block_size=block_size, kv_heads=kv_heads, head_dim=head_dim, dtype=dtype
+    )
+    runner = SingleDeviceRunner(
+        model, device="cpu", kv_cache_bytes=usable_blocks * per_block, kv_block_size=block_size, **kwargs
+    )
+    assert runner.num_blocks == usable_blocks + 1
+    return runner

@@ -126,3 +126,73 @@ def build_tiny_model(
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
     return out
+
+
+# Gated DeltaNet layers between full-attention ones, as in Qwen3.5 / Qwen3.6 and Qwen3-Next.
+HYBRID_TEXT: dict[str, Any] = {
+    "hidden_size": 64,
+    "intermediate_size": 128,
+    "num_hidden_layers": 4,
+    "layer_types": ["linear_attention", "full_attention", "linear_attention", "full_attention"],
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "head_dim": 16,
+    "linear_num_value_heads": 4,
+    "linear_num_key_heads": 2,
+    "linear_key_head_dim": 16,
+    "linear_value_head_dim": 16,
+    "linear_conv_kernel_dim": 4,
+    "initializer_range": 0.2,
+}
+HYBRID_MOE = {
+    "num_experts": 4,
+    "num_experts_per_tok": 2,
+    "moe_intermediate_size": 32,
+    "shared_expert_intermediate_size": 32,
+}
+# A vision tower as small as the image processor allows (for the checkpoints that have one).
+TINY_VISION = {
+    "depth": 1,
+    "hidden_size": 32,
+    "intermediate_size": 64,
+    "num_heads": 2,
+    "out_hidden_size": 64,
+    "patch_size": 14,
+    "spatial_merge_size": 2,
+    "temporal_patch_size": 2,
+}
+
+
+def build_tiny_hybrid(out: Path, model_type: str, *, seed: int = 0, max_positions: int = 1024) -> Path:
+    """A tiny random hybrid checkpoint: `qwen3_next` (MoE, text only), or `qwen3_5` /
+    `qwen3_5_moe` saved as the real ones are, a vision model around the text one (the neuron
+    serves its text part through AutoModelForCausalLM)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText
+
+    tokenizer = build_tokenizer()
+    eos_id = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    text = {
+        **HYBRID_TEXT,
+        "vocab_size": len(tokenizer),
+        "max_position_embeddings": max_positions,
+        "tie_word_embeddings": True,
+        "eos_token_id": eos_id,
+        "pad_token_id": tokenizer.pad_token_id,
+        "bos_token_id": None,
+        **(HYBRID_MOE if model_type in ("qwen3_next", "qwen3_5_moe") else {}),
+    }
+    torch.manual_seed(seed)
+    if model_type == "qwen3_next":
+        model = AutoModelForCausalLM.from_config(
+            AutoConfig.for_model(model_type, **text), dtype=torch.float32
+        )
+    else:
+        config = AutoConfig.for_model(
+            model_type, text_config=text, vision_config=TINY_VISION, tie_word_embeddings=True
+        )
+        model = AutoModelForImageTextToText.from_config(config, dtype=torch.float32)
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out

@@ -103,6 +103,30 @@ def check_architecture(model_id: str, config: Mapping[str, Any], supported: list
     return model_type
 
 
+# The layer kinds the torch engine computes (engine/hf_runner.py): attention over the paged
+# K/V pool, and Gated DeltaNet linear attention with its per-sequence state.
+SERVABLE_LAYER_TYPES = frozenset({"full_attention", "sliding_attention", "linear_attention"})
+
+
+def check_layer_types(model_id: str, config: Mapping[str, Any]) -> None:
+    """A 422 naming the model_type and its layer kinds when the engine cannot compute them,
+    read from config.json (the text model's, for a vision-language checkpoint) before any
+    weight is."""
+    nested = config.get("text_config")
+    text = nested if isinstance(nested, Mapping) else config
+    kinds = text.get("layer_types") or []
+    unknown = sorted({str(kind) for kind in kinds} - SERVABLE_LAYER_TYPES)
+    if unknown:
+        model_type = config.get("model_type")
+        raise ApiError(
+            422,
+            f"model '{model_id}' (model_type '{model_type}') has {unknown} layers, which the torch engine "
+            f"cannot compute; it serves {sorted(SERVABLE_LAYER_TYPES)} layers",
+            code="unsupported_architecture",
+            extras={"model_type": model_type},
+        )
+
+
 def check_gguf_architecture(model_id: str, architecture: str, supported: list[str]) -> str:
     # llama.cpp writes `qwen3moe` where transformers says `qwen3_moe`.
     candidates = {architecture, architecture.replace("-", "_"), architecture.replace("moe", "_moe")}

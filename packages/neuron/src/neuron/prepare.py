@@ -93,6 +93,7 @@ class ModelPreparer:
     def _check_config(self, model_id: str, folder: Path) -> tuple[str, str | None]:
         config = preflight.read_model_config(model_id, folder)
         model_type = preflight.check_architecture(model_id, config, self._supported_types())
+        preflight.check_layer_types(model_id, config)
         dtype = config.get("dtype") or config.get("torch_dtype")
         return model_type, str(dtype) if dtype else None
 

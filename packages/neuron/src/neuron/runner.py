@@ -37,6 +37,11 @@ class ModelRunner(Protocol):
         """Positions per K/V block."""
         ...
 
+    @property
+    def state_slots(self) -> int:
+        """Linear-attention state slots (hybrid models); 0 when the model has no such layers."""
+        ...
+
     def forward(self, rows: Sequence[ForwardRow]) -> torch.Tensor:
         """Compute each row's new tokens in one forward, writing their K/V into the row's
         blocks; float32 logits [rows, vocab] after each row's last token. Rows of one call

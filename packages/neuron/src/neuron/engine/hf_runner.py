@@ -10,6 +10,11 @@ For a plain Llama or Qwen3 model, a forward whose rows each carry one token (a d
 skips transformers' forward for `lean_llama`'s step (the same ops on the same weights,
 bitwise the same logits, without ~14 ms of eager plumbing per batch-of-8 step); prefill
 chunks, any other model, or a sharded one keep the HF forward over the pool.
+
+Hybrid models (linear-attention layers beside full attention: Qwen3.5, Qwen3-Next) keep
+their linear layers' per-sequence state in a `StatePool` beside the K/V pool; rows name
+their state slot, and rows of one forward that carry different numbers of new tokens are
+computed in separate forwards (those layers cannot skip padding in the new tokens).
 """
 
 from __future__ import annotations
@@ -20,14 +25,19 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
+from transformers.cache_utils import Cache
 
 from neuron.engine.cpu_linear import pack_cpu_linears as pack_linears
 from neuron.engine.lean_llama import LeanLlamaDecoder, build_lean_decoder
-from neuron.engine.paged import ForwardPlan, ForwardRow, KVPool
+from neuron.engine.paged import ForwardPlan, ForwardRow, KVPool, LinearStateShape, PagedStateLayer, StatePool
+from neuron.preflight import SERVABLE_LAYER_TYPES
 
 logger = logging.getLogger(__name__)
 
-SUPPORTED_LAYER_TYPES = frozenset({"full_attention", "sliding_attention"})
+LINEAR_ATTENTION = "linear_attention"
+SUPPORTED_LAYER_TYPES = SERVABLE_LAYER_TYPES
+# State slots of a hybrid model's runner built without a batch size.
+DEFAULT_STATE_SLOTS = 8
 
 DEFAULT_BLOCK_SIZE = 16
 # A runner built without a budget (tests, tools) gets this much K/V.
@@ -35,12 +45,42 @@ DEFAULT_KV_CACHE_BYTES = 256 << 20
 
 
 def kv_geometry(config: Any) -> tuple[int, int, int]:
-    """(attention layers, K/V heads, head_dim) of a transformers config."""
-    layers = int(config.num_hidden_layers)
+    """(attention layers, K/V heads, head_dim) of a transformers config (linear-attention
+    layers hold no K/V)."""
+    types = layer_types(config)
+    layers = sum(1 for kind in types if kind != LINEAR_ATTENTION)
     heads = int(config.num_attention_heads)
     kv_heads = int(getattr(config, "num_key_value_heads", None) or heads)
     head_dim = int(getattr(config, "head_dim", None) or config.hidden_size // heads)
     return layers, kv_heads, head_dim
+
+
+def layer_types(config: Any) -> list[str]:
+    count = int(config.num_hidden_layers)
+    return list(getattr(config, "layer_types", None) or ["full_attention"] * count)[:count]
+
+
+def linear_state_shapes(model: Any, types: list[str]) -> dict[int, LinearStateShape]:
+    """The per-sequence state of each linear-attention layer, read from its module."""
+    shapes: dict[int, LinearStateShape] = {}
+    for index, kind in enumerate(types):
+        if kind != LINEAR_ATTENTION:
+            continue
+        try:
+            module = model.model.layers[index].linear_attn
+            shapes[index] = LinearStateShape(
+                conv_dim=int(module.conv_dim),
+                kernel=int(module.conv_kernel_size),
+                heads=int(module.num_v_heads),
+                key_dim=int(module.head_k_dim),
+                value_dim=int(module.head_v_dim),
+            )
+        except AttributeError as missing:
+            raise ValueError(
+                f"model_type {model.config.model_type!r}: layer {index} is linear attention, but not a "
+                f"Gated DeltaNet layout this runner knows ({missing})"
+            ) from missing
+    return shapes
 
 
 class SingleDeviceRunner:
@@ -57,8 +97,8 @@ class SingleDeviceRunner:
         lean_decode: bool = True,
     ) -> None:
         config = model.config
-        layer_types = set(getattr(config, "layer_types", None) or ["full_attention"])
-        unsupported = layer_types - SUPPORTED_LAYER_TYPES
+        self.layer_types = layer_types(config)
+        unsupported = set(self.layer_types) - SUPPORTED_LAYER_TYPES
         if unsupported:
             raise ValueError(
                 f"model_type {config.model_type!r} has {sorted(unsupported)} layers; the torch runner supports "
@@ -93,6 +133,10 @@ class SingleDeviceRunner:
         # Plus block 0, the null block.
         self.num_blocks = max(2, blocks + 1)
         self.pool: KVPool | None = None
+        self.linear_shapes = linear_state_shapes(model, self.layer_types)
+        # One linear-attention state slot per sequence the batch can hold (hybrid models only).
+        self.state_slots = (max_batch_size or DEFAULT_STATE_SLOTS) if self.linear_shapes else 0
+        self.states: StatePool | None = None
         # transformers 5 renamed `past_key_values` to `cache`; older model classes keep the old name.
         parameters = inspect.signature(model.forward).parameters
         self._cache_argument = "cache" if "cache" in parameters else "past_key_values"
@@ -129,33 +173,70 @@ class SingleDeviceRunner:
             dtype=self.dtype,
             device=self.device,
         )
+        if self.linear_shapes:
+            self.states = StatePool(
+                self.linear_shapes, slots=self.state_slots, dtype=self.dtype, device=self.device
+            )
         self._prepared = True
 
     @torch.inference_mode()
     def forward(self, rows: Sequence[ForwardRow]) -> torch.Tensor:
-        """Compute the rows' new tokens (writing their K/V into the pool); float32 logits
-        [rows, vocab] after each row's last token."""
+        """Compute the rows' new tokens (writing their K/V, and states, into the pools);
+        float32 logits [rows, vocab] after each row's last token."""
         self.prepare()
+        if self.states is None or len({len(row.tokens) for row in rows}) <= 1:
+            return self._forward(rows)
+        # Linear-attention layers: one forward per number of new tokens, rows back in order.
+        groups: dict[int, list[int]] = {}
+        for index, row in enumerate(rows):
+            groups.setdefault(len(row.tokens), []).append(index)
+        logits: list[torch.Tensor] = [torch.empty(0)] * len(rows)
+        for members in groups.values():
+            for index, row_logits in zip(members, self._forward([rows[i] for i in members]), strict=True):
+                logits[index] = row_logits
+        return torch.stack(logits)
+
+    def _forward(self, rows: Sequence[ForwardRow]) -> torch.Tensor:
         pool = self.pool
         assert pool is not None
         plan = ForwardPlan.build(rows, self.block_size, self.device)
+        if self.states is not None and plan.state_slots is None:
+            raise ValueError("a hybrid model's rows need linear-attention state slots")
         if plan.new == 1 and self.lean is not None:
             self.lean_steps += 1
             return self.lean.decode(
                 plan.input_ids, plan.position_ids, plan.padding_mask, pool.layers(plan)
             ).float()
+        cache, state_layers = self._cache(pool, plan)
         out = self.model(
             input_ids=plan.input_ids,
             attention_mask=plan.padding_mask,
             position_ids=plan.position_ids,
             use_cache=True,
             logits_to_keep=1,
-            **{self._cache_argument: pool.cache(plan)},
+            **{self._cache_argument: cache},
         )
+        for layer in state_layers:
+            layer.store()
         logits: torch.Tensor = out.logits[:, -1].float()
         return logits
 
+    def _cache(self, pool: KVPool, plan: ForwardPlan) -> tuple[Cache, list[PagedStateLayer]]:
+        """A transformers Cache over the pools, its layers in the model's layer order."""
+        attention = iter(pool.layers(plan))
+        layers: list[Any] = []
+        state_layers: list[PagedStateLayer] = []
+        for index, kind in enumerate(self.layer_types):
+            if kind == LINEAR_ATTENTION:
+                assert self.states is not None
+                state_layers.append(self.states.layer(index, plan))
+                layers.append(state_layers[-1])
+            else:
+                layers.append(next(attention))
+        return Cache(layers=layers), state_layers
+
     def close(self) -> None:
         self.pool = None
+        self.states = None
         self.lean = None
         self.model = None

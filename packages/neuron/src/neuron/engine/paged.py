@@ -10,6 +10,14 @@ into that padded layout for attention (SDPA, through transformers' own attention
 decode step). The gather is scratch for one layer at a time: what persists is the pool, so
 K/V memory follows the tokens in flight, and a sequence joining or leaving the batch copies
 nothing. Padding columns read the null slot (block 0, kept zero) and are masked out.
+
+Hybrid models (Qwen3.5, Qwen3-Next) interleave linear-attention layers (Gated DeltaNet),
+whose state is not per position but per sequence: a short window of the convolution's
+inputs and a recurrent matrix. `StatePool` keeps one slot of each per running sequence; a
+forward gathers its rows' slots (zeros for a row starting at position 0), the layer updates
+them in place, and they are scattered back afterwards. Such a layer cannot skip padding
+inside the new tokens (padding between the state and the tokens would enter the state), so
+the runner gives it only rows with the same number of new tokens.
 """
 
 from __future__ import annotations
@@ -19,7 +27,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from transformers.cache_utils import Cache, CacheLayerMixin
+from transformers.cache_utils import CacheLayerMixin, LinearAttentionLayer
 
 from neuron.engine.blocks import NULL_BLOCK
 
@@ -32,6 +40,8 @@ class ForwardRow:
     tokens: Sequence[int]
     start: int
     blocks: Sequence[int]
+    # The row's linear-attention state slot (hybrid models only; -1: none).
+    state: int = -1
 
     @property
     def end(self) -> int:
@@ -53,6 +63,9 @@ class ForwardPlan:
     rows: int
     new: int
     width: int
+    # Per row: the state slot, and whether it starts from zeros (position 0); None without states.
+    state_slots: torch.Tensor | None = None
+    fresh: torch.Tensor | None = None
 
     @classmethod
     def build(cls, rows: Sequence[ForwardRow], block_size: int, device: torch.device) -> ForwardPlan:
@@ -85,6 +98,12 @@ class ForwardPlan:
         starts = torch.tensor([row.start for row in rows])
         offsets = torch.arange(new)[None, :] - (new - torch.tensor(counts))[:, None]
         position_ids = (starts[:, None] + offsets).clamp(min=0)
+        state_slots = fresh = None
+        if any(row.state >= 0 for row in rows):
+            if any(row.state < 0 for row in rows):
+                raise ValueError("either every row of a forward has a state slot or none has")
+            state_slots = torch.tensor([row.state for row in rows], device=device)
+            fresh = torch.tensor([row.start == 0 for row in rows], device=device)
         real_new = None
         if any(n != new for n in counts):
             real_new = torch.cat(
@@ -100,6 +119,8 @@ class ForwardPlan:
             rows=len(rows),
             new=new,
             width=width,
+            state_slots=state_slots,
+            fresh=fresh,
         )
 
 
@@ -142,11 +163,6 @@ class KVPool:
     @property
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (*self.keys, *self.values))
-
-    def cache(self, plan: ForwardPlan) -> Cache:
-        """A transformers Cache over the pool for one forward pass."""
-        layers: list[Any] = self.layers(plan)
-        return Cache(layers=layers)
 
     def layers(self, plan: ForwardPlan) -> list[PagedLayer]:
         return [
@@ -199,3 +215,71 @@ class PagedLayer(CacheLayerMixin):  # type: ignore[no-untyped-call]
 
     def get_max_length(self) -> int:
         return -1
+
+
+@dataclass(frozen=True)
+class LinearStateShape:
+    """One linear-attention layer's per-sequence state: conv window and recurrent matrix."""
+
+    conv_dim: int
+    kernel: int
+    heads: int
+    key_dim: int
+    value_dim: int
+
+
+class StatePool:
+    """Every linear-attention layer's conv and recurrent state, one slot per running sequence."""
+
+    def __init__(
+        self, shapes: dict[int, LinearStateShape], *, slots: int, dtype: torch.dtype, device: torch.device
+    ) -> None:
+        self.slots = slots
+        self.conv = {
+            index: torch.zeros(slots, shape.conv_dim, shape.kernel, dtype=dtype, device=device)
+            for index, shape in shapes.items()
+        }
+        # The delta rule keeps its state in float32 whatever the model's dtype.
+        self.recurrent = {
+            index: torch.zeros(
+                slots, shape.heads, shape.key_dim, shape.value_dim, dtype=torch.float32, device=device
+            )
+            for index, shape in shapes.items()
+        }
+
+    def layer(self, index: int, plan: ForwardPlan) -> PagedStateLayer:
+        assert plan.state_slots is not None and plan.fresh is not None, "a hybrid forward needs state slots"
+        return PagedStateLayer(self.conv[index], self.recurrent[index], plan.state_slots, plan.fresh)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (*self.conv.values(), *self.recurrent.values()))
+
+
+class PagedStateLayer(LinearAttentionLayer):
+    """One linear-attention layer's states for the rows of one forward, gathered from the pool."""
+
+    def __init__(
+        self, conv: torch.Tensor, recurrent: torch.Tensor, slots: torch.Tensor, fresh: torch.Tensor
+    ) -> None:
+        super().__init__(number_of_states=1)
+        self._pools = (conv, recurrent)
+        self._slots = slots
+        keep = (~fresh).to(conv.dtype)
+        # A row at position 0 starts from zeros: the same as no state, since the convolution
+        # pads its left with zeros and the delta rule starts from a zero matrix.
+        self.conv_states[0] = conv.index_select(0, slots) * keep[:, None, None]
+        self.recurrent_states[0] = (
+            recurrent.index_select(0, slots) * keep.to(recurrent.dtype)[:, None, None, None]
+        )
+        self.conv_kernel_size[0] = conv.shape[-1]
+        self.is_conv_states_initialized[0] = self.is_recurrent_states_initialized[0] = True
+        self.has_previous_state[0] = True
+
+    def store(self) -> None:
+        """Write the rows' updated states back to their slots."""
+        conv, recurrent = self._pools
+        new_conv, new_recurrent = self.conv_states[0], self.recurrent_states[0]
+        assert new_conv is not None and new_recurrent is not None
+        conv.index_copy_(0, self._slots, new_conv.to(conv.dtype))
+        recurrent.index_copy_(0, self._slots, new_recurrent.to(recurrent.dtype))

@@ -66,6 +66,8 @@ class SeqState:
     table: BlockTable = field(default_factory=BlockTable)
     # Admission order (older sequences are preempted last); set at each admission.
     admitted: int = -1
+    # A hybrid model's linear-attention state slot while admitted (-1: none).
+    state_slot: int = -1
     preemptions: int = 0
 
     def __post_init__(self) -> None:
@@ -109,9 +111,16 @@ class Scheduler:
         prefix_caching: bool = True,
     ) -> None:
         self.runner = runner
-        self.max_batch_size = max_batch_size
         self.prefill_budget_tokens = max(1, prefill_budget_tokens)
         self.on_finished = on_finished
+        # A hybrid model's linear-attention state sums up a whole prefix and cannot be
+        # rebuilt from shared blocks: no prefix reuse for it (cached_tokens stays 0), and at
+        # most one sequence per state slot.
+        self.state_slots: deque[int] = deque(range(runner.state_slots))
+        if runner.state_slots:
+            prefix_caching = False
+            max_batch_size = min(max_batch_size, runner.state_slots)
+        self.max_batch_size = max_batch_size
         self.prefix_caching = prefix_caching
         self.blocks = BlockPool(runner.num_blocks, runner.block_size)
         # Appended from the event loop's thread (deque appends are atomic), popped here.
@@ -240,6 +249,8 @@ class Scheduler:
             self.blocks.release(matched)
             return False
         seq.table = BlockTable(blocks=[*matched, *taken], keys=keys)
+        if self.state_slots:
+            seq.state_slot = self.state_slots.popleft()
         seq.computed = len(matched) * self.blocks.block_size
         seq.admitted = next(self._admissions)
         if seq.preemptions == 0:  # what the client is told: its own earlier K/V does not count
@@ -253,7 +264,9 @@ class Scheduler:
         that fail alone fail (a failed forward wrote only slots its rows own)."""
         started = time.perf_counter()
         rows = [
-            ForwardRow(seq.tokens[seq.computed : seq.computed + n], seq.computed, seq.table.blocks)
+            ForwardRow(
+                seq.tokens[seq.computed : seq.computed + n], seq.computed, seq.table.blocks, seq.state_slot
+            )
             for seq, n in chunks
         ]
         outcomes: list[torch.Tensor | Exception]
@@ -301,7 +314,7 @@ class Scheduler:
 
     def _decode(self, batch: list[SeqState]) -> None:
         started = time.perf_counter()
-        rows = [ForwardRow([seq.last_token], seq.computed, seq.table.blocks) for seq in batch]
+        rows = [ForwardRow([seq.last_token], seq.computed, seq.table.blocks, seq.state_slot) for seq in batch]
         try:
             tokens = next_tokens(self.runner.forward(rows), [s.sampler for s in batch])
         except Exception as exc:  # a failed batched forward takes every member with it
@@ -349,6 +362,9 @@ class Scheduler:
     def _release_blocks(self, seq: SeqState) -> None:
         self.blocks.release(seq.table.blocks)
         seq.table = BlockTable()
+        if seq.state_slot >= 0:
+            self.state_slots.append(seq.state_slot)
+            seq.state_slot = -1
 
     def _finish(self, seq: SeqState, reason: FinishReason | None) -> None:
         """End a sequence: a final event when `reason` is given, its blocks released, counted out."""

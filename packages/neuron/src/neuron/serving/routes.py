@@ -214,7 +214,9 @@ def inference_routes(lookup: Callable[[str], LoadedModel], *, keepalive_secs: fl
         # Hidden reasoning used to eat the whole budget and return empty answers, so thinking
         # is on only when the client asks for it, either way (neuron.md §13.8).
         enable = enable_thinking_default(body, thinking)
-        prepared = await asyncio.to_thread(prepare_chat, model, body, thinking=thinking, enable_thinking=enable)
+        prepared = await asyncio.to_thread(
+            prepare_chat, model, body, thinking=thinking, enable_thinking=enable
+        )
         options = given(body.stream_options)
         continuous = bool(options and given(options.continuous_usage_stats))
         projector = ChatStreamProjector(

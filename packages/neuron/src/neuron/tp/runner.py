@@ -83,6 +83,10 @@ class TensorParallelRunner:
         return self._block_size
 
     @property
+    def state_slots(self) -> int:
+        return 0  # hybrid models are refused under tensor parallel (tp/shard.py)
+
+    @property
     def world_size(self) -> int:
         return self._group.world_size
 
