@@ -17,6 +17,7 @@ from support.engine_harness import (
     reference_greedy,
     runner_with_blocks,
 )
+from support.tiny_models import FAMILIES, build_tokenizer, tiny_family_model
 
 from cortex_core.config.neuron import EngineConfig
 from neuron.device import DeviceWorker
@@ -209,3 +210,29 @@ def test_a_preempted_hybrid_sequence_recomputes_its_state(tiny_hybrid: Path) -> 
     for seq, prompt in zip(sequences, prompts, strict=True):
         tokens = [e.token_id for e in seq.sink if e.token_id is not None]  # type: ignore[attr-defined]
         assert tokens == reference_greedy(model, prompt, 30, stop_at_eos=False)[0]
+
+
+@pytest.mark.parametrize("model_type", sorted(FAMILIES))
+async def test_every_family_on_the_generic_path_equals_generate(
+    model_type: str, worker: DeviceWorker
+) -> None:
+    """Sliding windows, soft-capping, sinks, MoE: transformers' own layers over the paged
+    pool give generate()'s tokens, alone and batched with left padding, with chunked prefill."""
+    tokenizer = build_tokenizer()
+    model = tiny_family_model(model_type, tokenizer)
+    prompts = [tokenizer.encode(text) for text in PROMPT_TEXTS[1:5]]
+    stops = eos_ids(model)
+    expected = [reference_greedy(model, p, 12) for p in prompts]
+    runner = RecordingRunner(model, device="cpu")
+    engine = TorchEngine(
+        runner,
+        worker=worker,
+        config=EngineConfig(max_batch_size=4, prefill_chunk_tokens=16),
+        model_id=model_type,
+    )
+    try:
+        results = await asyncio.gather(*(collect(engine.generate(request(p, 12, stops))) for p in prompts))
+    finally:
+        await engine.close()
+    assert [(r.tokens, r.finish_reason) for r in results] == expected
+    assert max(runner.batch_sizes) > 1

@@ -196,3 +196,48 @@ def build_tiny_hybrid(out: Path, model_type: str, *, seed: int = 0, max_position
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
     return out
+
+
+# More families, to show the engine's generic path (transformers' own layers over the paged
+# pool) serves them: sliding windows of 8 positions, so short test prompts already slide.
+FAMILIES: dict[str, dict[str, Any]] = {
+    "mistral": {"sliding_window": 8},
+    "gemma3_text": {"sliding_window": 8, "layer_types": ["sliding_attention"] * 3 + ["full_attention"]},
+    "gemma2": {"sliding_window": 8},
+    "phi3": {},
+    "qwen2": {},
+    "olmo2": {},
+    "cohere2": {"sliding_window": 8, "layer_types": ["sliding_attention"] * 3 + ["full_attention"]},
+    "gpt_oss": {
+        "sliding_window": 8,
+        "layer_types": ["sliding_attention", "full_attention"] * 2,
+        "num_local_experts": 4,
+        "num_experts_per_tok": 2,
+    },
+}
+
+
+def tiny_family_model(model_type: str, tokenizer: Any, *, seed: int = 0) -> Any:
+    """A 4-layer random model of `model_type` (a key of FAMILIES) in memory, for `tokenizer`."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.for_model(
+        model_type,
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        max_position_embeddings=1024,
+        initializer_range=0.2,
+        tie_word_embeddings=True,
+        eos_token_id=tokenizer.convert_tokens_to_ids("<|im_end|>"),
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=None,
+        **FAMILIES[model_type],
+    )
+    torch.manual_seed(seed)
+    return AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
