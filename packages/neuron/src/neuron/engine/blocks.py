@@ -150,11 +150,12 @@ class BlockPool:
             self._refs[block] += 1
         return blocks, keys
 
-    def commit(self, table: BlockTable, tokens: Sequence[int]) -> None:
-        """Offer the table's full blocks to the prefix cache; `tokens` are the ids whose K/V
-        the sequence has computed so far (positions 0..len-1)."""
+    def commit(self, table: BlockTable, tokens: Sequence[int], computed: int | None = None) -> None:
+        """Offer the table's full blocks to the prefix cache; the K/V of the first `computed`
+        of `tokens` (default: all) is in them. Only blocks not offered before are hashed."""
         size = self.block_size
-        full = min(len(tokens) // size, len(table.blocks))
+        done = len(tokens) if computed is None else computed
+        full = min(done // size, len(table.blocks))
         while len(table.keys) < full:
             index = len(table.keys)
             parent = table.keys[-1] if table.keys else ROOT_KEY

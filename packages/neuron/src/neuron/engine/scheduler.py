@@ -334,7 +334,7 @@ class Scheduler:
 
     def _commit(self, seq: SeqState) -> None:
         if self.prefix_caching and seq.computed // self.blocks.block_size > len(seq.table.keys):
-            self.blocks.commit(seq.table, seq.tokens[: seq.computed])
+            self.blocks.commit(seq.table, seq.tokens, seq.computed)
 
     def _accept(self, seq: SeqState, token: int) -> bool:
         """Emit `token` for `seq`; False when the sequence has ended (and was finished)."""
