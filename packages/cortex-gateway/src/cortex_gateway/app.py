@@ -27,18 +27,17 @@ from cortex_core.config.catalogue import ModelCatalogue
 from cortex_core.config.gateway import GatewayConfig
 from cortex_core.errors import ApiError, decode_json_body
 from cortex_gateway import admin
+from cortex_gateway.admission import OPENAI_PATHS, admitted_model
 from cortex_gateway.dialects import anthropic
 from cortex_gateway.fleet import FleetState
 from cortex_gateway.metrics import GatewayMetrics
 from cortex_gateway.neuron_client import NeuronClient
 from cortex_gateway.placement import PlacementPolicy
 from cortex_gateway.poller import Poller
-from cortex_gateway.proxy import Proxy, read_model
+from cortex_gateway.proxy import Proxy
 from cortex_gateway.router import Router, RouterLimits
 
 log = logging.getLogger(__name__)
-
-OPENAI_PATHS = ("/v1/chat/completions", "/v1/completions", "/v1/responses")
 
 
 def json_response(value: object, status: int = 200, headers: dict[str, str] | None = None) -> Response:
@@ -114,9 +113,11 @@ def create_app(
     async def relay(request: Request) -> Response:
         received_at = perf_counter()
         body = await read_body(request, body_limit)
-        lease = await router.acquire(read_model(body))
         # scope["path"], not request.url: the URL object costs a parse on every relayed request.
-        return await proxy.forward(request, body, lease, request.scope["path"], received_at=received_at)
+        path = request.scope["path"]
+        # Validated before placement: a request the neuron would refuse never loads or evicts.
+        lease = await router.acquire(admitted_model(path, body))
+        return await proxy.forward(request, body, lease, path, received_at=received_at)
 
     async def list_models(request: Request) -> Response:
         return json_response(admin.model_list(fleet.snapshot(), catalogue, clock()))

@@ -1,0 +1,62 @@
+"""Admission: a request body is decoded into its dialect's type before any placement.
+
+A body the neuron would refuse must be refused here, at the gateway, before the router
+places it: otherwise a malformed request for a cold model triggers a cold load (and the
+evictions that make room for it) only to get a 400 afterwards. The decode is one msgspec
+pass into the same wire types the neuron decodes into; the decoded value is used only for
+its `model` — the proxy relays the client's bytes untouched.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import msgspec
+
+from cortex_core.errors import ApiError, bad_request
+from cortex_core.openai.chat import ChatCompletionRequest
+from cortex_core.openai.completions import CompletionRequest
+from cortex_core.openai.responses import ResponsesRequest
+
+
+class _HasModel(Protocol):
+    model: str
+
+
+# One decoder per OpenAI route: msgspec builds the validator once, not per request.
+_DECODERS: dict[str, msgspec.json.Decoder[ChatCompletionRequest | CompletionRequest | ResponsesRequest]] = {
+    "/v1/chat/completions": msgspec.json.Decoder(ChatCompletionRequest),
+    "/v1/completions": msgspec.json.Decoder(CompletionRequest),
+    "/v1/responses": msgspec.json.Decoder(ResponsesRequest),
+}
+
+OPENAI_PATHS = tuple(_DECODERS)
+
+
+def admitted_model(path: str, body: bytes) -> str:
+    """The `model` of a valid OpenAI request body for `path`; a 400 naming the problem otherwise."""
+    decoder = _DECODERS[path]
+    if not body.strip():
+        raise bad_request("request body is empty; expected a JSON object", code="malformed_json")
+    try:
+        request: _HasModel = decoder.decode(body)
+    except msgspec.ValidationError as exc:
+        raise _invalid(str(exc)) from exc
+    except msgspec.DecodeError as exc:
+        raise bad_request(f"request body is not valid JSON: {exc}", code="malformed_json") from exc
+    return request.model
+
+
+def _invalid(text: str) -> ApiError:
+    # msgspec says "Expected `str`, got `int` - at `$.messages[0].content`"; the path (without
+    # `$.`) becomes `param`. A missing or mistyped `model` keeps its own code, since clients
+    # (and the SDKs' tests) treat it differently from a problem inside the conversation.
+    path = text.rsplit(" - at `", 1)[1].rstrip("`") if " - at `" in text else None
+    if path == "$.model" or "required field `model`" in text:
+        return bad_request(
+            f"missing or invalid 'model' field in request body: {text}",
+            code="missing_model_field",
+            param="model",
+        )
+    param = path[2:] if path is not None and path.startswith("$.") else path
+    return bad_request(f"invalid request body: {text}", param=param)
