@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 from support.fake_neuron import AsgiNeuronTransport, FakeClock, FakeNeuron, gateway
 from support.fake_upstream import on_hypercorn
 
 from cortex_core.config.catalogue import ModelCatalogue
-from cortex_core.neuron_api import ModelSpec
+from cortex_core.neuron_api import ModelInfo, ModelSpec
 from cortex_gateway.fleet import FleetState
 from cortex_gateway.neuron_client import (
     AiohttpTransport,
@@ -204,3 +206,55 @@ async def test_no_neurons_configured_is_not_ready() -> None:
         response = await http.get("/readyz")
         assert response.status_code == 503
         assert "no neurons are configured" in response.json()["error"]["message"]
+
+
+class _BrokenModels(NeuronClient):
+    """A client whose /models answer breaks the poll of node `a` (a bug, not an outage) a few times."""
+
+    def __init__(self, neurons: list[FakeNeuron], *, failures: int) -> None:
+        super().__init__(AsgiNeuronTransport(neurons), poll_timeout=2.0)
+        self.failures_left = failures
+
+    async def models(self, endpoint: str) -> list[ModelInfo]:
+        if "//a:" in endpoint and self.failures_left:
+            self.failures_left -= 1
+            raise RuntimeError("unexpected shape in the fleet view")
+        return await super().models(endpoint)
+
+
+async def test_an_unexpected_error_is_logged_counted_and_polling_goes_on(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    from support.fake_neuron import gateway_config
+
+    a, b = FakeNeuron("a", devices_mb=[24_000]), FakeNeuron("b", devices_mb=[24_000])
+    b.preload("org/m", 4_000)
+    fleet = FleetState(gateway_config([a, b]).neurons, clock=FakeClock())
+    client = _BrokenModels([a, b], failures=2)
+    failed_nodes: list[str] = []
+    a_is_back = asyncio.Event()
+
+    def after_cycle() -> None:
+        if fleet.snapshot().node("a").healthy:  # type: ignore[union-attr]
+            a_is_back.set()
+
+    poller = Poller(fleet, client, interval_secs=0.0, on_error=failed_nodes.append, after_cycle=after_cycle)
+
+    await poller.poll_once()  # one node's bug does not stop the others
+    assert "org/m" in fleet.snapshot().node("b").models  # type: ignore[union-attr]
+    assert failed_nodes == ["a"]
+    assert "unexpected shape in the fleet view" in caplog.text and "Traceback" in caplog.text
+
+    poller.start()  # the running loop survives the next failure and keeps polling
+    await a_is_back.wait()
+    assert poller.running
+    await poller.stop()
+    assert failed_nodes == ["a", "a"]
+
+
+async def test_the_app_counts_poller_errors_in_a_metric() -> None:
+    a = FakeNeuron("a", devices_mb=[24_000])
+    async with gateway([a], EMPTY) as (app, _http):
+        app.state.poller._on_error("a")
+        registry = app.state.metrics.registry
+        assert registry.get_sample_value("cortex_poller_errors_total", {"node": "a"}) == 1.0

@@ -261,8 +261,9 @@ async def test_least_busy_replica_is_first_and_in_flight_is_accounted() -> None:
         first.release()
         second.release()
         second.release()  # idempotent
-        view = app.state.fleet.snapshot().node("a").models["org/small"]
-        assert view.gateway_in_flight == 0 and view.last_used is not None
+        node = app.state.fleet.snapshot().node("a")
+        view = node.models["org/small"]
+        assert node.gateway_in_flight("org/small") == 0 and node.last_used(view) is not None
 
 
 async def test_cpu_only_neuron_gets_the_load_without_device_indices() -> None:

@@ -22,8 +22,9 @@ def gpu_node(
     models: list[ModelView] = (),  # type: ignore[assignment]
     healthy: bool = True,
     discovered: bool = True,
+    in_flight: dict[str, int] | None = None,
 ) -> NodeView:
-    """`devices`: (total MB, free MB) per device."""
+    """`devices`: (total MB, free MB) per device; `in_flight`: this gateway's requests per model."""
     discovery = DiscoveryResponse(
         hostname=name,
         os="Linux",
@@ -47,6 +48,7 @@ def gpu_node(
         host_memory_free_mb=0,
         models=MappingProxyType({m.id: m for m in models}),
         memory_adjust_mb=MappingProxyType({}),
+        in_flight=MappingProxyType(in_flight or {}),
     )
 
 
@@ -73,7 +75,6 @@ def loaded(
     *,
     mb: int | None = 10_000,
     devices: tuple[int, ...] = (0,),
-    in_flight: int = 0,
     neuron_in_flight: int = 0,
     queue: int = 0,
     loaded_ago: float = 3600.0,
@@ -87,7 +88,6 @@ def loaded(
         status=status,
         devices=devices,
         memory_mb=mb,
-        gateway_in_flight=in_flight,
         neuron_in_flight=neuron_in_flight,
         queue_depth=queue,
         loaded_at=NOW - loaded_ago,
@@ -123,9 +123,9 @@ CASES: list[tuple[str, str, list[NodeView], Decision]] = [
         "least busy replica first, ties by name",
         "org/small",
         [
-            gpu_node("a", models=[loaded("org/small", in_flight=3)]),
-            gpu_node("b", models=[loaded("org/small", in_flight=1)]),
-            gpu_node("c", models=[loaded("org/small", in_flight=1)]),
+            gpu_node("a", models=[loaded("org/small")], in_flight={"org/small": 3}),
+            gpu_node("b", models=[loaded("org/small")], in_flight={"org/small": 1}),
+            gpu_node("c", models=[loaded("org/small")], in_flight={"org/small": 1}),
         ],
         ServeOn(("b", "c", "a")),
     ),
@@ -134,7 +134,7 @@ CASES: list[tuple[str, str, list[NodeView], Decision]] = [
         "org/small",
         [
             gpu_node("a", models=[loaded("org/small", neuron_in_flight=2, queue=5)]),
-            gpu_node("b", models=[loaded("org/small", in_flight=4)]),
+            gpu_node("b", models=[loaded("org/small")], in_flight={"org/small": 4}),
         ],
         ServeOn(("b", "a")),
     ),
@@ -309,7 +309,14 @@ TRANSIENT: list[tuple[str, str, list[NodeView], int, str, float, str]] = [
     (
         "busy resident blocks: 503 retry",
         "org/big",
-        [gpu_node("a", devices=[(24_000, 4_000)], models=[loaded("org/small", in_flight=1, mb=20_000)])],
+        [
+            gpu_node(
+                "a",
+                devices=[(24_000, 4_000)],
+                models=[loaded("org/small", mb=20_000)],
+                in_flight={"org/small": 1},
+            )
+        ],
         503,
         "insufficient_memory",
         5.0,

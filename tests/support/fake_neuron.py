@@ -3,7 +3,8 @@
 `FakeNeuron` keeps a device list (or none: a CPU-only host), the resident models and their
 memory, and answers /discovery, /health, /models, /models/load, /models/unload and
 /models/{id}/endpoint like a real neuron. Loads can be held open (`hold_loads`), made to
-fail (`fail_loads[model] = (status, reason)`), and are counted (`load_calls`); `down = True`
+fail (`fail_loads[model] = (status, reason)`), and are counted (`load_calls`); unloads can be
+held too (`hold_unloads`); `down = True`
 makes the neuron unreachable.
 
 `AsgiNeuronTransport` is the `HttpTransport` seam of `NeuronClient` pointed at fake neurons
@@ -74,6 +75,10 @@ class FakeNeuron:
         self.hold_loads = asyncio.Event()
         self.hold_loads.set()
         self.load_started = asyncio.Event()
+        # The same for unloads: while clear, an unload call waits (the model stays resident).
+        self.hold_unloads = asyncio.Event()
+        self.hold_unloads.set()
+        self.unload_started = asyncio.Event()
         self.app = Starlette(
             routes=[
                 Route("/discovery", self._discovery),
@@ -168,6 +173,8 @@ class FakeNeuron:
     async def _unload(self, request: Request) -> JSONResponse:
         model_id = json.loads(await request.body())["model_id"]
         self.unload_calls.append(model_id)
+        self.unload_started.set()
+        await self.hold_unloads.wait()
         if self.models.pop(model_id, None) is None:
             return JSONResponse({"error": f"model '{model_id}' not loaded"}, status_code=404)
         return JSONResponse({"status": "unloaded", "model_id": model_id})

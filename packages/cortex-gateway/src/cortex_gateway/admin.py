@@ -17,13 +17,13 @@ import msgspec
 
 from cortex_core.config.catalogue import ModelCatalogue
 from cortex_core.neuron_api import ModelLimit
-from cortex_gateway.fleet import ROUTABLE, FleetSnapshot, ModelView, NodeView
+from cortex_gateway.fleet import RECOVERING, ROUTABLE, FleetSnapshot, ModelView, NodeView
 from cortex_gateway.placement import topology_problem
 
 FleetStatus = Literal["ok", "degraded", "impaired"]
 # A model's state across the fleet: loaded somewhere; loading somewhere; could be loaded on a
 # healthy neuron (available); failed / poisoned where it was tried; or nowhere to put it.
-ModelStateName = Literal["loaded", "loading", "available", "failed", "poisoned", "unavailable"]
+ModelStateName = Literal["loaded", "loading", "recovering", "available", "failed", "poisoned", "unavailable"]
 
 
 class DeviceReport(msgspec.Struct, kw_only=True):
@@ -49,6 +49,9 @@ class ModelReport(msgspec.Struct, kw_only=True):
     loaded_at: float | None = None
     last_used: float | None = None
     error: str | None = None
+    # A `recovering` model: reloads tried so far and when the next is due (epoch seconds).
+    attempts: int = 0
+    retry_at: float | None = None
 
 
 class NodeReport(msgspec.Struct, kw_only=True):
@@ -174,7 +177,7 @@ def _unservable(snapshot: FleetSnapshot) -> list[Unservable]:
         Unservable(node=node.name, model=view.id, status=view.status, reason=view.error)
         for node in snapshot.healthy_nodes
         for view in node.models.values()
-        if view.status in ("failed", "poisoned")
+        if view.status in ("failed", "poisoned", RECOVERING)
     ]
 
 
@@ -196,14 +199,16 @@ def _model_report(view: ModelView, node: NodeView, catalogue: ModelCatalogue) ->
         status=view.status,
         devices=list(view.devices),
         memory_mb=view.memory_mb,
-        in_flight=view.gateway_in_flight,
+        in_flight=node.gateway_in_flight(view.id),
         neuron_in_flight=view.neuron_in_flight,
         queue_depth=view.queue_depth,
         priority=catalogue.priority(view.id),
         pinned=bool(profile and node.name in profile.pinned_on),
         loaded_at=view.loaded_at,
-        last_used=view.last_used,
+        last_used=node.last_used(view),
         error=view.error,
+        attempts=view.attempts,
+        retry_at=view.retry_at,
     )
 
 
@@ -256,6 +261,8 @@ def _state(locations: list[Location], feasible_on: list[str]) -> ModelStateName:
         return "loaded"
     if "loading" in statuses:
         return "loading"
+    if RECOVERING in statuses:
+        return "recovering"
     if feasible_on:
         return "available"
     if "poisoned" in statuses:

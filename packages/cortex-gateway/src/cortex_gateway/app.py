@@ -29,7 +29,8 @@ from cortex_core.errors import ApiError, decode_json_body
 from cortex_gateway import admin
 from cortex_gateway.admission import OPENAI_PATHS, admitted_model
 from cortex_gateway.dialects import anthropic
-from cortex_gateway.fleet import FleetState
+from cortex_gateway.effects import NeuronEffects
+from cortex_gateway.fleet import FleetState, RecoveryPolicy
 from cortex_gateway.metrics import GatewayMetrics
 from cortex_gateway.neuron_client import NeuronClient
 from cortex_gateway.placement import PlacementPolicy
@@ -89,12 +90,21 @@ def create_app(
         poll_timeout=config.poller.timeout_secs, load_timeout=config.router.load_timeout_secs
     )
     metrics = metrics or GatewayMetrics()
-    fleet = FleetState(config.neurons, unhealthy_after=config.poller.unhealthy_after, clock=clock)
-    poller = Poller(fleet, client, interval_secs=config.poller.interval_secs)
+    fleet = FleetState(
+        config.neurons,
+        unhealthy_after=config.poller.unhealthy_after,
+        clock=clock,
+        recoverable=lambda model_id: catalogue.get(model_id) is not None,
+        recovery=RecoveryPolicy(
+            base_secs=config.router.recovery_backoff_secs,
+            cap_secs=config.router.recovery_backoff_max_secs,
+            max_attempts=config.router.recovery_max_attempts,
+        ),
+    )
     router = Router(
         fleet,
         catalogue,
-        client,
+        NeuronEffects(client, fleet),
         policy=PlacementPolicy(
             min_residency_secs=config.eviction.min_residency_secs,
             eviction_strategy=config.eviction.strategy,
@@ -106,6 +116,13 @@ def create_app(
         ),
         clock=clock,
         observer=metrics,
+    )
+    poller = Poller(
+        fleet,
+        client,
+        interval_secs=config.poller.interval_secs,
+        on_error=metrics.poller_error,
+        after_cycle=router.start_recoveries,
     )
     proxy = Proxy(config.proxy, metrics)
     body_limit = config.gateway.max_body_bytes

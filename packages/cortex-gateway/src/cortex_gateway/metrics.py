@@ -261,6 +261,12 @@ class GatewayMetrics:
             buckets=QUEUE_WAIT_BUCKETS,
             registry=r,
         )
+        self.poller_errors = Counter(
+            "cortex_poller_errors_total",
+            "Unexpected errors while polling a neuron (logged with a traceback; polling goes on).",
+            ("node",),
+            registry=r,
+        )
         self._targets: dict[tuple[str, str], TargetMetrics] = {}
 
     def target(self, model: str, node: str) -> TargetMetrics:
@@ -308,6 +314,9 @@ class GatewayMetrics:
 
     def queue_wait(self, model: str, seconds: float) -> None:
         self.queue_wait_seconds.labels(model).observe(seconds)
+
+    def poller_error(self, node: str) -> None:
+        self.poller_errors.labels(node).inc()
 
     def asgi_app(self) -> ASGIApp:
         """The exposition app for the `metrics_listen` port (any path answers)."""

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 
 from cortex_core.config.catalogue import ModelCatalogue, ModelProfile
 from cortex_gateway.eviction import MemoryNeed, Resident, Strategy, blocked_by_residency, plan_eviction
-from cortex_gateway.fleet import HOST_MEMORY, ROUTABLE, FleetSnapshot, NodeView
+from cortex_gateway.fleet import HOST_MEMORY, RECOVERING, ROUTABLE, FleetSnapshot, ModelView, NodeView
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,7 +80,7 @@ def place(
         if (view := node.models.get(model_id)) is not None and view.status == ROUTABLE
     ]
     if replicas:
-        replicas.sort(key=lambda pair: (pair[1].busy_score, pair[0].name))
+        replicas.sort(key=lambda pair: (pair[0].busy_score(pair[1]), pair[0].name))
         return ServeOn(tuple(node.name for node, _ in replicas))
     loading = sorted(
         node.name
@@ -115,7 +115,7 @@ def _not_in_catalogue(model_id: str, snapshot: FleetSnapshot, now: float, policy
                 f"model '{model_id}' is only on neuron '{node.name}', which is unhealthy; retry shortly",
                 policy.unhealthy_retry_after,
             )
-        transient = _status_refusal(model_id, node.name, view.status, view.error, view.failed_at, now, policy)
+        transient = _status_refusal(model_id, node.name, view, now, policy)
         if transient is not None:
             return transient
     return Refuse(
@@ -127,14 +127,19 @@ def _not_in_catalogue(model_id: str, snapshot: FleetSnapshot, now: float, policy
 
 
 def _status_refusal(
-    model_id: str,
-    node: str,
-    status: str,
-    error: str | None,
-    failed_at: float | None,
-    now: float,
-    policy: PlacementPolicy,
+    model_id: str, node: str, view: ModelView, now: float, policy: PlacementPolicy
 ) -> Refuse | None:
+    status, error, failed_at = view.status, view.error, view.failed_at
+    if status == RECOVERING:
+        detail = f" ({error})" if error else ""
+        wait = (view.retry_at - now) if view.retry_at is not None else policy.busy_retry_after
+        return Refuse(
+            503,
+            "model_recovering",
+            f"model '{model_id}' failed on neuron '{node}'{detail} and is being reloaded "
+            f"(attempt {view.attempts + 1}); retry shortly",
+            max(1.0, wait),
+        )
     if status == "poisoned":
         detail = f": {error}" if error else ""
         return Refuse(
@@ -207,12 +212,12 @@ def residents_of(node: NodeView, catalogue: ModelCatalogue) -> list[Resident]:
             Resident(
                 model_id=view.id,
                 priority=catalogue.priority(view.id),
-                idle=view.idle,
+                idle=node.idle(view),
                 pinned_here=bool(profile and node.name in profile.pinned_on),
                 memory_mb=memory,
                 devices=devices,
                 loaded_at=view.loaded_at,
-                last_used=view.last_used,
+                last_used=node.last_used(view),
                 status=view.status,
             )
         )
@@ -257,9 +262,7 @@ def _cold_load(
             continue
         view = node.models.get(model_id)
         if view is not None:
-            refusal = _status_refusal(
-                model_id, node.name, view.status, view.error, view.failed_at, now, policy
-            )
+            refusal = _status_refusal(model_id, node.name, view, now, policy)
             backoff_over = (
                 view.status == "failed"
                 and view.failed_at is not None

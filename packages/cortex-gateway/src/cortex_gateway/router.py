@@ -1,23 +1,37 @@
-"""Router: carries out placement decisions (the side-effect edge of the control plane).
+"""Router: the one owner of placement decisions, and the edge that carries them out.
 
-`acquire(requested_model)` resolves the alias, asks `placement.place` what to do with a
-fresh fleet snapshot, and then:
+A request sends it an intent — `acquire(requested_model)` — and awaits a lease. The
+decision and the memory it spends are made in one synchronous step (`_decide`): placement
+(`placement.place`, pure) reads the fleet snapshot and, before anything can interleave, a
+cold load is claimed in `FleetState.reserve_load` (victims marked `unloading`, the model
+`loading`, its memory reserved). All of it runs on the event loop without an `await`, so
+it is a serialised section: two requests can never spend the same free memory, and a
+second request for a model that is being loaded finds it `loading` and joins that load.
+
+Then, outside the section:
 - ServeOn → a Lease over those replicas (inference URLs cached per replica);
-- ColdLoad → evictions (POST /models/unload) then POST /models/load, single-flight per
-  (node, model): every request for that pair awaits the same task. Then it places again
-  (the model is now loaded, so the next decision serves it);
+- ColdLoad → one task per (node, model) unloads the claimed victims and loads the model
+  (single-flight: every request for that pair awaits the same task), then the request
+  decides again (the model is now loaded, so the next decision serves it);
 - Refuse → the ApiError the HTTP edge renders.
 
-Waiting for a load is bounded twice: at most `max_waiting_per_model` requests wait per model
-(one more gets 429 + Retry-After), and each waits at most `load_wait_secs` (then 503 +
-Retry-After; the load itself goes on and later requests find it loaded). A failed load
-reaches every waiter with the neuron's reason. A load task is shielded from the requests
-that wait on it, so a client that goes away never cancels a load others wait for.
+Neuron calls go through an injected `Effects` (effects.py). Waiting for a load is bounded
+twice: at most `max_waiting_per_model` requests wait per model (one more gets 429 +
+Retry-After), and each waits at most `load_wait_secs` (then 503 + Retry-After; the load
+itself goes on). A failed load reaches every waiter with the neuron's reason. A load task
+is shielded from the requests that wait on it, so a client that goes away never cancels a
+load others wait for.
+
+Recovery: after every poll cycle `start_recoveries()` reloads the failed and poisoned
+catalogue models whose back-off is over (FleetState keeps the attempts and the capped
+exponential back-off; a poisoned model is unloaded first). The reload is claimed through
+the same step as any cold load, restricted to the model's node.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import math
 from collections.abc import Callable
@@ -26,8 +40,9 @@ from dataclasses import dataclass
 from cortex_core.config.catalogue import ModelCatalogue, ModelProfile
 from cortex_core.errors import ApiError
 from cortex_core.neuron_api import ModelSpec
-from cortex_gateway.fleet import FleetState
-from cortex_gateway.neuron_client import NeuronClient, NeuronError
+from cortex_gateway.effects import Effects
+from cortex_gateway.fleet import ROUTABLE, FleetSnapshot, FleetState
+from cortex_gateway.neuron_client import NeuronError
 from cortex_gateway.placement import ColdLoad, PlacementPolicy, Refuse, ServeOn, place
 from cortex_gateway.routing import ControlPlaneObserver, Lease, NullObserver, Upstream
 
@@ -49,7 +64,7 @@ class Router:
         self,
         fleet: FleetState,
         catalogue: ModelCatalogue,
-        client: NeuronClient,
+        effects: Effects,
         *,
         policy: PlacementPolicy,
         limits: RouterLimits,
@@ -58,7 +73,7 @@ class Router:
     ) -> None:
         self._fleet = fleet
         self._catalogue = catalogue
-        self._client = client
+        self._effects = effects
         self._policy = policy
         self._limits = limits
         self._clock = clock
@@ -88,22 +103,55 @@ class Router:
         started = self._clock()
         cold = False
         for _ in range(MAX_ROUNDS):
-            decision = place(model_id, self._catalogue, self._fleet.snapshot(), self._clock(), self._policy)
-            if isinstance(decision, Refuse):
-                raise _refusal(decision)
-            if isinstance(decision, ServeOn):
-                lease = await self._lease(requested_model, model_id, decision.nodes, cold, started)
+            step = self._decide(model_id, self._fleet.snapshot())
+            if isinstance(step, ServeOn):
+                lease = await self._lease(requested_model, model_id, step.nodes, cold, started)
                 if lease is not None:
                     return lease
                 continue
-            cold = True
-            await self._wait_for_load(model_id, decision, started)
+            if step is not None:
+                cold = True
+                await self._wait_for_load(model_id, step, started)
         raise ApiError(
             503,
             f"model '{model_id}' could not be placed: the fleet kept changing; retry shortly",
             code="service_unavailable",
             retry_after=self._policy.busy_retry_after,
         )
+
+    def _decide(self, model_id: str, snapshot: FleetSnapshot) -> ServeOn | _PendingLoad | None:
+        """Place and reserve in one synchronous step (no await: nothing interleaves).
+
+        Returns where to serve, the load to wait for, or None when the claim lost a race
+        (the caller decides again). Raises the refusal.
+        """
+        decision = place(model_id, self._catalogue, snapshot, self._clock(), self._policy)
+        if isinstance(decision, Refuse):
+            raise _refusal(decision)
+        if isinstance(decision, ServeOn):
+            return decision
+        key = (decision.node, model_id)
+        task = self._loads.get(key)
+        if task is not None:
+            return _PendingLoad(decision.node, task)
+        profile = self._catalogue.get(model_id) or ModelProfile(id=model_id)
+        if decision.join_existing:
+            # The neuron is loading it on its own (a pre-warm, another gateway): load again,
+            # which the neuron joins, so this gateway learns when it is done.
+            self._fleet.load_started(decision.node, model_id, decision.devices, profile.vram_mb or 0)
+        elif not self._fleet.reserve_load(
+            decision.node,
+            model_id,
+            evict=decision.evict,
+            devices=decision.devices,
+            memory_mb=profile.vram_mb or 0,
+        ):
+            return None
+        task = asyncio.create_task(
+            self._cold_load(profile, decision), name=f"load {model_id} on {decision.node}"
+        )
+        self._track(decision.node, model_id, task)
+        return _PendingLoad(decision.node, task)
 
     async def _lease(
         self, requested: str, model_id: str, nodes: tuple[str, ...], cold: bool, started: float
@@ -133,7 +181,7 @@ class Router:
 
     async def _resolve_url(self, node: str, model_id: str) -> str | None:
         try:
-            url = await self._client.inference_url(self._fleet.endpoint_of(node), model_id)
+            url = await self._effects.inference_url(node, model_id)
         except NeuronError as exc:
             log.warning("no inference endpoint for %s on %s: %s", model_id, node, exc.message)
             return None
@@ -149,7 +197,7 @@ class Router:
             # instead of costing every request a connect timeout until the next poll.
             self._fleet.record_failure(upstream.node, reason)
 
-    async def _wait_for_load(self, model_id: str, decision: ColdLoad, started: float) -> None:
+    async def _wait_for_load(self, model_id: str, pending: _PendingLoad, started: float) -> None:
         waiting = self._waiting.get(model_id, 0)
         if waiting >= self._limits.max_waiting_per_model:
             raise ApiError(
@@ -160,18 +208,15 @@ class Router:
                 code="rate_limit_exceeded",
                 retry_after=self._policy.busy_retry_after,
             )
-        task = self._load_task(model_id, decision)
         remaining = self._limits.load_wait_secs - (self._clock() - started)
         self._waiting[model_id] = waiting + 1
         try:
             async with asyncio.timeout(max(0.0, remaining)):
-                await asyncio.shield(task)
-        except _Replan as exc:
-            log.info("placing %s again: %s", model_id, exc)
+                await asyncio.shield(pending.task)
         except TimeoutError as exc:
             raise ApiError(
                 503,
-                f"model '{model_id}' is still loading on neuron '{decision.node}'; "
+                f"model '{model_id}' is still loading on neuron '{pending.node}'; "
                 f"gave up waiting after {self._limits.load_wait_secs:g} s — retry shortly",
                 code="model_loading",
                 retry_after=self._policy.busy_retry_after,
@@ -181,16 +226,11 @@ class Router:
             if not self._waiting[model_id]:
                 del self._waiting[model_id]
 
-    def _load_task(self, model_id: str, decision: ColdLoad) -> asyncio.Task[None]:
-        key = (decision.node, model_id)
-        task = self._loads.get(key)
-        if task is None:
-            task = asyncio.create_task(
-                self._cold_load(model_id, decision), name=f"load {model_id} on {decision.node}"
-            )
-            self._loads[key] = task
-            task.add_done_callback(lambda done: self._load_done(key, done))
-        return task
+    def _track(self, node: str, model_id: str, task: asyncio.Task[None]) -> None:
+        """Single flight: the one load (or reload) of `model_id` on `node` everyone awaits."""
+        key = (node, model_id)
+        self._loads[key] = task
+        task.add_done_callback(lambda done: self._load_done(key, done))
 
     def _load_done(self, key: tuple[str, str], task: asyncio.Task[None]) -> None:
         self._loads.pop(key, None)
@@ -201,28 +241,32 @@ class Router:
 
     # ---- the side effects ------------------------------------------------------------------
 
-    async def _cold_load(self, model_id: str, decision: ColdLoad) -> None:
-        """Evict, then load; raises ApiError (with the neuron's reason) when it cannot."""
-        profile = self._catalogue.get(model_id)
-        node = decision.node
-        endpoint = self._fleet.endpoint_of(node)
-        if profile is None:
-            # Joining a load the neuron started itself (a pre-warm) of an unlisted model.
-            profile = ModelProfile(id=model_id)
-        for victim in decision.evict:
-            await self._evict(node, victim)
-        spec = load_spec(profile, decision.devices)
-        self._fleet.load_started(node, model_id, decision.devices, profile.vram_mb or 0)
+    async def _cold_load(self, profile: ModelProfile, decision: ColdLoad) -> None:
+        """Unload the claimed victims, then load; raises ApiError (with the neuron's reason)."""
+        model_id, node = profile.id, decision.node
+        for index, victim in enumerate(decision.evict):
+            try:
+                await self._unload(node, victim)
+            except BaseException:
+                # The load will not happen: its reservation goes, and the victims not yet
+                # unloaded are residents again.
+                for untouched in decision.evict[index + 1 :]:
+                    self._fleet.unload_failed(node, untouched)
+                self._fleet.load_failed(node, model_id, f"could not make room: unloading '{victim}' failed")
+                raise
         if not decision.join_existing:
             self._observer.cold_start(model_id, node)
         self.load_calls += 1
         log.info("loading %s on %s (devices %s)", model_id, node, list(decision.devices) or "default")
         started = self._clock()
         try:
-            await self._client.load(endpoint, spec)
+            await self._effects.load(node, load_spec(profile, decision.devices))
         except NeuronError as exc:
             self._observer.load_finished(model_id, node, self._clock() - started, False)
-            self._fleet.load_failed(node, model_id, exc.message)
+            # A neuron that refused (4xx: unsupported, does not fit) will refuse again; only
+            # an unreachable neuron or its own failure (5xx) is worth a reload later.
+            refused = exc.status is not None and 400 <= exc.status < 500
+            self._fleet.load_failed(node, model_id, exc.message, recover=not refused)
             log.warning("loading %s on %s failed: %s", model_id, node, exc.message)
             raise _load_failure(model_id, node, exc) from exc
         except BaseException:
@@ -233,10 +277,10 @@ class Router:
         self._fleet.load_finished(node, model_id, profile.vram_mb)
         log.info("loaded %s on %s in %.1f s", model_id, node, seconds)
 
-    async def _evict(self, node: str, model_id: str) -> None:
-        if not self._fleet.begin_unload(node, model_id):
-            # A request started on it since the decision: every waiter places again.
-            raise _Replan(f"'{model_id}' on '{node}' became busy")
+    async def _unload(
+        self, node: str, model_id: str, *, status: str = ROUTABLE, evicted: bool = True
+    ) -> None:
+        """Unload a model already claimed (`unloading`) and credit its memory back."""
         view = self._fleet.snapshot().node(node)
         footprint = None
         if view is not None and (resident := view.models.get(model_id)) is not None:
@@ -244,19 +288,71 @@ class Router:
         if footprint is None and (profile := self._catalogue.get(model_id)) is not None:
             footprint = profile.vram_mb
         try:
-            await self._client.unload(self._fleet.endpoint_of(node), model_id)
+            await self._effects.unload(node, model_id)
         except NeuronError as exc:
             if exc.status != 404:  # 404: already gone, which is what we wanted
-                self._fleet.unload_failed(node, model_id)
+                self._fleet.unload_failed(node, model_id, status=status)
                 raise ApiError(
                     503,
-                    f"could not make room on neuron '{node}': unloading '{model_id}' failed: {exc.message}",
+                    f"unloading '{model_id}' from neuron '{node}' failed: {exc.message}",
                     code="service_unavailable",
                     retry_after=self._policy.busy_retry_after,
                 ) from exc
+        except BaseException:
+            self._fleet.unload_failed(node, model_id, status=status)
+            raise
         self._fleet.unload_finished(node, model_id, credit_mb=footprint)
-        self._observer.evicted(model_id, node)
-        log.info("evicted %s from %s", model_id, node)
+        if evicted:
+            self._observer.evicted(model_id, node)
+        log.info("unloaded %s from %s", model_id, node)
+
+    # ---- recovery ------------------------------------------------------------------------
+
+    def start_recoveries(self) -> None:
+        """Start the reloads whose back-off is over (called after every poll cycle)."""
+        for node, model_id, status in self._fleet.recoveries_due():
+            if (node, model_id) in self._loads:
+                continue
+            profile = self._catalogue.get(model_id)
+            if profile is None:
+                continue
+            self._fleet.recovery_attempted(node, model_id)
+            task = asyncio.create_task(
+                self._recover(profile, node, poisoned=status == "poisoned"),
+                name=f"recover {model_id} on {node}",
+            )
+            self._track(node, model_id, task)
+
+    async def _recover(self, profile: ModelProfile, node: str, *, poisoned: bool) -> None:
+        model_id = profile.id
+        log.info("recovering %s on %s (%s)", model_id, node, "poisoned" if poisoned else "failed")
+        if poisoned:
+            # A poisoned model still holds its memory; the neuron wants it unloaded first.
+            if not self._fleet.begin_unload(node, model_id, any_state=True, keep_recovery=True):
+                return
+            try:
+                await self._unload(node, model_id, status="poisoned", evicted=False)
+            except ApiError as error:
+                self._fleet.load_failed(node, model_id, error.message)
+                return
+        else:
+            self._fleet.clear_broken(node, model_id)
+        snapshot = self._fleet.snapshot()
+        only_here = FleetSnapshot(
+            nodes=tuple(n for n in snapshot.nodes if n.name == node), taken_at=snapshot.taken_at
+        )
+        decision = place(model_id, self._catalogue, only_here, self._clock(), self._policy)
+        if not isinstance(decision, ColdLoad) or decision.join_existing:
+            reason = decision.message if isinstance(decision, Refuse) else "placement changed"
+            self._fleet.load_failed(node, model_id, f"reload deferred: {reason}")
+            return
+        if not self._fleet.reserve_load(
+            node, model_id, evict=decision.evict, devices=decision.devices, memory_mb=profile.vram_mb or 0
+        ):
+            self._fleet.load_failed(node, model_id, "reload deferred: the room it needed was taken")
+            return
+        with contextlib.suppress(ApiError):  # load_failed has booked the next attempt
+            await self._cold_load(profile, decision)
 
     # ---- admin ---------------------------------------------------------------------------
 
@@ -264,58 +360,64 @@ class Router:
         """`cortex models load`: place (or use the given node) and wait; returns the node."""
         model_id = self._catalogue.resolve_alias(requested_model)
         started = self._clock()
-        if node is None:
-            decision = place(model_id, self._catalogue, self._fleet.snapshot(), started, self._policy)
-            if isinstance(decision, Refuse):
-                raise _refusal(decision)
-            if isinstance(decision, ServeOn):
-                return decision.nodes[0]
-            await self._wait_for_load(model_id, decision, started)
-            return decision.node
-        self._require_node(node)
-        view = self._fleet.snapshot().node(node)
-        assert view is not None
-        resident = view.models.get(model_id)
-        if resident is not None and resident.status == "loaded":
-            return node
-        devices: tuple[int, ...] = ()
-        profile = self._catalogue.get(model_id)
-        if profile is not None and view.discovery is not None and view.discovery.devices:
-            devices = tuple(d.index for d in view.discovery.devices)[: profile.min_devices]
-        decision = ColdLoad(
-            node=node, devices=devices, join_existing=resident is not None and resident.status == "loading"
+        for _ in range(MAX_ROUNDS):
+            snapshot = self._fleet.snapshot()
+            if node is not None:
+                self._require_node(node)
+                view = snapshot.node(node)
+                assert view is not None
+                resident = view.models.get(model_id)
+                if resident is not None and resident.status == ROUTABLE:
+                    return node
+                snapshot = FleetSnapshot(nodes=(view,), taken_at=snapshot.taken_at)
+            step = self._decide(model_id, snapshot)
+            if isinstance(step, ServeOn):
+                return step.nodes[0]
+            if step is not None:
+                await self._wait_for_load(model_id, step, started)
+        raise ApiError(
+            503,
+            f"model '{model_id}' could not be placed: the fleet kept changing; retry shortly",
+            code="service_unavailable",
+            retry_after=self._policy.busy_retry_after,
         )
-        await self._wait_for_load(model_id, decision, started)
-        return node
 
     async def unload_by_hand(self, requested_model: str, node: str | None) -> list[str]:
-        """`cortex models unload`: from `node`, or from every node that has it; returns the nodes."""
+        """`cortex models unload`, in every state; returns the nodes it was unloaded from.
+
+        A loaded, failed, poisoned or recovering entry is unloaded (recovery stops); a load
+        in progress is waited for, then unloaded.
+        """
         model_id = self._catalogue.resolve_alias(requested_model)
         if node is not None:
             self._require_node(node)
         snapshot = self._fleet.snapshot()
-        nodes = [
-            n.name
-            for n in snapshot.nodes
-            if (node is None or n.name == node)
-            and (m := n.models.get(model_id)) is not None
-            and m.status == "loaded"
-        ]
+        nodes = [n.name for n in snapshot.nodes if (node is None or n.name == node) and model_id in n.models]
         if not nodes:
             where = f"neuron '{node}'" if node else "any neuron"
             raise ApiError(
                 404, f"model '{model_id}' is not loaded on {where}", code="model_not_loaded", param="model"
             )
         for name in nodes:
-            try:
-                await self._evict(name, model_id)
-            except _Replan as exc:
+            load = self._loads.get((name, model_id))
+            if load is not None:
+                # The operator wants it gone: let the load finish (or fail) first.
+                with contextlib.suppress(ApiError):
+                    await asyncio.shield(load)
+            view = self._fleet.snapshot().node(name)
+            resident = view.models.get(model_id) if view is not None else None
+            if resident is None:
+                continue
+            status = resident.status
+            if not self._fleet.begin_unload(name, model_id, any_state=True):
                 raise ApiError(
                     409,
-                    f"model '{model_id}' on neuron '{name}' has requests in flight; unload it when it is idle",
+                    f"model '{model_id}' on neuron '{name}' is {status}"
+                    f"{' with requests in flight' if status == ROUTABLE else ''}; unload it when it is idle",
                     code="model_busy",
                     param="model",
-                ) from exc
+                )
+            await self._unload(name, model_id, status=status, evicted=False)
         return nodes
 
     def _require_node(self, node: str) -> None:
@@ -326,8 +428,12 @@ class Router:
             )
 
 
-class _Replan(Exception):
-    """The decision went stale before it could be carried out; place again."""
+@dataclass(frozen=True, slots=True)
+class _PendingLoad:
+    """A load (ours, single-flight per node and model) a request waits for."""
+
+    node: str
+    task: asyncio.Task[None]
 
 
 def load_spec(profile: ModelProfile, devices: tuple[int, ...]) -> ModelSpec:

@@ -57,6 +57,12 @@ class RouterSection(Strict):
     # After a load failed on a node, requests get that failure (502, the neuron's reason)
     # for this long instead of starting one doomed load each.
     failed_load_backoff_secs: float = 30.0
+    # A failed or poisoned catalogue model is reloaded by itself (`recovering`): the first
+    # attempt after this many seconds, each next one twice as late up to the max, at most
+    # `recovery_max_attempts` times; then it stays failed until an operator acts.
+    recovery_backoff_secs: float = 5.0
+    recovery_backoff_max_secs: float = 300.0
+    recovery_max_attempts: int = 5
 
 
 class ProxySection(Strict):
