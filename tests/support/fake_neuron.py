@@ -71,6 +71,10 @@ class FakeNeuron:
         self.load_calls: list[dict[str, object]] = []
         self.unload_calls: list[str] = []
         self.fail_loads: dict[str, tuple[int, str]] = {}
+        # The ground truth a fault test checks: loads that would not have fitted the device
+        # (refused like a real neuron's pre-flight), and loads of a model already loading here.
+        self.overcommitted: list[str] = []
+        self.duplicate_loads: list[str] = []
         # While clear, loads wait (the model shows `loading`); set it to let them finish.
         self.hold_loads = asyncio.Event()
         self.hold_loads.set()
@@ -159,8 +163,16 @@ class FakeNeuron:
         model_id = spec.get("served_model_name") or spec["model_id"]
         if model_id in self.models and self.models[model_id].status == "loaded":
             return JSONResponse({"status": "loaded", "model_id": model_id})
+        if model_id in self.models and self.models[model_id].status == "loading":
+            self.duplicate_loads.append(model_id)
         devices = spec.get("devices") or ([0] if self.devices_mb else [])
-        self.models[model_id] = FakeModel(model_id, status="loading", devices=devices)
+        size = self.sizes_mb.get(model_id, 0)
+        short = self._does_not_fit(devices, size)
+        if short is not None:
+            self.overcommitted.append(f"{model_id}: {short}")
+            return JSONResponse({"error": f"'{model_id}' does not fit: {short}"}, status_code=507)
+        # A loading model holds its memory from the start, as a real load does.
+        self.models[model_id] = FakeModel(model_id, status="loading", devices=devices, memory_mb=size)
         self.load_started.set()
         await self.hold_loads.wait()
         if model_id in self.fail_loads:
@@ -169,6 +181,16 @@ class FakeNeuron:
             return JSONResponse({"error": reason}, status_code=status)
         self.models[model_id] = FakeModel(model_id, memory_mb=self.sizes_mb.get(model_id, 0), devices=devices)
         return JSONResponse({"status": "loaded", "model_id": model_id, "load_seconds": 0.01})
+
+    def _does_not_fit(self, devices: list[int], size_mb: int) -> str | None:
+        if not self.devices_mb or not size_mb:
+            return None
+        share = size_mb // max(1, len(devices))
+        for device in devices:
+            free = self.devices_mb[device] - self.used_mb(device)
+            if free < share:
+                return f"device {device} has {free} MB free, {share} MB needed"
+        return None
 
     async def _unload(self, request: Request) -> JSONResponse:
         model_id = json.loads(await request.body())["model_id"]
