@@ -299,10 +299,13 @@ async def test_unknown_route_is_404_in_openai_shape() -> None:
     assert "/v2/nothing" in response.json()["error"]["message"]
 
 
-async def test_only_unreachable_upstreams_count_toward_node_health() -> None:
+async def test_only_unreachable_upstreams_count_toward_the_circuit_breaker() -> None:
     a = FakeNeuron("a", devices_mb=[24_000])
     a.preload("org/small", 6_000)
-    async with gateway([a], CATALOGUE, poller={"unhealthy_after": 2}) as (app, _):
+    clock = FakeClock()
+    async with gateway(
+        [a], CATALOGUE, clock=clock, proxy={"breaker_failures": 2, "breaker_cooldown_secs": 5.0}
+    ) as (app, _):
         router: Router = app.state.router
         lease = await router.acquire("org/small")
         for _ in range(3):
@@ -311,5 +314,6 @@ async def test_only_unreachable_upstreams_count_toward_node_health() -> None:
         for _ in range(2):
             lease.upstream_failed(lease.candidates[0], "connection refused", unreachable=True)
         assert not app.state.fleet.snapshot().node("a").healthy
-        await app.state.poller.poll_once()  # healthy again as soon as it answers a poll
+        clock.advance(5.0)
+        await app.state.poller.poll_once()  # the probe after the cool-down answered
         assert app.state.fleet.snapshot().node("a").healthy

@@ -43,10 +43,18 @@ async def test_first_refuses_second_serves() -> None:
     assert all(count == 0 for count in fleet.in_flight.values())
 
 
-async def test_5xx_before_first_byte_fails_over() -> None:
-    failing = Script(status=503, chunks=[b'{"error":{}}'])
+@pytest.mark.parametrize(
+    ("status", "body"),
+    [
+        (503, b'{"error":{"message":"qwen is loading; retry shortly","code":"model_loading"}}'),
+        (503, b'{"error":{"message":"qwen is unloading","code":"model_unloading"}}'),
+        (404, b'{"error":{"message":"qwen is not loaded on this neuron","code":"model_not_found"}}'),
+    ],
+)
+async def test_an_explicit_not_ready_goes_to_another_replica(status: int, body: bytes) -> None:
+    not_ready = Script(status=status, chunks=[body])
     async with (
-        FakeUpstream(failing) as first,
+        FakeUpstream(not_ready) as first,
         FakeUpstream() as second,
         in_process(relay_app(router(first.base_url, second.base_url))) as client,
     ):
@@ -55,18 +63,34 @@ async def test_5xx_before_first_byte_fails_over() -> None:
     assert (len(first.calls), len(second.calls)) == (1, 1)
 
 
-async def test_last_attempt_5xx_is_relayed_intact() -> None:
+async def test_a_5xx_the_neuron_did_not_explain_is_relayed_not_repeated() -> None:
     body = b'{"error":{"message":"busy","type":"api_error","code":"overloaded"}}'
     script = Script(status=503, chunks=[body], extra_headers={"retry-after": "7"})
-    async with FakeUpstream(script) as only, in_process(relay_app(router(only.base_url))) as client:
+    async with (
+        FakeUpstream(script) as first,
+        FakeUpstream() as second,
+        in_process(relay_app(router(first.base_url, second.base_url))) as client,
+    ):
         response = await client.post("/v1/chat/completions", content=REQUEST)
     assert response.status_code == 503
     assert response.headers["retry-after"] == "7"
     assert response.content == body
-    assert len(only.calls) == 2  # max_attempts=2 on the one replica, then its answer
+    # The neuron received it and failed: it may have run, so it is run nowhere else.
+    assert (len(first.calls), len(second.calls)) == (1, 0)
 
 
-async def test_upstream_dies_before_first_body_byte_fails_over() -> None:
+async def test_a_lone_replica_is_never_tried_twice() -> None:
+    body = b'{"error":{"message":"qwen is loading","code":"model_loading"}}'
+    async with (
+        FakeUpstream(Script(status=503, chunks=[body])) as only,
+        in_process(relay_app(router(only.base_url))) as client,
+    ):
+        response = await client.post("/v1/chat/completions", content=REQUEST)
+    assert response.status_code == 503
+    assert len(only.calls) == 1
+
+
+async def test_upstream_dies_before_first_body_byte_is_not_repeated() -> None:
     dying = Script(content_type="text/event-stream", chunks=sse_stream(["a"]), die_after=0)
     async with (
         FakeUpstream(dying) as first,
@@ -74,9 +98,9 @@ async def test_upstream_dies_before_first_body_byte_fails_over() -> None:
         in_process(relay_app(router(first.base_url, second.base_url))) as client,
     ):
         response = await client.post("/v1/chat/completions", content=REQUEST)
-    assert response.status_code == 200
-    assert response.content == CHAT_JSON
-    assert (len(first.calls), len(second.calls)) == (1, 1)
+    assert response.status_code == 502
+    assert response.json()["error"]["code"] == "upstream_connection_error"
+    assert (len(first.calls), len(second.calls)) == (1, 0)
 
 
 async def test_no_retry_after_first_byte() -> None:
@@ -112,7 +136,7 @@ async def test_unreachable_is_503_with_retry_after_in_openai_shape(attempts: int
     assert error["type"] == "api_error"
     assert "node0" in error["message"]
     assert set(error) >= {"message", "type", "param", "code"}
-    assert len(fleet.failures) == attempts
+    assert len(fleet.failures) == 1  # one replica: tried once, whatever max_attempts
     assert fleet.in_flight[fleet._table["qwen"][0]] == 0
     labels = {"model": "qwen", "node": "node0"}
     registry = app.state.metrics.registry
@@ -120,15 +144,17 @@ async def test_unreachable_is_503_with_retry_after_in_openai_shape(attempts: int
     assert registry.get_sample_value("cortex_request_errors_total", labels) == 1.0
 
 
-async def test_headers_never_arrive_is_504() -> None:
-    config = ProxySection(idle_timeout_secs=0.2, max_attempts=1)
+async def test_headers_never_arrive_is_504_and_the_request_is_not_repeated() -> None:
+    config = ProxySection(idle_timeout_secs=0.2, max_attempts=2)
     async with (
         FakeUpstream(Script(before_headers=2.0)) as slow,
-        in_process(relay_app(router(slow.base_url), config)) as client,
+        FakeUpstream() as second,
+        in_process(relay_app(router(slow.base_url, second.base_url), config)) as client,
     ):
         response = await client.post("/v1/chat/completions", content=REQUEST)
     assert response.status_code == 504
     assert response.json()["error"]["code"] == "upstream_timeout"
+    assert (len(slow.calls), len(second.calls)) == (1, 0)
 
 
 async def test_upstream_that_hangs_up_without_answering_is_502() -> None:
@@ -145,4 +171,4 @@ async def test_upstream_that_hangs_up_without_answering_is_502() -> None:
     assert response.status_code == 502
     assert "retry-after" not in response.headers
     assert response.json()["error"]["code"] == "upstream_connection_error"
-    assert len(fleet.failures) == 2
+    assert len(fleet.failures) == 1

@@ -30,7 +30,7 @@ from cortex_gateway import admin
 from cortex_gateway.admission import OPENAI_PATHS, admitted_model
 from cortex_gateway.dialects import anthropic
 from cortex_gateway.effects import NeuronEffects
-from cortex_gateway.fleet import FleetState, RecoveryPolicy
+from cortex_gateway.fleet import BreakerPolicy, FleetState, RecoveryPolicy
 from cortex_gateway.metrics import GatewayMetrics
 from cortex_gateway.neuron_client import NeuronClient
 from cortex_gateway.placement import PlacementPolicy
@@ -99,6 +99,9 @@ def create_app(
             base_secs=config.router.recovery_backoff_secs,
             cap_secs=config.router.recovery_backoff_max_secs,
             max_attempts=config.router.recovery_max_attempts,
+        ),
+        breaker=BreakerPolicy(
+            failures=config.proxy.breaker_failures, cooldown_secs=config.proxy.breaker_cooldown_secs
         ),
     )
     router = Router(

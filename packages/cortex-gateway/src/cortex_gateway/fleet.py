@@ -22,12 +22,15 @@ per-node dicts that node views expose read-only, so a request never rebuilds a n
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from types import MappingProxyType
 
 from cortex_core.config.gateway import NeuronEndpoint
 from cortex_core.neuron_api import DeviceHealth, DiscoveryResponse, HealthResponse, ModelInfo, ModelLimit
+
+log = logging.getLogger(__name__)
 
 # The memory pool of a CPU-only host (no GPU devices) is keyed like a device.
 HOST_MEMORY = -1
@@ -169,6 +172,14 @@ class RecoveryPolicy:
         return min(self.cap_secs, self.base_secs * 2.0 ** max(0, attempts - 1))
 
 
+@dataclass(frozen=True, slots=True)
+class BreakerPolicy:
+    """Stop routing to a neuron after `failures` connection failures in a row, for `cooldown_secs`."""
+
+    failures: int = 3
+    cooldown_secs: float = 10.0
+
+
 @dataclass
 class _Node:
     name: str
@@ -191,6 +202,10 @@ class _Node:
     used_at: dict[str, float] = field(default_factory=dict)
     # Failed or poisoned models the gateway reloads by itself, by model id.
     recovery: dict[str, _Recovery] = field(default_factory=dict)
+    # Circuit breaker: connection failures of requests in a row, and while it is open, the
+    # end of its cool-down (then the next successful poll — the probe — closes it).
+    connect_failures: int = 0
+    breaker_open_until: float | None = None
 
 
 class FleetState:
@@ -203,6 +218,7 @@ class FleetState:
         forget_failures_after: float = 600.0,
         recoverable: Callable[[str], bool] = lambda model_id: False,
         recovery: RecoveryPolicy | None = None,
+        breaker: BreakerPolicy | None = None,
     ) -> None:
         self._nodes = {n.name: _Node(n.name, n.endpoint.rstrip("/")) for n in neurons}
         self._unhealthy_after = unhealthy_after
@@ -211,6 +227,7 @@ class FleetState:
         # Which broken models to reload by itself (the catalogue's), and how patiently.
         self._recoverable = recoverable
         self._recovery_policy = recovery or RecoveryPolicy()
+        self._breaker = breaker or BreakerPolicy()
         self._marks = 0
         self._snapshot: FleetSnapshot | None = None
         # Node views are rebuilt only for the node that changed (a request start or end
@@ -258,7 +275,8 @@ class FleetState:
         return NodeView(
             name=node.name,
             endpoint=node.endpoint,
-            healthy=node.healthy,
+            # An open breaker takes the node out of placement like an unhealthy poll does.
+            healthy=node.healthy and node.breaker_open_until is None,
             consecutive_failures=node.consecutive_failures,
             last_error=node.last_error,
             last_poll=node.last_poll,
@@ -313,6 +331,13 @@ class FleetState:
             del node.recovery[model_id]  # it came back (or was unloaded): the count starts over
         node.models = seen
         node.healthy = True
+        if node.breaker_open_until is None:
+            node.connect_failures = 0
+        elif now >= node.breaker_open_until:
+            # The probe after the cool-down answered: trust the node again.
+            node.breaker_open_until = None
+            node.connect_failures = 0
+            log.info("circuit breaker of neuron %s closed: it answered after the cool-down", node_name)
         node.consecutive_failures = 0
         node.last_error = None
         node.last_poll = now
@@ -413,6 +438,20 @@ class FleetState:
             node.healthy = False
         self._changed(node_name)
         return turned
+
+    def connection_failed(self, node_name: str, reason: str) -> bool:
+        """A request could not connect to the neuron; True when this opened its breaker."""
+        node = self._nodes[node_name]
+        node.connect_failures += 1
+        node.last_error = reason
+        if node.breaker_open_until is not None or node.connect_failures < self._breaker.failures:
+            return False
+        node.breaker_open_until = self._clock() + self._breaker.cooldown_secs
+        self._changed(node_name)
+        return True
+
+    def breaker_open(self, node_name: str) -> bool:
+        return self._nodes[node_name].breaker_open_until is not None
 
     # ---- the owner's serialised step (router) ----------------------------------------------
 

@@ -8,9 +8,12 @@ minutes) as much as the body — and a client that goes away cancels the upstrea
 Per request:
 1. The body is forwarded as received; only when the lease resolved an alias is `model`
    rewritten (spliced in place when it occurs once, otherwise a decode/encode).
-2. Candidates are tried in the lease's order (up to `proxy.max_attempts` attempts). An
-   attempt fails over when it cannot connect, when the upstream answers 5xx, or when the
-   upstream breaks before its first body byte — all before anything reached the client.
+2. Replicas are tried in the lease's order, each at most once and at most
+   `proxy.max_attempts` of them. Only what is safe moves on to the next replica: a
+   connection that could not be made (the request never left), or the neuron's explicit
+   "not ready" (503 model_loading / model_unloading, 404 model_not_found). A request a
+   neuron received and then failed (5xx), timed out on, or broke off before its first byte
+   is never repeated — it may have run, and repeating it doubles the wait on a hung node.
    The client's response starts only with the upstream's first body chunk.
 3. Then chunks are relayed as they arrive, never re-serialised. A stall longer than
    `proxy.idle_timeout_secs` between chunks ends the request; a long stream that keeps
@@ -19,8 +22,8 @@ Per request:
    SDKs raise instead of taking a truncated answer for a complete one); any other body is
    cut off (the connection is aborted), since nothing else can tell the client.
 5. No replica reachable: 503 + Retry-After in the OpenAI error shape; reached but failed:
-   502; no headers within the idle timeout: 504. The last attempt's own 5xx is relayed
-   intact (status, Retry-After and the neuron's envelope).
+   502; no headers within the idle timeout: 504. A neuron's own 5xx is relayed intact
+   (status, Retry-After and the neuron's envelope).
 """
 
 from __future__ import annotations
@@ -346,15 +349,18 @@ class RelayResponse(Response):
         await send({"type": "http.response.body", "body": msgspec.json.encode(self._error_body(error))})
 
     async def _open(self) -> tuple[Upstream, aiohttp.ClientResponse, bytes]:
-        """Try the candidates until one gives headers and a first body chunk (or its 5xx)."""
+        """Try replicas until one answers (headers and a first body chunk); see `retry_plan`.
+
+        Only what is safe is retried, and only on another replica: a connection that could
+        not be made (the request never left), or a neuron's explicit "not ready" answer. A
+        request the neuron received and failed, timed out on or broke off is never repeated.
+        """
         proxy, lease = self._proxy, self._lease
-        candidates = lease.candidates
-        attempts = proxy.config.max_attempts
         session = proxy.session
+        replicas = retry_plan(lease.candidates, proxy.config.max_attempts)
         last_error: ApiError | None = None
-        for attempt in range(attempts):
-            upstream = candidates[attempt % len(candidates)]
-            final = attempt == attempts - 1
+        for index, upstream in enumerate(replicas):
+            another = index + 1 < len(replicas)
             lease.use(upstream)
             self._switch_target(upstream)
             try:
@@ -364,22 +370,24 @@ class RelayResponse(Response):
                 )
             except (aiohttp.ClientError, TimeoutError) as exc:
                 last_error = _attempt_error(upstream, exc)
-                self._attempt_failed(upstream, last_error.message)
-                continue
-            if response.status >= 500 and not final:
-                response.close()
-                self._attempt_failed(upstream, f"HTTP {response.status}")
-                last_error = None
-                continue
+                never_sent = is_connect_failure(exc)
+                self._attempt_failed(upstream, last_error.message, unreachable=never_sent)
+                if never_sent:
+                    continue
+                raise _Attempted(last_error) from exc
             try:
                 first = await response.content.readany()
             except (aiohttp.ClientError, TimeoutError) as exc:
                 response.close()
                 last_error = _attempt_error(upstream, exc)
                 self._attempt_failed(upstream, last_error.message)
+                raise _Attempted(last_error) from exc
+            if another and response.content.at_eof() and not_ready(response.status, first):
+                response.close()
+                self._attempt_failed(upstream, f"HTTP {response.status}: not ready")
                 continue
             return upstream, response, first
-        assert last_error is not None  # a final 5xx is relayed, so only transport errors get here
+        assert last_error is not None  # every replica refused the connection
         raise _Attempted(last_error)
 
     async def _stream(self, send: Send, response: aiohttp.ClientResponse, first: bytes) -> None:
@@ -430,11 +438,11 @@ class RelayResponse(Response):
         self._target = self._proxy.metrics.target(self._lease.model_id, upstream.node)
         self._target.in_flight.inc()
 
-    def _attempt_failed(self, upstream: Upstream, reason: str) -> None:
+    def _attempt_failed(self, upstream: Upstream, reason: str, *, unreachable: bool = False) -> None:
         log.warning("attempt on node %s for %s failed: %s", upstream.node, self._lease.model_id, reason)
         if self._target is not None:
             self._target.upstream_failures.inc()
-        self._lease.upstream_failed(upstream, reason)
+        self._lease.upstream_failed(upstream, reason, unreachable=unreachable)
 
     def _finish(self, upstream: Upstream | None) -> None:
         lease = self._lease
@@ -454,6 +462,42 @@ class RelayResponse(Response):
             cold_start=lease.cold_start,
         )
         self._proxy.metrics.record(lease.model_id, node, outcome)
+
+
+class _NotReadyDetail(msgspec.Struct):
+    code: str | None = None
+
+
+class _NotReadyEnvelope(msgspec.Struct):
+    error: _NotReadyDetail | None = None
+
+
+_NOT_READY_DECODER = msgspec.json.Decoder(_NotReadyEnvelope)
+# A neuron's answers that say it did not run the request: the model is loading or
+# unloading there (503), or it is not there at all any more (404, evicted meanwhile).
+NOT_READY = frozenset({(503, "model_loading"), (503, "model_unloading"), (404, "model_not_found")})
+
+
+def retry_plan(candidates: Sequence[Upstream], max_attempts: int) -> tuple[Upstream, ...]:
+    """The replicas to try, in order: each at most once (a retry never goes back to the same
+    node), at most `max_attempts` of them."""
+    return tuple(candidates[: max(1, max_attempts)])
+
+
+def is_connect_failure(exc: BaseException) -> bool:
+    """True when the connection could not be made, so the request was certainly not sent."""
+    return isinstance(exc, (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError))
+
+
+def not_ready(status: int, body: bytes) -> bool:
+    """The neuron said explicitly that it did not run the request (safe on another replica)."""
+    if status not in (503, 404):
+        return False
+    try:
+        detail = _NOT_READY_DECODER.decode(body).error
+    except (msgspec.DecodeError, msgspec.ValidationError):
+        return False
+    return detail is not None and (status, detail.code) in NOT_READY
 
 
 def _attempt_error(upstream: Upstream, exc: BaseException) -> ApiError:

@@ -192,10 +192,10 @@ class Router:
         log.warning(
             "request to %s on %s failed before the first byte: %s", upstream.model_id, upstream.node, reason
         )
-        if unreachable:
-            # Counts like a failed poll: a dead node leaves the rotation after N in a row
-            # instead of costing every request a connect timeout until the next poll.
-            self._fleet.record_failure(upstream.node, reason)
+        if unreachable and self._fleet.connection_failed(upstream.node, reason):
+            # A dead node leaves the rotation at once instead of costing every request a
+            # connect failure until the poller notices; the poll after the cool-down probes it.
+            log.warning("circuit breaker of neuron %s opened: %s", upstream.node, reason)
 
     async def _wait_for_load(self, model_id: str, pending: _PendingLoad, started: float) -> None:
         waiting = self._waiting.get(model_id, 0)

@@ -69,8 +69,13 @@ class ProxySection(Strict):
     connect_timeout_secs: float = 5.0
     # A stream times out only when no byte arrives for this long, however long it runs.
     idle_timeout_secs: float = 300.0
-    # Retries happen only before the first byte reaches the client.
+    # Replicas a request may try, each at most once, only before the first byte reaches the
+    # client and only when safe (not connected, or the neuron said "not ready").
     max_attempts: int = 2
+    # Circuit breaker per neuron: after this many requests in a row could not connect, no
+    # request goes there for the cool-down; then the next successful poll closes it.
+    breaker_failures: int = 3
+    breaker_cooldown_secs: float = 10.0
 
 
 class GatewayConfig(Strict):

@@ -64,7 +64,14 @@ from cortex_core.errors import ApiError, decode_json_body
 from cortex_core.openai.chat import ChatCompletion, ChatCompletionChunk, ChatCompletionRequest
 from cortex_core.sse import SSEDecoder, SSEMessage, encode_event
 from cortex_core.wire import given
-from cortex_gateway.proxy import Proxy, RelayResponse, request_headers
+from cortex_gateway.proxy import (
+    Proxy,
+    RelayResponse,
+    is_connect_failure,
+    not_ready,
+    request_headers,
+    retry_plan,
+)
 from cortex_gateway.routing import Lease, LeaseProvider, Upstream
 from cortex_gateway.sse import BodyObserver, StreamObserver
 
@@ -340,12 +347,9 @@ async def _send_more(send: Send, body: bytes) -> None:
 
 async def count_on_replica(proxy: Proxy, lease: Lease, payload: bytes, headers: list[tuple[str, str]]) -> int:
     """The neuron's token count for a chat request; candidates tried like the relay does."""
-    attempts = proxy.config.max_attempts
-    candidates = lease.candidates
+    replicas = retry_plan(lease.candidates, proxy.config.max_attempts)
     last_error: ApiError | None = None
-    for attempt in range(attempts):
-        upstream = candidates[attempt % len(candidates)]
-        final = attempt == attempts - 1
+    for index, upstream in enumerate(replicas):
         lease.use(upstream)
         try:
             async with proxy.session.post(
@@ -354,7 +358,7 @@ async def count_on_replica(proxy: Proxy, lease: Lease, payload: bytes, headers: 
                 body = await response.read()
                 status, retry_after = response.status, response.headers.get("retry-after")
         except (aiohttp.ClientError, TimeoutError) as exc:
-            unreachable = isinstance(exc, (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError))
+            unreachable = is_connect_failure(exc)
             last_error = ApiError(
                 503 if unreachable else 502,
                 f"node '{upstream.node}' could not count tokens: {type(exc).__name__}: {exc}",
@@ -362,9 +366,11 @@ async def count_on_replica(proxy: Proxy, lease: Lease, payload: bytes, headers: 
                 retry_after=5.0 if unreachable else None,
             )
             lease.upstream_failed(upstream, last_error.message, unreachable=unreachable)
-            continue
-        if status >= 500 and not final:
-            lease.upstream_failed(upstream, f"HTTP {status}")
+            if unreachable:
+                continue
+            raise last_error from exc
+        if index + 1 < len(replicas) and not_ready(status, body):
+            lease.upstream_failed(upstream, f"HTTP {status}: not ready")
             continue
         if status >= 300:
             raise upstream_error(status, body, retry_after, upstream.node)
