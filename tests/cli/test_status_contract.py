@@ -39,3 +39,20 @@ async def test_status_table_from_the_real_admin_route() -> None:
     models = render_models_list(listing)
     assert any(line.split()[:3] == ["org/big", "yes", "gpu1(loaded)"] for line in models.splitlines()), models
     assert any(line.split()[:2] == ["big", "yes"] for line in models.splitlines()), models
+
+
+async def test_status_shows_a_recovering_model_with_its_next_reload() -> None:
+    gpu = FakeNeuron("gpu1", devices_mb=[24_000], sizes_mb={"org/big": 12_000})
+    gpu.preload("org/big")
+    gpu.models["org/big"].status = "poisoned"
+    gpu.models["org/big"].error = "CUDA error: an illegal memory access"
+    catalogue = ModelCatalogue([ModelProfile(id="org/big", vram_mb=12_000)], {})
+    clock = FakeClock()
+    async with gateway([gpu], catalogue, clock=clock, router={"recovery_backoff_secs": 8.0}) as (_, http):
+        fleet = (await http.get("/admin/fleet")).json()
+        listing = (await http.get("/v1/models")).json()
+
+    table = render_status(fleet, endpoint="http://gw:31313")  # "now" is the report's generated_at
+    row = next(line for line in table.splitlines() if line.strip().startswith("org/big"))
+    assert "recovering (reload 1 in 8s): CUDA error: an illegal memory access" in row, table
+    assert "gpu1(recovering)" in render_models_list(listing)

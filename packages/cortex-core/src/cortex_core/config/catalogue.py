@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import msgspec
 
+from cortex_core.config.legacy import translate_catalogue, warn
 from cortex_core.config.loader import ConfigError, convert, read_toml
 
 DEFAULT_PRIORITY = 100
@@ -66,8 +68,10 @@ class ModelCatalogue:
         return len(self.profiles)
 
 
-def parse_catalogue(data: dict[str, object], *, source: str) -> ModelCatalogue:
-    parsed = convert(dict(data), CatalogueFile, source=source)
+def parse_catalogue(data: dict[str, Any], *, source: str) -> ModelCatalogue:
+    translated, warnings = translate_catalogue(data, source)
+    warn(warnings)
+    parsed = convert(translated, CatalogueFile, source=source)
     seen: set[str] = set()
     for index, profile in enumerate(parsed.models):
         key = f"models[{index}]"

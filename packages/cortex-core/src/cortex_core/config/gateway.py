@@ -10,6 +10,7 @@ from urllib.parse import urlsplit
 
 import msgspec
 
+from cortex_core.config.legacy import translate_gateway
 from cortex_core.config.loader import ConfigError, load_config, resolve_path
 
 ENV_PREFIX = "CORTEX_"
@@ -125,7 +126,7 @@ def _validate(config: GatewayConfig, source: str) -> None:
 
 def load_gateway_config(path: Path | None, *, env: Mapping[str, str] | None = None) -> GatewayConfig:
     """Load cortex.toml (None: defaults) with CORTEX_* overrides; models_config resolved to the file's folder."""
-    config = load_config(path, GatewayConfig, env_prefix=ENV_PREFIX, env=env)
+    config = load_config(path, GatewayConfig, env_prefix=ENV_PREFIX, env=env, legacy=translate_gateway)
     source = str(path) if path else "environment"
     _validate(config, source)
     base = path.resolve().parent if path else None

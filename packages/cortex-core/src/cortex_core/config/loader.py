@@ -10,17 +10,19 @@ carry runtime knobs read elsewhere.
 
 from __future__ import annotations
 
+import logging
 import os
 import tomllib
 import types
 import typing
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, TypeVar
 
 import msgspec
 
 T = TypeVar("T")
+log = logging.getLogger("cortex_core.config")
 
 
 class ConfigError(Exception):
@@ -156,17 +158,28 @@ def convert(data: dict[str, Any], into: type[T], *, source: str) -> T:
         raise ConfigError(source, problem, key) from exc
 
 
+Legacy = Callable[[dict[str, Any], str], tuple[dict[str, Any], list[str]]]
+
+
 def load_config(
     path: Path | None,
     into: type[T],
     *,
     env_prefix: str,
     env: Mapping[str, str] | None = None,
+    legacy: Legacy | None = None,
 ) -> T:
-    """Read `path` (None: defaults only), overlay the environment, convert into `into`."""
+    """Read `path` (None: defaults only), overlay the environment, convert into `into`.
+
+    `legacy` rewrites the Rust system's keys first (config/legacy.py); its warnings are logged.
+    """
     environ = os.environ if env is None else env
     data = read_toml(path) if path is not None else {}
     source = str(path) if path is not None else f"defaults + {env_prefix}* environment"
+    if legacy is not None and data:
+        data, warnings = legacy(data, source)
+        for message in warnings:
+            log.warning("%s", message)
     apply_env_overrides(data, prefix=env_prefix, env=environ, schema=into)
     return convert(data, into, source=source)
 

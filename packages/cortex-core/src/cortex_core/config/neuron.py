@@ -7,6 +7,7 @@ from pathlib import Path
 
 import msgspec
 
+from cortex_core.config.legacy import translate_neuron
 from cortex_core.config.loader import ConfigError, load_config, resolve_path
 from cortex_core.neuron_api import ModelSpec
 
@@ -67,7 +68,7 @@ class NeuronConfig(Strict):
 
 def load_neuron_config(path: Path | None, *, env: Mapping[str, str] | None = None) -> NeuronConfig:
     """Load neuron.toml (None: defaults) with NEURON_* overrides; cache paths resolved to the file's folder."""
-    config = load_config(path, NeuronConfig, env_prefix=ENV_PREFIX, env=env)
+    config = load_config(path, NeuronConfig, env_prefix=ENV_PREFIX, env=env, legacy=translate_neuron)
     source = str(path) if path else "environment"
     if not 0 < config.port < 65536:
         raise ConfigError(source, f"expected a TCP port 1-65535, got {config.port}", "port")
