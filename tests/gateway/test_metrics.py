@@ -159,3 +159,42 @@ async def test_real_app_exposes_request_and_control_plane_series() -> None:
     ):
         assert line in text, line
     assert 'model="small"' not in text  # never the alias
+
+
+async def test_the_gateway_re_exports_what_each_neuron_reports() -> None:
+    from support.fake_neuron import FakeNeuron, gateway
+
+    from cortex_core.config.catalogue import ModelCatalogue
+
+    gpu = FakeNeuron("gpu1", devices_mb=[24_000, 16_000])
+    gpu.preload("org/m", 6_000, device=1)
+    gpu.models["org/m"].in_flight = 3
+    laptop = FakeNeuron("laptop", host_memory_mb=16_000)
+    laptop.preload("org/cpu", 2_000)
+    down = FakeNeuron("down", devices_mb=[24_000])
+    down.down = True
+    async with gateway([gpu, laptop, down], ModelCatalogue([], {})) as (app, _http):
+        registry = app.state.metrics.registry
+        mb = 1024 * 1024
+        expected = [
+            ("cortex_neuron_up", {"node": "gpu1"}, 1.0),
+            ("cortex_neuron_up", {"node": "down"}, 0.0),
+            ("cortex_neuron_requests_in_flight", {"model": "org/m", "node": "gpu1"}, 3.0),
+            ("cortex_neuron_queue_depth", {"model": "org/m", "node": "gpu1"}, 0.0),
+            ("cortex_neuron_decode_tokens_per_second", {"model": "org/m", "node": "gpu1"}, 0.0),
+            ("cortex_neuron_prefill_tokens_per_second", {"model": "org/cpu", "node": "laptop"}, 0.0),
+            ("cortex_neuron_memory_used_bytes", {"node": "gpu1", "device": "1"}, 6_000 * mb),
+            ("cortex_neuron_memory_used_bytes", {"node": "gpu1", "device": "0"}, 0.0),
+            ("cortex_neuron_memory_total_bytes", {"node": "gpu1", "device": "0"}, 24_000 * mb),
+            ("cortex_neuron_memory_used_bytes", {"node": "laptop", "device": "host"}, 2_000 * mb),
+            ("cortex_neuron_memory_total_bytes", {"node": "laptop", "device": "host"}, 16_000 * mb),
+        ]
+        for name, labels, value in expected:
+            assert registry.get_sample_value(name, labels) == value, (name, labels)
+        # The next poll's readings are what the next scrape shows.
+        gpu.models["org/m"].in_flight = 0
+        await app.state.poller.poll_once()
+        assert (
+            registry.get_sample_value("cortex_neuron_requests_in_flight", {"model": "org/m", "node": "gpu1"})
+            == 0.0
+        )

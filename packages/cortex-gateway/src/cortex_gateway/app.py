@@ -127,6 +127,7 @@ def create_app(
         on_error=metrics.poller_error,
         after_cycle=router.start_recoveries,
     )
+    metrics.watch_fleet(fleet.snapshot)
     proxy = Proxy(config.proxy, metrics)
     body_limit = config.gateway.max_body_bytes
 

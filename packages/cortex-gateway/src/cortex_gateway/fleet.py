@@ -61,6 +61,8 @@ class ModelView:
     # Load reported by the neuron's /health (all clients of that neuron, slightly stale).
     neuron_in_flight: int = 0
     queue_depth: int = 0
+    tok_s_prefill: float = 0.0
+    tok_s_decode: float = 0.0
     loaded_at: float | None = None
     last_used: float | None = None
     # When the gateway first saw this entry `failed` (for the retry back-off).
@@ -415,6 +417,8 @@ class FleetState:
                 view,
                 neuron_in_flight=entry.in_flight if entry else 0,
                 queue_depth=entry.queue_depth if entry else 0,
+                tok_s_prefill=entry.tok_s_prefill if entry else 0.0,
+                tok_s_decode=entry.tok_s_decode if entry else 0.0,
             )
         # The reading measures every eviction and every load that settled before it was asked
         # for; loads still in progress, or settled while it was on the wire, stay reserved.

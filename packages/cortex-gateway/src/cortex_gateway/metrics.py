@@ -12,12 +12,18 @@ starts, loads, evictions and queue waits through the `ControlPlaneObserver` meth
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, make_asgi_app
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
 from starlette.types import ASGIApp
 
+from cortex_gateway.fleet import FleetSnapshot
 from cortex_gateway.sse import Observation
+
+MB = 1024 * 1024
 
 LABELS = ("model", "node")
 
@@ -318,7 +324,80 @@ class GatewayMetrics:
     def poller_error(self, node: str) -> None:
         self.poller_errors.labels(node).inc()
 
+    def watch_fleet(self, snapshot: Callable[[], FleetSnapshot]) -> None:
+        """Re-export what every neuron last reported, read at scrape time (one scrape, whole fleet)."""
+        self.registry.register(FleetCollector(snapshot))
+
     def asgi_app(self) -> ASGIApp:
         """The exposition app for the `metrics_listen` port (any path answers)."""
         app: ASGIApp = make_asgi_app(registry=self.registry)
         return app
+
+
+class FleetCollector(Collector):
+    """`cortex_neuron_*`: the neurons' own per-model and per-device readings, as last polled.
+
+    Read from the fleet snapshot when Prometheus scrapes, so the values are the poller's
+    latest and nothing is updated twice. Labels: `model` and `node`, and `device` (the
+    device index, or "host" for a CPU-only neuron's memory) on the memory series.
+    """
+
+    def __init__(self, snapshot: Callable[[], FleetSnapshot]) -> None:
+        self._snapshot = snapshot
+
+    def describe(self) -> list[Metric]:
+        return []  # the label sets are only known at scrape time
+
+    def collect(self) -> Iterator[Metric]:
+        fleet = self._snapshot()
+        up = GaugeMetricFamily("cortex_neuron_up", "1 when the neuron answers its polls.", labels=["node"])
+        in_flight = GaugeMetricFamily(
+            "cortex_neuron_requests_in_flight",
+            "Requests a neuron runs for a model (from every client), as last polled.",
+            labels=["model", "node"],
+        )
+        queued = GaugeMetricFamily(
+            "cortex_neuron_queue_depth",
+            "Requests a neuron queues for a model, as last polled.",
+            labels=["model", "node"],
+        )
+        prefill = GaugeMetricFamily(
+            "cortex_neuron_prefill_tokens_per_second",
+            "Prompt tokens per second a neuron reports for a model.",
+            labels=["model", "node"],
+        )
+        decode = GaugeMetricFamily(
+            "cortex_neuron_decode_tokens_per_second",
+            "Generated tokens per second a neuron reports for a model.",
+            labels=["model", "node"],
+        )
+        used = GaugeMetricFamily(
+            "cortex_neuron_memory_used_bytes",
+            "Device (or host) memory in use, as last polled.",
+            labels=["node", "device"],
+        )
+        total = GaugeMetricFamily(
+            "cortex_neuron_memory_total_bytes", "Device (or host) memory in all.", labels=["node", "device"]
+        )
+        for node in fleet.nodes:
+            up.add_metric([node.name], 1.0 if node.healthy else 0.0)
+            for view in node.models.values():
+                labels = [view.id, node.name]
+                in_flight.add_metric(labels, view.neuron_in_flight)
+                queued.add_metric(labels, view.queue_depth)
+                prefill.add_metric(labels, view.tok_s_prefill)
+                decode.add_metric(labels, view.tok_s_decode)
+            discovery = node.discovery
+            if discovery is None:
+                continue
+            totals = {d.index: d.vram_total_mb for d in discovery.devices}
+            for reading in node.device_health:
+                device = str(reading.index)
+                used.add_metric([node.name, device], reading.vram_used_mb * MB)
+                if reading.index in totals:
+                    total.add_metric([node.name, device], totals[reading.index] * MB)
+            if not discovery.devices and discovery.host_memory_total_mb:
+                host_total = discovery.host_memory_total_mb
+                used.add_metric([node.name, "host"], max(0, host_total - node.host_memory_free_mb) * MB)
+                total.add_metric([node.name, "host"], host_total * MB)
+        yield from (up, in_flight, queued, prefill, decode, used, total)
