@@ -21,12 +21,15 @@ from typing import Any
 
 import httpx2
 import msgspec
+import pytest
 from support.fake_upstream import on_hypercorn
 from support.processes import Service, clean_env, free_port, start
 
 from cortex_core.config.catalogue import ModelCatalogue, ModelProfile
 from cortex_core.config.gateway import GatewayConfig
 from cortex_gateway.app import create_app
+
+pytestmark = pytest.mark.slow
 
 SCRIPT = Path(__file__).resolve().parents[1] / "support" / "fake_neuron_process.py"
 CATALOGUE = ModelCatalogue(
