@@ -193,6 +193,26 @@ def _retrieve(task: asyncio.Task[Any]) -> None:
         task.exception()
 
 
+# Load failures that mean "the model source could not be reached", not "this model is bad":
+# a default model's pre-warm tries those again (the registry may come back; a network may
+# come up after the daemon).
+SOURCE_UNREACHABLE = frozenset({"repo_fetch_failed", "download_failed"})
+
+
+@dataclass(frozen=True)
+class PrewarmRetry:
+    """Retries of a default model whose source is unreachable: base·2^(n-1) s, capped, n ≤ attempts."""
+
+    attempts: int = 5
+    base_secs: float = 2.0
+    cap_secs: float = 60.0
+    # Injected so tests can run the back-off without waiting for it.
+    sleep: Callable[[float], Any] = asyncio.sleep
+
+    def delay(self, retry: int) -> float:
+        return min(self.cap_secs, self.base_secs * 2.0 ** (retry - 1))
+
+
 class ModelManager:
     """Implements cortex_core.harness.Harness for the in-process `torch` harness."""
 
@@ -220,6 +240,7 @@ class ModelManager:
         # readings do not show a load until its weights are resident.
         self._reserved: dict[int | None, int] = {}
         self.activation = ActivationStatus()
+        self.prewarm_retry = PrewarmRetry()
 
     @property
     def name(self) -> str:
@@ -613,13 +634,34 @@ class ModelManager:
             self.activation.pending.remove(spec.served_id)
             self.activation.in_progress = spec.served_id
             try:
-                await self.load(spec)
+                await self._prewarm(spec)
             except ApiError as exc:
                 self.activation.failed.append(ActivationFailure(model_id=spec.served_id, error=exc.message))
             else:
                 self.activation.completed.append(spec.served_id)
         self.activation.in_progress = None
         self.activation.state = "ready"
+
+    async def _prewarm(self, spec: ModelSpec) -> None:
+        """Load a default model; an unreachable source is tried again with a capped back-off."""
+        retry = self.prewarm_retry
+        for attempt in range(1, retry.attempts + 1):
+            try:
+                await self.load(spec)
+                return
+            except ApiError as exc:
+                if exc.code not in SOURCE_UNREACHABLE or attempt == retry.attempts:
+                    raise
+                delay = retry.delay(attempt)
+                log.warning(
+                    "pre-warming %s: %s; trying again in %.0f s (%d of %d)",
+                    spec.served_id,
+                    exc.message,
+                    delay,
+                    attempt + 1,
+                    retry.attempts,
+                )
+                await retry.sleep(delay)
 
     async def close(self) -> None:
         """Unload everything (loads in progress are cancelled) and stop the device threads."""
