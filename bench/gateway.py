@@ -23,7 +23,8 @@ one it is worse — a relay held to one busy core waits for it (measured here: +
 1 client for the bare relay pinned, +0.9 ms not) — so by default the OS places them.
 
 Budgets (DESIGN.md §6): cortex adds ≤ 1.5 ms at p50 with 1 client; at 32 clients it keeps
-≥ 0.7× the bare relay's throughput.
+≥ 0.9× the bare relay's throughput (the goal since the control plane's per-request
+bookkeeping became O(1) and the body is validated before placement).
 """
 
 from __future__ import annotations
@@ -45,6 +46,8 @@ from pathlib import Path
 from typing import Any
 
 MODEL = "bench/model"
+# cortex's req/s at 32 clients, as a share of the bare relay's (DESIGN.md §6).
+THROUGHPUT_BUDGET = 0.9
 ALIAS = "bench"
 STREAM_CHUNKS = 20  # role + 16 tokens + finish + usage + [DONE]
 
@@ -588,8 +591,8 @@ def verdicts(
                 ratio = cells[(target, stream, 32)].throughput / cells[("relay", stream, 32)].throughput
                 found.append(
                     (
-                        f"{target} {mode}: {ratio:.2f}x the bare relay's req/s at 32 clients (budget 0.7)",
-                        ratio >= 0.7,
+                        f"{target} {mode}: {ratio:.2f}x the bare relay's req/s at 32 clients (budget 0.9)",
+                        ratio >= THROUGHPUT_BUDGET,
                     )
                 )
     return found
