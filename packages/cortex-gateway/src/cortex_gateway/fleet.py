@@ -566,15 +566,6 @@ class FleetState:
         if plan is not None:
             plan.attempts += 1
 
-    def forget_model(self, node_name: str, model_id: str) -> None:
-        """The operator unloaded it (or the neuron dropped it): no entry, no recovery."""
-        node = self._nodes[node_name]
-        node.recovery.pop(model_id, None)
-        node.models.pop(model_id, None)
-        node.endpoints.pop(model_id, None)
-        node.reservations.pop(model_id, None)
-        self._changed(node_name)
-
     def clear_broken(self, node_name: str, model_id: str) -> None:
         """Drop a failed entry (it holds no memory) so that its reload can be placed; recovery stays."""
         node = self._nodes[node_name]
