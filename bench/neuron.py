@@ -11,6 +11,9 @@ Scenarios (--scenarios, all by default):
   arrival        8 streams decoding when a 4,000-token prompt arrives: their longest gap
                  between two tokens while it prefills, against its time to first token (goal:
                  at most a quarter, i.e. the prefill really is split between decode steps).
+  hybrid         a random-weight Qwen3.5-shaped model (Gated DeltaNet + full attention, 3:1,
+                 SmolLM2's width and vocabulary): engine 8 streams vs generate()'s batch of 8,
+                 64 new tokens.
   conversations  12 conversations of 4 turns replayed interleaved (each round all 12 at once):
                  the share of later turns whose cached_tokens cover >= 90% of the previous
                  turn's prompt. Prefix cache on.
@@ -275,7 +278,53 @@ async def generate_mixed(worker: Any, model: Any, tokenizer: Any) -> dict[str, f
     return {"tok_s": run.tok_s, "ttft_ms": run.ttft * 1000, "seconds": run.seconds}
 
 
-SCENARIOS = ("basic", "mixed", "arrival", "conversations")
+def load_hybrid() -> Any:
+    """A random Qwen3.5-shaped text model at SmolLM2's scale (its tokenizer's vocabulary)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.for_model(
+        "qwen3_5_text",
+        vocab_size=49152,
+        hidden_size=576,
+        intermediate_size=1536,
+        num_hidden_layers=12,
+        layer_types=["linear_attention", "linear_attention", "linear_attention", "full_attention"] * 3,
+        num_attention_heads=8,
+        num_key_value_heads=2,
+        head_dim=64,
+        linear_num_key_heads=4,
+        linear_num_value_heads=8,
+        linear_key_head_dim=64,
+        linear_value_head_dim=64,
+        max_position_embeddings=8192,
+    )
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16).eval()
+
+
+async def hybrid(worker: Any, tokenizer: Any) -> dict[str, float]:
+    from neuron.engine import build_engine
+
+    model = await worker.run(load_hybrid)
+    engine_model = await worker.run(load_hybrid)
+    batch = prompts(tokenizer)
+    generated = await worker.run(generate_run, model, tokenizer, batch, 64)
+    engine = build_engine(
+        engine_model, worker=worker, engine_config=engine_config(max_batch_size=8), model_id="hybrid"
+    )
+    await engine_run(engine, batch[:1], 4)  # warm-up
+    ours = await engine_run(engine, batch, 64)
+    await engine.close()
+    return {
+        "generate_tok_s": generated.tok_s,
+        "engine_tok_s": ours.tok_s,
+        "generate_ttft_ms": generated.ttft * 1000,
+        "engine_ttft_ms": ours.ttft * 1000,
+    }
+
+
+SCENARIOS = ("basic", "mixed", "arrival", "hybrid", "conversations")
 COMPARED = ("mixed", "arrival", "conversations")
 
 
@@ -285,6 +334,9 @@ async def engine_scenarios(names: list[str], worker: Any, tokenizer: Any) -> dic
 
     results: dict[str, dict[str, float]] = {}
     for name in names:
+        if name == "hybrid":
+            results[name] = await hybrid(worker, tokenizer)
+            continue
         model, _ = await worker.run(load)
         caching = name == "conversations"
         config = engine_config(
@@ -408,6 +460,18 @@ def report(
                     f"{r['longest_gap_ms']:8.1f} ms ({r['gap_share_of_ttft']:.2f} of the TTFT; goal <= 0.25), "
                     f"median gap before it {r['median_gap_before_ms']:.1f} ms"
                 )
+    if "hybrid" in after:
+        r = after["hybrid"]
+        print(
+            "hybrid: random Qwen3.5-shaped model (9 Gated DeltaNet + 3 full-attention layers), 8 streams, 64 new tokens"
+        )
+        print(
+            f"  generate(), static batch of 8    {r['generate_tok_s']:8.1f} tok/s   TTFT {r['generate_ttft_ms']:8.1f} ms"
+        )
+        print(
+            f"  engine, 8 concurrent streams     {r['engine_tok_s']:8.1f} tok/s   TTFT {r['engine_ttft_ms']:8.1f} ms"
+        )
+        print(f"  engine / generate(): {r['engine_tok_s'] / r['generate_tok_s']:.2f}x")
     if "conversations" in after:
         print("conversations: 12 x 4 turns, interleaved")
         for label, results in (("engine before", before), ("engine", after)):
