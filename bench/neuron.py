@@ -186,12 +186,12 @@ def text_prompt(tokenizer: Any, length: int, salt: int) -> list[int]:
     return ids[:length]
 
 
-def mixed_lengths(streams: int) -> list[int]:
-    return [100 + (4000 - 100) * i // (streams - 1) for i in range(streams)]
+def mixed_lengths(streams: int, longest: int) -> list[int]:
+    return [100 + (longest - 100) * i // (streams - 1) for i in range(streams)]
 
 
-async def mixed(engine: Any, tokenizer: Any) -> dict[str, float]:
-    batch = [text_prompt(tokenizer, n, i) for i, n in enumerate(mixed_lengths(16))]
+async def mixed(engine: Any, tokenizer: Any, longest: int) -> dict[str, float]:
+    batch = [text_prompt(tokenizer, n, i) for i, n in enumerate(mixed_lengths(16, longest))]
     run = await engine_run(engine, batch, 32)
     return {"tok_s": run.tok_s, "ttft_ms": run.ttft * 1000, "seconds": run.seconds}
 
@@ -271,8 +271,8 @@ async def conversations(engine: Any, tokenizer: Any) -> dict[str, float]:
     return {"turns_covered": covered, "later_turns": later}
 
 
-async def generate_mixed(worker: Any, model: Any, tokenizer: Any) -> dict[str, float]:
-    batch = [text_prompt(tokenizer, n, i) for i, n in enumerate(mixed_lengths(16))]
+async def generate_mixed(worker: Any, model: Any, tokenizer: Any, longest: int) -> dict[str, float]:
+    batch = [text_prompt(tokenizer, n, i) for i, n in enumerate(mixed_lengths(16, longest))]
     # One call: a second (1-token) generate() for its TTFT would repeat the whole padded prefill.
     run = await worker.run(generate_run, model, tokenizer, batch, 32, measure_ttft=False)
     return {"tok_s": run.tok_s, "ttft_ms": run.ttft * 1000, "seconds": run.seconds}
@@ -328,7 +328,9 @@ SCENARIOS = ("basic", "mixed", "arrival", "hybrid", "conversations")
 COMPARED = ("mixed", "arrival", "conversations")
 
 
-async def engine_scenarios(names: list[str], worker: Any, tokenizer: Any) -> dict[str, dict[str, float]]:
+async def engine_scenarios(
+    names: list[str], worker: Any, tokenizer: Any, mixed_longest: int
+) -> dict[str, dict[str, float]]:
     """The engine-only scenarios, each on a fresh engine (no prefix cache carried over)."""
     from neuron.engine import build_engine
 
@@ -346,14 +348,17 @@ async def engine_scenarios(names: list[str], worker: Any, tokenizer: Any) -> dic
         )
         engine = build_engine(model, worker=worker, engine_config=config, model_id="smollm2")
         await engine_run(engine, [text_prompt(tokenizer, 20, 7)], 4)  # warm-up
-        results[name] = await {"mixed": mixed, "arrival": arrival, "conversations": conversations}[name](
-            engine, tokenizer
-        )
+        if name == "mixed":
+            results[name] = await mixed(engine, tokenizer, mixed_longest)
+        else:
+            results[name] = await {"arrival": arrival, "conversations": conversations}[name](
+                engine, tokenizer
+            )
         await engine.close()
     return results
 
 
-def run_before(ref: str, names: list[str]) -> dict[str, dict[str, float]]:
+def run_before(ref: str, names: list[str], mixed_longest: int) -> dict[str, dict[str, float]]:
     """The same scenarios on the engine of commit `ref`, in a subprocess over a worktree of it."""
     root = Path(__file__).resolve().parent.parent
     with tempfile.TemporaryDirectory(prefix="cortex-before-") as tmp:
@@ -365,7 +370,15 @@ def run_before(ref: str, names: list[str]) -> dict[str, dict[str, float]]:
             sources = [str(tree / "packages" / name / "src") for name in ("neuron", "cortex-core")]
             env = {**os.environ, "PYTHONPATH": os.pathsep.join(sources)}
             out = subprocess.run(
-                [sys.executable, __file__, "--json", "--scenarios", ",".join(names)],
+                [
+                    sys.executable,
+                    __file__,
+                    "--json",
+                    "--scenarios",
+                    ",".join(names),
+                    "--mixed-longest",
+                    str(mixed_longest),
+                ],
                 env=env,
                 check=True,
                 stdout=subprocess.PIPE,
@@ -423,14 +436,17 @@ async def basic(args: argparse.Namespace, worker: Any, tokenizer: Any) -> None:
 
 
 def report(
-    after: dict[str, dict[str, float]], before: dict[str, dict[str, float]], baseline: dict[str, float] | None
+    after: dict[str, dict[str, float]],
+    before: dict[str, dict[str, float]],
+    baseline: dict[str, float] | None,
+    mixed_longest: int,
 ) -> None:
     def cell(results: dict[str, dict[str, float]], name: str, key: str, fmt: str) -> str:
         value = results.get(name, {}).get(key)
         return "-" if value is None else format(value, fmt)
 
     if "mixed" in after:
-        lengths = mixed_lengths(16)
+        lengths = mixed_lengths(16, mixed_longest)
         print(f"mixed: 16 streams, prompts {lengths[0]}-{lengths[-1]} tokens, 32 new tokens each")
         if baseline is not None:
             print(
@@ -494,6 +510,9 @@ async def main() -> int:
     )
     parser.add_argument("--before", metavar="GITREF", help="also run the engine of this commit")
     parser.add_argument(
+        "--mixed-longest", type=int, default=4000, help="the mixed scenario's longest prompt (tokens)"
+    )
+    parser.add_argument(
         "--json", action="store_true", help="print the engine scenarios' results as one JSON line"
     )
     args = parser.parse_args()
@@ -511,7 +530,7 @@ async def main() -> int:
         _, tokenizer = await worker.run(load)
         engine_names = [name for name in names if name != "basic"]
         if args.json:
-            print(json.dumps(await engine_scenarios(engine_names, worker, tokenizer)))
+            print(json.dumps(await engine_scenarios(engine_names, worker, tokenizer, args.mixed_longest)))
             return 0
         print(
             f"SmolLM2-135M-Instruct bf16, {torch.get_num_threads()} torch threads; load average before: {os.getloadavg()}"
@@ -521,11 +540,12 @@ async def main() -> int:
         baseline = None
         if "mixed" in names:
             model, _ = await worker.run(load)
-            baseline = await generate_mixed(worker, model, tokenizer)
+            baseline = await generate_mixed(worker, model, tokenizer, args.mixed_longest)
             del model
-        after = await engine_scenarios(engine_names, worker, tokenizer)
-        before = run_before(args.before, [n for n in engine_names if n in COMPARED]) if args.before else {}
-        report(after, before, baseline)
+        after = await engine_scenarios(engine_names, worker, tokenizer, args.mixed_longest)
+        compared = [n for n in engine_names if n in COMPARED]
+        before = run_before(args.before, compared, args.mixed_longest) if args.before else {}
+        report(after, before, baseline, args.mixed_longest)
         print(f"load average after: {os.getloadavg()}")
     finally:
         worker.close()
