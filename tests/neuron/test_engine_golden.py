@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import math
 from collections.abc import AsyncIterator, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -236,3 +237,49 @@ async def test_every_family_on_the_generic_path_equals_generate(
         await engine.close()
     assert [(r.tokens, r.finish_reason) for r in results] == expected
     assert max(runner.batch_sizes) > 1
+
+
+def bf16_ulp(value: float) -> float:
+    """The spacing of bfloat16 numbers around `value`."""
+    return float(torch.finfo(torch.bfloat16).eps) * 2.0 ** math.floor(math.log2(abs(value) or 1.0))
+
+
+def _bf16_rows_match_the_hf_forward(model: Any, prompts: list[list[int]], state_slots: bool) -> None:
+    runner = SingleDeviceRunner(model, device="cpu")
+    blocks = [list(range(1 + 8 * i, 9 + 8 * i)) for i in range(len(prompts))]
+
+    def row(i: int, tokens: list[int], start: int) -> ForwardRow:
+        return ForwardRow(tokens, start, blocks[i], i if state_slots else -1)
+
+    prefill = runner.forward([row(i, p, 0) for i, p in enumerate(prompts)])
+    firsts = [int(logits.argmax()) for logits in prefill]
+    decode = runner.forward(
+        [row(i, [t], len(p)) for i, (p, t) in enumerate(zip(prompts, firsts, strict=True))]
+    )
+    with torch.inference_mode():
+        for i, prompt in enumerate(prompts):
+            for ours, tokens in ((prefill[i], prompt), (decode[i], [*prompt, firsts[i]])):
+                reference = model(input_ids=torch.tensor([tokens])).logits[0, -1].float()
+                assert float(torch.nn.functional.cosine_similarity(ours, reference, dim=0)) > 0.9995
+                top = reference.topk(2)
+                if float(top.values[0] - top.values[1]) > 2 * bf16_ulp(float(top.values[0])):
+                    assert int(ours.argmax()) == int(top.indices[0])
+                else:  # a tie within bf16's resolution: either token is the model's answer
+                    assert int(ours.argmax()) in top.indices.tolist()
+
+
+@pytest.mark.parametrize("model_type", sorted(FAMILIES))
+def test_bf16_batched_logits_match_the_hf_forward(model_type: str) -> None:
+    """The fidelity bar on bf16 weights: the batched, padded path against transformers'
+    forward of each sequence alone, argmax equal and cosine > 0.9995."""
+    tokenizer = build_tokenizer()
+    model = tiny_family_model(model_type, tokenizer).to(torch.bfloat16)
+    _bf16_rows_match_the_hf_forward(
+        model, [tokenizer.encode(t) for t in PROMPT_TEXTS[1:5]], state_slots=False
+    )
+
+
+def test_bf16_hybrid_batched_logits_match_the_hf_forward(tiny_hybrid: Path) -> None:
+    model, tokenizer = load_model(tiny_hybrid)
+    model = model.to(torch.bfloat16)
+    _bf16_rows_match_the_hf_forward(model, [tokenizer.encode(t) for t in PROMPT_TEXTS[1:5]], state_slots=True)
