@@ -19,6 +19,7 @@ import httpx2
 import openai
 import pytest
 from support.processes import clean_env, free_port, neuron_serve, start
+from support.wording import PROMPT_TOO_LONG, SUM_EXCEEDS
 
 pytestmark = pytest.mark.slow
 
@@ -174,3 +175,35 @@ def test_openai_sdk_responses_gets_paris(fleet: Fleet) -> None:
     with client.responses.stream(model=ALIAS, input=QUESTION, max_output_tokens=24, temperature=0) as stream:
         final = stream.get_final_response()
     assert final.output_text == response.output_text
+
+
+SMOLLM2_CONTEXT = 8192
+LONG_PROMPT = [{"role": "user", "content": "word " * SMOLLM2_CONTEXT}]
+
+
+def test_anthropic_sdk_gets_anthropics_context_limit_wording(fleet: Fleet) -> None:
+    client = anthropic_client(fleet)
+    with (
+        pytest.raises(anthropic.BadRequestError) as too_much,
+        client.messages.stream(model=ALIAS, max_tokens=32000, messages=ASK) as stream,  # type: ignore[arg-type]
+    ):
+        stream.get_final_message()
+    matched = SUM_EXCEEDS.match(too_much.value.body["error"]["message"])  # type: ignore[index]
+    assert matched is not None, too_much.value.body
+    prompt, max_tokens, limit = map(int, matched.groups())
+    assert (max_tokens, limit) == (32000, SMOLLM2_CONTEXT)
+    assert prompt == client.messages.count_tokens(model=ALIAS, messages=ASK).input_tokens  # type: ignore[arg-type]
+
+    with pytest.raises(anthropic.BadRequestError) as too_long:
+        client.messages.create(model=ALIAS, max_tokens=16, messages=LONG_PROMPT)  # type: ignore[arg-type]
+    matched = PROMPT_TOO_LONG.match(too_long.value.body["error"]["message"])  # type: ignore[index]
+    assert matched is not None, too_long.value.body
+    assert int(matched.group(1)) > SMOLLM2_CONTEXT and int(matched.group(2)) == SMOLLM2_CONTEXT
+
+
+def test_openai_paths_keep_vllms_context_wording(fleet: Fleet) -> None:
+    client = openai_client(fleet)
+    with pytest.raises(openai.BadRequestError) as raised:
+        client.chat.completions.create(model=ALIAS, messages=ASK, max_tokens=32000)  # type: ignore[arg-type]
+    assert raised.value.code == "context_length_exceeded"
+    assert raised.value.body["message"].startswith("This model's maximum context length is 8192 tokens.")  # type: ignore[index]

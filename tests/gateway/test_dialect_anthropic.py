@@ -442,6 +442,54 @@ async def test_neuron_429_is_a_rate_limit_error_with_retry_after(stack: Stack) -
             await stream.get_final_message()
 
 
+def neuron_refusal(code: str, message: str, **fields: Any) -> Reply:
+    """A neuron's 400 in OpenAI's envelope, with the structured fields it adds."""
+    detail = {"message": message, "type": "invalid_request_error", "code": code, **fields}
+    return Reply(status=400, error={"error": detail})
+
+
+VLLM_WORDING = "This model's maximum context length is 8192 tokens. However, you requested ..."
+
+
+@pytest.mark.parametrize(
+    ("fields", "expected"),
+    [
+        (
+            {"prompt_len": 3042, "max_tokens": 32000, "max": 8192},
+            "input length and `max_tokens` exceed context limit: 3042 + 32000 > 8192, "
+            "decrease input length or `max_tokens` and try again",
+        ),
+        (
+            {"prompt_len": 9000, "max_tokens": 10, "max": 8192},
+            "prompt is too long: 9000 tokens > 8192 maximum",
+        ),
+        ({}, VLLM_WORDING),  # an older neuron without the numbers: its own words, not a guess
+    ],
+)
+async def test_context_overflow_is_worded_as_anthropic_words_it(
+    stack: Stack, fields: dict[str, int], expected: str
+) -> None:
+    stack.upstream.reply = neuron_refusal("context_length_exceeded", VLLM_WORDING, **fields)
+    with pytest.raises(anthropic.BadRequestError) as raised:
+        await stack.sdk.messages.create(model=MODEL, max_tokens=8000, messages=USER)
+    assert raised.value.body["error"] == {"type": "invalid_request_error", "message": expected}  # type: ignore[index]
+    with pytest.raises(anthropic.BadRequestError) as streamed:
+        async with stack.sdk.messages.stream(model=MODEL, max_tokens=32000, messages=USER) as stream:
+            await stream.get_final_message()
+    assert streamed.value.body["error"]["message"] == expected  # type: ignore[index]
+
+
+@pytest.mark.parametrize(
+    ("param", "field"),
+    [("response_format", "output_config.format"), ("tool_choice", "tool_choice.type")],
+)
+async def test_refused_fields_are_named_as_the_caller_sent_them(stack: Stack, param: str, field: str) -> None:
+    stack.upstream.reply = neuron_refusal("unsupported_parameter", f"{param} is not supported", param=param)
+    with pytest.raises(anthropic.BadRequestError) as raised:
+        await stack.sdk.messages.create(model=MODEL, max_tokens=8, messages=USER)
+    assert raised.value.body["error"]["message"].startswith(field + ":")  # type: ignore[index]
+
+
 async def test_neuron_503_is_an_overloaded_error_and_not_repeated(stack: Stack) -> None:
     stack.upstream.reply = Reply(status=503, error={"error": {"message": "draining", "type": "api_error"}})
     with pytest.raises(anthropic.InternalServerError) as raised:

@@ -102,6 +102,12 @@ def test_prompt_filling_the_context_names_both_numbers() -> None:
     assert caught.value.extras == {"prompt_len": 120, "max": 100}
 
 
+def test_an_overflowing_max_tokens_is_carried_as_a_field() -> None:
+    with pytest.raises(ApiError) as caught:
+        run(SamplingRequest(max_tokens=500), prompt_tokens=10, max_context=100)
+    assert caught.value.extras == {"prompt_len": 10, "max_tokens": 500, "max": 100}
+
+
 def test_stop_strings_and_eos() -> None:
     resolved = run(SamplingRequest(stop="END"))
     assert resolved.stop_strings == ("END",)

@@ -21,6 +21,9 @@
      `error` event; a neuron keep-alive comment is passed on as a comment.
 4. A neuron's own error answer (4xx, or the last candidate's 5xx) keeps its status,
    message and Retry-After, in Anthropic's error shape, so SDKs raise their typed errors.
+   Where Anthropic has its own wording the message is reworded from the error's fields
+   (cortex_core.anthropic.errors): context overflows, and refused fields named as the
+   caller named them (`output_config.format`, `tool_choice.type`).
 
 The client's headers are forwarded like on the OpenAI routes, except `x-include-thinking`:
 on a neuron it moves reasoning into `content` between literal markers, which here would
@@ -52,6 +55,12 @@ from cortex_core.anthropic.convert import (
     count_tokens_request_to_chat,
     message_from_chat_completion,
     messages_request_to_chat,
+)
+from cortex_core.anthropic.errors import (
+    CONTEXT_LENGTH_EXCEEDED,
+    ContextOverflow,
+    context_limit_message,
+    unsupported_field_message,
 )
 from cortex_core.anthropic.messages import (
     CountTokensRequest,
@@ -111,6 +120,20 @@ class _ErrorDetail(msgspec.Struct):
     message: str = ""
     type: str | None = None
     code: str | None = None
+    param: str | None = None
+    # A context overflow's numbers (neuron/serving/params.py `context_exceeded`).
+    prompt_len: int | None = None
+    max_tokens: int | None = None
+    limit: int | None = msgspec.field(default=None, name="max")
+
+    def anthropic_message(self) -> str:
+        """The message in Anthropic's words where we know them (cortex_core.anthropic.errors),
+        else the neuron's own."""
+        if self.code == CONTEXT_LENGTH_EXCEEDED and self.prompt_len is not None and self.limit is not None:
+            return context_limit_message(ContextOverflow(self.prompt_len, self.max_tokens, self.limit))
+        if self.code == "unsupported_parameter":
+            return unsupported_field_message(self.param) or self.message
+        return self.message
 
 
 class _ErrorEnvelope(msgspec.Struct):
@@ -135,7 +158,9 @@ def upstream_error(status: int, body: bytes, retry_after: str | None, node: str)
     except (msgspec.DecodeError, msgspec.ValidationError):
         detail = None
     message = (
-        detail.message if detail is not None and detail.message else f"node '{node}' answered HTTP {status}"
+        detail.anthropic_message()
+        if detail is not None and detail.message
+        else f"node '{node}' answered HTTP {status}"
     )
     seconds: float | None = None
     if retry_after is not None:
@@ -204,7 +229,7 @@ class AnthropicSSETranslator:
             if error is not None:
                 return list(
                     self.converter.fail(
-                        error.message or "the node failed mid-stream",
+                        error.anthropic_message() or "the node failed mid-stream",
                         error_type=_anthropic_error_type(error.type),
                     )
                 )

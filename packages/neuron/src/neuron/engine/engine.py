@@ -158,6 +158,8 @@ class TorchEngine:
                 "shorten the prompt or lower max_tokens",
                 code="context_length_exceeded",
                 param="max_tokens",
+                # The numbers as fields too, for the gateway's Anthropic wording.
+                extras={"prompt_len": prompt, "max_tokens": max_new, "max": limit},
             )
         loop = asyncio.get_running_loop()
         stream = TokenStream(self, loop)

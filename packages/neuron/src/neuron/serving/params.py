@@ -150,7 +150,7 @@ def resolve(
 
     remaining = None if max_context is None else max_context - prompt_tokens
     if remaining is not None and remaining <= 0:
-        raise context_exceeded(max_context or 0, prompt_tokens, 0)
+        raise context_exceeded(max_context or 0, prompt_tokens, request.max_tokens)
     if request.max_tokens is not None:
         if request.max_tokens < 1:
             raise invalid(f"max_tokens must be at least 1, got {request.max_tokens}", "max_tokens")
@@ -173,14 +173,19 @@ def resolve(
     return ResolvedParams(sampling, max_new, _stop_strings(request.stop), eos_ids)
 
 
-def context_exceeded(max_context: int, prompt_tokens: int, max_tokens: int) -> ApiError:
+def context_exceeded(max_context: int, prompt_tokens: int, max_tokens: int | None) -> ApiError:
+    """vLLM's wording (what OpenAI clients know), with the numbers also as fields: the
+    gateway words them for Anthropic clients from `prompt_len`, `max_tokens` and `max`
+    (cortex_core.anthropic.errors) rather than parsing this text."""
     asked = f"{prompt_tokens} tokens in the prompt"
+    extras: dict[str, int] = {"prompt_len": prompt_tokens, "max": max_context}
     if max_tokens:
         asked += f" plus {max_tokens} requested completion tokens ({prompt_tokens + max_tokens} in total)"
+        extras["max_tokens"] = max_tokens
     return ApiError(
         400,
         f"This model's maximum context length is {max_context} tokens. However, you requested "
         f"{asked}. Please reduce the length of the messages or max_tokens.",
         code="context_length_exceeded",
-        extras={"prompt_len": prompt_tokens, "max": max_context},
+        extras=extras,
     )
