@@ -365,6 +365,39 @@ def test_unsupported_request_content_is_a_400_naming_the_field(
     assert err.value.anthropic_body()["error"]["type"] == "invalid_request_error"
 
 
+# Anthropic's own bounds (issue #18): refused as the Messages API refuses them, naming the field.
+OUT_OF_BOUNDS = [
+    pytest.param({"messages": []}, "messages", "at least one message", id="no-messages"),
+    pytest.param({"max_tokens": 0}, "max_tokens", "at least 1, got 0", id="max-tokens-0"),
+    pytest.param({"max_tokens": -5}, "max_tokens", "got -5", id="max-tokens-negative"),
+    pytest.param({"temperature": 1.5}, "temperature", "between 0 and 1, got 1.5", id="temperature-above-1"),
+    pytest.param({"temperature": -0.1}, "temperature", "got -0.1", id="temperature-negative"),
+    pytest.param({"top_p": 1.2}, "top_p", "between 0 and 1", id="top-p-above-1"),
+    pytest.param({"top_k": -1}, "top_k", "0 or more, got -1", id="top-k-negative"),
+]
+
+
+@pytest.mark.parametrize(("fields", "param", "fragment"), OUT_OF_BOUNDS)
+def test_values_outside_anthropics_bounds_are_a_400_naming_the_field(
+    fields: dict[str, Any], param: str, fragment: str
+) -> None:
+    with pytest.raises(ApiError) as err:
+        _convert({"messages": [_user("x")], **fields})
+    assert (err.value.status, err.value.param) == (400, param)
+    assert err.value.message.startswith(param + ": ") and fragment in err.value.message
+
+
+@pytest.mark.parametrize("fields", [{"temperature": 0}, {"temperature": 1}, {"top_k": 0}, {"max_tokens": 1}])
+def test_the_bounds_themselves_are_accepted(fields: dict[str, Any]) -> None:
+    assert _convert({"messages": [_user("x")], **fields})["messages"]
+
+
+def test_count_tokens_without_messages_is_a_400() -> None:
+    with pytest.raises(ApiError) as err:
+        count_tokens_request_to_chat(msgspec.convert({"model": "m", "messages": []}, CountTokensRequest))
+    assert err.value.param == "messages"
+
+
 def test_count_tokens_request_keeps_the_prompt_only() -> None:
     request = msgspec.convert(
         {"model": "m", "system": "s", "messages": [_user("x")], "tools": [{"name": "f", "input_schema": {}}]},

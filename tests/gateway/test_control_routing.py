@@ -297,6 +297,32 @@ async def test_unknown_route_is_404_in_openai_shape() -> None:
         response = await http.get("/v2/nothing")
     assert response.status_code == 404
     assert "/v2/nothing" in response.json()["error"]["message"]
+    assert "the API is under /v1" in response.json()["error"]["message"]
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "headers", "shape"),
+    [
+        ("GET", "/v1/files", {}, "openai"),
+        ("POST", "/v1/embeddings", {}, "openai"),
+        ("POST", "/v1/messages/batches", {}, "anthropic"),
+        ("GET", "/v1/files", {"anthropic-version": "2023-06-01"}, "anthropic"),
+    ],
+)
+async def test_unknown_route_under_v1_says_it_does_not_exist_in_the_callers_shape(
+    method: str, path: str, headers: dict[str, str], shape: str
+) -> None:
+    async with gateway([], CATALOGUE) as (_, http):
+        response = await http.request(method, path, headers=headers)
+    assert response.status_code == 404
+    body = response.json()
+    if shape == "anthropic":
+        assert body["type"] == "error" and body["error"]["type"] == "not_found_error"
+    else:
+        assert body["error"]["code"] == "not_found"
+    message = body["error"]["message"]
+    assert message.startswith(f"route {method} {path} does not exist")
+    assert "under /v1" not in message
 
 
 async def test_only_unreachable_upstreams_count_toward_the_circuit_breaker() -> None:

@@ -413,6 +413,29 @@ async def test_bad_body_names_the_field(stack: Stack) -> None:
     assert "max_tokens" in response.json()["error"]["message"]
 
 
+@pytest.mark.parametrize(
+    ("fields", "param"),
+    [
+        ({"messages": []}, "messages"),
+        ({"temperature": 1.5}, "temperature"),
+        ({"temperature": -0.5}, "temperature"),
+        ({"max_tokens": 0}, "max_tokens"),
+        ({"top_k": -1}, "top_k"),
+    ],
+)
+async def test_anthropic_bounds_are_a_400_before_anything_is_placed(
+    stack: Stack, fields: dict[str, Any], param: str
+) -> None:
+    request: dict[str, Any] = {"max_tokens": 8, "messages": USER, **fields}
+    # The current SDK no longer takes temperature or top_k as arguments; clients still send them.
+    sampling = {key: request.pop(key) for key in ("temperature", "top_k") if key in request}
+    with pytest.raises(anthropic.BadRequestError) as raised:
+        await stack.sdk.messages.create(model=MODEL, **request, extra_body=sampling)
+    assert raised.value.body["error"]["type"] == "invalid_request_error"  # type: ignore[index]
+    assert raised.value.body["error"]["message"].startswith(param + ": ")  # type: ignore[index]
+    assert stack.upstream.calls == []
+
+
 async def test_unsupported_server_tool_is_a_clear_400(stack: Stack) -> None:
     with pytest.raises(anthropic.BadRequestError) as raised:
         await stack.sdk.messages.create(

@@ -741,3 +741,24 @@ async def test_templating_and_tokenising_leave_the_event_loop_free(
         release.set()
         assert (await slow).status_code == 200
     assert quick.status_code == 200 and counted.status_code == 200
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "field"),
+    [
+        ("/v1/chat/completions", chat(response_format={"type": "json_object"}), "response_format"),
+        (
+            "/v1/responses",
+            {"model": "tiny", "input": "x", "text": {"format": {"type": "json_object"}}},
+            "text.format",
+        ),
+    ],
+)
+async def test_refusals_name_the_field_the_caller_sent(
+    harness: Harness, path: str, body: dict[str, Any], field: str
+) -> None:
+    async with harness.client() as client:
+        response = await client.post(path, json=body)
+    error = response.json()["error"]
+    assert response.status_code == 400 and error["param"] == field
+    assert error["message"].startswith(field + " ")

@@ -5,7 +5,8 @@ builds each piece from the config and hangs them on `app.state` (fleet, router, 
 proxy, metrics, neuron_client) so tests and `serve` can reach them.
 
 Errors: handlers raise `ApiError`; one exception handler renders it in the caller's dialect
-(Anthropic's shape under /v1/messages, OpenAI's everywhere else), with Retry-After.
+(Anthropic's shape under /v1/messages and for requests carrying `anthropic-version`,
+OpenAI's everywhere else), with Retry-After.
 """
 
 from __future__ import annotations
@@ -47,9 +48,22 @@ def json_response(value: object, status: int = 200, headers: dict[str, str] | No
     )
 
 
+def speaks_anthropic(request: Request) -> bool:
+    """Anthropic's dialect: its own routes, and any request its SDKs sent (they always send
+    `anthropic-version`), so that e.g. `GET /v1/models/{id}` fails in the shape they parse."""
+    return request.scope["path"].startswith("/v1/messages") or "anthropic-version" in request.headers
+
+
 def render_error(request: Request, error: ApiError) -> Response:
-    body = error.anthropic_body() if request.scope["path"].startswith("/v1/messages") else error.openai_body()
+    body = error.anthropic_body() if speaks_anthropic(request) else error.openai_body()
     return json_response(body, error.status, error.headers())
+
+
+def no_route_message(method: str, path: str) -> str:
+    """A 404's message: under /v1 the route does not exist; elsewhere, where the API is."""
+    if path.startswith("/v1/"):
+        return f"route {method} {path} does not exist (GET /v1/models lists the models)"
+    return f"no route {method} {path}; the API is under /v1 (GET /v1/models lists the models)"
 
 
 async def read_body(request: Request, limit: int) -> bytes:
@@ -179,7 +193,7 @@ def create_app(
     async def on_http_error(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, HTTPException)
         if exc.status_code == 404:
-            message = f"no route {request.method} {request.url.path}; the API is under /v1 (GET /v1/models lists models)"
+            message = no_route_message(request.method, request.url.path)
         elif exc.status_code == 405:
             message = f"method {request.method} is not allowed on {request.url.path}"
         else:

@@ -92,8 +92,28 @@ def _unsupported(path: str, what: str) -> ApiError:
 # --- request: Anthropic → OpenAI chat --------------------------------------------------------
 
 
+def check_messages_request(request: MessagesRequest | CountTokensRequest) -> None:
+    """Anthropic's own bounds, checked before anything is placed or loaded: a request the
+    Messages API would refuse is refused here too, with a 400 naming the field, rather than
+    being passed on to a sampler that would accept it (temperature 1.5 is valid in OpenAI's
+    dialect, not in Anthropic's)."""
+    if not request.messages:
+        raise bad_request("messages: at least one message is required", param="messages")
+    if not isinstance(request, MessagesRequest):
+        return
+    if request.max_tokens < 1:
+        raise bad_request(f"max_tokens: must be at least 1, got {request.max_tokens}", param="max_tokens")
+    for name, value in (("temperature", given(request.temperature)), ("top_p", given(request.top_p))):
+        if value is not None and not 0 <= value <= 1:
+            raise bad_request(f"{name}: must be between 0 and 1, got {value:g}", param=name)
+    top_k = given(request.top_k)
+    if top_k is not None and top_k < 0:
+        raise bad_request(f"top_k: must be 0 or more, got {top_k}", param="top_k")
+
+
 def messages_request_to_chat(request: MessagesRequest) -> ChatCompletionRequest:
     """The chat request that serves an Anthropic Messages request. Raises ApiError(400)."""
+    check_messages_request(request)
     chat = _prompt_to_chat(request)
     chat.max_tokens = request.max_tokens
     chat.temperature = request.temperature
@@ -111,6 +131,7 @@ def messages_request_to_chat(request: MessagesRequest) -> ChatCompletionRequest:
 
 def count_tokens_request_to_chat(request: CountTokensRequest) -> ChatCompletionRequest:
     """The chat request whose rendered prompt `/v1/messages/count_tokens` measures."""
+    check_messages_request(request)
     return _prompt_to_chat(request)
 
 

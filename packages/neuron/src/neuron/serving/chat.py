@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import secrets
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
+from types import MappingProxyType
 from typing import Any
 
 import msgspec
@@ -52,6 +53,8 @@ from neuron.serving.template import template_messages
 from neuron.serving.tools import ToolCallArguments, ToolCallStart
 
 INCLUDE_THINKING_HEADER = "x-include-thinking"
+# Refusals name chat fields as they are, unless a dialect served on the chat path renames them.
+CHAT_FIELDS: Mapping[str, str] = MappingProxyType({})
 
 
 def include_thinking(header_value: str | None) -> bool:
@@ -75,7 +78,9 @@ def enable_thinking_default(request: ChatCompletionRequest, fallback: bool | Non
     return fallback
 
 
-def check_supported(request: ChatCompletionRequest) -> None:
+def check_supported(request: ChatCompletionRequest, field_names: Mapping[str, str] = CHAT_FIELDS) -> None:
+    """Refuse what the engine cannot do; `field_names` names the fields as the caller's
+    dialect did (a Responses client sent `text.format`, not `response_format`)."""
     if given(request.logprobs) or given(request.top_logprobs):
         raise invalid("logprobs are not supported by this server", "logprobs", code="unsupported_parameter")
     if given(request.logit_bias):
@@ -90,9 +95,10 @@ def check_supported(request: ChatCompletionRequest) -> None:
         )
     response_format = given(request.response_format)
     if response_format is not None and not isinstance(response_format, ResponseFormatText):
+        name = field_names.get("response_format", "response_format")
         raise invalid(
-            "response_format json_object / json_schema (constrained decoding) is not supported",
-            "response_format",
+            f"{name} json_object / json_schema (constrained decoding) is not supported",
+            name,
             code="unsupported_parameter",
         )
     choice = given(request.tool_choice)
@@ -129,9 +135,11 @@ def prepare_chat(
     *,
     thinking: bool,
     enable_thinking: bool | None,
+    field_names: Mapping[str, str] = CHAT_FIELDS,
 ) -> Prepared:
-    """`thinking`: reasoning goes back into content inside its markers (x-include-thinking)."""
-    check_supported(request)
+    """`thinking`: reasoning goes back into content inside its markers (x-include-thinking);
+    `field_names`: see `check_supported`."""
+    check_supported(request, field_names)
     prompt = render_chat_prompt(model, request, enable_thinking=enable_thinking)
     # The template already wrote BOS and other specials, as transformers assumes.
     prompt_ids = model.encode(prompt, add_special_tokens=False)

@@ -12,8 +12,9 @@ from __future__ import annotations
 
 import secrets
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+from types import MappingProxyType
 
 from cortex_core.openai.chat import ChatCompletionRequest
 from cortex_core.openai.responses import Response, ResponsesRequest, ResponseStreamEvent
@@ -34,12 +35,18 @@ def new_response_id() -> str:
     return f"resp_{secrets.token_hex(12)}"
 
 
+# The chat fields a refusal may name, as the Responses client sent them.
+RESPONSES_FIELDS: Mapping[str, str] = MappingProxyType({"response_format": "text.format"})
+
+
 def prepare_responses(
     model: ServingModel, request: ResponsesRequest
 ) -> tuple[ChatCompletionRequest, Prepared]:
     chat = responses_request_to_chat(request)
     thinking = enable_thinking_default(chat, None)
-    return chat, prepare_chat(model, chat, thinking=False, enable_thinking=thinking)
+    return chat, prepare_chat(
+        model, chat, thinking=False, enable_thinking=thinking, field_names=RESPONSES_FIELDS
+    )
 
 
 @dataclass
