@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,7 +18,7 @@ import anthropic
 import httpx2
 import openai
 import pytest
-from support.processes import clean_env, free_port, neuron_serve, start
+from support.processes import Service, clean_env, free_port, neuron_serve, start
 from support.wording import PROMPT_TOO_LONG, SUM_EXCEEDS
 
 pytestmark = pytest.mark.slow
@@ -42,6 +42,8 @@ run_gateway(config, load_catalogue(Path(config.models_config)))
 class Fleet:
     gateway_url: str
     model_id: str
+    gateway: Service
+    neuron: Service
 
 
 @pytest.fixture(scope="module")
@@ -60,7 +62,7 @@ def fleet(tmp_path_factory: pytest.TempPathFactory, smollm2_dir: Path) -> Iterat
         f'[[neurons]]\nname = "local"\nendpoint = "http://127.0.0.1:{neuron_port}"\n\n'
         "[poller]\ninterval_secs = 0.2\n"
     )
-    with neuron_serve(work / "neuron.toml", neuron_port):
+    with neuron_serve(work / "neuron.toml", neuron_port) as neuron:
         gateway = start(
             "gateway",
             [sys.executable, "-c", GATEWAY_MAIN, str(work / "cortex.toml")],
@@ -76,7 +78,7 @@ def fleet(tmp_path_factory: pytest.TempPathFactory, smollm2_dir: Path) -> Iterat
                     return any(m["id"] == model_id and m.get("status", "loaded") == "loaded" for m in models)
 
                 gateway.wait_for(model_listed, "the model in /v1/models")
-            yield Fleet(gateway_url, model_id)
+            yield Fleet(gateway_url, model_id, gateway, neuron)
         finally:
             gateway.stop()
 
@@ -207,3 +209,17 @@ def test_openai_paths_keep_vllms_context_wording(fleet: Fleet) -> None:
         client.chat.completions.create(model=ALIAS, messages=ASK, max_tokens=32000)  # type: ignore[arg-type]
     assert raised.value.code == "context_length_exceeded"
     assert raised.value.body["message"].startswith("This model's maximum context length is 8192 tokens.")  # type: ignore[index]
+
+
+def test_one_request_id_from_the_sdk_through_both_processes_logs(fleet: Fleet) -> None:
+    message = anthropic_client(fleet).messages.create(model=ALIAS, max_tokens=4, messages=ASK)  # type: ignore[arg-type]
+    completion = openai_client(fleet).chat.completions.create(model=ALIAS, messages=ASK, max_tokens=4)  # type: ignore[arg-type]
+    for request_id in (message._request_id, completion._request_id):
+        assert request_id is not None and request_id.startswith("req_")
+        # Each process logs the request once its answer is sent: poll the logs, not a clock.
+        for service in (fleet.gateway, fleet.neuron):
+            service.wait_for(logs(service, request_id), f"{request_id} in the {service.name} log")
+
+
+def logs(service: Service, text: str) -> Callable[[], bool]:
+    return lambda: text in service.output()

@@ -459,6 +459,7 @@ async def test_neuron_429_is_a_rate_limit_error_with_retry_after(stack: Stack) -
     assert raised.value.body == {
         "type": "error",
         "error": {"type": "rate_limit_error", "message": "queue full"},
+        "request_id": raised.value.response.headers["request-id"],
     }
     with pytest.raises(anthropic.RateLimitError):
         async with stack.sdk.messages.stream(model=MODEL, max_tokens=8, messages=USER) as stream:
@@ -521,6 +522,7 @@ async def test_neuron_503_is_an_overloaded_error_and_not_repeated(stack: Stack) 
     assert raised.value.body == {
         "type": "error",
         "error": {"type": "overloaded_error", "message": "draining"},
+        "request_id": raised.value.response.headers["request-id"],
     }
     assert len(stack.upstream.calls) == 1  # it reached the neuron: never repeated there
 
@@ -541,6 +543,40 @@ async def test_unreachable_neuron_is_an_anthropic_shaped_503(stack: Stack) -> No
     assert response.json()["type"] == "error"
     assert response.json()["error"]["type"] == "overloaded_error"
     assert "retry-after" in response.headers
+
+
+# --- request ids ---------------------------------------------------------------------------
+
+
+def forwarded_request_id(stack: Stack) -> str | None:
+    headers = {name.lower(): value for name, value in stack.upstream.calls[-1].headers.items()}
+    return headers.get("x-request-id")
+
+
+async def test_every_answer_names_its_request_and_the_neuron_gets_the_same_id(stack: Stack) -> None:
+    stack.upstream.reply = Reply(TEXT)
+    message = await stack.sdk.messages.with_raw_response.create(model=MODEL, max_tokens=8, messages=USER)
+    request_id = message.headers["request-id"]
+    assert request_id.startswith("req_") and message.headers["x-request-id"] == request_id
+    assert forwarded_request_id(stack) == request_id
+    assert (await message.parse())._request_id == request_id
+
+    refused = await stack.http.post("/v1/messages", json={"model": MODEL, "max_tokens": 0, "messages": USER})
+    assert refused.json()["request_id"] == refused.headers["request-id"] != request_id
+    for path in ("/v1/models", "/v1/nothing", "/health"):
+        answer = await stack.http.get(path)
+        assert answer.headers["request-id"] == answer.headers["x-request-id"]
+
+
+async def test_a_callers_own_request_id_is_kept_end_to_end(stack: Stack) -> None:
+    stack.upstream.reply = Reply(TEXT)
+    response = await stack.http.post(
+        "/v1/messages",
+        json={"model": MODEL, "max_tokens": 8, "messages": USER},
+        headers={"x-request-id": "trace-42"},
+    )
+    assert response.headers["request-id"] == response.headers["x-request-id"] == "trace-42"
+    assert forwarded_request_id(stack) == "trace-42"
 
 
 # --- count_tokens and metrics ---------------------------------------------------------------

@@ -96,9 +96,13 @@ class ApiError(Exception):
         detail.update(self.extras)
         return {"error": detail}
 
-    def anthropic_body(self) -> dict[str, Any]:
+    def anthropic_body(self, request_id: str | None = None) -> dict[str, Any]:
+        """Anthropic's envelope; its API names the request in the body too (`request_id`)."""
         kind = _ANTHROPIC_TYPE_BY_STATUS.get(self.status, "api_error")
-        return {"type": "error", "error": {"type": kind, "message": self.message}}
+        body: dict[str, Any] = {"type": "error", "error": {"type": kind, "message": self.message}}
+        if request_id is not None:
+            body["request_id"] = request_id
+        return body
 
     def __repr__(self) -> str:
         return f"ApiError({self.status}, {self.message!r}, code={self.code!r})"

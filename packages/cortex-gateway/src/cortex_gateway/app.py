@@ -20,6 +20,7 @@ from time import perf_counter
 import msgspec
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
@@ -27,6 +28,7 @@ from starlette.routing import BaseRoute, Route
 from cortex_core.config.catalogue import ModelCatalogue
 from cortex_core.config.gateway import GatewayConfig
 from cortex_core.errors import ApiError, decode_json_body
+from cortex_core.request_id import RequestIdMiddleware, request_id_of
 from cortex_gateway import admin
 from cortex_gateway.admission import OPENAI_PATHS, admitted_model
 from cortex_gateway.dialects import anthropic
@@ -55,7 +57,10 @@ def speaks_anthropic(request: Request) -> bool:
 
 
 def render_error(request: Request, error: ApiError) -> Response:
-    body = error.anthropic_body() if speaks_anthropic(request) else error.openai_body()
+    if speaks_anthropic(request):
+        body = error.anthropic_body(request_id_of(request.scope))
+    else:
+        body = error.openai_body()
     return json_response(body, error.status, error.headers())
 
 
@@ -234,6 +239,7 @@ def create_app(
         routes=routes,
         lifespan=lifespan,
         exception_handlers={ApiError: on_api_error, HTTPException: on_http_error},
+        middleware=[Middleware(RequestIdMiddleware, logger=log)],
     )
     app.state.config = config
     app.state.catalogue = catalogue

@@ -20,6 +20,7 @@ from typing import Any
 import msgspec
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
@@ -36,6 +37,7 @@ from cortex_core.neuron_api import (
     UnloadResponse,
     VersionResponse,
 )
+from cortex_core.request_id import RequestIdMiddleware
 from neuron.discovery import HostProbe, host_memory_free_mb
 from neuron.manager import HARNESS, ModelManager
 from neuron.metrics import CONTENT_TYPE, NeuronMetrics
@@ -194,6 +196,8 @@ def create_app(
         routes=routes,
         lifespan=lifespan,
         exception_handlers={ApiError: on_api_error, HTTPException: on_http_error},
+        # The gateway's x-request-id is kept, so its log lines and ours name the same request.
+        middleware=[Middleware(RequestIdMiddleware, logger=log)],
     )
     app.state.manager = manager
     app.state.probe = probe

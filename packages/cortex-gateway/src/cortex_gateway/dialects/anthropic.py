@@ -71,6 +71,7 @@ from cortex_core.anthropic.messages import (
 from cortex_core.anthropic.stream import AnthropicStreamConverter
 from cortex_core.errors import ApiError, decode_json_body
 from cortex_core.openai.chat import ChatCompletion, ChatCompletionChunk, ChatCompletionRequest
+from cortex_core.request_id import request_id_of
 from cortex_core.sse import SSEDecoder, SSEMessage, encode_event
 from cortex_core.wire import given
 from cortex_gateway.proxy import (
@@ -262,9 +263,11 @@ class MessagesResponse(RelayResponse):
         started_at: float,
         *,
         stream: bool,
+        request_id: str | None = None,
     ) -> None:
         super().__init__(proxy, lease, CHAT_PATH, body, headers, started_at)
         self._streamed = stream
+        self._request_id = request_id
 
     async def _answer(
         self, send: Send, upstream: Upstream, response: aiohttp.ClientResponse, first: bytes
@@ -277,7 +280,7 @@ class MessagesResponse(RelayResponse):
             await self._convert_body(send, upstream, response, first)
 
     def _error_body(self, error: ApiError) -> dict[str, Any]:
-        return error.anthropic_body()
+        return error.anthropic_body(self._request_id)
 
     async def _read_rest(self, response: aiohttp.ClientResponse, first: bytes) -> bytes:
         rest = await response.content.read()
@@ -456,6 +459,7 @@ def routes(*, router: LeaseProvider, proxy: Proxy, read_body: ReadBody) -> list[
             forward_headers(request),
             received_at,
             stream=bool(parsed.stream),
+            request_id=request_id_of(request.scope),
         )
 
     async def count_tokens(request: Request) -> Response:
