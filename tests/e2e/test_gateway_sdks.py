@@ -223,3 +223,12 @@ def test_one_request_id_from_the_sdk_through_both_processes_logs(fleet: Fleet) -
 
 def logs(service: Service, text: str) -> Callable[[], bool]:
     return lambda: text in service.output()
+
+
+def test_models_retrieve_through_both_sdks_with_true_limits(fleet: Fleet) -> None:
+    model = openai_client(fleet).models.retrieve(ALIAS)
+    described = anthropic_client(fleet).models.retrieve(ALIAS)
+    assert model.id == described.id == ALIAS
+    assert model.model_extra is not None
+    # The most a request can get: the window less the one token its prompt needs at least.
+    assert model.model_extra["limit"] == {"context": 8192, "input": 8191, "output": 8191}

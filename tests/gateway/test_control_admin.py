@@ -3,8 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+from datetime import UTC, datetime
+from typing import Any
 
+import anthropic
+import httpx2
 import msgspec
+import openai
+import pytest
 from support.fake_neuron import FakeClock, FakeNeuron, gateway
 
 from cortex_core.config.catalogue import ModelCatalogue, ModelProfile
@@ -160,3 +166,87 @@ async def test_admin_unload_of_a_busy_model_is_409() -> None:
         assert a.unload_calls == []
         lease.release()
         assert (await http.post("/admin/models/unload", json={"model": "org/small"})).status_code == 200
+
+
+# --- GET /v1/models/{id} and Anthropic's Models API shapes ----------------------------------
+
+
+def sdks(app: Any) -> tuple[openai.AsyncOpenAI, anthropic.AsyncAnthropic]:
+    def http() -> httpx2.AsyncClient:
+        return httpx2.AsyncClient(transport=httpx2.ASGITransport(app=app), base_url="http://gateway")
+
+    return (
+        openai.AsyncOpenAI(base_url="http://gateway/v1", api_key="x", max_retries=0, http_client=http()),
+        anthropic.AsyncAnthropic(base_url="http://gateway", api_key="x", max_retries=0, http_client=http()),
+    )
+
+
+async def test_models_retrieve_through_both_sdks() -> None:
+    a = FakeNeuron("a", devices_mb=[24_000])
+    a.preload("org/small", 6_000)
+    async with gateway([a], CATALOGUE, clock=FakeClock(1_700_000_000)) as (app, _):
+        openai_sdk, anthropic_sdk = sdks(app)
+        async with openai_sdk, anthropic_sdk:
+            # A catalogue id has a slash, which the SDKs put in the path as it is.
+            model = await openai_sdk.models.retrieve("org/small")
+            alias = await openai_sdk.models.retrieve("small")
+            described = await anthropic_sdk.models.retrieve("org/small")
+            with pytest.raises(openai.NotFoundError) as openai_missing:
+                await openai_sdk.models.retrieve("org/nope")
+            with pytest.raises(anthropic.NotFoundError) as anthropic_missing:
+                await anthropic_sdk.models.retrieve("org/nope")
+    assert (model.id, model.object, model.created, model.owned_by) == (
+        "org/small",
+        "model",
+        1_700_000_000,
+        "cortex",
+    )
+    assert alias.id == "small" and alias.model_extra and alias.model_extra["alias_of"] == "org/small"
+    assert (described.type, described.id, described.display_name) == ("model", "org/small", "org/small")
+    assert described.created_at == datetime(2023, 11, 14, 22, 13, 20, tzinfo=UTC)
+    assert openai_missing.value.code == "model_not_found"
+    assert anthropic_missing.value.body["error"]["type"] == "not_found_error"  # type: ignore[index]
+    assert "'org/nope'" in anthropic_missing.value.body["error"]["message"]  # type: ignore[index]
+
+
+async def test_anthropic_sdk_lists_every_model_page_by_page() -> None:
+    async with gateway([FakeNeuron("a", devices_mb=[24_000])], CATALOGUE) as (app, http):
+        _, anthropic_sdk = sdks(app)
+        async with anthropic_sdk:
+            listed = [model.id async for model in anthropic_sdk.models.list(limit=2)]
+        openai_shape = (await http.get("/v1/models")).json()
+        bad_limit = await http.get("/v1/models?limit=0", headers={"anthropic-version": "2023-06-01"})
+    assert (
+        listed
+        == [entry["id"] for entry in openai_shape["data"]]
+        == ["org/pinned", "org/small", "org/tp", "small"]
+    )
+    assert openai_shape["object"] == "list" and "has_more" not in openai_shape
+    assert bad_limit.status_code == 400 and bad_limit.json()["error"]["message"].startswith("limit: ")
+
+
+def _listing(*ids: str) -> admin.ModelList:
+    return admin.ModelList(data=[admin._entry(model_id, 0, [], []) for model_id in ids])
+
+
+@pytest.mark.parametrize(
+    ("limit", "after", "before", "page", "more"),
+    [
+        (20, None, None, ["a", "b", "c", "d"], False),
+        (2, None, None, ["a", "b"], True),
+        (2, "b", None, ["c", "d"], False),
+        (1, "b", None, ["c"], True),
+        (2, None, "d", ["b", "c"], True),
+        (5, None, "b", ["a"], False),
+        (2, "zz", None, [], False),  # an unknown cursor: past the end
+    ],
+)
+def test_anthropic_pages(
+    limit: int, after: str | None, before: str | None, page: list[str], more: bool
+) -> None:
+    result = admin.anthropic_model_page(
+        _listing("a", "b", "c", "d"), limit=limit, after_id=after, before_id=before
+    )
+    assert [model.id for model in result.data] == page
+    assert result.has_more is more
+    assert (result.first_id, result.last_id) == ((page[0], page[-1]) if page else (None, None))

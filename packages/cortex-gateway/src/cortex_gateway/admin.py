@@ -4,13 +4,15 @@
   models with state, in-flight and last use). The CLI decodes it with these Structs; this
   module imports nothing heavy (msgspec, cortex_core config and neuron_api types only).
 - `GET /v1/models` → `ModelList` of `ModelEntry` (the OpenAI list shape plus where each model
-  is loaded and where it could be).
+  is loaded and where it could be); `GET /v1/models/{id}` → one `ModelEntry`. For Anthropic's
+  SDKs (`anthropic-version`): `AnthropicModelPage` of `AnthropicModel`, and one `AnthropicModel`.
 - `GET /health` → `FleetHealth`.
 - `POST /admin/models/load|unload` take `ModelAction` and answer `ModelActionResult`.
 """
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
 from typing import Literal
 
 import msgspec
@@ -146,6 +148,21 @@ def _entry(model_id: str, created: int, feasible_on: list[str], capabilities: li
 class ModelList(msgspec.Struct, kw_only=True):
     data: list[ModelEntry]
     object: str = "list"
+
+
+class AnthropicModel(msgspec.Struct, kw_only=True, tag_field="type", tag="model"):
+    """A model as Anthropic's Models API describes one (`anthropic.types.ModelInfo`)."""
+
+    id: str
+    display_name: str
+    created_at: str  # RFC 3339
+
+
+class AnthropicModelPage(msgspec.Struct, kw_only=True):
+    data: list[AnthropicModel]
+    has_more: bool
+    first_id: str | None
+    last_id: str | None
 
 
 class ModelAction(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
@@ -310,3 +327,41 @@ def model_list(snapshot: FleetSnapshot, catalogue: ModelCatalogue, now: float) -
                 capabilities=list(concrete.capabilities),
             )
     return ModelList(data=[entries[key] for key in sorted(entries)])
+
+
+def find_model(models: ModelList, model_id: str) -> ModelEntry | None:
+    """`GET /v1/models/{id}`: the entry of that id (an alias is its own entry)."""
+    return next((entry for entry in models.data if entry.id == model_id), None)
+
+
+def anthropic_model(entry: ModelEntry) -> AnthropicModel:
+    created = datetime.fromtimestamp(entry.created, tz=UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return AnthropicModel(id=entry.id, display_name=entry.id, created_at=created)
+
+
+def anthropic_model_page(
+    models: ModelList, *, limit: int, after_id: str | None = None, before_id: str | None = None
+) -> AnthropicModelPage:
+    """Anthropic's paginated list: `limit` entries after `after_id` (or before `before_id`).
+
+    An unknown cursor gives an empty page, as a cursor past the end would.
+    """
+    ids = [entry.id for entry in models.data]
+    entries = models.data
+    if after_id is not None:
+        entries = entries[ids.index(after_id) + 1 :] if after_id in ids else []
+        page = entries[:limit]
+        more = len(entries) > limit
+    elif before_id is not None:
+        entries = entries[: ids.index(before_id)] if before_id in ids else []
+        page = entries[-limit:] if limit else []
+        more = len(entries) > limit
+    else:
+        page = entries[:limit]
+        more = len(entries) > limit
+    return AnthropicModelPage(
+        data=[anthropic_model(entry) for entry in page],
+        has_more=more,
+        first_id=page[0].id if page else None,
+        last_id=page[-1].id if page else None,
+    )

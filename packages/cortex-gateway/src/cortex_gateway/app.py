@@ -64,6 +64,21 @@ def render_error(request: Request, error: ApiError) -> Response:
     return json_response(body, error.status, error.headers())
 
 
+# Anthropic's Models API pages 20 entries unless asked, and at most 1000.
+ANTHROPIC_PAGE_DEFAULT = 20
+ANTHROPIC_PAGE_MAX = 1000
+
+
+def page_limit(value: str | None) -> int:
+    if value is None:
+        return ANTHROPIC_PAGE_DEFAULT
+    if not value.isdigit() or not 1 <= int(value) <= ANTHROPIC_PAGE_MAX:
+        raise ApiError(
+            400, f"limit: must be an integer from 1 to {ANTHROPIC_PAGE_MAX}, got {value!r}", param="limit"
+        )
+    return int(value)
+
+
 def no_route_message(method: str, path: str) -> str:
     """A 404's message: under /v1 the route does not exist; elsewhere, where the API is."""
     if path.startswith("/v1/"):
@@ -160,7 +175,29 @@ def create_app(
         return await proxy.forward(request, body, lease, path, received_at=received_at)
 
     async def list_models(request: Request) -> Response:
-        return json_response(admin.model_list(fleet.snapshot(), catalogue, clock()))
+        models = admin.model_list(fleet.snapshot(), catalogue, clock())
+        if not speaks_anthropic(request):
+            return json_response(models)
+        query = request.query_params
+        page = admin.anthropic_model_page(
+            models,
+            limit=page_limit(query.get("limit")),
+            after_id=query.get("after_id"),
+            before_id=query.get("before_id"),
+        )
+        return json_response(page)
+
+    async def retrieve_model(request: Request) -> Response:
+        model_id = request.path_params["model_id"]
+        entry = admin.find_model(admin.model_list(fleet.snapshot(), catalogue, clock()), model_id)
+        if entry is None:
+            raise ApiError(
+                404,
+                f"model '{model_id}' does not exist on this gateway (GET /v1/models lists the models)",
+                code="model_not_found",
+                param="model",
+            )
+        return json_response(admin.anthropic_model(entry) if speaks_anthropic(request) else entry)
 
     async def health(request: Request) -> Response:
         return json_response(admin.fleet_health(fleet.snapshot()))
@@ -226,6 +263,8 @@ def create_app(
             router=router, proxy=proxy, read_body=lambda request: read_body(request, body_limit)
         ),
         Route("/v1/models", list_models, methods=["GET"]),
+        # `path`: catalogue ids are `org/name`, and the SDKs do not percent-encode the slash.
+        Route("/v1/models/{model_id:path}", retrieve_model, methods=["GET"]),
         Route("/health", health, methods=["GET"]),
         Route("/", health, methods=["GET"]),
         Route("/livez", livez, methods=["GET"]),

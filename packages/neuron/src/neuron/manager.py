@@ -46,6 +46,7 @@ from neuron.metrics import LiveReadings, NeuronMetrics
 from neuron.preflight import check_fit, required_bytes
 from neuron.prepare import ModelPreparer, Placement, PreparedModel
 from neuron.runtime import LoadedModel
+from neuron.serving.params import context_length
 from neuron.sources import effective_sources
 
 log = logging.getLogger(__name__)
@@ -268,9 +269,12 @@ class ModelManager:
         if loaded is not None:
             info.vram_used_mb = record.memory_bytes // MIB
             info.capabilities = list(loaded.capabilities)
-            context = loaded.served_context(getattr(loaded.hf_config, "max_position_embeddings", None))
+            # The window serving enforces (serving/model.py): the config's, capped by the K/V pool.
+            context = loaded.served_context(context_length(loaded.hf_config))
             if context is not None:
-                info.limit = ModelLimit(context=context, output=context)
+                # What one request can really get: a prompt takes at least one token of the
+                # window, and so does the answer (serving/params.py refuses anything more).
+                info.limit = ModelLimit(context=context, input=context - 1, output=context - 1)
             info.tool_call, info.reasoning = _capabilities(loaded)
             info.in_flight = loaded.engine.load().in_flight
         return info
