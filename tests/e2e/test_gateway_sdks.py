@@ -13,11 +13,13 @@ import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import anthropic
 import httpx2
 import openai
 import pytest
+from support.agent_bodies import AgentRequest, agent_request
 from support.processes import Service, clean_env, free_port, neuron_serve, start
 from support.wording import PROMPT_TOO_LONG, SUM_EXCEEDS
 
@@ -232,3 +234,82 @@ def test_models_retrieve_through_both_sdks_with_true_limits(fleet: Fleet) -> Non
     assert model.model_extra is not None
     # The most a request can get: the window less the one token its prompt needs at least.
     assert model.model_extra["limit"] == {"context": 8192, "input": 8191, "output": 8191}
+
+
+# --- requests captured from the real agents (tests/fixtures/agents) --------------------------
+
+
+def replay(fleet: Fleet, request: AgentRequest, **fields: Any) -> httpx2.Response:
+    """The agent's request as it sent it (method, path and query, headers), for our model."""
+    with httpx2.Client(base_url=fleet.gateway_url, timeout=300) as client:
+        body = request.with_body(model=ALIAS, **fields) if request.body is not None else None
+        return client.request(request.method, request.path, json=body, headers=request.headers)
+
+
+def sse_events(text: str) -> list[dict[str, Any]]:
+    return [json.loads(line[6:]) for line in text.splitlines() if line.startswith("data: ")]
+
+
+def test_claude_code_probe(fleet: Fleet) -> None:
+    probe = agent_request("claude-code-probe")
+    assert (probe.method, probe.path) == ("HEAD", "/")
+    response = replay(fleet, probe)
+    assert response.status_code == 200 and response.headers["request-id"]
+
+
+def test_claude_code_first_turn_gets_the_wording_it_retries_on(fleet: Fleet) -> None:
+    first = agent_request("claude-code-first-turn")
+    assert first.path == "/v1/messages?beta=true" and first.body is not None
+    assert first.body["max_tokens"] == 32000
+    response = replay(fleet, first)
+    assert response.status_code == 400
+    error = response.json()
+    assert error["type"] == "error" and error["request_id"] == response.headers["request-id"]
+    matched = SUM_EXCEEDS.match(error["error"]["message"])
+    assert matched is not None, error
+    prompt, max_tokens, limit = map(int, matched.groups())
+    assert (max_tokens, limit) == (32000, SMOLLM2_CONTEXT)
+    # count_tokens renders the same prompt as the request (tools and all), so the count an
+    # agent gets beforehand is the number the refusal names.
+    with httpx2.Client(base_url=fleet.gateway_url, timeout=120) as client:
+        counted = client.post(
+            "/v1/messages/count_tokens?beta=true", json=first.with_body(model=ALIAS), headers=first.headers
+        )
+    assert counted.status_code == 200 and counted.json() == {"input_tokens": prompt}
+
+
+@pytest.mark.parametrize("name", ["claude-code-retry", "claude-code-continuation"])
+def test_claude_code_turns_stream_an_answer(fleet: Fleet, name: str) -> None:
+    turn = agent_request(name)
+    # The agent's own max_tokens would let a 135M model ramble for minutes on a CPU.
+    response = replay(fleet, turn, max_tokens=12)
+    assert response.status_code == 200, response.text
+    assert response.headers["content-type"].startswith("text/event-stream")
+    events = sse_events(response.text)
+    kinds = [event["type"] for event in events]
+    assert kinds[0] == "message_start" and kinds[-2:] == ["message_delta", "message_stop"]
+    text = "".join(e["delta"]["text"] for e in events if e["type"] == "content_block_delta")
+    assert text.strip()
+    assert events[-2]["delta"]["stop_reason"] in ("end_turn", "max_tokens")
+    assert events[-2]["usage"]["output_tokens"] > 0
+
+
+def test_codex_turn_streams_a_response(fleet: Fleet) -> None:
+    turn = agent_request("codex-turn")
+    assert turn.path == "/v1/responses"
+    response = replay(fleet, turn, max_output_tokens=12)
+    assert response.status_code == 200, response.text
+    events = sse_events(response.text)
+    assert events[0]["type"] == "response.created"
+    final = events[-1]
+    assert final["type"] in ("response.completed", "response.incomplete")
+    texts = [
+        part["text"]
+        for item in final["response"]["output"]
+        if item["type"] == "message"
+        for part in item["content"]
+    ]
+    assert "".join(texts).strip()
+    # namespace and web_search tools were left out; the function tools were offered.
+    offered = {tool["name"] for tool in final["response"]["tools"]}
+    assert "exec_command" in offered and "multi_agent_v1" not in offered
