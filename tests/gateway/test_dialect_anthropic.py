@@ -579,6 +579,36 @@ async def test_a_callers_own_request_id_is_kept_end_to_end(stack: Stack) -> None
     assert forwarded_request_id(stack) == "trace-42"
 
 
+# --- clamp_max_tokens ----------------------------------------------------------------------
+
+
+async def test_clamp_max_tokens_is_asked_of_the_neuron_only_for_models_that_opt_in() -> None:
+    clamped = ModelProfile(id="org/clamped", clamp_max_tokens=True)
+    catalogue = ModelCatalogue([ModelProfile(id=MODEL), clamped], {})
+    async with ScriptedNeuron(Reply(TEXT, headers={"x-cortex-max-tokens-clamped": "4000"})) as upstream:
+        neuron = FakeNeuron(
+            "a", devices_mb=[24_000], endpoint="http://127.0.0.1:1", inference_url=upstream.base_url
+        )
+        neuron.preload(MODEL, 1_000)
+        neuron.preload(clamped.id, 1_000)
+        async with gateway([neuron], catalogue) as (_, http):
+            asked = {"x-cortex-clamp-max-tokens": "true"}  # a client cannot decide it
+            for model in (MODEL, clamped.id):
+                body = {"model": model, "max_tokens": 32000, "messages": USER}
+                for stream in (False, True):
+                    answer = await http.post("/v1/messages", json={**body, "stream": stream}, headers=asked)
+                    assert answer.headers["x-cortex-max-tokens-clamped"] == "4000"
+                relayed = await http.post(
+                    "/v1/chat/completions", json={"model": model, "messages": USER}, headers=asked
+                )
+                assert relayed.status_code == 200
+    sent = [
+        {k.lower(): v for k, v in call.headers.items()}.get("x-cortex-clamp-max-tokens")
+        for call in upstream.calls
+    ]
+    assert sent == [None, None, None, "true", "true", "true"]
+
+
 # --- count_tokens and metrics ---------------------------------------------------------------
 
 

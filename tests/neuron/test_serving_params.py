@@ -108,6 +108,28 @@ def test_an_overflowing_max_tokens_is_carried_as_a_field() -> None:
     assert caught.value.extras == {"prompt_len": 10, "max_tokens": 500, "max": 100}
 
 
+@pytest.mark.parametrize(
+    ("max_tokens", "prompt_tokens", "max_new", "clamped"),
+    [
+        (500, 10, 90, True),  # lowered to what the context leaves
+        (90, 10, 90, False),  # fits exactly: nothing to say
+        (20, 10, 20, False),
+        (None, 10, 90, False),  # no max_tokens: the rest of the context, as always
+    ],
+)
+def test_clamp_max_tokens_lowers_instead_of_refusing(
+    max_tokens: int | None, prompt_tokens: int, max_new: int, clamped: bool
+) -> None:
+    resolved = run(SamplingRequest(max_tokens=max_tokens), prompt_tokens=prompt_tokens, clamp_max_tokens=True)
+    assert (resolved.max_new_tokens, resolved.clamped) == (max_new, clamped)
+
+
+def test_clamping_cannot_make_room_for_a_prompt_that_fills_the_context() -> None:
+    with pytest.raises(ApiError) as caught:
+        run(SamplingRequest(max_tokens=5), prompt_tokens=100, clamp_max_tokens=True)
+    assert caught.value.code == "context_length_exceeded"
+
+
 def test_stop_strings_and_eos() -> None:
     resolved = run(SamplingRequest(stop="END"))
     assert resolved.stop_strings == ("END",)

@@ -762,3 +762,25 @@ async def test_refusals_name_the_field_the_caller_sent(
     error = response.json()["error"]
     assert response.status_code == 400 and error["param"] == field
     assert error["message"].startswith(field + " ")
+
+
+@pytest.mark.parametrize(
+    ("path", "body"),
+    [
+        ("/v1/chat/completions", chat(max_tokens=5000)),
+        ("/v1/chat/completions", chat(max_tokens=5000, stream=True)),
+        ("/v1/completions", {"model": "tiny", "prompt": "Hi", "max_tokens": 5000}),
+        ("/v1/responses", {"model": "tiny", "input": "Hi", "max_output_tokens": 5000}),
+    ],
+)
+async def test_clamp_header_lowers_max_tokens_and_says_so(
+    harness: Harness, path: str, body: dict[str, Any]
+) -> None:
+    harness.script("Paris.")
+    async with harness.client() as client:
+        refused = await client.post(path, json=body)
+        clamped = await client.post(path, json=body, headers={"x-cortex-clamp-max-tokens": "true"})
+    assert refused.status_code == 400 and refused.json()["error"]["code"] == "context_length_exceeded"
+    assert clamped.status_code == 200, clamped.text
+    used = int(clamped.headers["x-cortex-max-tokens-clamped"])
+    assert used == harness.engine.requests[-1].max_new_tokens < 5000

@@ -86,6 +86,8 @@ class Reply:
     # Streamed only: seconds before each frame, and a silence of (before frame index, seconds).
     delay: float = 0.0
     stall: tuple[int, float] | None = None
+    # Extra headers on a successful answer (e.g. the neuron's x-cortex-max-tokens-clamped).
+    headers: dict[str, str] = field(default_factory=dict)
 
     def usage(self) -> dict[str, Any]:
         produced = sum(1 for c in self.chunks if _carries_output(c))
@@ -190,13 +192,13 @@ class ScriptedNeuron(LoopbackServer):
         # Like a neuron, it names the model the request named.
         model = body["model"]
         if not body.get("stream"):
-            return web.json_response(fold_chunks(reply.chunks, reply.usage(), model))
+            return web.json_response(fold_chunks(reply.chunks, reply.usage(), model), headers=reply.headers)
         frames = [b"data: " + json.dumps({**c, "model": model}).encode() + b"\n\n" for c in reply.chunks]
         if (body.get("stream_options") or {}).get("include_usage"):
             usage_chunk = {**chunk({}), "choices": [], "usage": reply.usage()}
             frames.append(b"data: " + json.dumps(usage_chunk).encode() + b"\n\n")
         frames.append(b"data: [DONE]\n\n")
-        response = web.StreamResponse(headers={"content-type": "text/event-stream"})
+        response = web.StreamResponse(headers={"content-type": "text/event-stream", **reply.headers})
         await response.prepare(request)
         try:
             for index, frame in enumerate(frames):

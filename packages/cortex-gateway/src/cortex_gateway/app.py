@@ -172,7 +172,14 @@ def create_app(
         path = request.scope["path"]
         # Validated before placement: a request the neuron would refuse never loads or evicts.
         lease = await router.acquire(admitted_model(path, body))
-        return await proxy.forward(request, body, lease, path, received_at=received_at)
+        return await proxy.forward(
+            request,
+            body,
+            lease,
+            path,
+            received_at=received_at,
+            clamp_max_tokens=catalogue.clamps_max_tokens(lease.model_id),
+        )
 
     async def list_models(request: Request) -> Response:
         models = admin.model_list(fleet.snapshot(), catalogue, clock())
@@ -260,7 +267,10 @@ def create_app(
     routes: list[BaseRoute] = [
         *(Route(path, relay, methods=["POST"]) for path in OPENAI_PATHS),
         *anthropic.routes(
-            router=router, proxy=proxy, read_body=lambda request: read_body(request, body_limit)
+            router=router,
+            proxy=proxy,
+            read_body=lambda request: read_body(request, body_limit),
+            clamps_max_tokens=catalogue.clamps_max_tokens,
         ),
         Route("/v1/models", list_models, methods=["GET"]),
         # `path`: catalogue ids are `org/name`, and the SDKs do not percent-encode the slash.

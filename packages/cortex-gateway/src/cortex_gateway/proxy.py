@@ -48,6 +48,10 @@ from cortex_gateway.sse import Observer, StreamObserver, observer_for
 
 log = logging.getLogger(__name__)
 
+# Asks the neuron to lower an oversized max_tokens instead of refusing it; its answer names
+# the value used in MAX_TOKENS_CLAMPED_HEADER, which reaches the client.
+CLAMP_MAX_TOKENS_HEADER = "x-cortex-clamp-max-tokens"
+MAX_TOKENS_CLAMPED_HEADER = "x-cortex-max-tokens-clamped"
 # Never forwarded in either direction: hop-by-hop headers (RFC 9110 §7.6.1), and headers
 # the next hop computes itself. `accept-encoding` is replaced by identity so the gateway
 # can read usage from the body and relay each chunk the moment it arrives.
@@ -64,6 +68,8 @@ _REQUEST_HEADERS_DROPPED = frozenset(
         b"transfer-encoding",
         b"upgrade",
         b"accept-encoding",
+        # The catalogue decides this one (clamp_max_tokens), not the client.
+        CLAMP_MAX_TOKENS_HEADER.encode(),
     }
 )
 # hypercorn writes its own date and server headers and frames the body itself.
@@ -156,14 +162,19 @@ def rewrite_model(body: bytes, model_id: str) -> bytes:
     return msgspec.json.encode(document)
 
 
-def request_headers(raw: Iterable[tuple[bytes, bytes]]) -> list[tuple[str, str]]:
-    """Client headers to forward upstream (client auth and x-include-thinking included)."""
+def request_headers(
+    raw: Iterable[tuple[bytes, bytes]], *, clamp_max_tokens: bool = False
+) -> list[tuple[str, str]]:
+    """Client headers to forward upstream (client auth and x-include-thinking included), and
+    the catalogue's `clamp_max_tokens` for the model."""
     headers = [
         (name.decode("latin-1"), value.decode("latin-1"))
         for name, value in raw
         if name.lower() not in _REQUEST_HEADERS_DROPPED
     ]
     headers.append(("accept-encoding", "identity"))
+    if clamp_max_tokens:
+        headers.append((CLAMP_MAX_TOKENS_HEADER, "true"))
     return headers
 
 
@@ -210,7 +221,14 @@ class Proxy:
         return self._session
 
     async def forward(
-        self, request: Request, body: bytes, lease: Lease, endpoint: str, *, received_at: float | None = None
+        self,
+        request: Request,
+        body: bytes,
+        lease: Lease,
+        endpoint: str,
+        *,
+        received_at: float | None = None,
+        clamp_max_tokens: bool = False,
     ) -> Response:
         """The response that relays `body` to the lease's upstreams; it owns (releases) the lease.
 
@@ -220,7 +238,8 @@ class Proxy:
         started_at = received_at if received_at is not None else perf_counter()
         if lease.model_id != lease.requested_model:
             body = rewrite_model(body, lease.model_id)
-        return RelayResponse(self, lease, endpoint, body, request_headers(request.headers.raw), started_at)
+        headers = request_headers(request.headers.raw, clamp_max_tokens=clamp_max_tokens)
+        return RelayResponse(self, lease, endpoint, body, headers, started_at)
 
 
 class _Attempted(Exception):

@@ -27,6 +27,9 @@ class ModelProfile(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     residency_priority: int | None = None
     source: str | None = None
     capabilities: list[str] = msgspec.field(default_factory=list)
+    # Lower an oversized max_tokens to what the context leaves instead of refusing it
+    # (opt-in: a client that asked for more should normally hear so, docs/gateway.md).
+    clamp_max_tokens: bool = False
 
     @property
     def priority(self) -> int:
@@ -58,6 +61,10 @@ class ModelCatalogue:
 
     def resolve_alias(self, requested: str) -> str:
         return self.aliases.get(requested, requested)
+
+    def clamps_max_tokens(self, model_id: str) -> bool:
+        profile = self._by_id.get(model_id)
+        return profile is not None and profile.clamp_max_tokens
 
     def priority(self, model_id: str) -> int:
         """Unlisted residents get the default class, so they can never wedge a node."""

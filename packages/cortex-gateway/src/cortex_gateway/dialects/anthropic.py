@@ -75,6 +75,7 @@ from cortex_core.request_id import request_id_of
 from cortex_core.sse import SSEDecoder, SSEMessage, encode_event
 from cortex_core.wire import given
 from cortex_gateway.proxy import (
+    MAX_TOKENS_CLAMPED_HEADER,
     Proxy,
     RelayResponse,
     is_connect_failure,
@@ -331,7 +332,8 @@ class MessagesResponse(RelayResponse):
             return
         message = message_from_chat_completion(completion)
         self._status = 200
-        await send({"type": "http.response.start", "status": 200, "headers": _JSON_HEADERS})
+        headers = _JSON_HEADERS + _passed_on(response)
+        await send({"type": "http.response.start", "status": 200, "headers": headers})
         await send({"type": "http.response.body", "body": msgspec.json.encode(message)})
 
     async def _convert_stream(self, send: Send, response: aiohttp.ClientResponse, first: bytes) -> None:
@@ -340,7 +342,8 @@ class MessagesResponse(RelayResponse):
         translator = AnthropicSSETranslator()
         self._status = 200
         now = self._last_upstream_byte_at = perf_counter()
-        await send({"type": "http.response.start", "status": 200, "headers": _SSE_HEADERS})
+        headers = _SSE_HEADERS + _passed_on(response)
+        await send({"type": "http.response.start", "status": 200, "headers": headers})
         observer.feed(first, now)
         await _send_more(send, translator.feed(first))
         read = response.content.readany
@@ -363,6 +366,13 @@ class MessagesResponse(RelayResponse):
             await send({"type": "http.response.body", "body": translator.fail(reason), "more_body": False})
             return
         await send({"type": "http.response.body", "body": translator.close(), "more_body": False})
+
+
+def _passed_on(response: aiohttp.ClientResponse) -> list[tuple[bytes, bytes]]:
+    """The neuron's headers a converted answer keeps: only the one that says max_tokens was
+    lowered (the rest describe the OpenAI body, which the client does not get)."""
+    clamped = response.headers.get(MAX_TOKENS_CLAMPED_HEADER)
+    return [] if clamped is None else [(MAX_TOKENS_CLAMPED_HEADER.encode(), clamped.encode("latin-1"))]
 
 
 async def _send_more(send: Send, body: bytes) -> None:
@@ -420,11 +430,11 @@ _TOKEN_COUNT_DECODER = msgspec.json.Decoder(_TokenCount)
 # --- routes --------------------------------------------------------------------------------
 
 
-def forward_headers(request: Request) -> list[tuple[str, str]]:
+def forward_headers(request: Request, *, clamp_max_tokens: bool = False) -> list[tuple[str, str]]:
     """The client's headers for the neuron, as JSON, without `x-include-thinking` (module doc)."""
     headers = [
         (name, value)
-        for name, value in request_headers(request.headers.raw)
+        for name, value in request_headers(request.headers.raw, clamp_max_tokens=clamp_max_tokens)
         if name.lower() not in _NOT_FORWARDED
     ]
     headers.append(("content-type", "application/json"))
@@ -444,8 +454,15 @@ def upstream_body(chat: ChatCompletionRequest, lease: Lease, *, include_thinking
     return msgspec.json.encode(chat)
 
 
-def routes(*, router: LeaseProvider, proxy: Proxy, read_body: ReadBody) -> list[Route]:
-    """`/v1/messages` and `/v1/messages/count_tokens` over the app's router and proxy."""
+def routes(
+    *,
+    router: LeaseProvider,
+    proxy: Proxy,
+    read_body: ReadBody,
+    clamps_max_tokens: Callable[[str], bool] = lambda model_id: False,
+) -> list[Route]:
+    """`/v1/messages` and `/v1/messages/count_tokens` over the app's router and proxy;
+    `clamps_max_tokens(model_id)` is the catalogue's `clamp_max_tokens`."""
 
     async def create_message(request: Request) -> Response:
         received_at = perf_counter()
@@ -456,7 +473,7 @@ def routes(*, router: LeaseProvider, proxy: Proxy, read_body: ReadBody) -> list[
             proxy,
             lease,
             upstream_body(chat, lease, include_thinking=wants_thinking(request)),
-            forward_headers(request),
+            forward_headers(request, clamp_max_tokens=clamps_max_tokens(lease.model_id)),
             received_at,
             stream=bool(parsed.stream),
             request_id=request_id_of(request.scope),

@@ -53,12 +53,20 @@ from neuron.serving.template import template_messages
 from neuron.serving.tools import ToolCallArguments, ToolCallStart
 
 INCLUDE_THINKING_HEADER = "x-include-thinking"
+# Request: lower an oversized max_tokens instead of refusing it; response: the value used.
+CLAMP_MAX_TOKENS_HEADER = "x-cortex-clamp-max-tokens"
+MAX_TOKENS_CLAMPED_HEADER = "x-cortex-max-tokens-clamped"
 # Refusals name chat fields as they are, unless a dialect served on the chat path renames them.
 CHAT_FIELDS: Mapping[str, str] = MappingProxyType({})
 
 
-def include_thinking(header_value: str | None) -> bool:
+def header_flag(header_value: str | None) -> bool:
+    """A yes/no request header (`x-include-thinking`, `x-cortex-clamp-max-tokens`)."""
     return (header_value or "").strip().lower() in ("1", "true", "yes")
+
+
+def include_thinking(header_value: str | None) -> bool:
+    return header_flag(header_value)
 
 
 @dataclass
@@ -68,6 +76,14 @@ class Prepared:
     prompt: str
     generation: GenerationRequest
     processor: OutputProcessor
+    # The request's max_tokens was lowered to `generation.max_new_tokens` (clamp_max_tokens).
+    clamped: bool = False
+
+    def response_headers(self) -> dict[str, str]:
+        """Says so when max_tokens was lowered, with the value used (docs/gateway.md)."""
+        if not self.clamped:
+            return {}
+        return {MAX_TOKENS_CLAMPED_HEADER: str(self.generation.max_new_tokens)}
 
 
 def enable_thinking_default(request: ChatCompletionRequest, fallback: bool | None) -> bool | None:
@@ -136,6 +152,7 @@ def prepare_chat(
     thinking: bool,
     enable_thinking: bool | None,
     field_names: Mapping[str, str] = CHAT_FIELDS,
+    clamp: bool = False,
 ) -> Prepared:
     """`thinking`: reasoning goes back into content inside its markers (x-include-thinking);
     `field_names`: see `check_supported`."""
@@ -149,6 +166,7 @@ def prepare_chat(
         generation_config=model.loaded.generation_config,
         max_context=model.max_context,
         eos_ids=model.eos_ids,
+        clamp_max_tokens=clamp,
     )
     tools = msgspec.to_builtins(given(request.tools)) or []
     parse_tools = bool(tools) and given(request.tool_choice) != "none"
@@ -166,7 +184,7 @@ def prepare_chat(
         sampling=params.sampling,
         stop_token_ids=params.stop_token_ids,
     )
-    return Prepared(prompt, generation, processor)
+    return Prepared(prompt, generation, processor, clamped=params.clamped)
 
 
 def completion_usage(usage: Usage) -> CompletionUsage:

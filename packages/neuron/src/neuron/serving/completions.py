@@ -53,7 +53,7 @@ def prompt_ids(model: ServingModel, request: CompletionRequest) -> list[int]:
     return list(prompt)
 
 
-def prepare_completion(model: ServingModel, request: CompletionRequest) -> Prepared:
+def prepare_completion(model: ServingModel, request: CompletionRequest, *, clamp: bool = False) -> Prepared:
     check_supported(request)
     ids = prompt_ids(model, request)
     if not ids:
@@ -65,6 +65,7 @@ def prepare_completion(model: ServingModel, request: CompletionRequest) -> Prepa
         generation_config=model.loaded.generation_config,
         max_context=model.max_context,
         eos_ids=model.eos_ids,
+        clamp_max_tokens=clamp,
     )
     processor = OutputProcessor(model.detokenizer(), stop_strings=params.stop_strings)
     generation = GenerationRequest(
@@ -73,7 +74,7 @@ def prepare_completion(model: ServingModel, request: CompletionRequest) -> Prepa
         sampling=params.sampling,
         stop_token_ids=params.stop_token_ids,
     )
-    return Prepared("", generation, processor)
+    return Prepared("", generation, processor, clamped=params.clamped)
 
 
 @dataclass

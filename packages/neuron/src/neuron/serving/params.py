@@ -67,6 +67,8 @@ class ResolvedParams:
     max_new_tokens: int
     stop_strings: tuple[str, ...]
     stop_token_ids: frozenset[int]
+    # True when the request's max_tokens was lowered to what the context leaves.
+    clamped: bool = False
 
 
 def invalid(message: str, param: str, code: str = "invalid_parameter") -> ApiError:
@@ -118,7 +120,10 @@ def resolve(
     generation_config: Mapping[str, Any],
     max_context: int | None,
     eos_ids: frozenset[int],
+    clamp_max_tokens: bool = False,
 ) -> ResolvedParams:
+    """`clamp_max_tokens`: a max_tokens the context cannot hold is lowered to what it leaves
+    instead of refused (the model's `clamp_max_tokens` in models.toml, sent by the gateway)."""
     if request.n is not None and request.n != 1:
         raise invalid(f"n={request.n} is not supported: this server returns exactly one choice", "n")
     do_sample = generation_config.get("do_sample")
@@ -154,10 +159,12 @@ def resolve(
     if request.max_tokens is not None:
         if request.max_tokens < 1:
             raise invalid(f"max_tokens must be at least 1, got {request.max_tokens}", "max_tokens")
-        if remaining is not None and request.max_tokens > remaining:
+        clamped = clamp_max_tokens and remaining is not None and request.max_tokens > remaining
+        if remaining is not None and request.max_tokens > remaining and not clamped:
             raise context_exceeded(max_context or 0, prompt_tokens, request.max_tokens)
-        max_new = request.max_tokens
+        max_new = remaining if clamped and remaining is not None else request.max_tokens
     else:
+        clamped = False
         max_new = remaining if remaining is not None else 4096
 
     sampling = SamplingParams(
@@ -170,7 +177,7 @@ def resolve(
         frequency_penalty=frequency,
         seed=request.seed,
     )
-    return ResolvedParams(sampling, max_new, _stop_strings(request.stop), eos_ids)
+    return ResolvedParams(sampling, max_new, _stop_strings(request.stop), eos_ids, clamped=bool(clamped))
 
 
 def context_exceeded(max_context: int, prompt_tokens: int, max_tokens: int | None) -> ApiError:

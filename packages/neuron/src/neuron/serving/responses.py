@@ -40,12 +40,12 @@ RESPONSES_FIELDS: Mapping[str, str] = MappingProxyType({"response_format": "text
 
 
 def prepare_responses(
-    model: ServingModel, request: ResponsesRequest
+    model: ServingModel, request: ResponsesRequest, *, clamp: bool = False
 ) -> tuple[ChatCompletionRequest, Prepared]:
     chat = responses_request_to_chat(request)
     thinking = enable_thinking_default(chat, None)
     return chat, prepare_chat(
-        model, chat, thinking=False, enable_thinking=thinking, field_names=RESPONSES_FIELDS
+        model, chat, thinking=False, enable_thinking=thinking, field_names=RESPONSES_FIELDS, clamp=clamp
     )
 
 

@@ -31,11 +31,13 @@ from cortex_core.sse import encode_data, encode_event
 from cortex_core.wire import given
 from neuron.runtime import LoadedModel
 from neuron.serving.chat import (
+    CLAMP_MAX_TOKENS_HEADER,
     INCLUDE_THINKING_HEADER,
     ChatStreamProjector,
     Prepared,
     collect_chat_completion,
     enable_thinking_default,
+    header_flag,
     include_thinking,
     prepare_chat,
     render_chat_prompt,
@@ -128,6 +130,7 @@ async def open_stream(
     project: Callable[[OutputEvent], list[bytes]],
     tail: list[bytes],
     error_frame: Callable[[ApiError], bytes],
+    headers: dict[str, str] | None = None,
 ) -> Response:
     """The SSE response. `head` (the role chunk, response.created, ...) is built when the first
     output is ready, so it can carry what only the prefill knows (prompt and cached tokens);
@@ -164,7 +167,12 @@ async def open_stream(
         finally:
             await ticking.aclose()
 
-    return EventStreamResponse(body())
+    return EventStreamResponse(body(), headers)
+
+
+def clamp_requested(request: Request) -> bool:
+    """The gateway asks for it for models with `clamp_max_tokens = true` in models.toml."""
+    return header_flag(request.headers.get(CLAMP_MAX_TOKENS_HEADER))
 
 
 def chat_error_frame(error: ApiError) -> bytes:
@@ -199,13 +207,14 @@ def inference_routes(lookup: Callable[[str], LoadedModel], *, keepalive_secs: fl
                 project=project,
                 tail=[DONE_FRAME] if tail is None else tail,
                 error_frame=error_frame,
+                headers=prepared.response_headers(),
             )
         try:
             collected = await until_disconnect(request, collect(events))
         except ClientGone:
             log.info("client disconnected; generation cancelled")
             return Response(status_code=499)
-        return json_response(collect_into(collected))
+        return json_response(collect_into(collected), headers=prepared.response_headers())
 
     async def chat_completions(request: Request) -> Response:
         body = decode_json_body(await request.body(), ChatCompletionRequest)
@@ -215,7 +224,12 @@ def inference_routes(lookup: Callable[[str], LoadedModel], *, keepalive_secs: fl
         # is on only when the client asks for it, either way (neuron.md §13.8).
         enable = enable_thinking_default(body, thinking)
         prepared = await asyncio.to_thread(
-            prepare_chat, model, body, thinking=thinking, enable_thinking=enable
+            prepare_chat,
+            model,
+            body,
+            thinking=thinking,
+            enable_thinking=enable,
+            clamp=clamp_requested(request),
         )
         options = given(body.stream_options)
         continuous = bool(options and given(options.continuous_usage_stats))
@@ -237,7 +251,7 @@ def inference_routes(lookup: Callable[[str], LoadedModel], *, keepalive_secs: fl
     async def completions(request: Request) -> Response:
         body = decode_json_body(await request.body(), CompletionRequest)
         model = models.get(body.model)
-        prepared = await asyncio.to_thread(prepare_completion, model, body)
+        prepared = await asyncio.to_thread(prepare_completion, model, body, clamp=clamp_requested(request))
         options = given(body.stream_options)
         projector = CompletionStreamProjector(body.model, bool(options and given(options.include_usage)))
         return await run(
@@ -253,7 +267,9 @@ def inference_routes(lookup: Callable[[str], LoadedModel], *, keepalive_secs: fl
     async def responses(request: Request) -> Response:
         body = decode_json_body(await request.body(), ResponsesRequest)
         model = models.get(body.model)
-        chat, prepared = await asyncio.to_thread(prepare_responses, model, body)
+        chat, prepared = await asyncio.to_thread(
+            prepare_responses, model, body, clamp=clamp_requested(request)
+        )
         projector = ResponsesStreamProjector(body)
 
         def failed(error: ApiError) -> bytes:
