@@ -88,3 +88,9 @@ def bench_neuron(session: nox.Session) -> None:
 def gpu_check(session: nox.Session) -> None:
     """On a CUDA host: NCCL smoke, CUDA tests and the engine benchmark on the GPU (bench/gpu_check.py)."""
     session.run(PY, "bench/gpu_check.py", *session.posargs, env=TEST_ENV)
+
+
+@nox.session
+def agents(session: nox.Session) -> None:
+    """Claude Code and Codex, run for real against `cortex serve` (bench/agents.py); not in CI."""
+    session.run(PY, "bench/agents.py", *session.posargs)
