@@ -342,7 +342,8 @@ async def engine_scenarios(
         model, _ = await worker.run(load)
         caching = name == "conversations"
         config = engine_config(
-            max_batch_size=8 if name != "mixed" else 16,
+            # arrival: room for the long prompt beside the 8 streams, or it would wait for a slot.
+            max_batch_size=8 if name == "conversations" else 16,
             prefix_caching=caching,
             prefix_cache_entries=8 if caching else 0,
         )
