@@ -69,7 +69,7 @@ async def test_alias_rewrites_only_the_model() -> None:
     assert sent == REQUEST  # spliced: the client's formatting survives
 
 
-async def test_client_headers_forwarded_hop_by_hop_dropped() -> None:
+async def test_client_headers_forwarded_hop_by_hop_and_client_key_dropped() -> None:
     async with FakeUpstream() as upstream, in_process(relay_app(router_for(upstream))) as client:
         await client.post(
             "/v1/chat/completions",
@@ -85,7 +85,7 @@ async def test_client_headers_forwarded_hop_by_hop_dropped() -> None:
         )
     headers = {k.lower(): v for k, v in upstream.calls[0].headers.items()}
     assert headers["x-include-thinking"] == "true"
-    assert headers["authorization"] == "Bearer sk-client"
+    assert "authorization" not in headers  # the gateway key stays at the gateway
     assert headers["user-agent"] == "openai-python/9"
     assert headers["content-type"] == "application/json"
     assert headers["accept-encoding"] == "identity"

@@ -7,12 +7,14 @@ second on a workstation that has neither aiohttp nor the SDKs imported (or insta
 from __future__ import annotations
 
 import json
+import os
 import socket
 import urllib.error
 import urllib.request
 from typing import Any
 
 DEFAULT_ENDPOINT = "http://127.0.0.1:31313"
+API_KEY_ENV = "CORTEX_API_KEY"
 
 
 class CliError(Exception):
@@ -55,18 +57,24 @@ def _reason(exc: BaseException) -> str:
 
 
 class GatewayClient:
-    def __init__(self, endpoint: str = DEFAULT_ENDPOINT, *, timeout: float = 5.0) -> None:
+    """`api_key` defaults to $CORTEX_API_KEY (sent as `Authorization: Bearer`; none when unset)."""
+
+    def __init__(
+        self, endpoint: str = DEFAULT_ENDPOINT, *, timeout: float = 5.0, api_key: str | None = None
+    ) -> None:
         self.endpoint = endpoint.rstrip("/")
         self.timeout = timeout
+        key = api_key if api_key is not None else os.environ.get(API_KEY_ENV, "")
+        self._auth = {"authorization": f"Bearer {key.strip()}"} if key.strip() else {}
 
     def get(self, path: str) -> Any:
-        return self._send(urllib.request.Request(self.endpoint + path, method="GET"))
+        return self._send(urllib.request.Request(self.endpoint + path, headers=self._auth, method="GET"))
 
     def post(self, path: str, body: dict[str, Any], *, timeout: float | None = None) -> Any:
         request = urllib.request.Request(
             self.endpoint + path,
             data=json.dumps(body).encode(),
-            headers={"content-type": "application/json"},
+            headers={"content-type": "application/json", **self._auth},
             method="POST",
         )
         return self._send(request, timeout=timeout)

@@ -199,6 +199,164 @@ def _summary(verb: str, model: str, result: Any) -> str:
     return f"{model}: {verb}{where}"
 
 
+keys_file_option = click.option(
+    "-f",
+    "--file",
+    "keys_file",
+    type=click.Path(dir_okay=False, path_type=Path),
+    envvar="CORTEX_KEYS_FILE",
+    help="The keys file (env CORTEX_KEYS_FILE). Default: auth.keys_file of --config.",
+)
+keys_config_option = click.option(
+    "-c",
+    "--config",
+    type=click.Path(dir_okay=False, exists=True, path_type=Path),
+    envvar="CORTEX_CONFIG",
+    help="cortex.toml whose auth.keys_file to use (env CORTEX_CONFIG).",
+)
+
+
+def _keys_path(keys_file: Path | None, config: Path | None) -> Path:
+    if keys_file is not None:
+        return keys_file
+    if config is not None:
+        from cortex_core.config import ConfigError, load_gateway_config
+
+        try:
+            configured = load_gateway_config(config).auth.keys_file
+        except ConfigError as exc:
+            raise CliError(str(exc)) from exc
+        if configured:
+            return Path(configured)
+        raise CliError(f"{config} sets no auth.keys_file; add one, or pass --file")
+    raise CliError("which keys file? pass --file PATH or --config cortex.toml (with auth.keys_file)")
+
+
+@main.group()
+def keys() -> None:
+    """Create, list and revoke the gateway's API keys (the gateway reloads the file by itself)."""
+
+
+@keys.command("create")
+@click.argument("name")
+@click.option(
+    "--models",
+    "models_",
+    multiple=True,
+    help="Model glob the key may use (repeatable; default: every model).",
+)
+@click.option("--admin", is_flag=True, help="The key may also call /admin/* (cortex models load|unload).")
+@click.option("--concurrent", type=click.IntRange(0), default=0, help="Requests at once (0: no limit).")
+@click.option("--rpm", type=click.IntRange(0), default=0, help="Requests per minute (0: no limit).")
+@click.option("--tpm", type=click.IntRange(0), default=0, help="Tokens per minute (0: no limit).")
+@keys_file_option
+@keys_config_option
+@json_option
+def keys_create(
+    name: str,
+    models_: tuple[str, ...],
+    admin: bool,
+    concurrent: int,
+    rpm: int,
+    tpm: int,
+    keys_file: Path | None,
+    config: Path | None,
+    as_json: bool,
+) -> None:
+    """Create key NAME and print its secret, once: only a hash of it is stored."""
+    from cortex_core.keys import KeyLimits, KeysFile, KeysFileError, new_key, read_keys, write_keys
+
+    path = _keys_path(keys_file, config)
+    try:
+        current = read_keys(path)
+    except KeysFileError as exc:
+        raise CliError(str(exc)) from exc
+    if any(entry.name == name for entry in current.keys):
+        raise CliError(f"a key named {name!r} exists already in {path} (revoke it, or pick another name)")
+    try:
+        entry, secret = new_key(
+            name,
+            models=list(models_),
+            admin=admin,
+            limits=KeyLimits(concurrent=concurrent, requests_per_minute=rpm, tokens_per_minute=tpm),
+            taken_ids={e.id for e in current.keys},
+        )
+    except ValueError as exc:
+        raise CliError(str(exc)) from exc
+    write_keys(path, KeysFile(keys=[*current.keys, entry]))
+    if as_json:
+        emit_json({"name": name, "key": secret, "models": entry.models, "admin": admin, "file": str(path)})
+        return
+    click.echo(secret)
+    click.echo(f"cortex: key {name!r} written to {path}; this is the only time its secret is shown", err=True)
+
+
+@keys.command("list")
+@keys_file_option
+@keys_config_option
+@json_option
+def keys_list(keys_file: Path | None, config: Path | None, as_json: bool) -> None:
+    """The keys in the file: names, models, admin, limits (never secrets; the file has none)."""
+    from cortex_core.keys import KeysFileError, read_keys
+
+    path = _keys_path(keys_file, config)
+    try:
+        current = read_keys(path)
+    except KeysFileError as exc:
+        raise CliError(str(exc)) from exc
+    rows: list[dict[str, Any]] = [
+        {
+            "name": entry.name,
+            "id": entry.id,
+            "models": entry.models,
+            "admin": entry.admin,
+            "revoked": entry.revoked,
+            "concurrent": entry.limits.concurrent,
+            "requests_per_minute": entry.limits.requests_per_minute,
+            "tokens_per_minute": entry.limits.tokens_per_minute,
+            "created": entry.created,
+        }
+        for entry in current.keys
+    ]
+    if as_json:
+        emit_json(rows)
+        return
+    if not rows:
+        click.echo(f"no keys in {path} (cortex keys create NAME)")
+        return
+    for row in rows:
+        state = "revoked" if row["revoked"] else ("admin" if row["admin"] else "user")
+        limits = "/".join(
+            str(row[k] or "-") for k in ("concurrent", "requests_per_minute", "tokens_per_minute")
+        )
+        click.echo(
+            f"{row['name']:<20} {row['id']}  {state:<7}  models={','.join(row['models'])}  "
+            f"limits(conc/rpm/tpm)={limits}"
+        )
+
+
+@keys.command("revoke")
+@click.argument("name")
+@keys_file_option
+@keys_config_option
+def keys_revoke(name: str, keys_file: Path | None, config: Path | None) -> None:
+    """Revoke key NAME: the gateway refuses it from its next reload on (requests in flight finish)."""
+    import msgspec
+
+    from cortex_core.keys import KeysFile, KeysFileError, read_keys, write_keys
+
+    path = _keys_path(keys_file, config)
+    try:
+        current = read_keys(path)
+    except KeysFileError as exc:
+        raise CliError(str(exc)) from exc
+    if not any(entry.name == name for entry in current.keys):
+        raise CliError(f"no key named {name!r} in {path}")
+    revoked = [msgspec.structs.replace(e, revoked=True) if e.name == name else e for e in current.keys]
+    write_keys(path, KeysFile(keys=revoked))
+    click.echo(f"cortex: key {name!r} revoked in {path}", err=True)
+
+
 @main.command()
 @json_option
 def version(as_json: bool) -> None:

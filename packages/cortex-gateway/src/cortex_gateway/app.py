@@ -11,37 +11,56 @@ OpenAI's everywhere else), with Retry-After.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
+from pathlib import Path
 from time import perf_counter
 
 import msgspec
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
+from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
+from starlette.types import Scope
 
 from cortex_core.config.catalogue import ModelCatalogue
 from cortex_core.config.gateway import GatewayConfig
 from cortex_core.errors import ApiError, decode_json_body
 from cortex_core.request_id import RequestIdMiddleware, request_id_of
+from cortex_core.token import token_from_env
 from cortex_gateway import admin
 from cortex_gateway.admission import OPENAI_PATHS, admitted_model
+from cortex_gateway.auth import KeyStore, may_use
 from cortex_gateway.dialects import anthropic
 from cortex_gateway.effects import NeuronEffects
 from cortex_gateway.fleet import BreakerPolicy, FleetState, RecoveryPolicy
+from cortex_gateway.gate import AuthMiddleware, Gate, caller_of
 from cortex_gateway.metrics import GatewayMetrics
 from cortex_gateway.neuron_client import NeuronClient
 from cortex_gateway.placement import PlacementPolicy
 from cortex_gateway.poller import Poller
 from cortex_gateway.proxy import Proxy
+from cortex_gateway.quota import FairQueue, LimitBook
 from cortex_gateway.router import Router, RouterLimits
 
 log = logging.getLogger(__name__)
+
+# How often the keys file's stat is checked for a change (SIGHUP reloads at once).
+KEYS_CHECK_SECS = 2.0
+RETRY_AFTER_QUEUE_FULL_SECS = 1.0
+
+
+async def watch_keys(keys: KeyStore, interval_secs: float) -> None:
+    """Reload the keys file when it changes; a bad edit keeps the previous keys (KeyStore)."""
+    while True:
+        await asyncio.sleep(interval_secs)
+        keys.refresh()
 
 
 def json_response(value: object, status: int = 200, headers: dict[str, str] | None = None) -> Response:
@@ -51,14 +70,25 @@ def json_response(value: object, status: int = 200, headers: dict[str, str] | No
 
 
 def speaks_anthropic(request: Request) -> bool:
+    return scope_speaks_anthropic(request.scope)
+
+
+def scope_speaks_anthropic(scope: Scope) -> bool:
     """Anthropic's dialect: its own routes, and any request its SDKs sent (they always send
     `anthropic-version`), so that e.g. `GET /v1/models/{id}` fails in the shape they parse."""
-    return request.scope["path"].startswith("/v1/messages") or "anthropic-version" in request.headers
+    return scope["path"].startswith("/v1/messages") or any(
+        name == b"anthropic-version" for name, _ in scope["headers"]
+    )
 
 
 def render_error(request: Request, error: ApiError) -> Response:
-    if speaks_anthropic(request):
-        body = error.anthropic_body(request_id_of(request.scope))
+    return render_scope_error(request.scope, error)
+
+
+def render_scope_error(scope: Scope, error: ApiError) -> Response:
+    """`error` in the caller's dialect; the auth middleware renders its refusals with it too."""
+    if scope_speaks_anthropic(scope):
+        body = error.anthropic_body(request_id_of(scope))
     else:
         body = error.openai_body()
     return json_response(body, error.status, error.headers())
@@ -120,8 +150,9 @@ def create_app(
     extra_routes: list[BaseRoute] | None = None,
 ) -> Starlette:
     """The gateway app. `run_poller=False` leaves polling to the caller (`app.state.poller.poll_once()`)."""
+    token = token_from_env(config.auth.neuron_token_env, source="cortex.toml", key="auth.neuron_token_env")
     client = neuron_client or NeuronClient(
-        poll_timeout=config.poller.timeout_secs, load_timeout=config.router.load_timeout_secs
+        poll_timeout=config.poller.timeout_secs, load_timeout=config.router.load_timeout_secs, token=token
     )
     metrics = metrics or GatewayMetrics()
     fleet = FleetState(
@@ -162,8 +193,21 @@ def create_app(
         after_cycle=router.start_recoveries,
     )
     metrics.watch_fleet(fleet.snapshot)
-    proxy = Proxy(config.proxy, metrics)
+    proxy = Proxy(config.proxy, metrics, neuron_token=token)
     body_limit = config.gateway.max_body_bytes
+    keys = KeyStore(Path(config.auth.keys_file)) if config.auth.keys_file else None
+    gate = Gate(
+        router,
+        catalogue,
+        metrics,
+        keys=keys,
+        limits=LimitBook(clock),
+        queue=FairQueue(
+            config.router.max_concurrent_per_model,
+            config.router.max_waiting_per_model,
+            retry_after=RETRY_AFTER_QUEUE_FULL_SECS,
+        ),
+    )
 
     async def relay(request: Request) -> Response:
         received_at = perf_counter()
@@ -171,7 +215,7 @@ def create_app(
         # scope["path"], not request.url: the URL object costs a parse on every relayed request.
         path = request.scope["path"]
         # Validated before placement: a request the neuron would refuse never loads or evicts.
-        lease = await router.acquire(admitted_model(path, body))
+        lease = await gate.acquire(request.scope, admitted_model(path, body))
         return await proxy.forward(
             request,
             body,
@@ -181,8 +225,15 @@ def create_app(
             clamp_max_tokens=catalogue.clamps_max_tokens(lease.model_id),
         )
 
-    async def list_models(request: Request) -> Response:
+    def models_for(request: Request) -> admin.ModelList:
+        """The model list as the caller's key sees it: listing a model is how one learns it exists."""
         models = admin.model_list(fleet.snapshot(), catalogue, clock())
+        caller = caller_of(request.scope)
+        models.data = [e for e in models.data if may_use(caller, e.id, catalogue.resolve_alias(e.id))]
+        return models
+
+    async def list_models(request: Request) -> Response:
+        models = models_for(request)
         if not speaks_anthropic(request):
             return json_response(models)
         query = request.query_params
@@ -196,7 +247,7 @@ def create_app(
 
     async def retrieve_model(request: Request) -> Response:
         model_id = request.path_params["model_id"]
-        entry = admin.find_model(admin.model_list(fleet.snapshot(), catalogue, clock()), model_id)
+        entry = admin.find_model(models_for(request), model_id)
         if entry is None:
             raise ApiError(
                 404,
@@ -256,9 +307,13 @@ def create_app(
         await proxy.start()
         if run_poller:
             poller.start()
+        watcher = asyncio.create_task(watch_keys(keys, KEYS_CHECK_SECS)) if keys is not None else None
         try:
             yield
         finally:
+            if watcher is not None:
+                watcher.cancel()
+                await asyncio.gather(watcher, return_exceptions=True)
             await poller.stop()
             await router.close()
             await proxy.close()
@@ -267,7 +322,7 @@ def create_app(
     routes: list[BaseRoute] = [
         *(Route(path, relay, methods=["POST"]) for path in OPENAI_PATHS),
         *anthropic.routes(
-            router=router,
+            acquire=lambda request, model: gate.acquire(request.scope, model),
             proxy=proxy,
             read_body=lambda request: read_body(request, body_limit),
             clamps_max_tokens=catalogue.clamps_max_tokens,
@@ -284,11 +339,36 @@ def create_app(
         Route("/admin/models/unload", unload_model, methods=["POST"]),
         *(extra_routes or []),
     ]
+    # Outermost first: CORS answers preflights (which carry no key) and decorates every
+    # answer, the auth middleware's 401/403 included; the request id is given before the
+    # key is checked, so refusals carry one and the access log names it.
+    middleware = [
+        # The caller's x-request-id is kept (if sane), so both logs name the same request.
+        Middleware(RequestIdMiddleware, logger=log),
+        Middleware(AuthMiddleware, gate=gate, render=render_scope_error),
+    ]
+    if config.cors.allow_origins:
+        middleware.insert(
+            0,
+            Middleware(
+                CORSMiddleware,
+                allow_origins=config.cors.allow_origins,
+                allow_methods=["GET", "POST", "OPTIONS"],
+                allow_headers=[
+                    "authorization",
+                    "x-api-key",
+                    "content-type",
+                    "anthropic-version",
+                    "x-request-id",
+                ],
+                max_age=600,
+            ),
+        )
     app = Starlette(
         routes=routes,
+        middleware=middleware,
         lifespan=lifespan,
         exception_handlers={ApiError: on_api_error, HTTPException: on_http_error},
-        middleware=[Middleware(RequestIdMiddleware, logger=log)],
     )
     app.state.config = config
     app.state.catalogue = catalogue
@@ -299,4 +379,6 @@ def create_app(
     app.state.metrics = metrics
     app.state.neuron_client = client
     app.state.body_limit = body_limit
+    app.state.gate = gate
+    app.state.keys = keys
     return app

@@ -3,7 +3,8 @@
 Names keep the reference's (`cortex_requests_total`, `cortex_time_to_first_token_seconds`,
 `cortex_tokens_per_second`, ...) so existing dashboards carry over; docs/metrics.md lists
 every series. Labels are `model` (the concrete id, never the alias) and `node`, plus
-`status` on the per-status counter.
+`status` on the per-status counter; the `cortex_key_*` counters are by `key` (the key's
+name, never its secret) and `model`.
 
 The proxy reports each finished request as a `RequestOutcome`; `derive_timings` turns it
 into the observed quantities (a pure function, table-tested). The router reports cold
@@ -26,6 +27,7 @@ from cortex_gateway.sse import Observation
 MB = 1024 * 1024
 
 LABELS = ("model", "node")
+KEY_LABELS = ("key", "model")
 
 # The reference's buckets, with finer ones added at the fast end where a healthy
 # gateway on a LAN lives.
@@ -273,6 +275,16 @@ class GatewayMetrics:
             ("node",),
             registry=r,
         )
+        # By API key *name* (never the secret) and model: bounded by the keys file.
+        self.key_requests = Counter(
+            "cortex_key_requests_total", "Relayed requests by API key name.", KEY_LABELS, registry=r
+        )
+        self.key_prompt_tokens = Counter(
+            "cortex_key_prompt_tokens_total", "Prompt tokens by API key name.", KEY_LABELS, registry=r
+        )
+        self.key_completion_tokens = Counter(
+            "cortex_key_completion_tokens_total", "Completion tokens by API key name.", KEY_LABELS, registry=r
+        )
         self._targets: dict[tuple[str, str], TargetMetrics] = {}
 
     def target(self, model: str, node: str) -> TargetMetrics:
@@ -305,6 +317,13 @@ class GatewayMetrics:
             target.completion_tokens.inc(t.completion_tokens)
         if t.cached_tokens:
             target.cached_tokens.inc(t.cached_tokens)
+
+    def key_used(self, key: str, model: str, prompt_tokens: int, completion_tokens: int) -> None:
+        self.key_requests.labels(key, model).inc()
+        if prompt_tokens:
+            self.key_prompt_tokens.labels(key, model).inc(prompt_tokens)
+        if completion_tokens:
+            self.key_completion_tokens.labels(key, model).inc(completion_tokens)
 
     # ControlPlaneObserver (cortex_gateway.routing)
     def cold_start(self, model: str, node: str) -> None:

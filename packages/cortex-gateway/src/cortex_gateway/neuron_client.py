@@ -49,13 +49,16 @@ class HttpTransport(Protocol):
 class AiohttpTransport:
     """One pooled aiohttp session, created on first use (it must live on the running loop)."""
 
-    def __init__(self) -> None:
+    def __init__(self, token: str | None = None) -> None:
         self._session: aiohttp.ClientSession | None = None
+        self._headers = neuron_auth_headers(token)
 
     async def request(self, method: str, url: str, body: bytes | None) -> tuple[int, bytes]:
         if self._session is None:
             # Deadlines are the caller's (asyncio.timeout); none here.
-            self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=None))
+            self._session = aiohttp.ClientSession(
+                timeout=aiohttp.ClientTimeout(total=None), headers=self._headers
+            )
         headers = {"content-type": "application/json"} if body is not None else None
         async with self._session.request(method, url, data=body, headers=headers) as response:
             return response.status, await response.read()
@@ -64,6 +67,11 @@ class AiohttpTransport:
         if self._session is not None:
             await self._session.close()
             self._session = None
+
+
+def neuron_auth_headers(token: str | None) -> dict[str, str]:
+    """The header every call to a neuron carries when the fleet shares a token (auth.neuron_token_env)."""
+    return {"Authorization": f"Bearer {token}"} if token else {}
 
 
 def error_text(body: bytes) -> str:
@@ -128,8 +136,9 @@ class NeuronClient:
         poll_timeout: float = 5.0,
         load_timeout: float = 1800.0,
         unload_timeout: float = 120.0,
+        token: str | None = None,
     ) -> None:
-        self._transport = transport or AiohttpTransport()
+        self._transport = transport or AiohttpTransport(token)
         self.poll_timeout = poll_timeout
         self.load_timeout = load_timeout
         self.unload_timeout = unload_timeout

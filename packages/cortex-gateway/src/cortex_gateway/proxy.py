@@ -43,6 +43,7 @@ from starlette.types import Receive, Scope, Send
 from cortex_core.config.gateway import ProxySection
 from cortex_core.errors import ApiError
 from cortex_gateway.metrics import CLIENT_CLOSED, GatewayMetrics, RequestOutcome, TargetMetrics
+from cortex_gateway.neuron_client import neuron_auth_headers
 from cortex_gateway.routing import Lease, Upstream
 from cortex_gateway.sse import Observer, StreamObserver, observer_for
 
@@ -70,6 +71,10 @@ _REQUEST_HEADERS_DROPPED = frozenset(
         b"accept-encoding",
         # The catalogue decides this one (clamp_max_tokens), not the client.
         CLAMP_MAX_TOKENS_HEADER.encode(),
+        # The client's gateway key stays at the gateway: a neuron has its own token
+        # (auth.neuron_token_env), and a secret it never sees cannot end up in its logs.
+        b"authorization",
+        b"x-api-key",
     }
 )
 # hypercorn writes its own date and server headers and frames the body itself.
@@ -165,8 +170,8 @@ def rewrite_model(body: bytes, model_id: str) -> bytes:
 def request_headers(
     raw: Iterable[tuple[bytes, bytes]], *, clamp_max_tokens: bool = False
 ) -> list[tuple[str, str]]:
-    """Client headers to forward upstream (client auth and x-include-thinking included), and
-    the catalogue's `clamp_max_tokens` for the model."""
+    """Client headers to forward upstream (x-include-thinking included, the client's key not),
+    and the catalogue's `clamp_max_tokens` for the model."""
     headers = [
         (name.decode("latin-1"), value.decode("latin-1"))
         for name, value in raw
@@ -185,9 +190,12 @@ def response_headers(raw: Iterable[tuple[bytes, bytes]]) -> list[tuple[bytes, by
 class Proxy:
     """The data plane of one app: an aiohttp session (pooled connections) and the relay."""
 
-    def __init__(self, config: ProxySection, metrics: GatewayMetrics) -> None:
+    def __init__(
+        self, config: ProxySection, metrics: GatewayMetrics, *, neuron_token: str | None = None
+    ) -> None:
         self.config = config
         self.metrics = metrics
+        self._neuron_token = neuron_token
         self._session: aiohttp.ClientSession | None = None
 
     async def start(self) -> None:
@@ -207,6 +215,7 @@ class Proxy:
             # One session serves every client: a cookie one neuron answer sets must never ride
             # along on another client's request (and not parsing them is cheaper).
             cookie_jar=aiohttp.DummyCookieJar(),
+            headers=neuron_auth_headers(self._neuron_token),
         )
 
     async def close(self) -> None:
@@ -465,21 +474,25 @@ class RelayResponse(Response):
 
     def _finish(self, upstream: Upstream | None) -> None:
         lease = self._lease
-        lease.release()
         if self._target is not None:
             self._target.in_flight.dec()
         node = upstream.node if upstream is not None else (lease.current or lease.candidates[0]).node
-        observer = self._observer
-        outcome = RequestOutcome(
-            status=self._status,
-            started_at=self._started_at,
-            sent_at=self._sent_at,
-            last_upstream_byte_at=self._last_upstream_byte_at,
-            finished_at=perf_counter(),
-            error=self._error,
-            observation=observer.finish() if observer is not None else None,
-            cold_start=lease.cold_start,
-        )
+        try:
+            observer = self._observer
+            outcome = RequestOutcome(
+                status=self._status,
+                started_at=self._started_at,
+                sent_at=self._sent_at,
+                last_upstream_byte_at=self._last_upstream_byte_at,
+                finished_at=perf_counter(),
+                error=self._error,
+                observation=observer.finish() if observer is not None else None,
+                cold_start=lease.cold_start,
+            )
+            # Before the release, whose hooks (per-key accounting, the access log) read it.
+            lease.finished(node, outcome)
+        finally:
+            lease.release()
         self._proxy.metrics.record(lease.model_id, node, outcome)
 
 

@@ -24,9 +24,12 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from cortex_core.errors import ApiError
+
+if TYPE_CHECKING:
+    from cortex_gateway.metrics import RequestOutcome
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,6 +76,10 @@ class Lease:
         self._on_failure = on_failure
         self._current: Upstream | None = None
         self._released = False
+        self._release_hooks: list[Callable[[Lease], None]] = []
+        # Set by the proxy just before it releases the lease: how the request went.
+        self.outcome: RequestOutcome | None = None
+        self.node: str | None = None
 
     @property
     def current(self) -> Upstream | None:
@@ -105,6 +112,15 @@ class Lease:
         if self._on_failure is not None:
             self._on_failure(upstream, reason, unreachable)
 
+    def on_release(self, hook: Callable[[Lease], None]) -> None:
+        """Call `hook(lease)` once when the request is over (the app's per-key accounting)."""
+        self._release_hooks.append(hook)
+
+    def finished(self, node: str, outcome: RequestOutcome) -> None:
+        """The proxy's account of the request, for the release hooks to read."""
+        self.node = node
+        self.outcome = outcome
+
     def release(self) -> None:
         """The request is over; ends the in-flight count and stamps the model's last use."""
         if self._released:
@@ -112,6 +128,8 @@ class Lease:
         self._released = True
         if self._current is not None and self._on_done is not None:
             self._on_done(self._current)
+        for hook in self._release_hooks:
+            hook(self)
 
 
 class LeaseProvider(Protocol):

@@ -18,7 +18,7 @@ from starlette.applications import Starlette
 from starlette.routing import Mount
 
 from cortex_core.config.catalogue import ModelCatalogue
-from cortex_core.config.gateway import GatewayConfig
+from cortex_core.config.gateway import GatewayConfig, check_exposure
 from cortex_gateway.app import create_app
 
 log = logging.getLogger(__name__)
@@ -42,9 +42,20 @@ async def serve_gateway(
     shutdown_trigger: Callable[[], Awaitable[object]],
     app: Starlette | None = None,
 ) -> None:
-    """Run until `shutdown_trigger` returns. `app` defaults to `create_app(config, catalogue)`."""
+    """Run until `shutdown_trigger` returns. `app` defaults to `create_app(config, catalogue)`.
+
+    Refuses (ConfigError) to serve beyond loopback without keys unless the config allows
+    it. SIGHUP re-reads the keys file (when the loop runs in the main thread).
+    """
+    if check_exposure(config, "cortex.toml"):
+        log.warning(
+            "cortex gateway: listening on %s WITHOUT API keys (auth.allow_anonymous = true): anyone who "
+            "can reach it can use every model and the admin routes",
+            config.gateway.listen,
+        )
     app = app or create_app(config, catalogue)
     stop = asyncio.Event()
+    hangup = _reload_keys_on_sighup(app)
     # The exporter answers any path; a Starlette shell gives it lifespan handling.
     metrics_app = Starlette(routes=[Mount("/", app=app.state.metrics.asgi_app())])
 
@@ -68,6 +79,20 @@ async def serve_gateway(
     finally:
         stop.set()
         watcher.cancel()
+        if hangup:
+            asyncio.get_running_loop().remove_signal_handler(signal.SIGHUP)
+
+
+def _reload_keys_on_sighup(app: Starlette) -> bool:
+    """Install the SIGHUP handler; False where signals cannot be handled (not the main thread)."""
+    keys = app.state.keys
+    if keys is None:
+        return False
+    try:
+        asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, keys.reload)
+    except (ValueError, RuntimeError):  # not the main thread: the file watcher still reloads
+        return False
+    return True
 
 
 def run_gateway(config: GatewayConfig, catalogue: ModelCatalogue) -> None:

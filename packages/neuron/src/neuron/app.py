@@ -24,6 +24,7 @@ from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 import neuron
 from cortex_core.config.neuron import NeuronConfig
@@ -38,6 +39,7 @@ from cortex_core.neuron_api import (
     VersionResponse,
 )
 from cortex_core.request_id import RequestIdMiddleware
+from cortex_core.token import bearer_matches, token_from_env
 from neuron.discovery import HostProbe, host_memory_free_mb
 from neuron.manager import HARNESS, ModelManager
 from neuron.metrics import CONTENT_TYPE, NeuronMetrics
@@ -79,6 +81,34 @@ def default_serving_routes() -> ServingRoutes | None:
         return list(inference_routes(lookup, keepalive_secs=config.engine.keepalive_secs))
 
     return routes
+
+
+# Probes and scrapes stay open: systemd, load balancers and Prometheus do not hold the token.
+OPEN_PATHS = frozenset({"/health", "/livez", "/metrics"})
+
+
+class RequireToken:
+    """Refuses (401) every request without the gateway's token, except on `OPEN_PATHS`."""
+
+    def __init__(self, app: ASGIApp, token: str) -> None:
+        self._app = app
+        self._token = token
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if (
+            scope["type"] != "http"
+            or scope["path"] in OPEN_PATHS
+            or bearer_matches(scope["headers"], self._token)
+        ):
+            await self._app(scope, receive, send)
+            return
+        refusal = ApiError(
+            401,
+            "this neuron requires the fleet's token (Authorization: Bearer, see token_env in neuron.toml)",
+            type="authentication_error",
+            code="invalid_neuron_token",
+        )
+        await error_response(refusal)(scope, receive, send)
 
 
 def create_app(
@@ -192,12 +222,17 @@ def create_app(
             ApiError(exc.status_code, message, code="not_found" if exc.status_code == 404 else None)
         )
 
+    token = token_from_env(config.token_env, source="neuron.toml", key="token_env")
     app = Starlette(
         routes=routes,
         lifespan=lifespan,
         exception_handlers={ApiError: on_api_error, HTTPException: on_http_error},
-        # The gateway's x-request-id is kept, so its log lines and ours name the same request.
-        middleware=[Middleware(RequestIdMiddleware, logger=log)],
+        # The gateway's x-request-id is kept, so its log lines and ours name the same request;
+        # inside it, the fleet token (when configured), so refusals are named and logged too.
+        middleware=[
+            Middleware(RequestIdMiddleware, logger=log),
+            *([Middleware(RequireToken, token=token)] if token is not None else []),
+        ],
     )
     app.state.manager = manager
     app.state.probe = probe

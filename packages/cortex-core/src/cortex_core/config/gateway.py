@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -52,6 +53,10 @@ class EvictionSection(Strict):
 class RouterSection(Strict):
     # Requests waiting for one model to finish loading; one more is refused with 429.
     max_waiting_per_model: int = 64
+    # Requests relayed at once per model (0: no cap, the neurons queue). With a cap the
+    # gateway holds the rest, up to max_waiting_per_model, and serves them round-robin by
+    # key, so one caller's burst cannot starve the others.
+    max_concurrent_per_model: int = 0
     # How long a request waits for a cold load before a 503 with Retry-After.
     load_wait_secs: float = 600.0
     load_timeout_secs: float = 1800.0
@@ -79,6 +84,21 @@ class ProxySection(Strict):
     breaker_cooldown_secs: float = 10.0
 
 
+class AuthSection(Strict):
+    # The API keys (JSON, written by `cortex keys create`; docs/gateway.md). Reloaded when it
+    # changes and on SIGHUP. With keys, every API route needs one and /admin/* an admin key.
+    keys_file: str | None = None
+    # Without a keys file the gateway refuses to listen beyond loopback unless this is true.
+    allow_anonymous: bool = False
+    # NAME of the environment variable holding the token the neurons require (never the token).
+    neuron_token_env: str | None = None
+
+
+class CorsSection(Strict):
+    # Origins a browser may call the API from ("*": any); none by default.
+    allow_origins: list[str] = msgspec.field(default_factory=list)
+
+
 class GatewayConfig(Strict):
     gateway: GatewaySection = msgspec.field(default_factory=GatewaySection)
     neurons: list[NeuronEndpoint] = msgspec.field(default_factory=list)
@@ -87,6 +107,8 @@ class GatewayConfig(Strict):
     eviction: EvictionSection = msgspec.field(default_factory=EvictionSection)
     router: RouterSection = msgspec.field(default_factory=RouterSection)
     proxy: ProxySection = msgspec.field(default_factory=ProxySection)
+    auth: AuthSection = msgspec.field(default_factory=AuthSection)
+    cors: CorsSection = msgspec.field(default_factory=CorsSection)
 
 
 @dataclass(frozen=True)
@@ -122,6 +144,38 @@ def _validate(config: GatewayConfig, source: str) -> None:
         raise ConfigError(source, "must be at least 1", "poller.unhealthy_after")
     if config.proxy.max_attempts < 1:
         raise ConfigError(source, "must be at least 1", "proxy.max_attempts")
+    if config.router.max_concurrent_per_model < 0:
+        raise ConfigError(source, "must be 0 (no cap) or more", "router.max_concurrent_per_model")
+
+
+def check_exposure(config: GatewayConfig, source: str) -> bool:
+    """Whether serving `config` exposes the API without keys beyond loopback (allowed, to warn about).
+
+    Refuses (ConfigError) when it would and `auth.allow_anonymous` is not set: the config
+    still loads (the Rust era's files listen on 0.0.0.0), but the gateway does not serve it.
+    """
+    listen = parse_listen(config.gateway.listen, source=source, key="gateway.listen")
+    if config.auth.keys_file is not None or is_loopback(listen.host):
+        return False
+    if config.auth.allow_anonymous:
+        return True
+    raise ConfigError(
+        source,
+        f"listening on {config.gateway.listen} without API keys would open every model and the "
+        "admin routes to the network: set auth.keys_file (create keys with `cortex keys create`), "
+        "listen on 127.0.0.1, or set auth.allow_anonymous = true to accept that",
+        "gateway.listen",
+    )
+
+
+def is_loopback(host: str) -> bool:
+    """True for a loopback address or `localhost`; a name or a wildcard address is not."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def load_gateway_config(path: Path | None, *, env: Mapping[str, str] | None = None) -> GatewayConfig:
@@ -130,4 +184,5 @@ def load_gateway_config(path: Path | None, *, env: Mapping[str, str] | None = No
     source = str(path) if path else "environment"
     _validate(config, source)
     base = path.resolve().parent if path else None
-    return msgspec.structs.replace(config, models_config=resolve_path(config.models_config, base))
+    auth = msgspec.structs.replace(config.auth, keys_file=resolve_path(config.auth.keys_file, base))
+    return msgspec.structs.replace(config, models_config=resolve_path(config.models_config, base), auth=auth)

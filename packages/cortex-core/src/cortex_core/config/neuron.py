@@ -64,6 +64,9 @@ class NeuronConfig(Strict):
     # Seconds in-flight requests get to finish on SIGTERM before models are unloaded.
     drain_timeout_secs: float = 30.0
     engine: EngineConfig = msgspec.field(default_factory=EngineConfig)
+    # NAME of the environment variable holding the token the gateway sends (never the token
+    # itself). When set, every route but /health, /livez and /metrics requires it.
+    token_env: str | None = None
 
 
 def load_neuron_config(path: Path | None, *, env: Mapping[str, str] | None = None) -> NeuronConfig:

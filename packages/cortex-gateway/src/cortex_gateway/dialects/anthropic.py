@@ -83,7 +83,7 @@ from cortex_gateway.proxy import (
     request_headers,
     retry_plan,
 )
-from cortex_gateway.routing import Lease, LeaseProvider, Upstream
+from cortex_gateway.routing import Lease, Upstream
 from cortex_gateway.sse import BodyObserver, StreamObserver
 
 log = logging.getLogger(__name__)
@@ -113,6 +113,8 @@ _SSE_HEADERS = [
 _JSON_HEADERS = [(b"content-type", b"application/json")]
 
 ReadBody = Callable[[Request], Awaitable[bytes]]
+# The app's gate: a lease for the request's caller and model (keys, limits, fair share).
+Acquire = Callable[[Request, str], Awaitable[Lease]]
 
 
 # --- upstream error envelopes -------------------------------------------------------------
@@ -456,19 +458,19 @@ def upstream_body(chat: ChatCompletionRequest, lease: Lease, *, include_thinking
 
 def routes(
     *,
-    router: LeaseProvider,
+    acquire: Acquire,
     proxy: Proxy,
     read_body: ReadBody,
     clamps_max_tokens: Callable[[str], bool] = lambda model_id: False,
 ) -> list[Route]:
-    """`/v1/messages` and `/v1/messages/count_tokens` over the app's router and proxy;
+    """`/v1/messages` and `/v1/messages/count_tokens` over the app's gate and proxy;
     `clamps_max_tokens(model_id)` is the catalogue's `clamp_max_tokens`."""
 
     async def create_message(request: Request) -> Response:
         received_at = perf_counter()
         parsed = decode_json_body(await read_body(request), MessagesRequest)
         chat = messages_request_to_chat(parsed)
-        lease = await router.acquire(parsed.model)
+        lease = await acquire(request, parsed.model)
         return MessagesResponse(
             proxy,
             lease,
@@ -482,7 +484,7 @@ def routes(
     async def count_tokens(request: Request) -> Response:
         parsed = decode_json_body(await read_body(request), CountTokensRequest)
         chat = count_tokens_request_to_chat(parsed)
-        lease = await router.acquire(parsed.model)
+        lease = await acquire(request, parsed.model)
         try:
             body = upstream_body(chat, lease, include_thinking=wants_thinking(request))
             count = await count_on_replica(proxy, lease, body, forward_headers(request))
