@@ -129,10 +129,25 @@ class FairQueue:
 
     async def enter(self, model: str, key: str) -> None:
         """Return once the request holds one of `model`'s slots; pair with `leave(model)`."""
+        turn = self.join(model, key)
+        if turn is None:
+            return
+        try:
+            await turn
+        except asyncio.CancelledError:
+            if turn.done() and not turn.cancelled():
+                self.leave(model)  # granted as the client went away: pass the slot on
+            else:
+                self._forget(self._models[model], key, turn)
+            raise
+
+    def join(self, model: str, key: str) -> asyncio.Future[None] | None:
+        """Take a slot now (None) or queue behind `key`'s earlier requests: the future
+        completes when a slot is handed over. Raises 429 when the queue is full."""
         queue = self._models.setdefault(model, _ModelQueue())
         if queue.in_use < self._slots and not queue.count:
             queue.in_use += 1
-            return
+            return None
         if queue.count >= self._max_waiting:
             raise ApiError(
                 429,
@@ -145,14 +160,7 @@ class FairQueue:
         turn: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         queue.waiting.setdefault(key, deque()).append(turn)
         queue.count += 1
-        try:
-            await turn
-        except asyncio.CancelledError:
-            if turn.done() and not turn.cancelled():
-                self.leave(model)  # granted as the client went away: pass the slot on
-            else:
-                self._forget(queue, key, turn)
-            raise
+        return turn
 
     def leave(self, model: str) -> None:
         """A slot of `model` is free: hand it to the next key's oldest waiter, or give it back."""
