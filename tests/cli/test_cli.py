@@ -84,6 +84,7 @@ class FakeGateway(BaseHTTPRequestHandler):
     """Answers like the gateway's admin routes; records what it was sent."""
 
     received: ClassVar[list[tuple[str, Any]]] = []
+    authorizations: ClassVar[list[str | None]] = []
 
     def _reply(self, status: int, body: Any) -> None:
         payload = json.dumps(body).encode()
@@ -94,6 +95,7 @@ class FakeGateway(BaseHTTPRequestHandler):
         self.wfile.write(payload)
 
     def do_GET(self) -> None:
+        self.authorizations.append(self.headers.get("authorization"))
         if self.path == "/admin/fleet":
             self._reply(200, FLEET)
         elif self.path == "/v1/models":
@@ -104,6 +106,7 @@ class FakeGateway(BaseHTTPRequestHandler):
     def do_POST(self) -> None:
         body = json.loads(self.rfile.read(int(self.headers["content-length"])))
         self.received.append((self.path, body))
+        self.authorizations.append(self.headers.get("authorization"))
         if body.get("model") == "org/unknown":
             self._reply(
                 404, {"error": {"message": "model 'org/unknown' is not in the catalogue", "type": "x"}}
@@ -120,6 +123,7 @@ class FakeGateway(BaseHTTPRequestHandler):
 @pytest.fixture
 def gateway_url() -> Iterator[str]:
     FakeGateway.received = []
+    FakeGateway.authorizations = []
     server = ThreadingHTTPServer(("127.0.0.1", 0), FakeGateway)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
@@ -221,6 +225,19 @@ def test_status_json_is_the_gateway_answer(gateway_url: str) -> None:
 def test_status_endpoint_from_environment(gateway_url: str) -> None:
     result = CliRunner().invoke(main, ["status"], env={"CORTEX_ENDPOINT": gateway_url})
     assert result.exit_code == 0 and "gpu1" in result.output
+
+
+def test_status_and_models_send_the_api_key_from_the_environment(gateway_url: str) -> None:
+    env = {"CORTEX_ENDPOINT": gateway_url, "CORTEX_API_KEY": "cx-12345678-secret"}
+    for args in (["status"], ["models", "list"], ["models", "load", "Qwen/Qwen3-8B"]):
+        assert CliRunner().invoke(main, args, env=env).exit_code == 0
+    assert (
+        CliRunner()
+        .invoke(main, ["status"], env={"CORTEX_ENDPOINT": gateway_url, "CORTEX_API_KEY": ""})
+        .exit_code
+        == 0
+    )
+    assert FakeGateway.authorizations == ["Bearer cx-12345678-secret"] * 3 + [None]
 
 
 def test_status_against_nothing_is_one_line_and_exit_1(closed_port_url: str) -> None:

@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from cortex_core.config import load_catalogue, load_gateway_config, load_neuron_config
+from cortex_core.keys import read_keys
 
 ROOT = Path(__file__).resolve().parents[2]
 RPM_DIR = ROOT / "rpm"
@@ -80,6 +81,8 @@ def installed_root(rpms: dict[str, Path], tmp_path_factory: pytest.TempPathFacto
                 "/usr/lib/firewalld/services/cortex.xml",
                 "/etc/cortex/cortex.toml",
                 "/etc/cortex/models.toml",
+                "/etc/cortex/keys.json",
+                "/etc/cortex/fleet-token.env",
             ],
         ),
         (
@@ -91,6 +94,7 @@ def installed_root(rpms: dict[str, Path], tmp_path_factory: pytest.TempPathFacto
                 "/usr/lib/sysusers.d/neuron.conf",
                 "/usr/lib/firewalld/services/helexa-neuron.xml",
                 "/etc/neuron/neuron.toml",
+                "/etc/neuron/fleet-token.env",
             ],
         ),
     ],
@@ -151,6 +155,25 @@ def test_example_configs_load_with_our_loaders(installed_root: Path) -> None:
     assert all(catalogue.get(target) for target in catalogue.aliases.values())
     neuron = load_neuron_config(installed_root / "etc/neuron/neuron.toml", env={})
     assert neuron.port == 13131
+
+
+def test_the_packages_set_up_keys_and_the_fleet_token(rpms: dict[str, Path], installed_root: Path) -> None:
+    cortex = load_gateway_config(installed_root / "etc/cortex/cortex.toml", env={})
+    neuron = load_neuron_config(installed_root / "etc/neuron/neuron.toml", env={})
+    # Listening on 0.0.0.0 is allowed because there are keys, shipped empty (nobody gets in
+    # until `cortex keys create`).
+    assert cortex.auth.keys_file == str(installed_root / "etc/cortex/keys.json")
+    assert read_keys(Path(cortex.auth.keys_file)).keys == []
+    assert not cortex.auth.allow_anonymous
+    assert cortex.auth.neuron_token_env == neuron.token_env == "CORTEX_FLEET_TOKEN"
+    for unit, folder in (("cortex", "cortex"), ("neuron", "neuron")):
+        text = (installed_root / f"usr/lib/systemd/system/{unit}.service").read_text()
+        assert f"EnvironmentFile=-/etc/{folder}/fleet-token.env" in text
+    modes = query(rpms["cortex"], "--qf", "[%{FILENAMES} %{FILEMODES:perms} %{FILEGROUPNAME}\n]")
+    assert "/etc/cortex/keys.json -rw-r----- cortex" in modes
+    for name, own in (("cortex", "cortex"), ("helexa-neuron", "neuron")):
+        scripts = "\n".join(query(rpms[name], "--scripts"))
+        assert f"/etc/{own}/fleet-token.env" in scripts and "/dev/urandom" in scripts
 
 
 def test_firewalld_services(installed_root: Path) -> None:

@@ -57,14 +57,31 @@ async def test_round_robin_order_across_three_keys() -> None:
     assert order == ["A", "B", "C", "A", "C", "A"]
 
 
-async def test_a_cancelled_waiter_leaves_the_queue_and_a_full_queue_refuses() -> None:
+def observe_joins(queue: FairQueue, monkeypatch: pytest.MonkeyPatch) -> asyncio.Event:
+    """An event set each time a request joins the queue (clear it before the next one)."""
+    joined = asyncio.Event()
+    join = queue.join
+
+    def observed(model: str, key: str) -> asyncio.Future[None] | None:
+        turn = join(model, key)
+        joined.set()
+        return turn
+
+    monkeypatch.setattr(queue, "join", observed)
+    return joined
+
+
+async def test_a_cancelled_waiter_leaves_the_queue_and_a_full_queue_refuses(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     queue = FairQueue(1, max_waiting=2, retry_after=3)
     await queue.enter(MODEL, "A")
+    joined = observe_joins(queue, monkeypatch)
+    joined.clear()
     waiter = asyncio.ensure_future(queue.enter(MODEL, "B"))
+    await joined.wait()  # the waiter's task has queued itself
     second = queue.join(MODEL, "C")
     assert second is not None
-    while queue.waiting(MODEL) < 2:  # the waiter's task has queued itself
-        await asyncio.sleep(0)
     with pytest.raises(ApiError) as caught:
         queue.join(MODEL, "D")
     assert (caught.value.status, caught.value.retry_after) == (429, 3)
@@ -105,7 +122,9 @@ def test_limit_book_concurrency_rpm_and_tpm() -> None:
     assert book.in_flight("free") == 0  # nothing is kept for a key without limits
 
 
-async def test_the_gateway_serves_a_full_model_round_robin_by_key(tmp_path: Path) -> None:
+async def test_the_gateway_serves_a_full_model_round_robin_by_key(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     a_entry, a_secret = new_key("a")
     b_entry, b_secret = new_key("b")
     keys_file = tmp_path / "keys.json"
@@ -134,14 +153,14 @@ async def test_the_gateway_serves_a_full_model_round_robin_by_key(tmp_path: Path
                     )
                 )
 
-            queue: FairQueue = app.state.gate.queue
+            joined = observe_joins(app.state.gate.queue, monkeypatch)
             first = send(a_secret, "a1")
             await asyncio.wait_for(upstream.called.wait(), 10)  # a1 holds the only slot
             sent = [first]
             for secret, tag in ((a_secret, "a2"), (a_secret, "a3"), (a_secret, "a4"), (b_secret, "b1")):
+                joined.clear()
                 sent.append(send(secret, tag))
-                while queue.waiting(MODEL) < len(sent) - 1:  # in the queue before the next is sent
-                    await asyncio.sleep(0)
+                await asyncio.wait_for(joined.wait(), 10)  # queued before the next is sent
             release.set()
             responses = await asyncio.wait_for(asyncio.gather(*sent), 10)
     assert all(r.status_code == 200 for r in responses)  # type: ignore[attr-defined]

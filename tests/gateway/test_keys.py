@@ -66,7 +66,7 @@ def test_a_ring_authenticates_only_a_valid_unrevoked_secret() -> None:
     gone, gone_secret = new_key("gone")
     ring = KeyRing.of(KeysFile(keys=[good, msgspec.structs.replace(gone, revoked=True)]))
     forged = secret[:-4] + ("AAAA" if not secret.endswith("AAAA") else "BBBB")  # right id, wrong secret
-    unknown, unknown_secret = new_key("elsewhere")
+    _unknown, unknown_secret = new_key("elsewhere")
     cases: list[tuple[str | None, str | None]] = [
         (None, "missing_api_key"),
         ("", "invalid_api_key"),
@@ -299,7 +299,7 @@ async def test_a_broken_keys_file_keeps_the_previous_keys(tmp_path: Path) -> Non
 
 async def test_cors_preflight_is_answered_for_configured_origins_only(tmp_path: Path) -> None:
     async with keyed_gateway(tmp_path, cors={"allow_origins": ["https://app.example"]}) as (
-        keys,
+        _keys,
         _u,
         _a,
         http,

@@ -115,14 +115,28 @@ def read_keys(path: Path) -> KeysFile:
 
 
 def write_keys(path: Path, keys: KeysFile) -> None:
-    """Replace the file atomically (a reader sees the old or the new file, never half of one), mode 0600."""
+    """Replace the file atomically (a reader sees the old or the new file, never half of one).
+
+    A new file is private to its writer (0600). An existing file keeps its mode and owners,
+    so a file the package made readable to the gateway's group (0640 root:cortex) stays so
+    when root rewrites it.
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
     text = msgspec.json.format(msgspec.json.encode(keys), indent=2) + b"\n"
+    try:
+        existing: os.stat_result | None = path.stat()
+    except FileNotFoundError:
+        existing = None
     fd, temporary = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as handle:
             handle.write(text)
-        os.chmod(temporary, 0o600)
+        if existing is None:
+            os.chmod(temporary, 0o600)
+        else:
+            os.chmod(temporary, existing.st_mode & 0o777)
+            if (existing.st_uid, existing.st_gid) != (os.geteuid(), os.getegid()):
+                os.chown(temporary, existing.st_uid, existing.st_gid)
         os.replace(temporary, path)
     except BaseException:
         Path(temporary).unlink(missing_ok=True)
