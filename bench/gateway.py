@@ -8,6 +8,9 @@ Targets, each a hypercorn server in its own process:
   relay   a bare Starlette relay (aiohttp client + StreamingResponse): the floor for a Python relay
   proxy   cortex's Proxy behind a minimal Starlette app and a fixed router (the data plane alone)
   cortex  the real gateway app (`create_app`) with a static one-node fleet pointing at the fake
+  keyed   the same with a keys file (`[auth] keys_file`), every request carrying a key: the
+          added cost of authentication, entitlement and per-key accounting (`--targets
+          direct,cortex,keyed` compares them alone)
 
 Each target is measured streaming (20 SSE chunks) and not (one JSON body), with 1 and 32
 concurrent clients. Noise from other work on the machine is spread over the targets
@@ -233,7 +236,7 @@ def proxy_only_app(upstream: str) -> Any:
     return Starlette(routes=[Route("/v1/chat/completions", handle, methods=["POST"])], lifespan=lifespan)
 
 
-def cortex_app(upstream: str, workdir: Path) -> Any:
+def cortex_app(upstream: str, workdir: Path, keys_file: str | None = None) -> Any:
     """The real gateway from its factory, with cortex.toml/models.toml naming one neuron and one model."""
     from cortex_core.config import load_catalogue, load_gateway_config
     from cortex_gateway.app import create_app
@@ -241,9 +244,10 @@ def cortex_app(upstream: str, workdir: Path) -> Any:
     (workdir / "models.toml").write_text(
         f'[[models]]\nid = "{MODEL}"\nvram_mb = 1\n\n[aliases]\n{ALIAS} = "{MODEL}"\n', encoding="utf-8"
     )
+    auth = f'[auth]\nkeys_file = "{keys_file}"\n\n' if keys_file else ""
     (workdir / "cortex.toml").write_text(
         'models_config = "models.toml"\n\n[poller]\ninterval_secs = 1.0\n\n'
-        f'[[neurons]]\nname = "bench"\nendpoint = "{upstream}"\n',
+        f'{auth}[[neurons]]\nname = "bench"\nendpoint = "{upstream}"\n',
         encoding="utf-8",
     )
     config = load_gateway_config(workdir / "cortex.toml")
@@ -251,7 +255,7 @@ def cortex_app(upstream: str, workdir: Path) -> Any:
     return create_app(config, load_catalogue(Path(config.models_config)))
 
 
-def serve_role(role: str, port: int, upstream: str, cpu: int | None) -> None:
+def serve_role(role: str, port: int, upstream: str, cpu: int | None, keys_file: str | None) -> None:
     """Child process: serve one target on 127.0.0.1:port until killed."""
     import logging
 
@@ -270,6 +274,8 @@ def serve_role(role: str, port: int, upstream: str, cpu: int | None) -> None:
             app = proxy_only_app(upstream)
         elif role == "cortex":
             app = cortex_app(upstream, Path(tmp))
+        elif role == "keyed":
+            app = cortex_app(upstream, Path(tmp), keys_file)
         else:
             raise SystemExit(f"unknown role {role!r}")
         config = Config()
@@ -319,15 +325,16 @@ def request_body(stream: bool, model: str) -> bytes:
 class Client:
     """One pooled aiohttp session per target, kept for the whole run (warm connections)."""
 
-    def __init__(self, url: str, max_clients: int) -> None:
+    def __init__(self, url: str, max_clients: int, api_key: str | None = None) -> None:
         import aiohttp
 
         self.url = url
         self.session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=max_clients))
+        self.headers = {**JSON, "authorization": f"Bearer {api_key}"} if api_key else JSON
 
     async def one(self, body: bytes) -> float | None:
         t0 = time.perf_counter()
-        async with self.session.post(self.url, data=body, headers=JSON) as response:
+        async with self.session.post(self.url, data=body, headers=self.headers) as response:
             await response.read()
             ok = response.status == 200
         return time.perf_counter() - t0 if ok else None
@@ -399,16 +406,15 @@ def free_port() -> int:
         return port
 
 
-async def wait_ready(url: str, body: bytes, patience_secs: float = 60.0) -> None:
+async def wait_ready(url: str, body: bytes, api_key: str | None = None, patience_secs: float = 60.0) -> None:
     import aiohttp
 
     deadline = time.monotonic() + patience_secs
+    headers = {**JSON, "authorization": f"Bearer {api_key}"} if api_key else JSON
     async with aiohttp.ClientSession() as session:
         while True:
             try:
-                async with session.post(
-                    url, data=body, headers={"content-type": "application/json"}
-                ) as response:
+                async with session.post(url, data=body, headers=headers) as response:
                     await response.read()
                     if response.status == 200:
                         return
@@ -435,15 +441,16 @@ def main() -> None:
     )
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--clients", default="1,32")
-    parser.add_argument("--targets", default="direct,relay,proxy,cortex")
+    parser.add_argument("--targets", default="direct,relay,proxy,cortex,keyed")
     parser.add_argument("--pin", action="store_true", help="pin processes to CPUs (see above)")
     parser.add_argument("--role", help=argparse.SUPPRESS)
     parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--upstream", default="", help=argparse.SUPPRESS)
     parser.add_argument("--cpu", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--keys-file", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.role:
-        serve_role(args.role, args.port, args.upstream, args.cpu)
+        serve_role(args.role, args.port, args.upstream, args.cpu, args.keys_file)
         return
     pin = args.pin and len(os.sched_getaffinity(0)) >= 2
     if pin:
@@ -452,6 +459,8 @@ def main() -> None:
     ports = {target: free_port() for target in targets}
     direct = f"http://127.0.0.1:{ports['direct']}"
     processes: dict[str, subprocess.Popen[bytes]] = {}
+    keys_dir = tempfile.TemporaryDirectory()
+    keys_file, api_key = bench_key(Path(keys_dir.name))
     try:
         for target in targets:
             command = [
@@ -466,9 +475,12 @@ def main() -> None:
             ]
             if pin:
                 command += ["--cpu", "0" if target == "direct" else "1"]
+            if target == "keyed":
+                command += ["--keys-file", str(keys_file)]
             processes[target] = subprocess.Popen(command)
-        asyncio.run(run(args, targets, ports, {t: p.pid for t, p in processes.items()}, pin))
+        asyncio.run(run(args, targets, ports, {t: p.pid for t, p in processes.items()}, pin, api_key))
     finally:
+        keys_dir.cleanup()
         for process in processes.values():
             process.terminate()
         for process in processes.values():
@@ -478,21 +490,43 @@ def main() -> None:
                 process.kill()
 
 
+def bench_key(folder: Path) -> tuple[Path, str]:
+    """A keys file with one key (allowed every model, no limits) and its secret."""
+    from cortex_core.keys import KeysFile, new_key, write_keys
+
+    entry, secret = new_key("bench")
+    path = folder / "keys.json"
+    write_keys(path, KeysFile(keys=[entry]))
+    return path, secret
+
+
 async def run(
-    args: argparse.Namespace, targets: list[str], ports: dict[str, int], pids: dict[str, int], pin: bool
+    args: argparse.Namespace,
+    targets: list[str],
+    ports: dict[str, int],
+    pids: dict[str, int],
+    pin: bool,
+    api_key: str,
 ) -> None:
     clients_list = [int(c) for c in args.clients.split(",")]
     usable = []
     for target in targets:
         url = f"http://127.0.0.1:{ports[target]}/v1/chat/completions"
         try:
-            await wait_ready(url, request_body(False, model_for(target)))
+            await wait_ready(
+                url, request_body(False, model_for(target)), api_key if target == "keyed" else None
+            )
             usable.append(target)
         except RuntimeError as exc:
             print(f"skipping {target}: {exc}", file=sys.stderr)
     cells: dict[tuple[str, bool, int], Cell] = {}
     clients = {
-        t: Client(f"http://127.0.0.1:{ports[t]}/v1/chat/completions", max(clients_list)) for t in usable
+        t: Client(
+            f"http://127.0.0.1:{ports[t]}/v1/chat/completions",
+            max(clients_list),
+            api_key if t == "keyed" else None,
+        )
+        for t in usable
     }
     try:
         for round_index in range(args.rounds):
@@ -528,7 +562,7 @@ async def run(
 
 def model_for(target: str) -> str:
     # The gateways are asked for the alias: the model rewrite is on the measured path.
-    return ALIAS if target in ("proxy", "cortex") else MODEL
+    return ALIAS if target in ("proxy", "cortex", "keyed") else MODEL
 
 
 def report(
@@ -581,6 +615,11 @@ def verdicts(
     found = []
     for stream in (False, True):
         mode = "stream" if stream else "json"
+        if 1 in clients_list and {"cortex", "keyed"} <= set(targets):
+            added = cells[("keyed", stream, 1)].pct(0.5) - cells[("cortex", stream, 1)].pct(0.5)
+            found.append(
+                (f"keyed {mode}: {added:+.2f} ms p50 over cortex at 1 client (budget 0.2)", added <= 0.2)
+            )
         for target in ("cortex", "proxy"):
             if target not in targets:
                 continue

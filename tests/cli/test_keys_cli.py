@@ -73,3 +73,11 @@ def test_the_keys_file_comes_from_the_config(tmp_path: Path) -> None:
     assert code == 1 and "sets no auth.keys_file" in err
     code, _out, err = run("keys", "list")
     assert code == 1 and "which keys file" in err
+
+
+def test_serve_refuses_to_listen_beyond_loopback_without_keys(tmp_path: Path) -> None:
+    config = tmp_path / "cortex.toml"
+    config.write_text("")
+    result = CliRunner().invoke(main, ["serve", "-c", str(config), "--listen", "0.0.0.0:31313"])
+    assert result.exit_code == 1
+    assert "without API keys" in result.stderr and "allow_anonymous" in result.stderr

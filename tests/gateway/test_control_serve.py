@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
 import socket
 from pathlib import Path
 
 import aiohttp
 import httpx2
 import msgspec
+import pytest
 from support.fake_neuron import FakeNeuron
 from support.fake_upstream import on_hypercorn
 
@@ -88,3 +91,55 @@ async def test_the_gateway_starts_on_the_seed_cortex_toml_and_a_rust_models_toml
             listed = (await http.get("/v1/models")).json()["data"]
     assert {entry["id"] for entry in listed} >= {"Qwen/Qwen3-8B", "Qwen/Qwen3.6-27B", "qwen"}
     assert [n.name for n in app.state.fleet.snapshot().nodes] == ["beast", "benjy"]
+
+
+async def test_sighup_reloads_the_keys_file_of_a_serving_gateway(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from cortex_core.keys import KeysFile, new_key, write_keys
+    from cortex_gateway.app import create_app
+    from cortex_gateway.auth import KeyStore
+
+    keys_file = tmp_path / "keys.json"
+    first, first_secret = new_key("first")
+    write_keys(keys_file, KeysFile(keys=[first]))
+    reloaded = asyncio.Event()
+    reload = KeyStore.reload
+
+    def observed(store: KeyStore) -> bool:
+        done = reload(store)
+        reloaded.set()
+        return done
+
+    monkeypatch.setattr(KeyStore, "reload", observed)
+    api, metrics = free_port(), free_port()
+    config = msgspec.convert(
+        {
+            "gateway": {"listen": f"127.0.0.1:{api}", "metrics_listen": f"127.0.0.1:{metrics}"},
+            "auth": {"keys_file": str(keys_file)},
+        },
+        GatewayConfig,
+    )
+    app = create_app(config, ModelCatalogue([], {}), run_poller=False)
+    stop = asyncio.Event()
+    server = asyncio.create_task(
+        serve_gateway(config, ModelCatalogue([], {}), shutdown_trigger=stop.wait, app=app)
+    )
+    async with aiohttp.ClientSession() as session:
+        assert (await get_until_up(session, f"http://127.0.0.1:{api}/livez"))[0] == 200
+        second, second_secret = new_key("second")
+        write_keys(keys_file, KeysFile(keys=[first, second]))
+        # Never send SIGHUP unhandled: its default action would end the test run itself.
+        assert signal.getsignal(signal.SIGHUP) not in (signal.SIG_DFL, signal.SIG_IGN, None)
+        os.kill(os.getpid(), signal.SIGHUP)
+        await asyncio.wait_for(reloaded.wait(), 10)
+        async with session.get(
+            f"http://127.0.0.1:{api}/v1/models", headers={"authorization": f"Bearer {second_secret}"}
+        ) as response:
+            assert response.status == 200
+        async with session.get(
+            f"http://127.0.0.1:{api}/v1/models", headers={"x-api-key": first_secret}
+        ) as response:
+            assert response.status == 200
+    stop.set()
+    await asyncio.wait_for(server, timeout=10)

@@ -190,9 +190,15 @@ def _import_gateway() -> Any:
 
 
 async def wait_until_routable(api_url: str, model_name: str | None, stopping: asyncio.Event) -> bool:
-    """True once the gateway answers /v1/models (listing `model_name` as loaded, when given)."""
+    """True once the gateway answers: /livez, or /v1/models listing `model_name` as loaded.
+
+    Without a model, /livez: it needs no API key, which /v1/models does once keys exist.
+    """
     while not stopping.is_set():
         try:
+            if model_name is None:
+                await asyncio.to_thread(get_json, api_url + "/livez")
+                return True
             listing = await asyncio.to_thread(get_json, api_url + "/v1/models")
             entries = {entry.get("id"): entry for entry in listing.get("data", [])}
             if model_name is None or entries.get(model_name, {}).get("loaded"):
@@ -248,7 +254,9 @@ async def _serve_gateway(
 
 
 def _with_listeners(config: Any, options: ServeOptions) -> Any:
-    from cortex_core.config.gateway import parse_listen
+    """The config with --listen/--metrics-listen applied; refused (ConfigError) before anything
+    starts when it would expose the API beyond loopback without keys."""
+    from cortex_core.config.gateway import check_exposure, parse_listen
 
     section = config.gateway
     if options.listen:
@@ -257,7 +265,9 @@ def _with_listeners(config: Any, options: ServeOptions) -> Any:
     if options.metrics_listen:
         parse_listen(options.metrics_listen, source="--metrics-listen", key="metrics-listen")
         section = msgspec.structs.replace(section, metrics_listen=options.metrics_listen)
-    return msgspec.structs.replace(config, gateway=section)
+    config = msgspec.structs.replace(config, gateway=section)
+    check_exposure(config, str(options.config) if options.config else "--listen")
+    return config
 
 
 def serve_from_config(options: ServeOptions) -> None:

@@ -1,8 +1,11 @@
 """The gateway's Starlette app, built by `create_app` (no module-level state).
 
-Wiring, one way: poller → FleetState → placement → Router → Proxy → metrics. The factory
-builds each piece from the config and hangs them on `app.state` (fleet, router, poller,
-proxy, metrics, neuron_client) so tests and `serve` can reach them.
+Wiring, one way: poller → FleetState → placement → Router → Proxy → metrics. In front of
+the router sits the gate (gate.py: API keys, entitlements, per-key limits, the fair queue),
+with its middleware authenticating every request before a handler reads the body; CORS,
+when configured, wraps both. The factory builds each piece from the config and hangs them
+on `app.state` (fleet, router, poller, proxy, metrics, neuron_client, gate, keys) so tests
+and `serve` can reach them.
 
 Errors: handlers raise `ApiError`; one exception handler renders it in the caller's dialect
 (Anthropic's shape under /v1/messages and for requests carrying `anthropic-version`,

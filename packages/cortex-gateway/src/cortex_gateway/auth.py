@@ -125,7 +125,7 @@ def _signature(path: Path) -> tuple[int, int, int] | None:
     """What changes when the file is edited or replaced (an atomic rename swaps the inode)."""
     try:
         stat = path.stat()
-    except FileNotFoundError:
+    except OSError:  # missing or unreadable: the reload that follows says which (and keeps the keys)
         return None
     return (stat.st_ino, stat.st_mtime_ns, stat.st_size)
 
