@@ -167,3 +167,27 @@ async def test_the_gateway_serves_a_full_model_round_robin_by_key(
     order = [{k.lower(): v for k, v in call.headers.items()}["x-request-id"] for call in upstream.calls]
     # First-come would be a1 a2 a3 a4 b1; by key, b1 is served at the second freed slot.
     assert order == ["a1", "a2", "b1", "a3", "a4"]
+
+
+async def test_a_request_that_never_gets_a_slot_gets_503_with_retry_after() -> None:
+    release = asyncio.Event()
+    async with FakeUpstream(Script(gate=(0, release))) as upstream:
+        neuron = FakeNeuron(
+            "a", devices_mb=[24_000], endpoint="http://127.0.0.1:1", inference_url=upstream.base_url
+        )
+        neuron.preload(MODEL, 1_000)
+        catalogue = ModelCatalogue([ModelProfile(id=MODEL)], {})
+        async with gateway(
+            [neuron], catalogue, router={"max_concurrent_per_model": 1, "load_wait_secs": 0.2}
+        ) as (_app, http):
+            body = {"model": MODEL, "messages": []}
+            holder = asyncio.ensure_future(http.post("/v1/chat/completions", json=body))
+            await asyncio.wait_for(upstream.called.wait(), 10)  # it holds the only slot
+            waiter = await http.post("/v1/chat/completions", json=body)
+            release.set()
+            held = await asyncio.wait_for(holder, 10)
+    assert held.status_code == 200
+    assert waiter.status_code == 503
+    assert waiter.headers["retry-after"] == "5"
+    assert "no slot" in waiter.json()["error"]["message"]
+    assert len(upstream.calls) == 1

@@ -210,6 +210,8 @@ def create_app(
             config.router.max_waiting_per_model,
             retry_after=RETRY_AFTER_QUEUE_FULL_SECS,
         ),
+        # A request waits for a slot as long as it may wait for a cold load.
+        queue_wait_secs=config.router.load_wait_secs,
     )
 
     async def relay(request: Request) -> Response:

@@ -18,6 +18,7 @@ was, which `serve` allows only on loopback unless `auth.allow_anonymous` is set.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 from collections.abc import Callable
@@ -40,6 +41,7 @@ access_log = logging.getLogger("cortex.access")
 CALLER = "cortex.caller"
 ACCESS = "cortex.access"
 OPEN_PATHS = frozenset({"/", "/health", "/livez", "/readyz"})
+QUEUE_TIMEOUT_RETRY_AFTER_SECS = 5.0
 
 
 def caller_of(scope: Scope) -> Caller:
@@ -94,6 +96,7 @@ class Gate:
         keys: KeyStore | None,
         limits: LimitBook,
         queue: FairQueue,
+        queue_wait_secs: float,
     ) -> None:
         self._router = router
         self._catalogue = catalogue
@@ -101,6 +104,7 @@ class Gate:
         self.keys = keys
         self.limits = limits
         self.queue = queue
+        self._queue_wait_secs = queue_wait_secs
 
     def authenticate(self, scope: Scope) -> Caller:
         if self.keys is None:
@@ -119,7 +123,7 @@ class Gate:
         queued = False
         try:
             if self.queue.enabled:
-                await self.queue.enter(model_id, caller.name)
+                await self._wait_for_slot(model_id, caller.name)
                 queued = True
             lease = await self._router.acquire(requested_model)
         except BaseException:
@@ -129,6 +133,20 @@ class Gate:
             raise
         lease.on_release(lambda done: self._released(caller, done, record, queued))
         return lease
+
+    async def _wait_for_slot(self, model_id: str, key: str) -> None:
+        """A slot of the model's fair queue, waited for as long as a cold load may be (503 after)."""
+        try:
+            async with asyncio.timeout(self._queue_wait_secs):
+                await self.queue.enter(model_id, key)
+        except TimeoutError as exc:
+            raise ApiError(
+                503,
+                f"no slot for '{model_id}' freed up within {self._queue_wait_secs:g} s "
+                "(router.max_concurrent_per_model requests are running); retry shortly",
+                code="service_unavailable",
+                retry_after=QUEUE_TIMEOUT_RETRY_AFTER_SECS,
+            ) from exc
 
     def _released(self, caller: Caller, lease: Lease, record: AccessRecord | None, queued: bool) -> None:
         if queued:
