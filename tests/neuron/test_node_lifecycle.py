@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 import shutil
 import threading
@@ -20,7 +21,7 @@ from support.tiny_gguf import write_tiny_llama_gguf
 
 import neuron.manager as manager_module
 from cortex_core.config.neuron import NeuronConfig, SourceConfig
-from cortex_core.neuron_api import ModelSpec
+from cortex_core.neuron_api import ModelLoad, ModelSpec
 from neuron.app import create_app
 from neuron.discovery import HostProbe
 from neuron.loader import LoadedCheckpoint, load_checkpoint
@@ -135,6 +136,82 @@ async def test_load_list_endpoint_unload_a_local_folder(
     gone = await node.client.get(endpoint_path(model_id))
     assert gone.status_code == 404
     assert "not loaded" in gone.json()["error"]["message"]
+
+
+def device_tensors(runner: Any) -> list[Any]:
+    """Every tensor a prepared runner holds: parameters, buffers, packed weights, the K/V pool."""
+    import torch
+
+    model = runner.model
+    tensors = [*model.parameters(), *model.buffers()]
+    # Packed CPU linears keep their reordered weights as plain attributes.
+    tensors += [v for m in model.modules() for v in vars(m).values() if isinstance(v, torch.Tensor)]
+    return [*tensors, *runner.pool.keys, *runner.pool.values]
+
+
+async def test_unload_leaves_no_strong_path_to_any_weight_or_the_pool(
+    make_node: Callable[..., Node], tiny_qwen3: Path
+) -> None:
+    node = make_node()
+    model_id = str(tiny_qwen3)
+    assert (await node.client.post("/models/load", json={"model_id": model_id})).status_code == 200
+    chat = await node.client.post(
+        "/v1/chat/completions",
+        json={"model": model_id, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 3},
+    )
+    assert chat.status_code == 200, chat.text  # the runner is prepared: pool allocated, decoder built
+    # A request handler that has not let go of its model yet, across the unload.
+    in_flight_holder = node.manager.get(model_id)
+    tensors = [weakref.ref(t) for t in device_tensors(in_flight_holder.engine.runner)]
+    assert len(tensors) > 10
+
+    unload = await node.client.post("/models/unload", json={"model_id": model_id})
+    assert unload.status_code == 200, unload.text
+    assert [ref for ref in tensors if ref() is not None] == []
+    assert node.models[0]() is None
+    assert in_flight_holder.engine.runner.model is None
+
+
+class StopsButKeepsItsModel:
+    """An engine whose close() stops it but frees nothing: only the manager letting go of
+    every path to it can free the model."""
+
+    def __init__(self, checkpoint: LoadedCheckpoint) -> None:
+        self.model = checkpoint.model
+
+    def generate(self, request: Any) -> Any:
+        raise AssertionError("not used")
+
+    def load(self) -> ModelLoad:
+        return ModelLoad(id="kept")
+
+    async def close(self) -> None:
+        return None
+
+
+async def test_the_manager_lets_go_of_a_model_before_releasing_its_memory(
+    tiny_qwen3: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    models: list[weakref.ref[Any]] = []
+    alive_at_release: list[bool] = []
+
+    def factory(checkpoint: LoadedCheckpoint, worker: Any, config: Any, model_id: str) -> Any:
+        models.append(weakref.ref(checkpoint.model))
+        return StopsButKeepsItsModel(checkpoint)
+
+    def release(device: int | None) -> int | None:
+        gc.collect()
+        alive_at_release.append(models[0]() is not None)
+        return None
+
+    monkeypatch.setattr(manager_module, "release_memory", release)
+    manager = ModelManager(NeuronConfig(), cpu_host(), engine_factory=factory)
+    try:
+        await manager.load(ModelSpec(model_id=str(tiny_qwen3)))
+        await manager.unload(str(tiny_qwen3))
+    finally:
+        await manager.close()
+    assert alive_at_release == [False]
 
 
 async def test_a_folder_is_served_and_listed_under_its_served_model_name(

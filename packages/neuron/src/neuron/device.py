@@ -58,12 +58,20 @@ class DeviceWorker:
             job = self._jobs.get()
             if job is _STOP:
                 return
-            future, fn, args, kwargs = job
-            if not future.set_running_or_notify_cancel():
-                continue
-            try:
-                result = fn(*args, **kwargs)
-            except BaseException as exc:  # handed to the awaiting caller, never lost
-                future.set_exception(exc)
-            else:
-                future.set_result(result)
+            self._run_one(*job)
+            # Nothing of a finished job may stay referenced from this loop while it waits for the
+            # next: a load's result (a whole model) would outlive its unload.
+            del job
+
+    @staticmethod
+    def _run_one(
+        future: concurrent.futures.Future[Any], fn: Callable[..., Any], args: Any, kwargs: Any
+    ) -> None:
+        if not future.set_running_or_notify_cancel():
+            return
+        try:
+            result = fn(*args, **kwargs)
+        except BaseException as exc:  # handed to the awaiting caller, never lost
+            future.set_exception(exc)
+        else:
+            future.set_result(result)

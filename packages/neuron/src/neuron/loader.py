@@ -120,13 +120,21 @@ def load_checkpoint(folder: Path, gguf_file: str | None, device: int | None) -> 
     )
 
 
-def release_memory(device: int | None) -> None:
-    """After the last reference to a model is dropped: collect it and return cached CUDA blocks."""
+def release_memory(device: int | None) -> int | None:
+    """After the last reference to a model is dropped: collect it and give the device's cached
+    blocks back to the driver. Returns the bytes this process's CUDA allocator gave back on
+    `device` (None for the CPU, where the allocator is the host's)."""
     gc.collect()
-    if device is not None:
-        import torch
+    if device is None:
+        return None
+    import torch
 
+    where = torch.device(device_name(device))
+    before = torch.cuda.memory_reserved(where)
+    # empty_cache frees the current device's cache: make sure that is this one.
+    with torch.cuda.device(where):
         torch.cuda.empty_cache()
+    return max(0, before - torch.cuda.memory_reserved(where))
 
 
 @dataclass

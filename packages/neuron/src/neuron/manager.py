@@ -603,10 +603,15 @@ class ModelManager:
         await asyncio.shield(record.unload_task)
 
     async def _run_unload(self, model_id: str, record: ModelRecord) -> None:
-        loaded, record.loaded = record.loaded, None
+        # Every path from this manager to the weights goes before the memory is released: the
+        # record's loaded model and its finished load task (whose result is the same model).
+        loaded, record.loaded, record.task = record.loaded, None, None
+        returned: int | None = None
         try:
             if loaded is not None:
                 try:
+                    # Closing frees the runner's weights and pool, so a request handler that
+                    # still holds the LoadedModel keeps nothing on the device.
                     await asyncio.wait_for(loaded.engine.close(), ENGINE_CLOSE_TIMEOUT_SECS)
                 except TimeoutError:
                     log.error(
@@ -615,13 +620,21 @@ class ModelManager:
                         ENGINE_CLOSE_TIMEOUT_SECS,
                     )
                 worker = loaded.worker
-                # Drop the last references here so that the collection on the owner thread frees them.
                 del loaded
-                await worker.run(release_memory, record.device)
+                # Collected and the device's cache emptied on the owner thread (CUDA context locality).
+                returned = await worker.run(release_memory, record.device)
         finally:
             self._records.pop(model_id, None)
             self._count_loaded()
-        log.info("model %s unloaded", model_id)
+        if returned is None:
+            log.info("model %s unloaded", model_id)
+        else:
+            log.info(
+                "model %s unloaded; %d MiB returned to %s",
+                model_id,
+                returned // MIB,
+                device_name(record.device),
+            )
 
     # --- default models and shutdown -------------------------------------------------------
 
