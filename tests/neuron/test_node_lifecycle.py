@@ -195,7 +195,7 @@ async def test_the_manager_lets_go_of_a_model_before_releasing_its_memory(
     models: list[weakref.ref[Any]] = []
     alive_at_release: list[bool] = []
 
-    def factory(checkpoint: LoadedCheckpoint, worker: Any, config: Any, model_id: str) -> Any:
+    def factory(checkpoint: LoadedCheckpoint, worker: Any, config: Any, model_id: str, on_fault: Any) -> Any:
         models.append(weakref.ref(checkpoint.model))
         return StopsButKeepsItsModel(checkpoint)
 
@@ -212,6 +212,59 @@ async def test_the_manager_lets_go_of_a_model_before_releasing_its_memory(
     finally:
         await manager.close()
     assert alive_at_release == [False]
+
+
+async def test_a_device_fault_in_one_model_poisons_every_model_on_that_device(
+    tiny_qwen3: Path, tmp_path: Path
+) -> None:
+    import torch
+
+    from neuron.engine import SingleDeviceRunner, TorchEngine
+
+    class AssertsOnSeven(SingleDeviceRunner):
+        """Kernels that hit a device-side assert when a prompt holds token 7."""
+
+        def forward(self, rows: Any) -> torch.Tensor:
+            if any(7 in row.tokens for row in rows):
+                raise RuntimeError("CUDA error: device-side assert triggered")
+            return super().forward(rows)
+
+    def factory(checkpoint: LoadedCheckpoint, worker: Any, config: Any, model_id: str, on_fault: Any) -> Any:
+        runner = AssertsOnSeven(checkpoint.model, device="cpu")
+        return TorchEngine(runner, worker=worker, config=config, model_id=model_id, on_device_fault=on_fault)
+
+    config = NeuronConfig()
+    manager = ModelManager(config, cpu_host(), engine_factory=factory)
+    app = create_app(config, probe=manager.probe, manager=manager)
+    client = httpx2.AsyncClient(transport=httpx2.ASGITransport(app=app), base_url="http://test")
+    first, second = str(tiny_qwen3), str(copy_model(tiny_qwen3, tmp_path / "second"))
+    try:
+        for model_id in (first, second):
+            assert (await client.post("/models/load", json={"model_id": model_id})).status_code == 200
+        failed = await client.post(
+            "/v1/completions", json={"model": first, "prompt": [7, 8, 9], "max_tokens": 2}
+        )
+        assert failed.status_code == 500, failed.text
+
+        listed = {info["id"]: info for info in (await client.get("/models")).json()}
+        for model_id in (first, second):
+            assert listed[model_id]["status"] == "poisoned"
+            assert "device-side assert" in listed[model_id]["error"]
+            assert f"model '{first}'" in listed[model_id]["error"]
+        refused = await client.post(
+            "/v1/completions", json={"model": second, "prompt": [8, 9], "max_tokens": 2}
+        )
+        assert refused.status_code == 500
+        assert refused.json()["error"]["code"] == "model_poisoned"
+
+        # Unload and load again recovers (on a real GPU: once the process let go of the context).
+        assert (await client.post("/models/unload", json={"model_id": second})).status_code == 200
+        assert (await client.post("/models/load", json={"model_id": second})).status_code == 200
+        ok = await client.post("/v1/completions", json={"model": second, "prompt": [8, 9], "max_tokens": 2})
+        assert ok.status_code == 200, ok.text
+    finally:
+        await client.aclose()
+        await manager.close()
 
 
 async def test_a_folder_is_served_and_listed_under_its_served_model_name(

@@ -61,12 +61,24 @@ ENGINE_CLOSE_TIMEOUT_SECS = 20.0
 
 class EngineFactory(Protocol):
     def __call__(
-        self, checkpoint: LoadedCheckpoint, worker: DeviceWorker, config: EngineConfig, model_id: str
-    ) -> Engine: ...
+        self,
+        checkpoint: LoadedCheckpoint,
+        worker: DeviceWorker,
+        config: EngineConfig,
+        model_id: str,
+        on_device_fault: Callable[[str], None],
+    ) -> Engine:
+        """An engine over the loaded checkpoint; it calls `on_device_fault(reason)` (from any
+        thread) when a step hits an error that leaves the device unusable."""
+        ...
 
 
 def default_engine_factory(
-    checkpoint: LoadedCheckpoint, worker: DeviceWorker, config: EngineConfig, model_id: str
+    checkpoint: LoadedCheckpoint,
+    worker: DeviceWorker,
+    config: EngineConfig,
+    model_id: str,
+    on_device_fault: Callable[[str], None],
 ) -> Engine:
     """The continuous-batching engine of `neuron.engine` (imported late: it pulls in torch)."""
     try:
@@ -77,7 +89,13 @@ def default_engine_factory(
             f"model '{model_id}' cannot be served: this neuron build has no inference engine ({exc})",
             code="engine_unavailable",
         ) from exc
-    return build_engine(checkpoint.model, worker=worker, engine_config=config, model_id=model_id)
+    return build_engine(
+        checkpoint.model,
+        worker=worker,
+        engine_config=config,
+        model_id=model_id,
+        on_device_fault=on_device_fault,
+    )
 
 
 def choose_device(
@@ -456,7 +474,9 @@ class ModelManager:
                 load_checkpoint, prepared.folder, prepared.gguf_file, placement.device
             )
         record.memory_bytes = checkpoint.memory_bytes
-        engine = self._engine_factory(checkpoint, worker, self.config.engine, model_id)
+        engine = self._engine_factory(
+            checkpoint, worker, self.config.engine, model_id, self._device_fault_reporter(model_id, record)
+        )
         devices = [] if placement.device is None else [placement.device]
         return self._serving_model(model_id, record, prepared.folder, checkpoint, engine, worker, devices)
 
@@ -559,7 +579,13 @@ class ModelManager:
             raise ApiError(
                 422, f"model '{model_id}': {exc}", code="tensor_parallel_unavailable", param="tensor_parallel"
             ) from exc
-        engine = TorchEngine(runner, worker=worker, config=self.config.engine, model_id=model_id)
+        engine = TorchEngine(
+            runner,
+            worker=worker,
+            config=self.config.engine,
+            model_id=model_id,
+            on_device_fault=self._device_fault_reporter(model_id, record),
+        )
         return self._serving_model(model_id, record, prepared.folder, metadata, engine, worker, list(devices))
 
     def _poison(self, model_id: str, record: ModelRecord, reason: str) -> None:
@@ -570,6 +596,30 @@ class ModelManager:
         record.error = reason
         self._count_loaded()
         log.error("model %s is poisoned: %s", model_id, reason)
+
+    def _device_fault_reporter(self, model_id: str, record: ModelRecord) -> Callable[[str], None]:
+        """What an engine calls, from its owner thread, when its device became unusable."""
+        loop = asyncio.get_running_loop()
+
+        def report(reason: str) -> None:
+            loop.call_soon_threadsafe(self._poison_device, model_id, record, reason)
+
+        return report
+
+    def _poison_device(self, model_id: str, record: ModelRecord, reason: str) -> None:
+        """A sticky device error in one model's step: that device's context is unusable, so
+        every model on it is poisoned, each naming the model and the error that did it."""
+        if self._records.get(model_id) is not record:
+            return
+        faulty = {record.device, *record.devices}
+        where = ", ".join(
+            device_name(device) for device in sorted(faulty, key=lambda d: -1 if d is None else d)
+        )
+        for other_id, other in list(self._records.items()):
+            if {other.device, *other.devices} & faulty:
+                self._poison(
+                    other_id, other, f"device {where} failed in a step of model '{model_id}': {reason}"
+                )
 
     def _count_loaded(self) -> None:
         self.metrics.models_loaded.set(sum(1 for r in self._records.values() if r.state == "loaded"))

@@ -117,6 +117,8 @@ class SingleDeviceRunner:
         self._prepared = False
         self._max_context = int(max_context or config.max_position_embeddings)
         self.layers, self.kv_heads, self.head_dim = kv_geometry(config)
+        # The embedding's rows, not the tokenizer's length: they can differ either way.
+        self._vocab_size = int(model.get_input_embeddings().num_embeddings)
         self.block_size = max(1, kv_block_size)
         self.dtype = next(model.parameters()).dtype
         per_block = KVPool.bytes_per_block(
@@ -140,6 +142,10 @@ class SingleDeviceRunner:
         # transformers 5 renamed `past_key_values` to `cache`; older model classes keep the old name.
         parameters = inspect.signature(model.forward).parameters
         self._cache_argument = "cache" if "cache" in parameters else "past_key_values"
+
+    @property
+    def vocab_size(self) -> int:
+        return self._vocab_size
 
     @property
     def max_context(self) -> int:
