@@ -399,9 +399,8 @@ async def test_two_loads_in_flight_cannot_both_claim_the_same_free_memory(
 async def test_a_model_too_big_for_the_chosen_gpu_is_refused(
     make_node: Callable[..., Node], tiny_qwen3: Path
 ) -> None:
-    probe = HostProbe.open(
-        FakeNvml(gpus=[FakeGpu(total_mb=24576, used_mb=24500), FakeGpu(total_mb=1024, used_mb=0)])
-    )
+    nvml = FakeNvml(gpus=[FakeGpu(total_mb=24576, used_mb=24500), FakeGpu(total_mb=1024, used_mb=0)])
+    probe = HostProbe.open(nvml, cuda_uuids=nvml.cuda_uuids())
     node = make_node(probe=probe)
     response = await node.client.post("/models/load", json={"model_id": str(tiny_qwen3), "devices": [0]})
     assert response.status_code == 422
