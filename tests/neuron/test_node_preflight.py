@@ -129,6 +129,7 @@ def test_choose_device(requested: list[int] | None, free: dict[int, int], expect
     ("device", "config_dtype", "expected"),
     [
         (0, "float32", "bfloat16"),
+        (0, "bfloat16", "bfloat16"),
         (None, "bfloat16", "bfloat16"),
         (None, "float16", "float32"),
         (None, None, "float32"),

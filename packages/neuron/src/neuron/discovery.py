@@ -256,6 +256,14 @@ class HostProbe:
             readings.append(reading)
         return readings
 
+    def supports_bf16(self, device: int) -> bool:
+        """Whether the GPU (by torch ordinal) computes in bf16: compute capability 8.0 or later."""
+        if self._nvml is None:
+            return False
+        found = self._devices[device]
+        major, minor = self._nvml.nvmlDeviceGetCudaComputeCapability(found.parent or found.handle)
+        return (int(major), int(minor)) >= (8, 0)
+
     def free_bytes(self, device: int | None) -> int:
         """Free memory of a GPU (by torch ordinal) or, for None, available host memory."""
         if device is None or self._nvml is None:

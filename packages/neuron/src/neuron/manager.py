@@ -16,6 +16,7 @@ import logging
 import time
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -36,6 +37,7 @@ from neuron.engine.api import Engine, GenerationRequest, TokenEvent
 from neuron.loader import (
     CheckpointMetadata,
     LoadedCheckpoint,
+    bind_device,
     choose_dtype,
     device_name,
     load_checkpoint,
@@ -127,14 +129,16 @@ def choose_device(
 
 
 class DevicePool:
-    """One owner thread per device, started on first use and kept for the daemon's life."""
+    """One owner thread per device, started on first use and kept for the daemon's life; each
+    thread first makes its device current (`bind`)."""
 
-    def __init__(self) -> None:
+    def __init__(self, bind: Callable[[int | None], None] = bind_device) -> None:
         self._workers: dict[int | None, DeviceWorker] = {}
+        self._bind = bind
 
     def worker(self, device: int | None) -> DeviceWorker:
         if device not in self._workers:
-            self._workers[device] = DeviceWorker(device_name(device))
+            self._workers[device] = DeviceWorker(device_name(device), on_start=partial(self._bind, device))
         return self._workers[device]
 
     def close(self) -> None:
@@ -571,7 +575,12 @@ class ModelManager:
                     cuda_available=on_gpu,
                     allow_cpu=allow_cpu,
                     engine_config=self.config.engine,
-                    dtype=choose_dtype(placement.device, None if config_dtype is None else str(config_dtype)),
+                    dtype=choose_dtype(
+                        placement.device,
+                        None if config_dtype is None else str(config_dtype),
+                        # Every rank computes in one dtype: bf16 only if every card has it.
+                        bf16_supported=all(self.probe.supports_bf16(d) for d in devices),
+                    ),
                     step_timeout_s=self.config.tensor_parallel_step_timeout_secs,
                     on_failure=on_failure,
                 )
