@@ -17,7 +17,7 @@ from torch._C._distributed_c10d import Store
 
 from neuron.engine.paged import ForwardRow
 from neuron.runner import ModelRunner
-from neuron.tp.group import all_reduce_with, create_group, sanity_sum
+from neuron.tp.group import all_reduce_with, create_group, finish_device_work, sanity_sum
 from neuron.tp.protocol import Call, ModelSource, RankSetup
 from neuron.tp.shard import plan_shards, shard_model
 
@@ -85,9 +85,11 @@ class RankState:
         """Run one call; the result on rank 0, a small comparable fact on the workers' side."""
         if call.op == "forward":
             (rows,) = call.args
-            return self._runner().forward(
+            logits = self._runner().forward(
                 [ForwardRow(tokens, start, blocks) for tokens, start, blocks in rows]
             )
+            finish_device_work(self.setup.device)
+            return logits
         if call.op == "sanity":
             return sanity_sum(self.group, self.setup.device)
         if call.op == "close":
