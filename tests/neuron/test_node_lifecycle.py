@@ -107,7 +107,8 @@ async def test_load_list_endpoint_unload_a_local_folder(
     # The output a request can get is the window less the one token a prompt needs at least.
     assert info["limit"] == {"context": 1024, "input": 1023, "output": 1023}
     assert info["reasoning"] is True and info["tool_call"] is True
-    assert info["vram_used_mb"] == 0  # 400 KB of weights
+    # 400 KB of weights plus the K/V pool (a full batch of full-context sequences: 4 MiB).
+    assert info["vram_used_mb"] == node.manager._records[model_id].memory_bytes // MIB == 4
     assert "devices" not in info  # CPU: no device index
 
     # Percent-encoded (as the gateway sends it) and raw.
@@ -170,6 +171,20 @@ async def test_unload_leaves_no_strong_path_to_any_weight_or_the_pool(
     assert [ref for ref in tensors if ref() is not None] == []
     assert node.models[0]() is None
     assert in_flight_holder.engine.runner.model is None
+
+
+async def test_the_k_v_pool_is_allocated_during_the_load_and_counted_in_its_memory(
+    make_node: Callable[..., Node], tiny_qwen3: Path
+) -> None:
+    node = make_node()
+    model_id = str(tiny_qwen3)
+    assert (await node.client.post("/models/load", json={"model_id": model_id})).status_code == 200
+    runner = node.manager.get(model_id).engine.runner
+    # Allocated on the owner thread before the load returned (no request has run yet).
+    assert runner.pool is not None
+    assert runner.kv_cache_bytes == runner.pool.nbytes > 0
+    weights = sum(t.numel() * t.element_size() for t in (*runner.model.parameters(), *runner.model.buffers()))
+    assert node.manager._records[model_id].memory_bytes == weights + runner.pool.nbytes
 
 
 class StopsButKeepsItsModel:

@@ -477,10 +477,19 @@ class ModelManager:
             checkpoint = await worker.run(
                 load_checkpoint, prepared.folder, prepared.gguf_file, placement.device
             )
-        record.memory_bytes = checkpoint.memory_bytes
-        engine = self._engine_factory(
-            checkpoint, worker, self.config.engine, model_id, self._device_fault_reporter(model_id, record)
-        )
+            # Built on the owner thread, which sizes the K/V pool from the device's free memory
+            # and allocates it there, before the reservation ends: a concurrent load's
+            # pre-flight then sees the pool's memory taken, not free.
+            engine = await worker.run(
+                self._engine_factory,
+                checkpoint,
+                worker,
+                self.config.engine,
+                model_id,
+                self._device_fault_reporter(model_id, record),
+            )
+        # Weights plus the K/V pool (engines that hold one say how big it is).
+        record.memory_bytes = checkpoint.memory_bytes + int(getattr(engine, "kv_cache_bytes", 0))
         devices = [] if placement.device is None else [placement.device]
         return self._serving_model(model_id, record, prepared.folder, checkpoint, engine, worker, devices)
 

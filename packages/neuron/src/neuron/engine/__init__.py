@@ -62,10 +62,14 @@ def build_engine(
         max_batch_size=config.max_batch_size,
         max_context=max_context,
     )
-    # Packing and the pool's allocation run on the owner thread, ahead of any step (the
-    # worker runs jobs in order); a failure here surfaces again in the first request, which
-    # retries it.
-    worker.submit(runner.prepare)
+    # Packing and the pool's allocation run on the owner thread: right here when this is it
+    # (the neuron's manager builds engines there, so the pool exists before the next load's
+    # pre-flight reads the free memory), else queued ahead of any step (the worker runs jobs
+    # in order; a failure then surfaces again in the first request, which retries it).
+    if worker.is_current:
+        runner.prepare()
+    else:
+        worker.submit(runner.prepare)
     return TorchEngine(
         runner, worker=worker, config=config, model_id=model_id, on_device_fault=on_device_fault
     )

@@ -222,6 +222,11 @@ class TorchEngine:
         return stream
 
     @property
+    def kv_cache_bytes(self) -> int:
+        """Device memory of the runner's K/V pool (0 when the runner does not say)."""
+        return int(getattr(self.runner, "kv_cache_bytes", 0))
+
+    @property
     def max_context(self) -> int:
         """Prompt + new tokens allowed per request: the model's position limit or what the
         whole K/V pool holds, whichever is less (for resolving a default max_tokens)."""

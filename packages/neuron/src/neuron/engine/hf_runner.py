@@ -128,6 +128,7 @@ class SingleDeviceRunner:
             head_dim=self.head_dim,
             dtype=self.dtype,
         )
+        self._bytes_per_block = per_block
         blocks = kv_cache_bytes // per_block
         if max_batch_size is not None:
             # No more than a full batch of full-context sequences could ever hold.
@@ -142,6 +143,11 @@ class SingleDeviceRunner:
         # transformers 5 renamed `past_key_values` to `cache`; older model classes keep the old name.
         parameters = inspect.signature(model.forward).parameters
         self._cache_argument = "cache" if "cache" in parameters else "past_key_values"
+
+    @property
+    def kv_cache_bytes(self) -> int:
+        """Device memory the K/V pool takes once allocated (the null block included)."""
+        return self.num_blocks * self._bytes_per_block
 
     @property
     def vocab_size(self) -> int:
