@@ -146,8 +146,11 @@ class SingleDeviceRunner:
 
     @property
     def kv_cache_bytes(self) -> int:
-        """Device memory the K/V pool takes once allocated (the null block included)."""
-        return self.num_blocks * self._bytes_per_block
+        """Device memory of the K/V pool (the null block included) and, for a hybrid model,
+        of its linear-attention states: what prepare() allocated, or, before, the K/V pool's size."""
+        if self.pool is None:
+            return self.num_blocks * self._bytes_per_block
+        return self.pool.nbytes + (self.states.nbytes if self.states is not None else 0)
 
     @property
     def vocab_size(self) -> int:
