@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import threading
+from pathlib import Path
+from typing import Any
 
 import pytest
 from support.fake_nvml import FakeGpu, FakeNvml, cuda_view, mig_slice
 
 from neuron.device import DeviceWorker
 from neuron.discovery import HostProbe
-from neuron.loader import choose_dtype, gpu_has_bf16
+from neuron.loader import choose_dtype, gpu_has_bf16, load_checkpoint
 from neuron.manager import DevicePool
 
 
@@ -69,3 +71,30 @@ def test_the_probe_says_which_cards_have_bf16_a_mig_slice_by_its_card() -> None:
         nvml, cuda_uuids=cuda_view(nvml.gpus, f"{ampere.mig_slices[0].uuid},0", "PCI_BUS_ID")
     )
     assert [probe.supports_bf16(i) for i in probe.gpu_indices] == [True, False]
+
+
+def test_a_gpu_load_goes_straight_to_its_device_and_a_pre_ampere_card_gets_fp16(
+    tiny_qwen3: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import torch
+    import transformers
+
+    calls: list[dict[str, Any]] = []
+    real = transformers.AutoModelForCausalLM.from_pretrained
+
+    def recording(folder: Any, **kwargs: Any) -> Any:
+        calls.append(kwargs)
+        # This host has no GPU: load on the CPU what the neuron asked for cuda:1.
+        return real(folder, **{k: v for k, v in kwargs.items() if k != "device_map"})
+
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", recording)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (7, 5))
+    monkeypatch.setattr(torch.nn.Module, "to", lambda self, *args, **kwargs: self)
+    checkpoint = load_checkpoint(tiny_qwen3, None, 1)
+    assert calls[0]["device_map"] == {"": "cuda:1"}
+    assert calls[0]["dtype"] == torch.float16
+    assert checkpoint.dtype == "float16"
+
+    calls.clear()
+    load_checkpoint(tiny_qwen3, None, None)
+    assert "device_map" not in calls[0]  # the CPU: loaded where it is used anyway

@@ -114,6 +114,10 @@ def load_checkpoint(folder: Path, gguf_file: str | None, device: int | None) -> 
             device_name(device),
         )
     kwargs: dict[str, Any] = {"dtype": getattr(torch, dtype)}
+    if device is not None:
+        # Straight onto the GPU, tensor by tensor, rather than the whole model in host RAM
+        # first and then a copy: host memory stays near one tensor, not one model.
+        kwargs["device_map"] = {"": device_name(device)}
     if gguf_file:
         kwargs["gguf_file"] = gguf_file
         if has_config:
