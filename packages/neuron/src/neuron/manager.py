@@ -45,7 +45,13 @@ from neuron.loader import (
     release_memory,
 )
 from neuron.metrics import LiveReadings, NeuronMetrics
-from neuron.preflight import check_fit, required_bytes
+from neuron.preflight import (
+    check_fit,
+    replicated_weight_bytes,
+    required_bytes,
+    tensor_parallel_rank_bytes,
+    torch_itemsize,
+)
 from neuron.prepare import ModelPreparer, Placement, PreparedModel
 from neuron.runtime import LoadedModel
 from neuron.serving.params import context_length
@@ -443,25 +449,25 @@ class ModelManager:
         return Placement(device, free_by_gpu[device], f"GPU {device}")
 
     @contextlib.contextmanager
-    def _reservation(
-        self, model_id: str, devices: Sequence[int | None], weight_bytes: int, where: str
-    ) -> Iterator[None]:
-        """Check the fit again and hold the memory until the load ends.
+    def _reservation(self, model_id: str, weights: dict[int | None, tuple[int, str]]) -> Iterator[None]:
+        """Check the fit again and hold the memory until the load ends; `weights` maps each
+        device to the weight bytes it will hold and how to name it in a refusal.
 
         Pre-flight checked against free memory before an await (downloads, file reads); another
         load may have claimed that memory since. Checking and reserving here with no await in
         between means two loads can never both count the same free bytes.
         """
+        for device, (weight_bytes, where) in weights.items():
+            check_fit(model_id, weight_bytes, self._free_bytes(device), where)
         # The headroom pre-flight demands (weights plus runtime overhead) is what gets held.
-        share = required_bytes(weight_bytes) // len(devices)
-        check_fit(model_id, weight_bytes, sum(self._free_bytes(device) for device in devices), where)
-        for device in devices:
-            self._reserved[device] = self._reserved.get(device, 0) + share
+        held = {device: required_bytes(weight_bytes) for device, (weight_bytes, _) in weights.items()}
+        for device, amount in held.items():
+            self._reserved[device] = self._reserved.get(device, 0) + amount
         try:
             yield
         finally:
-            for device in devices:
-                self._reserved[device] -= share
+            for device, amount in held.items():
+                self._reserved[device] -= amount
 
     async def _load_steps(self, model_id: str, record: ModelRecord) -> LoadedModel:
         tp_devices = self._tensor_parallel_devices(model_id, record.spec)
@@ -473,7 +479,7 @@ class ModelManager:
             record.spec.model_id, record.spec.quant, placement
         )
         worker = self.devices.worker(placement.device)
-        with self._reservation(model_id, [placement.device], prepared.weight_bytes, placement.description):
+        with self._reservation(model_id, {placement.device: (prepared.weight_bytes, placement.description)}):
             checkpoint = await worker.run(
                 load_checkpoint, prepared.folder, prepared.gguf_file, placement.device
             )
@@ -574,9 +580,24 @@ class ModelManager:
 
         metadata = await worker.run(read_metadata, prepared.folder)
         config_dtype = getattr(metadata.hf_config, "dtype", None)
-        reserved_on: list[int | None] = list(devices) if on_gpu else [None]
+        dtype = choose_dtype(
+            placement.device,
+            None if config_dtype is None else str(config_dtype),
+            # Every rank computes in one dtype: bf16 only if every card has it.
+            bf16_supported=on_gpu and all(self.probe.supports_bf16(d) for d in devices),
+        )
+        rank_bytes = tensor_parallel_rank_bytes(
+            prepared.weight_bytes,
+            replicated_weight_bytes(metadata.hf_config, torch_itemsize(dtype)),
+            len(devices),
+        )
+        weights: dict[int | None, tuple[int, str]] = (
+            {d: (rank_bytes, f"GPU {d} (one rank of GPUs {devices})") for d in devices}
+            if on_gpu
+            else {None: (rank_bytes * len(devices), f"{placement.description}, {len(devices)} ranks")}
+        )
         try:
-            with self._reservation(model_id, reserved_on, prepared.weight_bytes, placement.description):
+            with self._reservation(model_id, weights):
                 runner = await worker.run(
                     start_tensor_parallel,
                     prepared.folder,
@@ -584,12 +605,7 @@ class ModelManager:
                     cuda_available=on_gpu,
                     allow_cpu=allow_cpu,
                     engine_config=self.config.engine,
-                    dtype=choose_dtype(
-                        placement.device,
-                        None if config_dtype is None else str(config_dtype),
-                        # Every rank computes in one dtype: bf16 only if every card has it.
-                        bf16_supported=all(self.probe.supports_bf16(d) for d in devices),
-                    ),
+                    dtype=dtype,
                     step_timeout_s=self.config.tensor_parallel_step_timeout_secs,
                     on_failure=on_failure,
                 )
