@@ -2,8 +2,8 @@
 
 Writes two random-weight Llama-shaped checkpoints (bf16): a tiny one, whose load measures
 what a rank costs without weights (torch, transformers, the group), and a ~570 MB one. Each
-is loaded by a world-size-2 TensorParallelRunner; rank 1's peak RSS (VmHWM of the worker
-process, read after the load) is compared with its shard and with the whole checkpoint,
+is loaded by a world-size-2 TensorParallelRunner and runs one forward (touching every
+weight); rank 1's peak RSS (VmHWM of the worker process) is compared with its shard and with the whole checkpoint,
 which is what every rank held when it ran a full from_pretrained.
 
     .venv/bin/python bench/tp_load_memory.py
@@ -52,10 +52,18 @@ def peak_rss(pid: int) -> int:
 def rank1_peak(folder: Path) -> int:
     from neuron.tp import ModelSource, TensorParallelRunner
 
+    from neuron.engine.paged import ForwardRow
+
     runner = TensorParallelRunner.start(
-        ModelSource(str(folder), dtype="bfloat16"), [0, 1], backend="gloo", worker_threads=1
+        ModelSource(str(folder), dtype="bfloat16", runner_kwargs={"kv_cache_bytes": 1 << 20}),
+        [0, 1],
+        backend="gloo",
+        worker_threads=1,
     )
     try:
+        # On the CPU a slice read from the checkpoint can stay a view of its mapped file, paged
+        # in when first used: one forward touches every weight before the peak is read.
+        runner.forward([ForwardRow([1, 2, 3], 0, [1])])
         return peak_rss(runner.worker_pids[0])
     finally:
         runner.close()
