@@ -55,7 +55,13 @@ def rank1_peak(folder: Path) -> int:
     from neuron.engine.paged import ForwardRow
 
     runner = TensorParallelRunner.start(
-        ModelSource(str(folder), dtype="bfloat16", runner_kwargs={"kv_cache_bytes": 1 << 20}),
+        # No oneDNN packing or lean decoder: they copy the linears once more, a runner matter
+        # apart from loading (and the same on one device).
+        ModelSource(
+            str(folder),
+            dtype="bfloat16",
+            runner_kwargs={"kv_cache_bytes": 1 << 20, "pack_cpu_linears": False, "lean_decode": False},
+        ),
         [0, 1],
         backend="gloo",
         worker_threads=1,

@@ -636,7 +636,10 @@ class ModelManager:
         loop = asyncio.get_running_loop()
 
         def report(reason: str) -> None:
-            loop.call_soon_threadsafe(self._poison_device, model_id, record, reason)
+            try:
+                loop.call_soon_threadsafe(self._poison_device, model_id, record, reason)
+            except RuntimeError:  # the loop is closed: the daemon is shutting down anyway
+                log.error("device fault in model %s after shutdown began: %s", model_id, reason)
 
         return report
 
