@@ -50,9 +50,8 @@ def peak_rss(pid: int) -> int:
 
 
 def rank1_peak(folder: Path) -> int:
-    from neuron.tp import ModelSource, TensorParallelRunner
-
     from neuron.engine.paged import ForwardRow
+    from neuron.tp import ModelSource, TensorParallelRunner
 
     runner = TensorParallelRunner.start(
         # No oneDNN packing or lean decoder: they copy the linears once more, a runner matter

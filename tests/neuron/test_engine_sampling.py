@@ -262,3 +262,32 @@ def test_the_batched_sampler_answers_on_the_logits_device_without_a_copy_back() 
     assert chosen.device == logits.device
     assert chosen.shape == (3,)
     assert chosen.dtype == torch.long
+
+
+@pytest.mark.parametrize(
+    "batch",
+    [
+        # top_k of different sizes beside rows without it: the partial-sort path (largest k only)
+        [
+            SamplingParams(temperature=0.9, top_k=5),
+            SamplingParams(temperature=1.0),
+            SamplingParams(temperature=0.7, top_k=40),
+        ],
+        # top_p beside top_k only and neither: the full-sort path
+        [
+            SamplingParams(temperature=0.9, top_k=5),
+            SamplingParams(temperature=1.0, top_p=0.8),
+            SamplingParams(temperature=1.3),
+        ],
+        # greedy rows with penalties among sampled ones
+        [
+            SamplingParams(temperature=0.0, repetition_penalty=1.5),
+            SamplingParams(temperature=1.0, top_k=3, min_p=0.2),
+        ],
+    ],
+    ids=["top-k-only", "top-p-and-top-k", "greedy-among-sampled"],
+)
+def test_batches_mixing_the_filters_draw_what_each_row_draws_alone(batch: list[SamplingParams]) -> None:
+    settings = [replace(p, seed=20 + i) for i, p in enumerate(batch)]
+    batched, reference = run_both(settings, steps=30)
+    assert batched == reference

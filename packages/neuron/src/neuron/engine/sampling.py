@@ -156,7 +156,9 @@ class _BatchPlan:
     sampled_rows: list[int]
     repetition: tuple[torch.Tensor, torch.Tensor] | None  # ids [rows, n], penalty [rows, 1]
     presence: tuple[torch.Tensor, torch.Tensor] | None  # ids [rows, n], counts [rows, n]
-    needs_sort: bool
+    # The largest top_k of a row that has one (0: no row has), whether a row has top_p or min_p.
+    top_k: int
+    needs_top_p: bool
     needs_min_p: bool
 
     @classmethod
@@ -183,9 +185,8 @@ class _BatchPlan:
             sampled_rows=sampled_rows,
             repetition=_repetition_ids(states),
             presence=_presence_counts(states),
-            needs_sort=any(
-                0 < states[i].params.top_k < vocab or 0.0 < states[i].params.top_p < 1.0 for i in sampled_rows
-            ),
+            top_k=max((k for i in sampled_rows if 0 < (k := states[i].params.top_k) < vocab), default=0),
+            needs_top_p=any(0.0 < states[i].params.top_p < 1.0 for i in sampled_rows),
             needs_min_p=any(states[i].params.min_p > 0.0 for i in sampled_rows),
         )
 
@@ -247,13 +248,18 @@ def choose_tokens(logits: torch.Tensor, states: Sequence[SamplerState]) -> torch
     greedy = torch.argmax(logits, dim=-1)
     if not plan.sampled_rows:
         return greedy
+    # A fresh tensor: the filters below write into it.
     logits = logits / table[:, _TEMPERATURE : _TEMPERATURE + 1]
-    if plan.needs_sort:
-        logits = _top_k_top_p(logits, table)
+    if plan.needs_top_p:
+        _top_k_top_p_(logits, table, with_top_k=plan.top_k > 0)
+    elif plan.top_k:
+        # The k-th value from a partial sort of the largest k only: far cheaper than sorting
+        # the whole vocabulary.
+        _mask_below_kth_(logits, torch.topk(logits, plan.top_k, dim=-1).values, table)
     if plan.needs_min_p:
         probs = torch.softmax(logits, dim=-1)
         threshold = probs.max(dim=-1, keepdim=True).values * table[:, _MIN_P : _MIN_P + 1]
-        logits = logits.masked_fill(probs < threshold, float("-inf"))
+        logits.masked_fill_(probs < threshold, float("-inf"))
     probs = torch.softmax(logits, dim=-1)
     # multinomial's draw for one sample, each row's noise from its own request's generator.
     noise = torch.ones_like(probs)
@@ -263,19 +269,35 @@ def choose_tokens(logits: torch.Tensor, states: Sequence[SamplerState]) -> torch
     return torch.where(table[:, _SAMPLED] > 0, drawn, greedy)
 
 
-def _top_k_top_p(logits: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
-    """top_k then top_p for every row from one sort (rows that have them off keep all)."""
+def _kth(descending: torch.Tensor, table: torch.Tensor, vocab: int) -> torch.Tensor:
+    """Each row's k-th largest value from its values sorted in descending order (all of them,
+    or the largest few); -inf for a row without top_k, which keeps everything."""
+    k = table[:, _TOP_K : _TOP_K + 1].long()
+    kth = descending.gather(1, k.clamp(max=descending.shape[-1]) - 1)
+    return torch.where(k < vocab, kth, torch.full_like(kth, float("-inf")))
+
+
+def _mask_below_kth_(logits: torch.Tensor, descending: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+    """top_k in place: drop what is below each row's k-th value (ties at it kept); returns the k-th values."""
+    kth = _kth(descending, table, logits.shape[-1])
+    logits.masked_fill_(logits < kth, float("-inf"))
+    return kth
+
+
+def _top_k_top_p_(logits: torch.Tensor, table: torch.Tensor, *, with_top_k: bool) -> None:
+    """top_k (when some row has it) then top_p, in place, for every row from one sort (rows
+    that have them off keep all)."""
     ninf = float("-inf")
     sorted_logits, order = torch.sort(logits, dim=-1, descending=True, stable=True)
-    k = table[:, _TOP_K : _TOP_K + 1].long()
-    kth = sorted_logits.gather(1, k - 1)
-    logits = logits.masked_fill(logits < kth, ninf)
-    # Masking keeps the sorted order: the dropped values were the tail.
-    sorted_logits = sorted_logits.masked_fill(sorted_logits < kth, ninf)
+    if with_top_k:
+        kth = _mask_below_kth_(logits, sorted_logits, table)
+        # Masking keeps the sorted order: the dropped values were the tail.
+        sorted_logits.masked_fill_(sorted_logits < kth, ninf)
     probs = torch.softmax(sorted_logits, dim=-1)
     drop_sorted = (probs.cumsum(dim=-1) - probs) >= table[:, _TOP_P : _TOP_P + 1]
-    drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
-    return logits.masked_fill(drop, ninf)
+    # `order` is a permutation of each row: every position is written once, no zeros needed.
+    drop = torch.empty_like(drop_sorted).scatter_(-1, order, drop_sorted)
+    logits.masked_fill_(drop, ninf)
 
 
 def next_tokens(logits: torch.Tensor, states: Sequence[SamplerState]) -> list[int]:
