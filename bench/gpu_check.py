@@ -1,9 +1,12 @@
 """The GPU check: what only a CUDA host can tell, in one run of under 8 minutes on one GPU.
 
 1. NCCL tensor-parallel smoke at world size 1 (`neuron tp-smoke --backend nccl`).
-2. The CUDA tests (`pytest -m cuda`): greedy parity with generate() on the GPU, bf16 logits
-   against the HF forward, the memory given back when an engine closes, and the NCCL
-   runner against a single-device one.
+2. The CUDA tests (`pytest -m cuda`, run with -s so their figures reach this log): greedy
+   parity with generate() on the GPU, bf16 logits against the HF forward, the memory given
+   back when an engine closes and across load -> generate -> unload -> load (figures after
+   each phase), the batched sampler against row by row (at most one synchronisation), a
+   profile of one decode step of 8, a forced out-of-memory step then a normal request, and
+   the NCCL runner against a single-device one.
 3. The engine benchmark on CUDA (basic, mixed, arrival), for SmolLM2-135M and for a
    random-weight 1.2B Llama-shaped model built from a config (realistic speed, no download).
 
@@ -35,7 +38,7 @@ def steps(python: str) -> list[tuple[str, list[str], float]]:
         ("NCCL smoke", [python, "-m", "neuron.tp.smoke", "--devices", "0", "--backend", "nccl"], 60),
         (
             "CUDA tests",
-            [python, "-m", "pytest", "-q", "-m", "cuda", "-p", "no:cacheprovider", "tests/neuron"],
+            [python, "-m", "pytest", "-q", "-s", "-m", "cuda", "-p", "no:cacheprovider", "tests/neuron"],
             240,
         ),
         ("bench SmolLM2", [*bench, "--scenarios", "basic,mixed,arrival"], 120),

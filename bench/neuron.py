@@ -5,7 +5,9 @@ Scenarios (--scenarios, all by default):
 
   basic          generate() 1 prompt vs engine 1 stream; generate() static batch of 8
                  (left-padded) vs engine 8 concurrent streams; 128 new tokens, best of --repeats.
-                 Budget: 1 stream >= 1.2x, 8 streams >= 1.5x. Prefix cache off.
+                 Budget: 1 stream >= 1.2x, 8 streams >= 1.5x. Prefix cache off. Then the same 8
+                 sampled (temperature 0.8, top_p 0.9 on both sides; budget >= 1.5x too), and the
+                 sampler alone: one step of 8 rows, batched against row by row.
   mixed          16 streams with prompts of 100-4,000 tokens, 32 new tokens each: aggregate
                  tok/s against generate()'s static batch of the same 16 (padded to the longest).
   arrival        8 streams decoding when a 4,000-token prompt arrives: their longest gap
@@ -102,11 +104,22 @@ def prompts(tokenizer: Any) -> list[list[int]]:
     return out
 
 
+# The sampled rows of `basic`: a common chat setting, on both sides.
+SAMPLED = {"temperature": 0.8, "top_p": 0.9}
+
+
 def generate_run(
-    model: Any, tokenizer: Any, batch: list[list[int]], new_tokens: int, *, measure_ttft: bool = True
+    model: Any,
+    tokenizer: Any,
+    batch: list[list[int]],
+    new_tokens: int,
+    *,
+    measure_ttft: bool = True,
+    sample: bool = False,
 ) -> Run:
-    """transformers' generate() over a static left-padded batch; TTFT from a 1-token generate()
-    (without `measure_ttft`, the prefill runs once and TTFT is reported as 0)."""
+    """transformers' generate() over a static left-padded batch (sampled with SAMPLED when
+    `sample`); TTFT from a 1-token generate() (without `measure_ttft`, the prefill runs once
+    and TTFT is reported as 0)."""
     import torch
 
     width = max(len(p) for p in batch)
@@ -122,8 +135,8 @@ def generate_run(
                 attention_mask=mask,
                 max_new_tokens=n,
                 min_new_tokens=n,
-                do_sample=False,
                 pad_token_id=pad,
+                **({"do_sample": True, "top_k": 0, **SAMPLED} if sample else {"do_sample": False}),
             )
         return time.perf_counter() - started
 
@@ -132,28 +145,29 @@ def generate_run(
     return Run(tokens=new_tokens * len(batch), seconds=seconds, ttft=ttft)
 
 
-def greedy_request(prompt: list[int], new_tokens: int) -> Any:
+def greedy_request(prompt: list[int], new_tokens: int, sample: bool = False) -> Any:
     from neuron.engine.api import GenerationRequest, SamplingParams
 
-    return GenerationRequest(
-        prompt_ids=prompt, max_new_tokens=new_tokens, sampling=SamplingParams(temperature=0.0)
-    )
+    sampling = SamplingParams(**SAMPLED) if sample else SamplingParams(temperature=0.0)
+    return GenerationRequest(prompt_ids=prompt, max_new_tokens=new_tokens, sampling=sampling)
 
 
-async def token_times(engine: Any, prompt: list[int], new_tokens: int) -> tuple[list[float], list[Any]]:
-    """perf_counter() at each generated token of one greedy stream, and its events."""
+async def token_times(
+    engine: Any, prompt: list[int], new_tokens: int, sample: bool = False
+) -> tuple[list[float], list[Any]]:
+    """perf_counter() at each generated token of one stream (greedy unless `sample`), and its events."""
     times: list[float] = []
     events: list[Any] = []
-    async for event in engine.generate(greedy_request(prompt, new_tokens)):
+    async for event in engine.generate(greedy_request(prompt, new_tokens, sample)):
         events.append(event)
         if event.token_id is not None:
             times.append(time.perf_counter())
     return times, events
 
 
-async def engine_run(engine: Any, batch: list[list[int]], new_tokens: int) -> Run:
+async def engine_run(engine: Any, batch: list[list[int]], new_tokens: int, sample: bool = False) -> Run:
     started = time.perf_counter()
-    streams = await asyncio.gather(*(token_times(engine, p, new_tokens) for p in batch))
+    streams = await asyncio.gather(*(token_times(engine, p, new_tokens, sample) for p in batch))
     seconds = time.perf_counter() - started
     firsts = [times[0] - started for times, _ in streams]
     return Run(
@@ -412,11 +426,17 @@ async def basic(args: argparse.Namespace, worker: Any, tokenizer: Any) -> None:
     gen_batch: list[Run] = []
     eng_single: list[Run] = []
     eng_batch: list[Run] = []
+    gen_sampled: list[Run] = []
+    eng_sampled: list[Run] = []
     for _ in range(args.repeats):
         gen_single.append(await worker.run(generate_run, model, tokenizer, single, args.new_tokens))
         eng_single.append(await engine_run(engine, single, args.new_tokens))
         gen_batch.append(await worker.run(generate_run, model, tokenizer, batch, args.new_tokens))
         eng_batch.append(await engine_run(engine, batch, args.new_tokens))
+        gen_sampled.append(
+            await worker.run(generate_run, model, tokenizer, batch, args.new_tokens, sample=True)
+        )
+        eng_sampled.append(await engine_run(engine, batch, args.new_tokens, True))
     await engine.close()
 
     gs, es, gb, eb = best(gen_single), best(eng_single), best(gen_batch), best(eng_batch)
@@ -434,6 +454,50 @@ async def basic(args: argparse.Namespace, worker: Any, tokenizer: Any) -> None:
         f"{'met' if batch_ratio >= BATCH_BUDGET else 'NOT met'}), "
         f"TTFT 1 stream {es.ttft / gs.ttft:.2f}x of generate()'s"
     )
+    gsam, esam = best(gen_sampled), best(eng_sampled)
+    sampled_ratio = esam.tok_s / gsam.tok_s
+    print(f"sampled ({', '.join(f'{k} {v}' for k, v in SAMPLED.items())}):")
+    print(line(f"generate(do_sample), batch of {args.streams}", gsam))
+    print(line(f"engine, {args.streams} sampled streams", esam))
+    print(
+        f"ratio: {args.streams} sampled streams {sampled_ratio:.2f}x (budget >= {BATCH_BUDGET}x: "
+        f"{'met' if sampled_ratio >= BATCH_BUDGET else 'NOT met'})"
+    )
+    vocab = int(engine_model.config.vocab_size)
+    for size in sorted({vocab, QWEN_VOCAB}):
+        per_row, batched = await worker.run(sampler_step_cost, args.streams, size)
+        print(
+            f"sampler, one step of {args.streams} rows, vocabulary {size}: row by row {per_row * 1000:.2f} ms, "
+            f"batched {batched * 1000:.2f} ms ({per_row / batched:.1f}x)"
+        )
+
+
+# Qwen2.5/Qwen3's vocabulary, where a per-row sampler costs the most.
+QWEN_VOCAB = 151_936
+
+
+def sampler_step_cost(rows: int, vocab: int, steps: int = 30) -> tuple[float, float]:
+    """Median seconds of one sampling step over [rows, vocab] logits: row by row (the
+    sampler's reference path, what the engine ran before) and batched (what it runs)."""
+    import torch
+
+    from neuron.engine.api import SamplingParams
+    from neuron.engine.sampling import SamplerState, next_tokens, sample_row
+
+    logits = torch.randn(rows, vocab, generator=torch.Generator().manual_seed(0)) * 4
+    states = [SamplerState.create(SamplingParams(**SAMPLED, seed=i)) for i in range(rows)]
+
+    per_row: list[float] = []
+    batched: list[float] = []
+    # Interleaved, so that a neighbour's load on the shared box hits both alike.
+    for _ in range(steps):
+        started = time.perf_counter()
+        [sample_row(logits[i], s) for i, s in enumerate(states)]
+        per_row.append(time.perf_counter() - started)
+        started = time.perf_counter()
+        next_tokens(logits, states)
+        batched.append(time.perf_counter() - started)
+    return statistics.median(per_row), statistics.median(batched)
 
 
 def report(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from collections import Counter
+from dataclasses import replace
 
 import pytest
 import torch
@@ -14,10 +15,12 @@ from neuron.engine.sampling import (
     SamplerState,
     apply_presence_frequency,
     apply_repetition_penalty,
+    choose_tokens,
     is_plain_greedy,
     min_p_filter,
     next_token,
     next_tokens,
+    sample_row,
     top_k_filter,
     top_p_filter,
 )
@@ -180,3 +183,111 @@ def test_batch_rows_are_independent_of_their_companions() -> None:
     together = next_tokens(logits, states)
     assert together[1] == alone
     assert together[0] == int(torch.argmax(logits[0]))
+
+
+# Every sampler setting the batched path has a stage for, alone and combined.
+SETTINGS = [
+    SamplingParams(temperature=0.0),
+    SamplingParams(temperature=0.0, repetition_penalty=1.3),
+    SamplingParams(temperature=0.0, presence_penalty=0.5, frequency_penalty=0.3),
+    SamplingParams(temperature=1.0),
+    SamplingParams(temperature=0.8, top_p=0.9),
+    SamplingParams(temperature=0.7, top_k=5),
+    SamplingParams(temperature=1.0, top_k=1),
+    SamplingParams(temperature=1.2, top_k=20, top_p=0.8),
+    SamplingParams(temperature=1.5, top_p=1e-6),  # only the most likely token survives
+    SamplingParams(temperature=1.0, min_p=0.1),
+    SamplingParams(temperature=1.1, repetition_penalty=0.8),  # < 1 encourages repeats
+    SamplingParams(temperature=0.9, presence_penalty=-0.5, frequency_penalty=0.7),
+    SamplingParams(
+        temperature=0.9,
+        top_k=40,
+        top_p=0.95,
+        min_p=0.05,
+        repetition_penalty=1.2,
+        presence_penalty=0.4,
+        frequency_penalty=0.2,
+    ),
+]
+
+
+def step_logits(step: int, rows: int, vocab: int = 300) -> torch.Tensor:
+    """Random logits with ties (one decimal) and a few tokens far ahead, as a model's are."""
+    logits = torch.randn(rows, vocab, generator=torch.Generator().manual_seed(step)) * 3
+    return (logits * 10).round() / 10
+
+
+def run_both(
+    settings: list[SamplingParams], steps: int, *, same_logits: bool = False
+) -> tuple[list[list[int]], list[list[int]]]:
+    """Tokens of each row drawn by `next_tokens` (batched) and by `sample_row` (row by row),
+    each path with its own states from the same seeds, recording what it drew; with
+    `same_logits` every row sees the same logits."""
+    batched = [SamplerState.create(p) for p in settings]
+    reference = [SamplerState.create(p) for p in settings]
+    for step in range(steps):
+        logits = (
+            step_logits(step, 1).expand(len(settings), -1)
+            if same_logits
+            else step_logits(step, len(settings))
+        )
+        for state, token in zip(batched, next_tokens(logits, batched), strict=True):
+            state.record(token)
+        for row, state in enumerate(reference):
+            state.record(sample_row(logits[row], state))
+    return [s.generated for s in batched], [s.generated for s in reference]
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2**40 + 7])
+def test_a_mixed_batch_draws_what_each_row_draws_alone(seed: int) -> None:
+    settings = [replace(p, seed=seed + i) for i, p in enumerate(SETTINGS)]
+    batched, reference = run_both(settings, steps=40)
+    assert batched == reference
+    # Not vacuous: the sampled rows did draw different tokens.
+    assert all(len(set(tokens)) > 1 for p, tokens in zip(settings, batched, strict=True) if p.top_k != 1)
+
+
+@pytest.mark.parametrize("params", SETTINGS, ids=repr)
+def test_each_setting_batched_equals_row_by_row(params: SamplingParams) -> None:
+    settings = [replace(params, seed=seed) for seed in (3, 4, 3)]
+    batched, reference = run_both(settings, steps=25, same_logits=True)
+    assert batched == reference
+    assert batched[0] == batched[2]  # same seed, same tokens, whatever shares the batch
+
+
+def test_the_batched_sampler_answers_on_the_logits_device_without_a_copy_back() -> None:
+    logits = step_logits(0, 3)
+    states = [SamplerState.create(p) for p in SETTINGS[3:6]]
+    chosen = choose_tokens(logits, states)
+    assert chosen.device == logits.device
+    assert chosen.shape == (3,)
+    assert chosen.dtype == torch.long
+
+
+@pytest.mark.parametrize(
+    "batch",
+    [
+        # top_k of different sizes beside rows without it: the partial-sort path (largest k only)
+        [
+            SamplingParams(temperature=0.9, top_k=5),
+            SamplingParams(temperature=1.0),
+            SamplingParams(temperature=0.7, top_k=40),
+        ],
+        # top_p beside top_k only and neither: the full-sort path
+        [
+            SamplingParams(temperature=0.9, top_k=5),
+            SamplingParams(temperature=1.0, top_p=0.8),
+            SamplingParams(temperature=1.3),
+        ],
+        # greedy rows with penalties among sampled ones
+        [
+            SamplingParams(temperature=0.0, repetition_penalty=1.5),
+            SamplingParams(temperature=1.0, top_k=3, min_p=0.2),
+        ],
+    ],
+    ids=["top-k-only", "top-p-and-top-k", "greedy-among-sampled"],
+)
+def test_batches_mixing_the_filters_draw_what_each_row_draws_alone(batch: list[SamplingParams]) -> None:
+    settings = [replace(p, seed=20 + i) for i, p in enumerate(batch)]
+    batched, reference = run_both(settings, steps=30)
+    assert batched == reference

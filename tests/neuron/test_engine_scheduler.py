@@ -241,6 +241,74 @@ def test_a_failed_batched_prefill_is_retried_one_by_one(
     assert sorted(finished) == [0, 1, 2]
 
 
+def test_first_tokens_of_prompts_prefilled_together_are_sampled_in_one_batch(
+    model_and_tokenizer: tuple[Any, Any], prompt: list[int], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One copy back from the device for all of them, and a sampler failure of one request
+    (retried one by one) fails only that request."""
+    import neuron.engine.scheduler as scheduler_module
+
+    batches: list[int] = []
+    batched = scheduler_module.next_tokens
+
+    alone = scheduler_module.next_token
+
+    def counting(logits: torch.Tensor, states: Sequence[SamplerState]) -> list[int]:
+        batches.append(len(states))
+        if any(s.params.top_k == 13 for s in states):
+            raise RuntimeError("sampler exploded")
+        return batched(logits, states)
+
+    def one(logits: torch.Tensor, state: SamplerState) -> int:
+        if state.params.top_k == 13:
+            raise RuntimeError("sampler exploded")
+        return alone(logits, state)
+
+    monkeypatch.setattr(scheduler_module, "next_tokens", counting)
+    monkeypatch.setattr(scheduler_module, "next_token", one)
+    scheduler = Scheduler(
+        SingleDeviceRunner(model_and_tokenizer[0], device="cpu"),
+        max_batch_size=8,
+        prefill_budget_tokens=512,
+        on_finished=lambda s: None,
+    )
+    sampled = SamplingParams(temperature=0.7, seed=3)
+    sequences = [
+        SeqState(
+            seq_id=i,
+            request=greedy(p, 1),
+            sink=ListSink(),
+            sampler=SamplerState.create(sampled),
+            max_new_tokens=1,
+        )
+        for i, p in enumerate([prompt, prompt[1:], prompt[2:]])
+    ]
+    scheduler.incoming.extend(sequences)
+    scheduler.step(lambda: None)
+    assert batches == [3]
+    assert all(len(seq.sink.items) == 1 for seq in sequences)  # type: ignore[attr-defined]
+
+    batches.clear()
+    doomed = SamplingParams(temperature=0.7, top_k=13)
+    more = [
+        SeqState(
+            seq_id=10 + i,
+            request=greedy(p, 1),
+            sink=ListSink(),
+            sampler=SamplerState.create(params),
+            max_new_tokens=1,
+        )
+        for i, (p, params) in enumerate([(prompt, sampled), (prompt[1:], doomed)])
+    ]
+    scheduler.incoming.extend(more)
+    scheduler.step(lambda: None)
+    # The batch (2) failed on the doomed row; one by one, the healthy one passes, the doomed fails alone.
+    assert batches[0] == 2
+    healthy, failed = (seq.sink.items for seq in more)  # type: ignore[attr-defined]
+    assert healthy[-1].token_id is not None
+    assert isinstance(failed[-1], RuntimeError)
+
+
 async def test_close_fails_running_requests_with_503(make_engine: Any, prompt: list[int]) -> None:
     engine = make_engine()
     running = engine.generate(greedy(prompt, 900))

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import httpx2
 import msgspec
-from support.fake_nvml import FakeGpu, FakeNvml
+import pytest
+from support.fake_nvml import FakeGpu, FakeNvml, cuda_view, mig_slice
 
 from cortex_core.config.neuron import NeuronConfig
 from cortex_core.neuron_api import DiscoveryResponse
 from neuron.app import create_app
-from neuron.discovery import HostProbe, cuda_version_text
+from neuron.discovery import HostProbe, cuda_version_text, match_cuda_devices, normalise_uuid, nvml_devices
+
+MIB = 1024 * 1024
 
 
 def test_without_nvml_the_host_is_cpu_only_and_says_why() -> None:
@@ -42,7 +45,7 @@ def test_fake_nvml_gpus_are_reported() -> None:
     nvml = FakeNvml(
         gpus=[FakeGpu(), FakeGpu(name="NVIDIA Fake 80GB", total_mb=81920, used_mb=0, temperature=-1)]
     )
-    probe = HostProbe.open(nvml)
+    probe = HostProbe.open(nvml, cuda_uuids=nvml.cuda_uuids())
     discovery = probe.discovery(["torch"])
     assert discovery.driver_version == "570.86.16"
     assert discovery.cuda_version == "12.8"
@@ -66,7 +69,8 @@ def test_cuda_version_text() -> None:
 
 
 async def test_discovery_and_health_routes_with_a_fake_gpu() -> None:
-    probe = HostProbe.open(FakeNvml(gpus=[FakeGpu()]))
+    nvml = FakeNvml(gpus=[FakeGpu()])
+    probe = HostProbe.open(nvml, cuda_uuids=nvml.cuda_uuids())
     app = create_app(NeuronConfig(), probe=probe, serving_routes=lambda lookup, config: [])
     async with httpx2.AsyncClient(transport=httpx2.ASGITransport(app=app), base_url="http://test") as client:
         discovery = msgspec.convert((await client.get("/discovery")).json(), DiscoveryResponse)
@@ -81,3 +85,85 @@ async def test_discovery_and_health_routes_with_a_fake_gpu() -> None:
         assert body["models"] == []
         assert body["uptime_secs"] >= 0
         assert body["host_memory_free_mb"] > 0
+
+
+def four_cards() -> list[FakeGpu]:
+    """NVML (PCI) order: each card told apart by its free memory; card 2 is the fastest."""
+    return [
+        FakeGpu(name=f"card {i}", total_mb=10_000 * (i + 1), used_mb=0, speed=10 if i == 2 else 0)
+        for i in range(4)
+    ]
+
+
+@pytest.mark.parametrize(
+    ("visible", "order", "expected"),
+    [
+        # torch ordinal -> NVML card
+        (None, "PCI_BUS_ID", [0, 1, 2, 3]),
+        (None, "FASTEST_FIRST", [2, 0, 1, 3]),  # CUDA's default order: not NVML's
+        ("3,1", "PCI_BUS_ID", [3, 1]),
+        ("1,0", "FASTEST_FIRST", [0, 2]),  # positions in the fastest-first order
+        ("uuid:1,uuid:3", "FASTEST_FIRST", [1, 3]),
+        ("2,9,0", "PCI_BUS_ID", [2]),  # an entry that matches nothing ends the list
+    ],
+)
+def test_cuda_ordinals_are_torch_s_matched_to_nvml_by_uuid(
+    visible: str | None, order: str, expected: list[int]
+) -> None:
+    cards = four_cards()
+    if visible is not None:
+        visible = ",".join(
+            cards[int(e.removeprefix("uuid:"))].uuid if e.startswith("uuid:") else e
+            for e in visible.split(",")
+        )
+    nvml = FakeNvml(gpus=cards)
+    probe = HostProbe.open(nvml, cuda_uuids=cuda_view(cards, visible, order))
+    assert probe.gpu_indices == list(range(len(expected)))
+    # Every reading by torch ordinal is that card's: free memory, discovery, health.
+    assert [probe.free_bytes(i) // MIB for i in probe.gpu_indices] == [10_000 * (c + 1) for c in expected]
+    assert [d.name for d in probe.discovery(["torch"]).devices] == [f"card {c}" for c in expected]
+    assert [h.index for h in probe.device_health()] == probe.gpu_indices
+    assert [h.vram_free_mb for h in probe.device_health()] == [10_000 * (c + 1) for c in expected]
+
+
+def test_mig_slices_are_devices_of_their_own() -> None:
+    sliced = FakeGpu(
+        name="NVIDIA A100 80GB",
+        total_mb=81920,
+        compute_capability=(8, 0),
+        mig_slices=[
+            mig_slice("NVIDIA A100 80GB MIG 3g.40gb", 40192, used_mb=192),
+            mig_slice("NVIDIA A100 80GB MIG 2g.20gb", 19968),
+        ],
+    )
+    whole = FakeGpu(name="NVIDIA L4", total_mb=23034)
+    nvml = FakeNvml(gpus=[sliced, whole])
+    assert [d.uuid for d in nvml_devices(nvml)] == [s.uuid for s in sliced.mig_slices] + [whole.uuid]
+    # The process is given the second slice and the L4, in that order.
+    visible = f"{sliced.mig_slices[1].uuid},{whole.uuid}"
+    probe = HostProbe.open(nvml, cuda_uuids=cuda_view(nvml.gpus, visible))
+    devices = probe.discovery(["torch"]).devices
+    assert [(d.index, d.name, d.vram_total_mb, d.compute_capability) for d in devices] == [
+        (0, "NVIDIA A100 80GB MIG 2g.20gb", 19968, "8.0"),  # the card's capability
+        (1, "NVIDIA L4", 23034, "8.9"),
+    ]
+    assert probe.free_bytes(0) == 19968 * MIB
+    assert [h.temp_c for h in probe.device_health()] == [41, 41]  # a slice reads its card's sensor
+
+
+def test_torch_devices_nvml_does_not_know_are_left_out_and_none_at_all_is_cpu_only() -> None:
+    cards = four_cards()
+    nvml = FakeNvml(gpus=cards)
+    stranger = "0badc0de-0000-4000-8000-000000000000"
+    probe = HostProbe.open(nvml, cuda_uuids=[stranger, normalise_uuid(cards[1].uuid)])
+    assert probe.gpu_indices == [1]  # cuda:1 is still card 1; cuda:0 cannot be measured
+    assert probe.free_bytes(1) == 20_000 * MIB
+    matched, unmatched = match_cuda_devices(nvml_devices(nvml), [stranger])
+    assert matched == {} and unmatched == [f"cuda:0 ({stranger})"]
+
+    none_match = HostProbe.open(FakeNvml(gpus=four_cards()), cuda_uuids=[stranger])
+    assert none_match.gpu_indices == []
+    assert "CUDA_VISIBLE_DEVICES" in (none_match.cuda_unavailable_reason or "")
+    cpu_torch = HostProbe.open(FakeNvml(gpus=four_cards()), cuda_uuids="torch 2.9.0+cpu cannot use CUDA here")
+    assert cpu_torch.gpu_indices == []
+    assert "NVML sees 4 device(s) but torch 2.9.0+cpu" in (cpu_torch.cuda_unavailable_reason or "")

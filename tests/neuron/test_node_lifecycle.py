@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 import shutil
 import threading
@@ -20,7 +21,7 @@ from support.tiny_gguf import write_tiny_llama_gguf
 
 import neuron.manager as manager_module
 from cortex_core.config.neuron import NeuronConfig, SourceConfig
-from cortex_core.neuron_api import ModelSpec
+from cortex_core.neuron_api import ModelLoad, ModelSpec
 from neuron.app import create_app
 from neuron.discovery import HostProbe
 from neuron.loader import LoadedCheckpoint, load_checkpoint
@@ -106,7 +107,8 @@ async def test_load_list_endpoint_unload_a_local_folder(
     # The output a request can get is the window less the one token a prompt needs at least.
     assert info["limit"] == {"context": 1024, "input": 1023, "output": 1023}
     assert info["reasoning"] is True and info["tool_call"] is True
-    assert info["vram_used_mb"] == 0  # 400 KB of weights
+    # 400 KB of weights plus the K/V pool (a full batch of full-context sequences: 4 MiB).
+    assert info["vram_used_mb"] == node.manager._records[model_id].memory_bytes // MIB == 4
     assert "devices" not in info  # CPU: no device index
 
     # Percent-encoded (as the gateway sends it) and raw.
@@ -135,6 +137,149 @@ async def test_load_list_endpoint_unload_a_local_folder(
     gone = await node.client.get(endpoint_path(model_id))
     assert gone.status_code == 404
     assert "not loaded" in gone.json()["error"]["message"]
+
+
+def device_tensors(runner: Any) -> list[Any]:
+    """Every tensor a prepared runner holds: parameters, buffers, packed weights, the K/V pool."""
+    import torch
+
+    model = runner.model
+    tensors = [*model.parameters(), *model.buffers()]
+    # Packed CPU linears keep their reordered weights as plain attributes.
+    tensors += [v for m in model.modules() for v in vars(m).values() if isinstance(v, torch.Tensor)]
+    return [*tensors, *runner.pool.keys, *runner.pool.values]
+
+
+async def test_unload_leaves_no_strong_path_to_any_weight_or_the_pool(
+    make_node: Callable[..., Node], tiny_qwen3: Path
+) -> None:
+    node = make_node()
+    model_id = str(tiny_qwen3)
+    assert (await node.client.post("/models/load", json={"model_id": model_id})).status_code == 200
+    chat = await node.client.post(
+        "/v1/chat/completions",
+        json={"model": model_id, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 3},
+    )
+    assert chat.status_code == 200, chat.text  # the runner is prepared: pool allocated, decoder built
+    # A request handler that has not let go of its model yet, across the unload.
+    in_flight_holder = node.manager.get(model_id)
+    tensors = [weakref.ref(t) for t in device_tensors(in_flight_holder.engine.runner)]
+    assert len(tensors) > 10
+
+    unload = await node.client.post("/models/unload", json={"model_id": model_id})
+    assert unload.status_code == 200, unload.text
+    assert [ref for ref in tensors if ref() is not None] == []
+    assert node.models[0]() is None
+    assert in_flight_holder.engine.runner.model is None
+
+
+async def test_the_k_v_pool_is_allocated_during_the_load_and_counted_in_its_memory(
+    make_node: Callable[..., Node], tiny_qwen3: Path
+) -> None:
+    node = make_node()
+    model_id = str(tiny_qwen3)
+    assert (await node.client.post("/models/load", json={"model_id": model_id})).status_code == 200
+    runner = node.manager.get(model_id).engine.runner
+    # Allocated on the owner thread before the load returned (no request has run yet).
+    assert runner.pool is not None
+    assert runner.kv_cache_bytes == runner.pool.nbytes > 0
+    weights = sum(t.numel() * t.element_size() for t in (*runner.model.parameters(), *runner.model.buffers()))
+    assert node.manager._records[model_id].memory_bytes == weights + runner.pool.nbytes
+
+
+class StopsButKeepsItsModel:
+    """An engine whose close() stops it but frees nothing: only the manager letting go of
+    every path to it can free the model."""
+
+    def __init__(self, checkpoint: LoadedCheckpoint) -> None:
+        self.model = checkpoint.model
+
+    def generate(self, request: Any) -> Any:
+        raise AssertionError("not used")
+
+    def load(self) -> ModelLoad:
+        return ModelLoad(id="kept")
+
+    async def close(self) -> None:
+        return None
+
+
+async def test_the_manager_lets_go_of_a_model_before_releasing_its_memory(
+    tiny_qwen3: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    models: list[weakref.ref[Any]] = []
+    alive_at_release: list[bool] = []
+
+    def factory(checkpoint: LoadedCheckpoint, worker: Any, config: Any, model_id: str, on_fault: Any) -> Any:
+        models.append(weakref.ref(checkpoint.model))
+        return StopsButKeepsItsModel(checkpoint)
+
+    def release(device: int | None) -> int | None:
+        gc.collect()
+        alive_at_release.append(models[0]() is not None)
+        return None
+
+    monkeypatch.setattr(manager_module, "release_memory", release)
+    manager = ModelManager(NeuronConfig(), cpu_host(), engine_factory=factory)
+    try:
+        await manager.load(ModelSpec(model_id=str(tiny_qwen3)))
+        await manager.unload(str(tiny_qwen3))
+    finally:
+        await manager.close()
+    assert alive_at_release == [False]
+
+
+async def test_a_device_fault_in_one_model_poisons_every_model_on_that_device(
+    tiny_qwen3: Path, tmp_path: Path
+) -> None:
+    import torch
+
+    from neuron.engine import SingleDeviceRunner, TorchEngine
+
+    class AssertsOnSeven(SingleDeviceRunner):
+        """Kernels that hit a device-side assert when a prompt holds token 7."""
+
+        def forward(self, rows: Any) -> torch.Tensor:
+            if any(7 in row.tokens for row in rows):
+                raise RuntimeError("CUDA error: device-side assert triggered")
+            return super().forward(rows)
+
+    def factory(checkpoint: LoadedCheckpoint, worker: Any, config: Any, model_id: str, on_fault: Any) -> Any:
+        runner = AssertsOnSeven(checkpoint.model, device="cpu")
+        return TorchEngine(runner, worker=worker, config=config, model_id=model_id, on_device_fault=on_fault)
+
+    config = NeuronConfig()
+    manager = ModelManager(config, cpu_host(), engine_factory=factory)
+    app = create_app(config, probe=manager.probe, manager=manager)
+    client = httpx2.AsyncClient(transport=httpx2.ASGITransport(app=app), base_url="http://test")
+    first, second = str(tiny_qwen3), str(copy_model(tiny_qwen3, tmp_path / "second"))
+    try:
+        for model_id in (first, second):
+            assert (await client.post("/models/load", json={"model_id": model_id})).status_code == 200
+        failed = await client.post(
+            "/v1/completions", json={"model": first, "prompt": [7, 8, 9], "max_tokens": 2}
+        )
+        assert failed.status_code == 500, failed.text
+
+        listed = {info["id"]: info for info in (await client.get("/models")).json()}
+        for model_id in (first, second):
+            assert listed[model_id]["status"] == "poisoned"
+            assert "device-side assert" in listed[model_id]["error"]
+            assert f"model '{first}'" in listed[model_id]["error"]
+        refused = await client.post(
+            "/v1/completions", json={"model": second, "prompt": [8, 9], "max_tokens": 2}
+        )
+        assert refused.status_code == 500
+        assert refused.json()["error"]["code"] == "model_poisoned"
+
+        # Unload and load again recovers (on a real GPU: once the process let go of the context).
+        assert (await client.post("/models/unload", json={"model_id": second})).status_code == 200
+        assert (await client.post("/models/load", json={"model_id": second})).status_code == 200
+        ok = await client.post("/v1/completions", json={"model": second, "prompt": [8, 9], "max_tokens": 2})
+        assert ok.status_code == 200, ok.text
+    finally:
+        await client.aclose()
+        await manager.close()
 
 
 async def test_a_folder_is_served_and_listed_under_its_served_model_name(
@@ -269,9 +414,8 @@ async def test_two_loads_in_flight_cannot_both_claim_the_same_free_memory(
 async def test_a_model_too_big_for_the_chosen_gpu_is_refused(
     make_node: Callable[..., Node], tiny_qwen3: Path
 ) -> None:
-    probe = HostProbe.open(
-        FakeNvml(gpus=[FakeGpu(total_mb=24576, used_mb=24500), FakeGpu(total_mb=1024, used_mb=0)])
-    )
+    nvml = FakeNvml(gpus=[FakeGpu(total_mb=24576, used_mb=24500), FakeGpu(total_mb=1024, used_mb=0)])
+    probe = HostProbe.open(nvml, cuda_uuids=nvml.cuda_uuids())
     node = make_node(probe=probe)
     response = await node.client.post("/models/load", json={"model_id": str(tiny_qwen3), "devices": [0]})
     assert response.status_code == 422

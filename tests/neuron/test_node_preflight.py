@@ -18,10 +18,12 @@ from neuron.preflight import (
     check_gguf_architecture,
     check_layer_types,
     read_gguf_summary,
+    replicated_weight_bytes,
     required_bytes,
     safetensors_bytes,
     supported_gguf_architectures,
     supported_model_types,
+    tensor_parallel_rank_bytes,
 )
 
 
@@ -129,6 +131,7 @@ def test_choose_device(requested: list[int] | None, free: dict[int, int], expect
     ("device", "config_dtype", "expected"),
     [
         (0, "float32", "bfloat16"),
+        (0, "bfloat16", "bfloat16"),
         (None, "bfloat16", "bfloat16"),
         (None, "float16", "float32"),
         (None, None, "float32"),
@@ -147,3 +150,29 @@ def test_chat_template_precedence(tmp_path: Path) -> None:
     assert read_chat_template(tmp_path) == "from json"
     (tmp_path / "chat_template.jinja").write_text("from jinja")
     assert read_chat_template(tmp_path) == "from jinja"
+
+
+@pytest.mark.parametrize(
+    ("weights", "replicated", "world", "expected"),
+    [
+        (1000, 0, 2, 500),
+        (1000, 300, 2, 300 + 350),  # embeddings whole on each rank, the rest halved
+        (1000, 300, 4, 300 + 175),
+        (1001, 0, 2, 501),  # rounded up: never under-reserve
+        (1000, 1500, 2, 1000),  # an estimate above the total is capped
+        (1000, 300, 1, 1000),
+    ],
+)
+def test_a_tensor_parallel_rank_holds_the_replicated_weights_whole(
+    weights: int, replicated: int, world: int, expected: int
+) -> None:
+    assert tensor_parallel_rank_bytes(weights, replicated, world) == expected
+
+
+def test_replicated_weights_are_the_embeddings_once_when_tied() -> None:
+    from types import SimpleNamespace
+
+    tied = SimpleNamespace(vocab_size=1000, hidden_size=64, tie_word_embeddings=True)
+    untied = SimpleNamespace(vocab_size=1000, hidden_size=64, tie_word_embeddings=False)
+    assert replicated_weight_bytes(tied, 2) == 1000 * 64 * 2
+    assert replicated_weight_bytes(untied, 2) == 2 * 1000 * 64 * 2

@@ -127,6 +127,10 @@ class KeepOpen:
     def block_size(self) -> int:
         return self._runner.block_size
 
+    @property
+    def vocab_size(self) -> int:
+        return self._runner.vocab_size
+
     def forward(self, rows: Sequence[ForwardRow]) -> torch.Tensor:
         return self._runner.forward(rows)
 

@@ -12,9 +12,19 @@ from typing import Any
 import pytest
 import torch
 
-from neuron.tp.group import UnsupportedBackend, choose_backend, rank_devices
+from neuron.engine.paged import ForwardRow
+from neuron.tp.group import (
+    NCCL_DAEMON_ENVIRONMENT,
+    UnsupportedBackend,
+    abort_group,
+    choose_backend,
+    configure_nccl_environment,
+    rank_devices,
+)
 from neuron.tp.leader import describe_exit
 from neuron.tp.loading import TensorParallelPlacementError, tensor_parallel_devices
+from neuron.tp.protocol import Call, RankSetup
+from neuron.tp.rank import RankState
 from neuron.tp.shard import UnshardableModel, plan_shards, shard_model
 from neuron.tp.smoke import parse_devices
 
@@ -217,3 +227,59 @@ def test_sharded_ranks_reproduce_the_full_model(arch: str, request: pytest.Fixtu
         assert result is not None
         torch.testing.assert_close(result, expected, atol=1e-5, rtol=1e-4)
     assert shards[0].config.num_key_value_heads == full.config.num_key_value_heads // world
+
+
+def test_nccl_settings_are_set_over_inherited_ones() -> None:
+    inherited = {"TORCH_NCCL_ASYNC_ERROR_HANDLING": "1", "PATH": "/usr/bin"}  # 1 tears the process down
+    replaced = configure_nccl_environment(inherited)
+    assert replaced == {"TORCH_NCCL_ASYNC_ERROR_HANDLING": "1"}
+    assert inherited == {**NCCL_DAEMON_ENVIRONMENT, "PATH": "/usr/bin"}
+    assert inherited["TORCH_NCCL_ASYNC_ERROR_HANDLING"] == "2"
+    assert inherited["TORCH_NCCL_ENABLE_MONITORING"] == "0"
+    assert configure_nccl_environment(inherited) == {}
+
+
+def test_a_cuda_rank_answers_a_forward_only_once_its_gpu_work_is_done(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    events: list[str] = []
+
+    class Runner:
+        def forward(self, rows: list[ForwardRow]) -> torch.Tensor:
+            events.append("forward queued")
+            return torch.zeros(len(rows), 8)
+
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: events.append(f"synchronize {device}"))
+    for device, expected in (
+        ("cuda:3", ["forward queued", "synchronize cuda:3"]),
+        ("cpu", ["forward queued"]),  # the CPU computes synchronously
+    ):
+        events.clear()
+        setup = RankSetup(1, 2, "nccl", device, 0, 10.0, None, None)
+        rank = RankState(setup, group=None)
+        rank.runner = Runner()  # type: ignore[assignment]
+        logits = rank.execute(Call("forward", ([([1, 2], 0, [1])],)))
+        assert logits.shape == (1, 8)
+        assert events == expected
+
+
+def test_an_nccl_abort_that_hangs_is_left_behind_after_its_timeout() -> None:
+    release = threading.Event()
+
+    class Wedged:
+        aborted = 0
+
+        def abort(self) -> None:
+            self.aborted += 1
+            release.wait()  # a broken device: the abort never returns on its own
+
+    class Healthy:
+        def abort(self) -> None:
+            pass
+
+    try:
+        assert abort_group(Healthy(), "nccl", timeout_s=30.0) is True
+        assert abort_group(Wedged(), "nccl", timeout_s=0.05) is False
+        assert abort_group(Wedged(), "gloo", timeout_s=0.05) is True  # gloo: nothing to abort
+    finally:
+        release.set()

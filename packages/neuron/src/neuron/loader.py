@@ -32,14 +32,28 @@ def device_name(device: int | None) -> str:
     return "cpu" if device is None else f"cuda:{device}"
 
 
-def choose_dtype(device: int | None, config_dtype: str | None) -> str:
-    """bf16 on a GPU; on the CPU the checkpoint's own dtype, except float16 (slow on CPUs) -> float32."""
+def choose_dtype(device: int | None, config_dtype: str | None, *, bf16_supported: bool = True) -> str:
+    """bf16 on a GPU that computes in it (compute capability 8.0 on: Ampere and later), else
+    fp16; on the CPU the checkpoint's own dtype, except float16 (slow on CPUs) -> float32."""
     if device is not None:
-        return "bfloat16"
+        return "bfloat16" if bf16_supported else "float16"
     dtype = (config_dtype or "float32").removeprefix("torch.")
     if dtype in ("float16", "half"):
         return "float32"
     return dtype if dtype in ("float32", "bfloat16") else "float32"
+
+
+def gpu_has_bf16(capability: tuple[int, int]) -> bool:
+    """bf16 arithmetic in hardware starts with Ampere (8.0); older cards emulate it slowly or not at all."""
+    return capability >= (8, 0)
+
+
+def bind_device(device: int | None) -> None:
+    """Make `device` the calling thread's current CUDA device (a device worker's first job)."""
+    if device is not None:
+        import torch
+
+        torch.cuda.set_device(device)
 
 
 def _read_json(path: Path) -> Any:
@@ -91,8 +105,19 @@ def load_checkpoint(folder: Path, gguf_file: str | None, device: int | None) -> 
     config_dtype = _read_json(folder / "config.json").get("dtype") if has_config else None
     if has_config and config_dtype is None:
         config_dtype = _read_json(folder / "config.json").get("torch_dtype")
-    dtype = choose_dtype(device, config_dtype)
+    bf16 = device is None or gpu_has_bf16(torch.cuda.get_device_capability(device))
+    dtype = choose_dtype(device, config_dtype, bf16_supported=bf16)
+    if not bf16 and config_dtype in ("bfloat16", "torch.bfloat16"):
+        log.warning(
+            "%s has no bf16 (compute capability below 8.0): the bf16 checkpoint runs in fp16, "
+            "whose narrower range can overflow in some models",
+            device_name(device),
+        )
     kwargs: dict[str, Any] = {"dtype": getattr(torch, dtype)}
+    if device is not None:
+        # Straight onto the GPU, tensor by tensor, rather than the whole model in host RAM
+        # first and then a copy: host memory stays near one tensor, not one model.
+        kwargs["device_map"] = {"": device_name(device)}
     if gguf_file:
         kwargs["gguf_file"] = gguf_file
         if has_config:
@@ -120,13 +145,21 @@ def load_checkpoint(folder: Path, gguf_file: str | None, device: int | None) -> 
     )
 
 
-def release_memory(device: int | None) -> None:
-    """After the last reference to a model is dropped: collect it and return cached CUDA blocks."""
+def release_memory(device: int | None) -> int | None:
+    """After the last reference to a model is dropped: collect it and give the device's cached
+    blocks back to the driver. Returns the bytes this process's CUDA allocator gave back on
+    `device` (None for the CPU, where the allocator is the host's)."""
     gc.collect()
-    if device is not None:
-        import torch
+    if device is None:
+        return None
+    import torch
 
+    where = torch.device(device_name(device))
+    before = torch.cuda.memory_reserved(where)
+    # empty_cache frees the current device's cache: make sure that is this one.
+    with torch.cuda.device(where):
         torch.cuda.empty_cache()
+    return max(0, before - torch.cuda.memory_reserved(where))
 
 
 @dataclass

@@ -16,6 +16,7 @@ import logging
 import time
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -36,6 +37,7 @@ from neuron.engine.api import Engine, GenerationRequest, TokenEvent
 from neuron.loader import (
     CheckpointMetadata,
     LoadedCheckpoint,
+    bind_device,
     choose_dtype,
     device_name,
     load_checkpoint,
@@ -43,7 +45,13 @@ from neuron.loader import (
     release_memory,
 )
 from neuron.metrics import LiveReadings, NeuronMetrics
-from neuron.preflight import check_fit, required_bytes
+from neuron.preflight import (
+    check_fit,
+    replicated_weight_bytes,
+    required_bytes,
+    tensor_parallel_rank_bytes,
+    torch_itemsize,
+)
 from neuron.prepare import ModelPreparer, Placement, PreparedModel
 from neuron.runtime import LoadedModel
 from neuron.serving.params import context_length
@@ -61,12 +69,24 @@ ENGINE_CLOSE_TIMEOUT_SECS = 20.0
 
 class EngineFactory(Protocol):
     def __call__(
-        self, checkpoint: LoadedCheckpoint, worker: DeviceWorker, config: EngineConfig, model_id: str
-    ) -> Engine: ...
+        self,
+        checkpoint: LoadedCheckpoint,
+        worker: DeviceWorker,
+        config: EngineConfig,
+        model_id: str,
+        on_device_fault: Callable[[str], None],
+    ) -> Engine:
+        """An engine over the loaded checkpoint; it calls `on_device_fault(reason)` (from any
+        thread) when a step hits an error that leaves the device unusable."""
+        ...
 
 
 def default_engine_factory(
-    checkpoint: LoadedCheckpoint, worker: DeviceWorker, config: EngineConfig, model_id: str
+    checkpoint: LoadedCheckpoint,
+    worker: DeviceWorker,
+    config: EngineConfig,
+    model_id: str,
+    on_device_fault: Callable[[str], None],
 ) -> Engine:
     """The continuous-batching engine of `neuron.engine` (imported late: it pulls in torch)."""
     try:
@@ -77,7 +97,13 @@ def default_engine_factory(
             f"model '{model_id}' cannot be served: this neuron build has no inference engine ({exc})",
             code="engine_unavailable",
         ) from exc
-    return build_engine(checkpoint.model, worker=worker, engine_config=config, model_id=model_id)
+    return build_engine(
+        checkpoint.model,
+        worker=worker,
+        engine_config=config,
+        model_id=model_id,
+        on_device_fault=on_device_fault,
+    )
 
 
 def choose_device(
@@ -109,14 +135,16 @@ def choose_device(
 
 
 class DevicePool:
-    """One owner thread per device, started on first use and kept for the daemon's life."""
+    """One owner thread per device, started on first use and kept for the daemon's life; each
+    thread first makes its device current (`bind`)."""
 
-    def __init__(self) -> None:
+    def __init__(self, bind: Callable[[int | None], None] = bind_device) -> None:
         self._workers: dict[int | None, DeviceWorker] = {}
+        self._bind = bind
 
     def worker(self, device: int | None) -> DeviceWorker:
         if device not in self._workers:
-            self._workers[device] = DeviceWorker(device_name(device))
+            self._workers[device] = DeviceWorker(device_name(device), on_start=partial(self._bind, device))
         return self._workers[device]
 
     def close(self) -> None:
@@ -421,25 +449,25 @@ class ModelManager:
         return Placement(device, free_by_gpu[device], f"GPU {device}")
 
     @contextlib.contextmanager
-    def _reservation(
-        self, model_id: str, devices: Sequence[int | None], weight_bytes: int, where: str
-    ) -> Iterator[None]:
-        """Check the fit again and hold the memory until the load ends.
+    def _reservation(self, model_id: str, weights: dict[int | None, tuple[int, str]]) -> Iterator[None]:
+        """Check the fit again and hold the memory until the load ends; `weights` maps each
+        device to the weight bytes it will hold and how to name it in a refusal.
 
         Pre-flight checked against free memory before an await (downloads, file reads); another
         load may have claimed that memory since. Checking and reserving here with no await in
         between means two loads can never both count the same free bytes.
         """
+        for device, (weight_bytes, where) in weights.items():
+            check_fit(model_id, weight_bytes, self._free_bytes(device), where)
         # The headroom pre-flight demands (weights plus runtime overhead) is what gets held.
-        share = required_bytes(weight_bytes) // len(devices)
-        check_fit(model_id, weight_bytes, sum(self._free_bytes(device) for device in devices), where)
-        for device in devices:
-            self._reserved[device] = self._reserved.get(device, 0) + share
+        held = {device: required_bytes(weight_bytes) for device, (weight_bytes, _) in weights.items()}
+        for device, amount in held.items():
+            self._reserved[device] = self._reserved.get(device, 0) + amount
         try:
             yield
         finally:
-            for device in devices:
-                self._reserved[device] -= share
+            for device, amount in held.items():
+                self._reserved[device] -= amount
 
     async def _load_steps(self, model_id: str, record: ModelRecord) -> LoadedModel:
         tp_devices = self._tensor_parallel_devices(model_id, record.spec)
@@ -451,12 +479,23 @@ class ModelManager:
             record.spec.model_id, record.spec.quant, placement
         )
         worker = self.devices.worker(placement.device)
-        with self._reservation(model_id, [placement.device], prepared.weight_bytes, placement.description):
+        with self._reservation(model_id, {placement.device: (prepared.weight_bytes, placement.description)}):
             checkpoint = await worker.run(
                 load_checkpoint, prepared.folder, prepared.gguf_file, placement.device
             )
-        record.memory_bytes = checkpoint.memory_bytes
-        engine = self._engine_factory(checkpoint, worker, self.config.engine, model_id)
+            # Built on the owner thread, which sizes the K/V pool from the device's free memory
+            # and allocates it there, before the reservation ends: a concurrent load's
+            # pre-flight then sees the pool's memory taken, not free.
+            engine = await worker.run(
+                self._engine_factory,
+                checkpoint,
+                worker,
+                self.config.engine,
+                model_id,
+                self._device_fault_reporter(model_id, record),
+            )
+        # Weights plus the K/V pool (engines that hold one say how big it is).
+        record.memory_bytes = checkpoint.memory_bytes + int(getattr(engine, "kv_cache_bytes", 0))
         devices = [] if placement.device is None else [placement.device]
         return self._serving_model(model_id, record, prepared.folder, checkpoint, engine, worker, devices)
 
@@ -541,9 +580,24 @@ class ModelManager:
 
         metadata = await worker.run(read_metadata, prepared.folder)
         config_dtype = getattr(metadata.hf_config, "dtype", None)
-        reserved_on: list[int | None] = list(devices) if on_gpu else [None]
+        dtype = choose_dtype(
+            placement.device,
+            None if config_dtype is None else str(config_dtype),
+            # Every rank computes in one dtype: bf16 only if every card has it.
+            bf16_supported=on_gpu and all(self.probe.supports_bf16(d) for d in devices),
+        )
+        rank_bytes = tensor_parallel_rank_bytes(
+            prepared.weight_bytes,
+            replicated_weight_bytes(metadata.hf_config, torch_itemsize(dtype)),
+            len(devices),
+        )
+        weights: dict[int | None, tuple[int, str]] = (
+            {d: (rank_bytes, f"GPU {d} (one rank of GPUs {devices})") for d in devices}
+            if on_gpu
+            else {None: (rank_bytes * len(devices), f"{placement.description}, {len(devices)} ranks")}
+        )
         try:
-            with self._reservation(model_id, reserved_on, prepared.weight_bytes, placement.description):
+            with self._reservation(model_id, weights):
                 runner = await worker.run(
                     start_tensor_parallel,
                     prepared.folder,
@@ -551,7 +605,7 @@ class ModelManager:
                     cuda_available=on_gpu,
                     allow_cpu=allow_cpu,
                     engine_config=self.config.engine,
-                    dtype=choose_dtype(placement.device, None if config_dtype is None else str(config_dtype)),
+                    dtype=dtype,
                     step_timeout_s=self.config.tensor_parallel_step_timeout_secs,
                     on_failure=on_failure,
                 )
@@ -559,7 +613,13 @@ class ModelManager:
             raise ApiError(
                 422, f"model '{model_id}': {exc}", code="tensor_parallel_unavailable", param="tensor_parallel"
             ) from exc
-        engine = TorchEngine(runner, worker=worker, config=self.config.engine, model_id=model_id)
+        engine = TorchEngine(
+            runner,
+            worker=worker,
+            config=self.config.engine,
+            model_id=model_id,
+            on_device_fault=self._device_fault_reporter(model_id, record),
+        )
         return self._serving_model(model_id, record, prepared.folder, metadata, engine, worker, list(devices))
 
     def _poison(self, model_id: str, record: ModelRecord, reason: str) -> None:
@@ -570,6 +630,33 @@ class ModelManager:
         record.error = reason
         self._count_loaded()
         log.error("model %s is poisoned: %s", model_id, reason)
+
+    def _device_fault_reporter(self, model_id: str, record: ModelRecord) -> Callable[[str], None]:
+        """What an engine calls, from its owner thread, when its device became unusable."""
+        loop = asyncio.get_running_loop()
+
+        def report(reason: str) -> None:
+            try:
+                loop.call_soon_threadsafe(self._poison_device, model_id, record, reason)
+            except RuntimeError:  # the loop is closed: the daemon is shutting down anyway
+                log.error("device fault in model %s after shutdown began: %s", model_id, reason)
+
+        return report
+
+    def _poison_device(self, model_id: str, record: ModelRecord, reason: str) -> None:
+        """A sticky device error in one model's step: that device's context is unusable, so
+        every model on it is poisoned, each naming the model and the error that did it."""
+        if self._records.get(model_id) is not record:
+            return
+        faulty = {record.device, *record.devices}
+        where = ", ".join(
+            device_name(device) for device in sorted(faulty, key=lambda d: -1 if d is None else d)
+        )
+        for other_id, other in list(self._records.items()):
+            if {other.device, *other.devices} & faulty:
+                self._poison(
+                    other_id, other, f"device {where} failed in a step of model '{model_id}': {reason}"
+                )
 
     def _count_loaded(self) -> None:
         self.metrics.models_loaded.set(sum(1 for r in self._records.values() if r.state == "loaded"))
@@ -603,10 +690,15 @@ class ModelManager:
         await asyncio.shield(record.unload_task)
 
     async def _run_unload(self, model_id: str, record: ModelRecord) -> None:
-        loaded, record.loaded = record.loaded, None
+        # Every path from this manager to the weights goes before the memory is released: the
+        # record's loaded model and its finished load task (whose result is the same model).
+        loaded, record.loaded, record.task = record.loaded, None, None
+        returned: int | None = None
         try:
             if loaded is not None:
                 try:
+                    # Closing frees the runner's weights and pool, so a request handler that
+                    # still holds the LoadedModel keeps nothing on the device.
                     await asyncio.wait_for(loaded.engine.close(), ENGINE_CLOSE_TIMEOUT_SECS)
                 except TimeoutError:
                     log.error(
@@ -615,13 +707,21 @@ class ModelManager:
                         ENGINE_CLOSE_TIMEOUT_SECS,
                     )
                 worker = loaded.worker
-                # Drop the last references here so that the collection on the owner thread frees them.
                 del loaded
-                await worker.run(release_memory, record.device)
+                # Collected and the device's cache emptied on the owner thread (CUDA context locality).
+                returned = await worker.run(release_memory, record.device)
         finally:
             self._records.pop(model_id, None)
             self._count_loaded()
-        log.info("model %s unloaded", model_id)
+        if returned is None:
+            log.info("model %s unloaded", model_id)
+        else:
+            log.info(
+                "model %s unloaded; %d MiB returned to %s",
+                model_id,
+                returned // MIB,
+                device_name(record.device),
+            )
 
     # --- default models and shutdown -------------------------------------------------------
 

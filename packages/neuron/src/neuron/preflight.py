@@ -273,3 +273,25 @@ def check_fit(model_id: str, weight_bytes: int, free_bytes: int, where: str) -> 
             code="insufficient_memory",
             extras={"required_mb": need // MIB, "free_mb": free_bytes // MIB},
         )
+
+
+def replicated_weight_bytes(hf_config: Any, itemsize: int) -> int:
+    """Bytes of the weights every tensor-parallel rank holds whole: the input embedding and,
+    when it is not tied to it, the output one (norms are negligible)."""
+    text = hf_config.get_text_config() if hasattr(hf_config, "get_text_config") else hf_config
+    vocab = int(getattr(text, "vocab_size", 0) or 0)
+    hidden = int(getattr(text, "hidden_size", 0) or 0)
+    copies = 1 if getattr(text, "tie_word_embeddings", False) else 2
+    return copies * vocab * hidden * itemsize
+
+
+def tensor_parallel_rank_bytes(weight_bytes: int, replicated_bytes: int, world_size: int) -> int:
+    """One rank's weights: the replicated ones whole plus its 1/world of the rest (not
+    weight_bytes / world: the embeddings of a small model can be a third of it)."""
+    replicated = min(max(replicated_bytes, 0), weight_bytes)
+    return replicated + -(-(weight_bytes - replicated) // max(world_size, 1))
+
+
+def torch_itemsize(dtype: str) -> int:
+    """Bytes per element of a torch dtype name as choose_dtype gives it."""
+    return {"float32": 4, "bfloat16": 2, "float16": 2}[dtype]

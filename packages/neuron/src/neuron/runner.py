@@ -42,6 +42,11 @@ class ModelRunner(Protocol):
         """Linear-attention state slots (hybrid models); 0 when the model has no such layers."""
         ...
 
+    @property
+    def vocab_size(self) -> int:
+        """Rows of the input embedding: a prompt id must be below it."""
+        ...
+
     def forward(self, rows: Sequence[ForwardRow]) -> torch.Tensor:
         """Compute each row's new tokens in one forward, writing their K/V into the row's
         blocks; float32 logits [rows, vocab] after each row's last token. Rows of one call

@@ -13,6 +13,7 @@ at most `kv_cache_max_gib`; the engine serves `max_context` (default: the model'
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -48,6 +49,7 @@ def build_engine(
     engine_config: EngineConfig | None = None,
     model_id: str = "",
     max_context: int | None = None,
+    on_device_fault: Callable[[str], None] | None = None,
 ) -> TorchEngine:
     """A TorchEngine over a loaded transformers causal LM (eval mode, on `device`)."""
     config = engine_config or EngineConfig()
@@ -60,11 +62,17 @@ def build_engine(
         max_batch_size=config.max_batch_size,
         max_context=max_context,
     )
-    # Packing and the pool's allocation run on the owner thread, ahead of any step (the
-    # worker runs jobs in order); a failure here surfaces again in the first request, which
-    # retries it.
-    worker.submit(runner.prepare)
-    return TorchEngine(runner, worker=worker, config=config, model_id=model_id)
+    # Packing and the pool's allocation run on the owner thread: right here when this is it
+    # (the neuron's manager builds engines there, so the pool exists before the next load's
+    # pre-flight reads the free memory), else queued ahead of any step (the worker runs jobs
+    # in order; a failure then surfaces again in the first request, which retries it).
+    if worker.is_current:
+        runner.prepare()
+    else:
+        worker.submit(runner.prepare)
+    return TorchEngine(
+        runner, worker=worker, config=config, model_id=model_id, on_device_fault=on_device_fault
+    )
 
 
 __all__ = ["SingleDeviceRunner", "TokenStream", "TorchEngine", "build_engine", "kv_cache_budget"]

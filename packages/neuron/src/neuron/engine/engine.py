@@ -5,6 +5,10 @@ stream; the scheduler's steps run as jobs on the device's owner thread, each ste
 resubmitting the next while there is work, so other jobs for that device (another model's
 steps, a load) interleave between steps instead of waiting behind an endless loop. Events
 come back through `loop.call_soon_threadsafe`, once per flush, for all streams at once.
+
+A sticky device error (`faults.device_fault`) in any step marks the engine faulted: later
+requests are refused with the reason, and `on_device_fault` tells the owner (the manager
+poisons every model on that device), from the owner thread.
 """
 
 from __future__ import annotations
@@ -13,13 +17,14 @@ import asyncio
 import concurrent.futures
 import itertools
 import threading
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 from cortex_core.config.neuron import EngineConfig
 from cortex_core.errors import ApiError
 from cortex_core.neuron_api import ModelLoad
 from neuron.device import DeviceWorker
 from neuron.engine.api import GenerationRequest, TokenEvent
+from neuron.engine.faults import device_fault
 from neuron.engine.sampling import SamplerState
 from neuron.engine.scheduler import Scheduler, SeqState
 from neuron.runner import ModelRunner
@@ -31,13 +36,17 @@ QUEUE_FULL_RETRY_AFTER_SECS = 2.0
 class _Outbox:
     """Events produced on the owner thread, handed to the event loop in batches."""
 
-    def __init__(self) -> None:
+    def __init__(self, on_error: Callable[[BaseException], None]) -> None:
         self._pending: list[tuple[TokenStream, TokenEvent | BaseException]] = []
+        # Sees every failure handed to a stream, whichever step path produced it.
+        self._on_error = on_error
 
     def sink_for(self, stream: TokenStream) -> _StreamSink:
         return _StreamSink(self, stream)
 
     def add(self, stream: TokenStream, item: TokenEvent | BaseException) -> None:
+        if isinstance(item, BaseException):
+            self._on_error(item)
         self._pending.append((stream, item))
 
     def flush(self) -> None:
@@ -121,12 +130,16 @@ class TorchEngine:
         worker: DeviceWorker,
         config: EngineConfig | None = None,
         model_id: str = "",
+        on_device_fault: Callable[[str], None] | None = None,
     ) -> None:
         self.runner = runner
         self.worker = worker
         self.config = config or EngineConfig()
         self.model_id = model_id
-        self._outbox = _Outbox()
+        self._on_device_fault = on_device_fault
+        # Why the device is unusable, once a step hit a sticky device error (owner thread writes once).
+        self.fault: str | None = None
+        self._outbox = _Outbox(on_error=self._note_failure)
         self._scheduler = Scheduler(
             runner,
             max_batch_size=self.config.max_batch_size,
@@ -148,6 +161,24 @@ class TorchEngine:
         prompt = len(request.prompt_ids)
         if prompt == 0:
             raise ApiError(400, "the prompt is empty", code="empty_prompt", param="messages")
+        vocab = self.runner.vocab_size
+        outside = [token for token in request.prompt_ids if not 0 <= token < vocab]
+        if outside:
+            # An id past the embedding's rows is a device-side assert on a GPU, which would
+            # take every model on that device down with it.
+            raise ApiError(
+                400,
+                f"token ids outside this model's vocabulary (0..{vocab - 1}): {outside[:5]}",
+                code="invalid_parameter",
+                param="prompt",
+            )
+        if self.fault is not None:
+            raise ApiError(
+                500,
+                f"model {self.model_id} cannot run: its device failed ({self.fault}); "
+                "unload and load it again to recover",
+                code="model_poisoned",
+            )
         max_new = max(1, request.max_new_tokens)
         limit = self.max_context
         if prompt + max_new > limit:
@@ -189,6 +220,11 @@ class TorchEngine:
         self._scheduler.incoming.append(stream.sequence)
         self._wake()
         return stream
+
+    @property
+    def kv_cache_bytes(self) -> int:
+        """Device memory of the runner's K/V pool (0 when the runner does not say)."""
+        return int(getattr(self.runner, "kv_cache_bytes", 0))
 
     @property
     def max_context(self) -> int:
@@ -272,6 +308,15 @@ class TorchEngine:
 
     def _is_closed(self) -> bool:
         return self._closed is not None and self._closed.done()
+
+    def _note_failure(self, exc: BaseException) -> None:
+        """Owner thread: a failure reached a stream; a sticky device error faults the engine."""
+        reason = device_fault(exc)
+        if reason is None or self.fault is not None:
+            return
+        self.fault = reason
+        if self._on_device_fault is not None:
+            self._on_device_fault(reason)
 
     def _on_finished(self, seq: SeqState) -> None:
         self._count_out(seq)

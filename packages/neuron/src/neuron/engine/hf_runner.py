@@ -117,6 +117,8 @@ class SingleDeviceRunner:
         self._prepared = False
         self._max_context = int(max_context or config.max_position_embeddings)
         self.layers, self.kv_heads, self.head_dim = kv_geometry(config)
+        # The embedding's rows, not the tokenizer's length: they can differ either way.
+        self._vocab_size = int(model.get_input_embeddings().num_embeddings)
         self.block_size = max(1, kv_block_size)
         self.dtype = next(model.parameters()).dtype
         per_block = KVPool.bytes_per_block(
@@ -126,6 +128,7 @@ class SingleDeviceRunner:
             head_dim=self.head_dim,
             dtype=self.dtype,
         )
+        self._bytes_per_block = per_block
         blocks = kv_cache_bytes // per_block
         if max_batch_size is not None:
             # No more than a full batch of full-context sequences could ever hold.
@@ -140,6 +143,18 @@ class SingleDeviceRunner:
         # transformers 5 renamed `past_key_values` to `cache`; older model classes keep the old name.
         parameters = inspect.signature(model.forward).parameters
         self._cache_argument = "cache" if "cache" in parameters else "past_key_values"
+
+    @property
+    def kv_cache_bytes(self) -> int:
+        """Device memory of the K/V pool (the null block included) and, for a hybrid model,
+        of its linear-attention states: what prepare() allocated, or, before, the K/V pool's size."""
+        if self.pool is None:
+            return self.num_blocks * self._bytes_per_block
+        return self.pool.nbytes + (self.states.nbytes if self.states is not None else 0)
+
+    @property
+    def vocab_size(self) -> int:
+        return self._vocab_size
 
     @property
     def max_context(self) -> int:

@@ -1,9 +1,18 @@
-"""Choosing the next token from logits: pure torch functions, one request's parameters at a time.
+"""Choosing the next token from logits: pure torch functions.
 
 Order (as transformers' logits processors): penalties → temperature → top_k → top_p →
-min_p → draw. Each request draws from its own seeded `torch.Generator` on the CPU, so a seed
-gives the same tokens whichever requests share its batch and whatever device ran the model.
-Temperature <= 0 is greedy (argmax after penalties).
+min_p → draw. Temperature <= 0 is greedy (argmax after penalties).
+
+`next_tokens` is what the scheduler calls: the whole batch in a handful of tensor ops on
+the logits' own device, the rows' parameters gathered into one small tensor (one
+host-to-device copy, no synchronisation), and one copy of the chosen ids back. A per-row
+path would synchronise with the device once per row and sort the vocabulary on the CPU.
+
+The draw is `torch.multinomial`'s own for one sample (argmax of probs / Exp(1) noise), with
+each row's noise from the request's own generator on that device, so a seed gives the same
+tokens whichever requests share its batch (on a given device: CUDA's generator is not the
+CPU's). `sample_row` is the same definition one row at a time, written with the plain
+filters below: the reference the batched path is tested against.
 """
 
 from __future__ import annotations
@@ -55,13 +64,14 @@ def top_k_filter(logits: torch.Tensor, k: int) -> torch.Tensor:
 
 
 def top_p_filter(logits: torch.Tensor, p: float) -> torch.Tensor:
-    """Nucleus: the smallest set of most likely tokens whose probability reaches p."""
+    """Nucleus: the smallest set of most likely tokens whose probability reaches p (equal
+    logits in vocabulary order, so the cut among ties is the same on every device)."""
     if p <= 0.0 or p >= 1.0:
         return logits
-    sorted_logits, order = torch.sort(logits, descending=True)
-    cumulative = torch.softmax(sorted_logits, dim=-1).cumsum(dim=-1)
+    sorted_logits, order = torch.sort(logits, descending=True, stable=True)
+    probs = torch.softmax(sorted_logits, dim=-1)
     # A token is dropped when the tokens before it already reach p; the first one always stays.
-    drop_sorted = (cumulative - torch.softmax(sorted_logits, dim=-1)) >= p
+    drop_sorted = (probs.cumsum(dim=-1) - probs) >= p
     drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
     return logits.masked_fill(drop, float("-inf"))
 
@@ -90,26 +100,37 @@ class SamplerState:
     """One sequence's sampling parameters, random stream and generated history."""
 
     params: SamplingParams
-    generator: torch.Generator
+    seed: int
     generated: list[int] = field(default_factory=list)
     counts: Counter[int] = field(default_factory=Counter)
+    # Created by the first draw, on the device of the logits and on the owner thread (a CUDA
+    # generator belongs with the device's other work, not with the event loop that queued the
+    # request).
+    _generator: torch.Generator | None = field(default=None, repr=False)
 
     @classmethod
     def create(cls, params: SamplingParams) -> SamplerState:
         seed = params.seed if params.seed is not None else secrets.randbits(63)
-        generator = torch.Generator(device="cpu")
-        generator.manual_seed(seed)
-        return cls(params=params, generator=generator)
+        return cls(params=params, seed=seed)
+
+    def generator(self, device: torch.device) -> torch.Generator:
+        """The request's random stream on `device`, seeded on first use. A sequence samples on
+        one device for its whole life; a different device would start a fresh stream."""
+        if self._generator is None or self._generator.device != device:
+            self._generator = torch.Generator(device=device)
+            self._generator.manual_seed(self.seed)
+        return self._generator
 
     def record(self, token_id: int) -> None:
         self.generated.append(token_id)
         self.counts[token_id] += 1
 
 
-def next_token(logits: torch.Tensor, state: SamplerState) -> int:
-    """The next token of one sequence from its [vocab] logits."""
+def sample_row(logits: torch.Tensor, state: SamplerState) -> int:
+    """The next token of one sequence from its [vocab] logits, one filter at a time: the
+    definition `next_tokens` computes for a whole batch (and what it is tested against)."""
     params = state.params
-    logits = logits.detach().to("cpu", torch.float32)
+    logits = logits.detach().float()
     logits = apply_repetition_penalty(logits, state.generated[-REPEAT_LAST_N:], params.repetition_penalty)
     logits = apply_presence_frequency(logits, state.counts, params.presence_penalty, params.frequency_penalty)
     if params.temperature <= 0.0:
@@ -119,11 +140,172 @@ def next_token(logits: torch.Tensor, state: SamplerState) -> int:
     logits = top_p_filter(logits, params.top_p)
     logits = min_p_filter(logits, params.min_p)
     probs = torch.softmax(logits, dim=-1)
-    return int(torch.multinomial(probs, 1, generator=state.generator))
+    return int(torch.multinomial(probs, 1, generator=state.generator(logits.device)))
+
+
+# Columns of the per-row parameter table that `next_tokens` copies to the device in one go.
+_TEMPERATURE, _TOP_K, _TOP_P, _MIN_P, _PRESENCE, _FREQUENCY, _SAMPLED = range(7)
+
+
+@dataclass(frozen=True)
+class _BatchPlan:
+    """What the host knows about a batch before touching the logits: which stages any row
+    needs (a stage no row needs costs nothing) and the per-row tensors, built on the CPU."""
+
+    table: torch.Tensor  # [rows, 7] float32, columns above
+    sampled_rows: list[int]
+    repetition: tuple[torch.Tensor, torch.Tensor] | None  # ids [rows, n], penalty [rows, 1]
+    presence: tuple[torch.Tensor, torch.Tensor] | None  # ids [rows, n], counts [rows, n]
+    # The largest top_k of a row that has one (0: no row has), whether a row has top_p or min_p.
+    top_k: int
+    needs_top_p: bool
+    needs_min_p: bool
+
+    @classmethod
+    def build(cls, states: Sequence[SamplerState], vocab: int) -> _BatchPlan:
+        table = []
+        for state in states:
+            p = state.params
+            sampled = p.temperature > 0.0
+            table.append(
+                [
+                    p.temperature if sampled else 1.0,
+                    # Off is the whole vocabulary (the k-th value is the smallest: nothing below it).
+                    float(p.top_k if 0 < p.top_k < vocab else vocab),
+                    p.top_p if 0.0 < p.top_p < 1.0 else float("inf"),
+                    max(p.min_p, 0.0),
+                    p.presence_penalty,
+                    p.frequency_penalty,
+                    1.0 if sampled else 0.0,
+                ]
+            )
+        sampled_rows = [i for i, s in enumerate(states) if s.params.temperature > 0.0]
+        return cls(
+            table=torch.tensor(table, dtype=torch.float32),
+            sampled_rows=sampled_rows,
+            repetition=_repetition_ids(states),
+            presence=_presence_counts(states),
+            top_k=max((k for i in sampled_rows if 0 < (k := states[i].params.top_k) < vocab), default=0),
+            needs_top_p=any(0.0 < states[i].params.top_p < 1.0 for i in sampled_rows),
+            needs_min_p=any(states[i].params.min_p > 0.0 for i in sampled_rows),
+        )
+
+
+def _repetition_ids(states: Sequence[SamplerState]) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Each row's distinct recent tokens and its penalty. Rows are padded by repeating one of
+    their tokens (a repeated index gets the same value again, so the scatter is deterministic);
+    a row with nothing to penalise gets token 0 and penalty 1.0, which leaves it unchanged."""
+    rows = [
+        sorted(set(s.generated[-REPEAT_LAST_N:])) if s.params.repetition_penalty != 1.0 else []
+        for s in states
+    ]
+    width = max(map(len, rows), default=0)
+    if width == 0:
+        return None
+    ids = [row + [row[0] if row else 0] * (width - len(row)) for row in rows]
+    penalty = [[s.params.repetition_penalty if row else 1.0] for s, row in zip(states, rows, strict=True)]
+    return torch.tensor(ids, dtype=torch.long), torch.tensor(penalty, dtype=torch.float32)
+
+
+def _presence_counts(states: Sequence[SamplerState]) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Each row's generated tokens and their counts, padded with count 0 (subtracting zero
+    from any logit leaves it as it was)."""
+    rows = [
+        list(s.counts.items())
+        if s.params.presence_penalty != 0.0 or s.params.frequency_penalty != 0.0
+        else []
+        for s in states
+    ]
+    width = max(map(len, rows), default=0)
+    if width == 0:
+        return None
+    ids = [[token for token, _ in row] + [0] * (width - len(row)) for row in rows]
+    counts = [[float(count) for _, count in row] + [0.0] * (width - len(row)) for row in rows]
+    return torch.tensor(ids, dtype=torch.long), torch.tensor(counts, dtype=torch.float32)
+
+
+def choose_tokens(logits: torch.Tensor, states: Sequence[SamplerState]) -> torch.Tensor:
+    """The next token of each row of [rows, vocab] logits as a [rows] tensor on their device,
+    without waiting for the device."""
+    if all(is_plain_greedy(s.params) for s in states):
+        return torch.argmax(logits, dim=-1)
+    device = logits.device
+    plan = _BatchPlan.build(states, logits.shape[-1])
+    # non_blocking: small host tensors; the device reads them in stream order, the host goes on.
+    table = plan.table.to(device, non_blocking=True)
+    logits = logits.detach().float()
+    if plan.repetition is not None:
+        ids, penalty = (t.to(device, non_blocking=True) for t in plan.repetition)
+        picked = logits.gather(1, ids)
+        logits = logits.scatter(1, ids, torch.where(picked > 0, picked / penalty, picked * penalty))
+    if plan.presence is not None:
+        ids, counts = (t.to(device, non_blocking=True) for t in plan.presence)
+        present = (counts > 0).float()
+        amount = (
+            table[:, _FREQUENCY : _FREQUENCY + 1] * counts + table[:, _PRESENCE : _PRESENCE + 1] * present
+        )
+        logits = logits.scatter_add(1, ids, -amount)
+    greedy = torch.argmax(logits, dim=-1)
+    if not plan.sampled_rows:
+        return greedy
+    # A fresh tensor: the filters below write into it.
+    logits = logits / table[:, _TEMPERATURE : _TEMPERATURE + 1]
+    if plan.needs_top_p:
+        _top_k_top_p_(logits, table, with_top_k=plan.top_k > 0)
+    elif plan.top_k:
+        # The k-th value from a partial sort of the largest k only: far cheaper than sorting
+        # the whole vocabulary.
+        _mask_below_kth_(logits, torch.topk(logits, plan.top_k, dim=-1).values, table)
+    if plan.needs_min_p:
+        probs = torch.softmax(logits, dim=-1)
+        threshold = probs.max(dim=-1, keepdim=True).values * table[:, _MIN_P : _MIN_P + 1]
+        logits.masked_fill_(probs < threshold, float("-inf"))
+    probs = torch.softmax(logits, dim=-1)
+    # multinomial's draw for one sample, each row's noise from its own request's generator.
+    noise = torch.ones_like(probs)
+    for row in plan.sampled_rows:
+        noise[row].exponential_(generator=states[row].generator(device))
+    drawn = torch.argmax(probs / noise, dim=-1)
+    return torch.where(table[:, _SAMPLED] > 0, drawn, greedy)
+
+
+def _kth(descending: torch.Tensor, table: torch.Tensor, vocab: int) -> torch.Tensor:
+    """Each row's k-th largest value from its values sorted in descending order (all of them,
+    or the largest few); -inf for a row without top_k, which keeps everything."""
+    k = table[:, _TOP_K : _TOP_K + 1].long()
+    kth = descending.gather(1, k.clamp(max=descending.shape[-1]) - 1)
+    return torch.where(k < vocab, kth, torch.full_like(kth, float("-inf")))
+
+
+def _mask_below_kth_(logits: torch.Tensor, descending: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+    """top_k in place: drop what is below each row's k-th value (ties at it kept); returns the k-th values."""
+    kth = _kth(descending, table, logits.shape[-1])
+    logits.masked_fill_(logits < kth, float("-inf"))
+    return kth
+
+
+def _top_k_top_p_(logits: torch.Tensor, table: torch.Tensor, *, with_top_k: bool) -> None:
+    """top_k (when some row has it) then top_p, in place, for every row from one sort (rows
+    that have them off keep all)."""
+    ninf = float("-inf")
+    sorted_logits, order = torch.sort(logits, dim=-1, descending=True, stable=True)
+    if with_top_k:
+        kth = _mask_below_kth_(logits, sorted_logits, table)
+        # Masking keeps the sorted order: the dropped values were the tail.
+        sorted_logits.masked_fill_(sorted_logits < kth, ninf)
+    probs = torch.softmax(sorted_logits, dim=-1)
+    drop_sorted = (probs.cumsum(dim=-1) - probs) >= table[:, _TOP_P : _TOP_P + 1]
+    # `order` is a permutation of each row: every position is written once, no zeros needed.
+    drop = torch.empty_like(drop_sorted).scatter_(-1, order, drop_sorted)
+    logits.masked_fill_(drop, ninf)
 
 
 def next_tokens(logits: torch.Tensor, states: Sequence[SamplerState]) -> list[int]:
-    """The next token of each row of [batch, vocab] logits; plain greedy rows share one argmax."""
-    greedy = [is_plain_greedy(s.params) for s in states]
-    argmax: list[int] = torch.argmax(logits, dim=-1).tolist() if any(greedy) else []
-    return [argmax[i] if greedy[i] else next_token(logits[i], s) for i, s in enumerate(states)]
+    """The next token of each row of [rows, vocab] logits: one copy back to the host."""
+    chosen: list[int] = choose_tokens(logits, states).tolist()
+    return chosen
+
+
+def next_token(logits: torch.Tensor, state: SamplerState) -> int:
+    """The next token of one sequence from its [vocab] logits."""
+    return next_tokens(logits[None], [state])[0]

@@ -288,6 +288,7 @@ class Scheduler:
                         )
                         outcomes.append(exc)
         computed = 0
+        finished: list[tuple[SeqState, torch.Tensor]] = []
         for (seq, count), outcome in zip(chunks, outcomes, strict=True):
             if isinstance(outcome, Exception):
                 self.prefilling.remove(seq)
@@ -302,15 +303,33 @@ class Scheduler:
             if seq.sampler.generated:  # resumed after a preemption: its next token is known
                 self.running.append(seq)
                 continue
-            try:
-                token = next_token(outcome, seq.sampler)
-            except Exception as exc:  # this request fails; the others go on
-                self._fail(seq, exc)
-                continue
-            if self._accept(seq, token):
-                self.running.append(seq)
+            finished.append((seq, outcome))
+        if finished:
+            self._first_tokens(finished)
         tp = self.throughput
         tp.prefill_tok_s = tp.blend(tp.prefill_tok_s, computed, time.perf_counter() - started)
+
+    def _first_tokens(self, finished: list[tuple[SeqState, torch.Tensor]]) -> None:
+        """Sample the first token of every sequence whose prefill ended this step in one batch
+        (one copy back from the device); if that fails, one by one, so that only a request
+        that fails alone fails."""
+        tokens: list[int | Exception]
+        try:
+            tokens = list(
+                next_tokens(torch.stack([logits for _, logits in finished]), [s.sampler for s, _ in finished])
+            )
+        except Exception:  # retried one by one below, where each failure reaches its sequence
+            tokens = []
+            for seq, logits in finished:
+                try:
+                    tokens.append(next_token(logits, seq.sampler))
+                except Exception as exc:
+                    tokens.append(exc)
+        for (seq, _), token in zip(finished, tokens, strict=True):
+            if isinstance(token, Exception):
+                self._fail(seq, token)
+            elif self._accept(seq, token):
+                self.running.append(seq)
 
     def _decode(self, batch: list[SeqState]) -> None:
         started = time.perf_counter()

@@ -10,7 +10,10 @@ per model that is simply dropped. gloo and NCCL differ only in the constructor.
 from __future__ import annotations
 
 import datetime
+import logging
 import os
+import threading
+from collections.abc import MutableMapping
 from typing import Any
 
 import torch
@@ -19,8 +22,22 @@ from torch._C._distributed_c10d import Store, TCPStore
 
 from neuron.tp.shard import AllReduce
 
+log = logging.getLogger(__name__)
+
 BACKENDS = ("gloo", "nccl")
 LOOPBACK = "127.0.0.1"
+
+# What NCCL must do in a process that is (or serves) the daemon; set, never defaulted, since an
+# inherited value (a user's shell, a launcher's defaults) would otherwise decide whether a
+# failed collective kills the daemon:
+# - async error handling 2 (CleanUpOnly): a failed or timed-out collective aborts its
+#   communicators and fails the call; 1 or 3 would tear the whole process down;
+# - the heartbeat monitor off: when NCCL's own watchdog thread looks stuck it aborts the
+#   process; our watchdog (tp/leader.py) owns hang detection and poisons only the model.
+NCCL_DAEMON_ENVIRONMENT = {
+    "TORCH_NCCL_ASYNC_ERROR_HANDLING": "2",
+    "TORCH_NCCL_ENABLE_MONITORING": "0",
+}
 
 
 class UnsupportedBackend(ValueError):
@@ -52,6 +69,14 @@ def choose_backend(*, cuda_available: bool, allow_cpu: bool) -> str:
     )
 
 
+def configure_nccl_environment(environ: MutableMapping[str, str]) -> dict[str, str]:
+    """Set NCCL_DAEMON_ENVIRONMENT in `environ` (read by ProcessGroupNCCL when it is built);
+    returns the inherited values it replaced."""
+    replaced = {k: environ[k] for k, v in NCCL_DAEMON_ENVIRONMENT.items() if environ.get(k, v) != v}
+    environ.update(NCCL_DAEMON_ENVIRONMENT)
+    return replaced
+
+
 def _timeout(seconds: float) -> datetime.timedelta:
     return datetime.timedelta(seconds=seconds)
 
@@ -75,14 +100,19 @@ def create_group(
         nccl = getattr(dist, "ProcessGroupNCCL", None)
         if nccl is None or not dist.is_nccl_available():
             raise UnsupportedBackend("this torch build has no NCCL support (a CPU-only wheel?)")
-        # In the daemon a collective timeout must fail the step, never tear down the process:
-        # "2" makes NCCL abort its communicators only; our watchdog fires first anyway.
-        os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "2")
-        torch.cuda.set_device(torch.device(device))
+        replaced = configure_nccl_environment(os.environ)
+        if replaced:
+            log.warning("NCCL settings inherited from the environment overridden: %s", replaced)
+        where = torch.device(device)
+        torch.cuda.set_device(where)
         options = nccl.Options()
         options.is_high_priority_stream = False
         options._timeout = _timeout(timeout_s)
-        return nccl(store, rank, world_size, options)
+        group = nccl(store, rank, world_size, options)
+        # Bind the communicator to this rank's device now (what init_process_group's device_id
+        # does): set-up errors surface at join, and no collective guesses the device later.
+        group.eager_connect_single_device(where)
+        return group
     raise UnsupportedBackend(f"unknown tensor parallel backend {backend!r} (expected one of {BACKENDS})")
 
 
@@ -100,8 +130,34 @@ def sanity_sum(group: Any, device: str) -> int:
     return int(ones.item())
 
 
-def abort_group(group: Any, backend: str) -> None:
-    """Unblock a wedged NCCL collective. gloo has no working abort (a blocked gloo op stays
-    blocked); it is unblocked by killing the peer ranks, which closes their sockets."""
-    if backend == "nccl":
-        group.abort()
+def finish_device_work(device: str) -> None:
+    """Wait for the work queued on `device` (CUDA runs kernels asynchronously): a rank answers
+    a call only once its GPU work is done, so the watchdog's deadline covers that work and a
+    hung kernel is caught by the deadline instead of blocking a later copy with no deadline."""
+    where = torch.device(device)
+    if where.type == "cuda":
+        torch.cuda.synchronize(where)
+
+
+def abort_group(group: Any, backend: str, timeout_s: float) -> bool:
+    """Unblock a wedged NCCL collective, giving up after `timeout_s` (an abort can itself hang
+    on a broken device; the model is poisoned either way and the caller must not wait with it).
+    gloo has no working abort (a blocked gloo op stays blocked); it is unblocked by killing the
+    peer ranks, which closes their sockets. True when nothing is left hanging."""
+    if backend != "nccl":
+        return True
+    done = threading.Event()
+
+    def abort() -> None:
+        try:
+            group.abort()
+        except Exception:  # logged: the group is being thrown away, there is no one to tell
+            log.exception("aborting the NCCL group failed")
+        finally:
+            done.set()
+
+    threading.Thread(target=abort, name="nccl-abort", daemon=True).start()
+    if done.wait(timeout_s):
+        return True
+    log.error("aborting the NCCL group did not finish within %.0f s; leaving it behind", timeout_s)
+    return False

@@ -41,6 +41,8 @@ POLL_INTERVAL_S = 0.1
 # knows which rank misbehaved, reports first.
 COLLECTIVE_GRACE_S = 10.0
 CLOSE_TIMEOUT_S = 10.0
+# Longest the watchdog waits for an NCCL abort after a poison before it moves on.
+ABORT_TIMEOUT_S = 10.0
 
 
 class TensorParallelError(RuntimeError):
@@ -315,7 +317,7 @@ class TensorParallelGroup:
         log.error("tensor-parallel group failed: %s", reason)
         self._kill_workers()
         if self.local is not None:
-            abort_group(self.local.group, self.backend)
+            abort_group(self.local.group, self.backend, ABORT_TIMEOUT_S)
         if notify and self._on_failure is not None:
             try:
                 self._on_failure(reason)

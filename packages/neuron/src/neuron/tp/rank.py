@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib
 import logging
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -17,9 +18,10 @@ from torch._C._distributed_c10d import Store
 
 from neuron.engine.paged import ForwardRow
 from neuron.runner import ModelRunner
-from neuron.tp.group import all_reduce_with, create_group, sanity_sum
+from neuron.tp.group import all_reduce_with, create_group, finish_device_work, sanity_sum
 from neuron.tp.protocol import Call, ModelSource, RankSetup
 from neuron.tp.shard import plan_shards, shard_model
+from neuron.tp.slices import CheckpointLayoutError, load_shard
 
 log = logging.getLogger(__name__)
 
@@ -32,16 +34,28 @@ def import_factory(path: str) -> Any:
 
 
 def load_sharded_model(source: ModelSource, setup: RankSetup, group: Any) -> Any:
-    """Load the full checkpoint on the CPU, keep this rank's shard, then move it to the device."""
+    """Build the model with its parameters on the meta device, shard it there, then read only
+    this rank's slices of the checkpoint straight onto the rank's device (`tp/slices.py`).
+
+    Buffers (rotary tables) are built for real on the CPU, as from_pretrained builds them, and
+    moved with the model; they are small."""
+    from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM
 
     config = AutoConfig.from_pretrained(source.path)
     plan = plan_shards(config, setup.world_size)
-    model: Any = AutoModelForCausalLM.from_pretrained(
-        source.path, config=config, dtype=getattr(torch, source.dtype)
-    )
+    dtype = getattr(torch, source.dtype)
+    with init_empty_weights(include_buffers=False):
+        model: Any = AutoModelForCausalLM.from_config(config, dtype=dtype)  # type: ignore[no-untyped-call]
     shard_model(model, setup.rank, plan, all_reduce_with(group))
-    return model.to(torch.device(setup.device)).eval()
+    device = torch.device(setup.device)
+    read = load_shard(model, Path(source.path), setup.rank, device, dtype)
+    model.tie_weights()
+    missing = [name for name, parameter in model.named_parameters() if parameter.is_meta]
+    if missing:
+        raise CheckpointLayoutError(f"parameters the checkpoint did not provide: {missing[:5]}")
+    log.info("rank %d read %.1f MiB of the checkpoint (its shard)", setup.rank, read / 2**20)
+    return model.to(device).eval()
 
 
 class RankState:
@@ -85,9 +99,11 @@ class RankState:
         """Run one call; the result on rank 0, a small comparable fact on the workers' side."""
         if call.op == "forward":
             (rows,) = call.args
-            return self._runner().forward(
+            logits = self._runner().forward(
                 [ForwardRow(tokens, start, blocks) for tokens, start, blocks in rows]
             )
+            finish_device_work(self.setup.device)
+            return logits
         if call.op == "sanity":
             return sanity_sum(self.group, self.setup.device)
         if call.op == "close":

@@ -29,12 +29,18 @@ __all__ = ["TensorParallelError", "TensorParallelRunner"]
 
 class TensorParallelRunner:
     def __init__(
-        self, group: TensorParallelGroup, max_context: int, num_blocks: int, block_size: int
+        self,
+        group: TensorParallelGroup,
+        max_context: int,
+        num_blocks: int,
+        block_size: int,
+        vocab_size: int,
     ) -> None:
         self._group = group
         self._max_context = max_context
         self._num_blocks = num_blocks
         self._block_size = block_size
+        self._vocab_size = vocab_size
 
     @classmethod
     def start(
@@ -58,7 +64,8 @@ class TensorParallelRunner:
         """
         from transformers import AutoConfig
 
-        plan_shards(AutoConfig.from_pretrained(source.path), len(devices))
+        config = AutoConfig.from_pretrained(source.path)
+        plan_shards(config, len(devices))
         group, (max_context, num_blocks, block_size) = TensorParallelGroup.start(
             devices=rank_devices(list(devices), backend),
             backend=backend,
@@ -68,7 +75,8 @@ class TensorParallelRunner:
             worker_threads=worker_threads,
             on_failure=on_failure,
         )
-        return cls(group, max_context, num_blocks, block_size)
+        # Every rank's embedding is built from this config: its rows are the vocabulary.
+        return cls(group, max_context, num_blocks, block_size, int(config.vocab_size))
 
     @property
     def max_context(self) -> int:
@@ -85,6 +93,10 @@ class TensorParallelRunner:
     @property
     def state_slots(self) -> int:
         return 0  # hybrid models are refused under tensor parallel (tp/shard.py)
+
+    @property
+    def vocab_size(self) -> int:
+        return self._vocab_size
 
     @property
     def world_size(self) -> int:

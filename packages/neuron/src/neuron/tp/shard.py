@@ -1,6 +1,7 @@
 """Megatron-style sharding of a transformers decoder, done on the HF modules in place.
 
-Every rank loads the full checkpoint and keeps its slice: attention q/k/v and MLP gate/up
+Every rank builds the model on the meta device, shards it there and reads only its slices
+of the checkpoint (`slices.py`): attention q/k/v and MLP gate/up
 are split column-wise (by attention head, by KV head, by intermediate channel), o_proj and
 down_proj row-wise, each followed by an all-reduce SUM that restores the full hidden state.
 Embeddings, norms (Qwen3's per-head q/k norms included), rotary tables and lm_head stay
@@ -139,7 +140,8 @@ def _decoder_layers(model: nn.Module) -> list[Any]:
 
 
 def shard_model(model: nn.Module, rank: int, plan: ShardPlan, all_reduce: AllReduce) -> None:
-    """Replace this rank's projections by their shards, in place (weights still on CPU is cheapest)."""
+    """Replace this rank's projections by their shards, in place (on meta parameters before the
+    slices are read, or on real ones)."""
     layers = _decoder_layers(model)
     hd = plan.head_dim
     for layer in layers:
