@@ -82,16 +82,47 @@ class Run:
         return self.tokens / self.seconds
 
 
-def load() -> tuple[Any, Any]:
+@dataclass(frozen=True)
+class Target:
+    """What the engine scenarios run on: a model (--model) on a device (--device)."""
+
+    model: str = "smollm2"
+    device: str = "cpu"
+
+
+MODELS = ("smollm2", "llama-1b-random")
+
+
+def load(target: Target = Target()) -> tuple[Any, Any]:
+    """The model (bf16, on the target's device) and SmolLM2's tokenizer.
+
+    `llama-1b-random` is a Llama-3.2-1B-shaped model with random weights and SmolLM2's
+    vocabulary: realistic matmul sizes for a GPU's speed without a download.
+    """
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     from neuron.embedded import ensure_embedded_model
 
     folder = ensure_embedded_model()
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.bfloat16).eval()
     tokenizer = AutoTokenizer.from_pretrained(folder)
-    return model, tokenizer
+    if target.model == "llama-1b-random":
+        config = AutoConfig.for_model(
+            "llama",
+            vocab_size=len(tokenizer),
+            hidden_size=2048,
+            intermediate_size=8192,
+            num_hidden_layers=16,
+            num_attention_heads=32,
+            num_key_value_heads=8,
+            max_position_embeddings=8192,
+            tie_word_embeddings=True,
+        )
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.bfloat16)
+    return model.to(target.device).eval(), tokenizer
 
 
 def prompts(tokenizer: Any) -> list[list[int]]:
@@ -124,8 +155,9 @@ def generate_run(
 
     width = max(len(p) for p in batch)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    input_ids = torch.tensor([[pad] * (width - len(p)) + p for p in batch])
-    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in batch])
+    device = next(model.parameters()).device
+    input_ids = torch.tensor([[pad] * (width - len(p)) + p for p in batch], device=device)
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in batch], device=device)
 
     def gen(n: int) -> float:
         started = time.perf_counter()
@@ -292,7 +324,7 @@ async def generate_mixed(worker: Any, model: Any, tokenizer: Any, longest: int) 
     return {"tok_s": run.tok_s, "ttft_ms": run.ttft * 1000, "seconds": run.seconds}
 
 
-def load_hybrid() -> Any:
+def load_hybrid(target: Target) -> Any:
     """A random Qwen3.5-shaped text model at SmolLM2's scale (its tokenizer's vocabulary)."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
@@ -314,14 +346,14 @@ def load_hybrid() -> Any:
         max_position_embeddings=8192,
     )
     torch.manual_seed(0)
-    return AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16).eval()
+    return AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16).to(target.device).eval()
 
 
-async def hybrid(worker: Any, tokenizer: Any) -> dict[str, float]:
+async def hybrid(worker: Any, tokenizer: Any, target: Target) -> dict[str, float]:
     from neuron.engine import build_engine
 
-    model = await worker.run(load_hybrid)
-    engine_model = await worker.run(load_hybrid)
+    model = await worker.run(load_hybrid, target)
+    engine_model = await worker.run(load_hybrid, target)
     batch = prompts(tokenizer)
     generated = await worker.run(generate_run, model, tokenizer, batch, 64)
     engine = build_engine(
@@ -343,7 +375,7 @@ COMPARED = ("mixed", "arrival", "conversations")
 
 
 async def engine_scenarios(
-    names: list[str], worker: Any, tokenizer: Any, mixed_longest: int
+    names: list[str], worker: Any, tokenizer: Any, mixed_longest: int, target: Target
 ) -> dict[str, dict[str, float]]:
     """The engine-only scenarios, each on a fresh engine (no prefix cache carried over)."""
     from neuron.engine import build_engine
@@ -351,9 +383,9 @@ async def engine_scenarios(
     results: dict[str, dict[str, float]] = {}
     for name in names:
         if name == "hybrid":
-            results[name] = await hybrid(worker, tokenizer)
+            results[name] = await hybrid(worker, tokenizer, target)
             continue
-        model, _ = await worker.run(load)
+        model, _ = await worker.run(load, target)
         caching = name == "conversations"
         config = engine_config(
             # arrival: room for the long prompt beside the 8 streams, or it would wait for a slot.
@@ -373,7 +405,7 @@ async def engine_scenarios(
     return results
 
 
-def run_before(ref: str, names: list[str], mixed_longest: int) -> dict[str, dict[str, float]]:
+def run_before(ref: str, names: list[str], mixed_longest: int, target: Target) -> dict[str, dict[str, float]]:
     """The same scenarios on the engine of commit `ref`, in a subprocess over a worktree of it."""
     root = Path(__file__).resolve().parent.parent
     with tempfile.TemporaryDirectory(prefix="cortex-before-") as tmp:
@@ -393,6 +425,10 @@ def run_before(ref: str, names: list[str], mixed_longest: int) -> dict[str, dict
                     ",".join(names),
                     "--mixed-longest",
                     str(mixed_longest),
+                    "--model",
+                    target.model,
+                    "--device",
+                    target.device,
                 ],
                 env=env,
                 check=True,
@@ -409,8 +445,8 @@ async def basic(args: argparse.Namespace, worker: Any, tokenizer: Any) -> None:
     from neuron.engine import build_engine
 
     # Two copies: the engine packs its model's bf16 linears for oneDNN, generate() keeps a stock one.
-    model, _ = await worker.run(load)
-    engine_model, _ = await worker.run(load)
+    model, _ = await worker.run(load, args.target)
+    engine_model, _ = await worker.run(load, args.target)
     all_prompts = prompts(tokenizer)
     batch = (all_prompts * ((args.streams + len(all_prompts) - 1) // len(all_prompts)))[: args.streams]
     single = all_prompts[:1]
@@ -574,6 +610,8 @@ async def main() -> int:
         "--scenarios", default=",".join(SCENARIOS), help=f"comma-separated, of {', '.join(SCENARIOS)}"
     )
     parser.add_argument("--before", metavar="GITREF", help="also run the engine of this commit")
+    parser.add_argument("--model", choices=MODELS, default="smollm2", help="the model the scenarios run")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     parser.add_argument(
         "--mixed-longest", type=int, default=4000, help="the mixed scenario's longest prompt (tokens)"
     )
@@ -582,6 +620,7 @@ async def main() -> int:
     )
     args = parser.parse_args()
     names = [name for name in args.scenarios.split(",") if name]
+    args.target = Target(args.model, args.device)
     unknown = sorted(set(names) - set(SCENARIOS))
     if unknown:
         parser.error(f"unknown scenarios {unknown}; known: {', '.join(SCENARIOS)}")
@@ -592,24 +631,26 @@ async def main() -> int:
 
     worker = DeviceWorker("bench-cpu")
     try:
-        _, tokenizer = await worker.run(load)
+        _, tokenizer = await worker.run(load, Target())
         engine_names = [name for name in names if name != "basic"]
         if args.json:
-            print(json.dumps(await engine_scenarios(engine_names, worker, tokenizer, args.mixed_longest)))
+            results = await engine_scenarios(engine_names, worker, tokenizer, args.mixed_longest, args.target)
+            print(json.dumps(results))
             return 0
         print(
-            f"SmolLM2-135M-Instruct bf16, {torch.get_num_threads()} torch threads; load average before: {os.getloadavg()}"
+            f"{args.model} bf16 on {args.device}, {torch.get_num_threads()} torch threads; "
+            f"load average before: {os.getloadavg()}"
         )
         if "basic" in names:
             await basic(args, worker, tokenizer)
         baseline = None
         if "mixed" in names:
-            model, _ = await worker.run(load)
+            model, _ = await worker.run(load, args.target)
             baseline = await generate_mixed(worker, model, tokenizer, args.mixed_longest)
             del model
-        after = await engine_scenarios(engine_names, worker, tokenizer, args.mixed_longest)
+        after = await engine_scenarios(engine_names, worker, tokenizer, args.mixed_longest, args.target)
         compared = [n for n in engine_names if n in COMPARED]
-        before = run_before(args.before, compared, args.mixed_longest) if args.before else {}
+        before = run_before(args.before, compared, args.mixed_longest, args.target) if args.before else {}
         report(after, before, baseline, args.mixed_longest)
         print(f"load average after: {os.getloadavg()}")
     finally:
