@@ -94,6 +94,29 @@ def build_tokenizer(chat_template: str = QWEN3_STYLE_TEMPLATE) -> Any:
     return tokenizer
 
 
+def tiny_text_config(
+    tokenizer: Any, *, layers: int = 2, max_positions: int = 1024, **extra: Any
+) -> dict[str, Any]:
+    """The shape every tiny model shares (64 wide, 4 heads of which 2 K/V, tied embeddings,
+    the test tokenizer's specials), plus the family's own `extra` keys."""
+    return {
+        "vocab_size": len(tokenizer),
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "num_hidden_layers": layers,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "max_position_embeddings": max_positions,
+        "tie_word_embeddings": True,
+        # The default 0.02 makes greedy decoding repeat one token; 0.2 gives varied output.
+        "initializer_range": 0.2,
+        "eos_token_id": tokenizer.convert_tokens_to_ids("<|im_end|>"),
+        "pad_token_id": tokenizer.pad_token_id,
+        "bos_token_id": None,
+        **extra,
+    }
+
+
 def build_tiny_model(
     out: Path, model_type: str = "qwen3", *, seed: int = 0, max_positions: int = 1024
 ) -> Path:
@@ -102,23 +125,8 @@ def build_tiny_model(
     from transformers import AutoConfig, AutoModelForCausalLM
 
     tokenizer = build_tokenizer()
-    eos_id = tokenizer.convert_tokens_to_ids("<|im_end|>")
     config = AutoConfig.for_model(
-        model_type,
-        vocab_size=len(tokenizer),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=max_positions,
-        tie_word_embeddings=True,
-        # The default 0.02 makes greedy decoding repeat one token; 0.2 gives varied output.
-        initializer_range=0.2,
-        eos_token_id=eos_id,
-        pad_token_id=tokenizer.pad_token_id,
-        bos_token_id=None,
-        **ARCHITECTURES[model_type],
+        model_type, **tiny_text_config(tokenizer, max_positions=max_positions, **ARCHITECTURES[model_type])
     )
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
@@ -130,19 +138,13 @@ def build_tiny_model(
 
 # Gated DeltaNet layers between full-attention ones, as in Qwen3.5 / Qwen3.6 and Qwen3-Next.
 HYBRID_TEXT: dict[str, Any] = {
-    "hidden_size": 64,
-    "intermediate_size": 128,
-    "num_hidden_layers": 4,
     "layer_types": ["linear_attention", "full_attention", "linear_attention", "full_attention"],
-    "num_attention_heads": 4,
-    "num_key_value_heads": 2,
     "head_dim": 16,
     "linear_num_value_heads": 4,
     "linear_num_key_heads": 2,
     "linear_key_head_dim": 16,
     "linear_value_head_dim": 16,
     "linear_conv_kernel_dim": 4,
-    "initializer_range": 0.2,
 }
 HYBRID_MOE = {
     "num_experts": 4,
@@ -171,17 +173,8 @@ def build_tiny_hybrid(out: Path, model_type: str, *, seed: int = 0, max_position
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText
 
     tokenizer = build_tokenizer()
-    eos_id = tokenizer.convert_tokens_to_ids("<|im_end|>")
-    text = {
-        **HYBRID_TEXT,
-        "vocab_size": len(tokenizer),
-        "max_position_embeddings": max_positions,
-        "tie_word_embeddings": True,
-        "eos_token_id": eos_id,
-        "pad_token_id": tokenizer.pad_token_id,
-        "bos_token_id": None,
-        **(HYBRID_MOE if model_type in ("qwen3_next", "qwen3_5_moe") else {}),
-    }
+    moe = HYBRID_MOE if model_type in ("qwen3_next", "qwen3_5_moe") else {}
+    text = tiny_text_config(tokenizer, layers=4, max_positions=max_positions, **HYBRID_TEXT, **moe)
     torch.manual_seed(seed)
     if model_type == "qwen3_next":
         model = AutoModelForCausalLM.from_config(
@@ -223,21 +216,7 @@ def tiny_family_model(model_type: str, tokenizer: Any, *, seed: int = 0) -> Any:
     from transformers import AutoConfig, AutoModelForCausalLM
 
     config = AutoConfig.for_model(
-        model_type,
-        vocab_size=len(tokenizer),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=16,
-        max_position_embeddings=1024,
-        initializer_range=0.2,
-        tie_word_embeddings=True,
-        eos_token_id=tokenizer.convert_tokens_to_ids("<|im_end|>"),
-        pad_token_id=tokenizer.pad_token_id,
-        bos_token_id=None,
-        **FAMILIES[model_type],
+        model_type, **tiny_text_config(tokenizer, layers=4, head_dim=16, **FAMILIES[model_type])
     )
     torch.manual_seed(seed)
     return AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
