@@ -153,6 +153,10 @@ class KVPool:
             tensor[null].zero_()
         # Slots written, summed over layers: new tokens only, never a copy of stored K/V.
         self.slots_written = 0
+        # Where a layer's K and V are gathered for attention, reused by every layer and step:
+        # a fresh ~10 MB tensor per layer and step cost more in page faults than the copy
+        # itself (measured ~1.9 vs ~0.13 ms per gather for 16 rows of 1,500 positions).
+        self._scratch: list[torch.Tensor | None] = [None, None]
 
     @staticmethod
     def bytes_per_block(
@@ -163,6 +167,26 @@ class KVPool:
     @property
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (*self.keys, *self.values))
+
+    def gather(self, source: torch.Tensor, slots: torch.Tensor, which: int) -> torch.Tensor:
+        """`source`'s rows at `slots`, into scratch buffer `which` (0: keys, 1: values).
+
+        Valid until the next gather into the same buffer: attention reads a layer's K/V
+        before the next layer gathers its own (transformers' layers and the lean step both
+        do), so one buffer of each serves every layer.
+        """
+        count = int(slots.numel())
+        row = source[0].numel()
+        buffer = self._scratch[which]
+        if buffer is None or buffer.numel() < count * row:
+            buffer = torch.empty(
+                max(count * row, 2 * (0 if buffer is None else buffer.numel())),
+                dtype=source.dtype,
+                device=source.device,
+            )
+            self._scratch[which] = buffer
+        out = buffer[: count * row].view(count, *source.shape[1:])
+        return torch.index_select(source, 0, slots, out=out)
 
     def layers(self, plan: ForwardPlan) -> list[PagedLayer]:
         return [
@@ -201,8 +225,8 @@ class PagedLayer(CacheLayerMixin):  # type: ignore[no-untyped-call]
             pool.index_copy_(0, plan.write_slots, rows.to(pool.dtype))
         self._owner.slots_written += int(plan.write_slots.numel())
         shape = (plan.rows, plan.width, *self._pool_keys.shape[1:])
-        keys = self._pool_keys.index_select(0, plan.read_slots).view(shape).transpose(1, 2)
-        values = self._pool_values.index_select(0, plan.read_slots).view(shape).transpose(1, 2)
+        keys = self._owner.gather(self._pool_keys, plan.read_slots, 0).view(shape).transpose(1, 2)
+        values = self._owner.gather(self._pool_values, plan.read_slots, 1).view(shape).transpose(1, 2)
         self.keys, self.values = keys, values
         return keys, values
 
