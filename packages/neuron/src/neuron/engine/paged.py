@@ -7,10 +7,9 @@ table), laid out as a left-padded batch whose new tokens are right-aligned in th
 columns and whose earlier positions sit just before them. For every attention layer,
 `PagedLayer.update` writes the new K/V into their slots, then gathers each row's positions
 into that padded layout for attention (SDPA, through transformers' own attention or the lean
-decode step). The gather is scratch for one layer at a time (two buffers, K and V, that every
-layer reuses); what persists is the pool, so
-K/V memory follows the tokens in flight, and a sequence joining or leaving the batch copies
-nothing. Padding columns read the null slot (block 0, kept zero) and are masked out.
+decode step). The gather is scratch for one layer at a time (two buffers, K and V, that
+every layer reuses); what persists is the pool, so K/V memory follows the tokens in flight,
+and a sequence joining or leaving the batch copies nothing. Padding columns read the null slot (block 0, kept zero) and are masked out.
 
 Hybrid models (Qwen3.5, Qwen3-Next) interleave linear-attention layers (Gated DeltaNet),
 whose state is not per position but per sequence: a short window of the convolution's
