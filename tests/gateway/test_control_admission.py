@@ -36,6 +36,12 @@ CATALOGUE = ModelCatalogue(
             "invalid_request_body",
             "temperature",
         ),
+        (
+            "/v1/chat/completions",
+            b'{"model": "org/cold", "messages": []}',
+            "invalid_request_body",
+            "messages",
+        ),
     ],
 )
 def test_an_invalid_body_is_a_400_naming_the_field(

@@ -148,7 +148,7 @@ async def test_the_gateway_serves_a_full_model_round_robin_by_key(
                 return asyncio.ensure_future(
                     http.post(
                         "/v1/chat/completions",
-                        json={"model": MODEL, "messages": []},
+                        json={"model": MODEL, "messages": [{"role": "user", "content": "hi"}]},
                         headers={"authorization": f"Bearer {secret}", "x-request-id": tag},
                     )
                 )
@@ -180,7 +180,7 @@ async def test_a_request_that_never_gets_a_slot_gets_503_with_retry_after() -> N
         async with gateway(
             [neuron], catalogue, router={"max_concurrent_per_model": 1, "load_wait_secs": 0.2}
         ) as (_app, http):
-            body = {"model": MODEL, "messages": []}
+            body = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}]}
             holder = asyncio.ensure_future(http.post("/v1/chat/completions", json=body))
             await asyncio.wait_for(upstream.called.wait(), 10)  # it holds the only slot
             waiter = await http.post("/v1/chat/completions", json=body)

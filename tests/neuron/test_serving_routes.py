@@ -784,3 +784,22 @@ async def test_clamp_header_lowers_max_tokens_and_says_so(
     assert clamped.status_code == 200, clamped.text
     used = int(clamped.headers["x-cortex-max-tokens-clamped"])
     assert used == harness.engine.requests[-1].max_new_tokens < 5000
+
+
+@pytest.mark.parametrize(
+    ("route", "body", "param"),
+    [
+        ("/v1/chat/completions", {"model": "tiny", "messages": []}, "messages"),
+        ("/v1/chat/count_tokens", {"model": "tiny", "messages": []}, "messages"),
+        ("/v1/responses", {"model": "tiny", "input": []}, "input"),
+    ],
+)
+async def test_an_empty_conversation_is_a_400_naming_its_field(
+    harness: Harness, route: str, body: dict[str, Any], param: str
+) -> None:
+    async with harness.client() as client:
+        response = await client.post(route, json=body)
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert error["param"] == param and "at least one message" in error["message"]
+    assert harness.engine.requests == []

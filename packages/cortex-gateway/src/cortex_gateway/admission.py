@@ -44,6 +44,9 @@ def admitted_model(path: str, body: bytes) -> str:
         raise _invalid(str(exc)) from exc
     except msgspec.DecodeError as exc:
         raise bad_request(f"request body is not valid JSON: {exc}", code="malformed_json") from exc
+    if isinstance(request, ChatCompletionRequest) and not request.messages:
+        # A template would render just the generation prompt and the model would answer nothing.
+        raise bad_request("messages: at least one message is required", param="messages")
     return request.model
 
 

@@ -94,9 +94,18 @@ def enable_thinking_default(request: ChatCompletionRequest, fallback: bool | Non
     return fallback
 
 
+def require_messages(request: ChatCompletionRequest, field_names: Mapping[str, str] = CHAT_FIELDS) -> None:
+    """A 400 for an empty conversation: the template would render only the generation
+    prompt, and the model would answer nothing in particular."""
+    if not request.messages:
+        name = field_names.get("messages", "messages")
+        raise invalid(f"{name}: at least one message is required", name)
+
+
 def check_supported(request: ChatCompletionRequest, field_names: Mapping[str, str] = CHAT_FIELDS) -> None:
     """Refuse what the engine cannot do; `field_names` names the fields as the caller's
     dialect did (a Responses client sent `text.format`, not `response_format`)."""
+    require_messages(request, field_names)
     if given(request.logprobs) or given(request.top_logprobs):
         raise invalid("logprobs are not supported by this server", "logprobs", code="unsupported_parameter")
     if given(request.logit_bias):

@@ -36,7 +36,9 @@ def new_response_id() -> str:
 
 
 # The chat fields a refusal may name, as the Responses client sent them.
-RESPONSES_FIELDS: Mapping[str, str] = MappingProxyType({"response_format": "text.format"})
+RESPONSES_FIELDS: Mapping[str, str] = MappingProxyType(
+    {"response_format": "text.format", "messages": "input"}
+)
 
 
 def prepare_responses(

@@ -41,6 +41,7 @@ from neuron.serving.chat import (
     include_thinking,
     prepare_chat,
     render_chat_prompt,
+    require_messages,
 )
 from neuron.serving.completions import CompletionStreamProjector, collect_completion, prepare_completion
 from neuron.serving.generation import OutputEvent, generate_events
@@ -296,6 +297,7 @@ def inference_routes(lookup: Callable[[str], LoadedModel], *, keepalive_secs: fl
         enable = enable_thinking_default(body, thinking)
 
         def count() -> int:
+            require_messages(body)
             prompt = render_chat_prompt(model, body, enable_thinking=enable)
             return len(model.encode(prompt, add_special_tokens=False))
 
