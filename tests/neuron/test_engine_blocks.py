@@ -108,17 +108,6 @@ def test_keys_chain_the_whole_prefix() -> None:
     assert chain_key(first, (3, 4)) == chain_key(chain_key(0, (1, 2)), (3, 4))
 
 
-def test_reset_forgets_every_prefix() -> None:
-    pool = BlockPool(num_blocks=6, block_size=2)
-    held = committed(pool, [1, 2, 3, 4])
-    idle = committed(pool, [5, 6])
-    pool.release(idle.blocks)
-    pool.reset_prefix_cache()
-    assert pool.cached_blocks == 0 and pool.available == 3
-    pool.release(held.blocks)
-    assert pool.available == 5
-
-
 def test_forward_plan_right_aligns_new_tokens_over_their_past() -> None:
     # Block size 2. Row 0 decodes position 3 (blocks 1, 2); row 1 computes 2 prompt tokens (block 3).
     plan = ForwardPlan.build(

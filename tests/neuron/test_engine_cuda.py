@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -31,13 +31,6 @@ pytestmark = [
 CUDA = torch.device("cuda:0")
 # Small pools: the tests measure what the engine frees, not how much it can hold.
 SMALL_POOL = EngineConfig(max_batch_size=8, kv_cache_max_gib=0.25)
-
-
-@pytest.fixture(scope="module")
-def worker() -> Iterator[DeviceWorker]:
-    w = DeviceWorker("cuda-test")
-    yield w
-    w.close()
 
 
 def load_on_cuda(path: Path, dtype: torch.dtype) -> tuple[Any, Any]:

@@ -4,7 +4,7 @@ is reported once; an id outside the embedding is a 400 before anything runs."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -70,13 +70,6 @@ class AssertingRunner(SingleDeviceRunner):
             self.broken = True
             raise RuntimeError(ASSERT)
         return super().forward(rows)
-
-
-@pytest.fixture(scope="module")
-def worker() -> Iterator[DeviceWorker]:
-    w = DeviceWorker("cpu-test")
-    yield w
-    w.close()
 
 
 @pytest.fixture(scope="module")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import math
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -41,13 +41,6 @@ class RecordingRunner(SingleDeviceRunner):
         if all(len(row.tokens) == 1 for row in rows):
             self.batch_sizes.append(len(rows))
         return super().forward(rows)
-
-
-@pytest.fixture(scope="module")
-def worker() -> Iterator[DeviceWorker]:
-    w = DeviceWorker("cpu-test")
-    yield w
-    w.close()
 
 
 @pytest.fixture(scope="module", params=["tiny_qwen3", "tiny_llama"])

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -18,13 +17,6 @@ from neuron.engine import SingleDeviceRunner, TorchEngine
 from neuron.engine.api import GenerationRequest, SamplingParams
 from neuron.engine.lean_llama import build_lean_decoder
 from neuron.engine.paged import ForwardRow
-
-
-@pytest.fixture(scope="module")
-def worker() -> Iterator[DeviceWorker]:
-    w = DeviceWorker("cpu-test-lean")
-    yield w
-    w.close()
 
 
 def test_lean_decoder_is_built_for_llama_and_qwen3_only(

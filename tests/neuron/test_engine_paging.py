@@ -5,7 +5,6 @@ and a conversation's earlier turns come back from the prefix cache."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -26,13 +25,6 @@ GREEDY = SamplingParams(temperature=0.0)
 @pytest.fixture(scope="module")
 def model_and_tokenizer(tiny_llama: Path) -> tuple[Any, Any]:
     return load_model(tiny_llama)
-
-
-@pytest.fixture(scope="module")
-def worker() -> Iterator[DeviceWorker]:
-    w = DeviceWorker("cpu-test-paging")
-    yield w
-    w.close()
 
 
 class ListSink:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -22,13 +22,6 @@ from neuron.engine.sampling import SamplerState
 from neuron.engine.scheduler import Scheduler, SeqState
 
 GREEDY = SamplingParams(temperature=0.0)
-
-
-@pytest.fixture(scope="module")
-def worker() -> Iterator[DeviceWorker]:
-    w = DeviceWorker("cpu-test")
-    yield w
-    w.close()
 
 
 @pytest.fixture(scope="module")

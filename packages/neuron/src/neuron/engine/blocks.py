@@ -172,12 +172,3 @@ class BlockPool:
     def _forget(self, block: int) -> None:
         cached = self._cached.pop(block)
         del self._by_key[cached.key]
-
-    def reset_prefix_cache(self) -> None:
-        """Forget every cached prefix (their blocks become plain free blocks)."""
-        for block in list(self._evictable):
-            self._forget(block)
-            self._free.append(block)
-        self._evictable.clear()
-        for block in list(self._cached):
-            self._forget(block)

@@ -35,7 +35,6 @@ from neuron.preflight import SERVABLE_LAYER_TYPES
 logger = logging.getLogger(__name__)
 
 LINEAR_ATTENTION = "linear_attention"
-SUPPORTED_LAYER_TYPES = SERVABLE_LAYER_TYPES
 # State slots of a hybrid model's runner built without a batch size.
 DEFAULT_STATE_SLOTS = 8
 
@@ -98,11 +97,11 @@ class SingleDeviceRunner:
     ) -> None:
         config = model.config
         self.layer_types = layer_types(config)
-        unsupported = set(self.layer_types) - SUPPORTED_LAYER_TYPES
+        unsupported = set(self.layer_types) - SERVABLE_LAYER_TYPES
         if unsupported:
             raise ValueError(
                 f"model_type {config.model_type!r} has {sorted(unsupported)} layers; the torch runner supports "
-                f"{sorted(SUPPORTED_LAYER_TYPES)} only"
+                f"{sorted(SERVABLE_LAYER_TYPES)} only"
             )
         self.model = model
         self.device = torch.device(device)
