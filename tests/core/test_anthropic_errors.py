@@ -7,7 +7,7 @@ import re
 import pytest
 from support.wording import PROMPT_TOO_LONG, SUM_EXCEEDS
 
-from cortex_core.anthropic.errors import ContextOverflow, context_limit_message, unsupported_field_message
+from cortex_core.anthropic.errors import ContextOverflow, anthropic_field_message, context_limit_message
 
 
 @pytest.mark.parametrize(
@@ -30,15 +30,22 @@ def test_context_limit_message_is_anthropics_wording(
 
 
 @pytest.mark.parametrize(
-    ("chat_param", "names"),
-    [("response_format", "output_config.format"), ("tool_choice", "tool_choice.type")],
+    ("chat_param", "message", "expected"),
+    [
+        (
+            "response_format",
+            "response_format: this schema cannot be enforced: Unimplemented keys: ['not']",
+            "output_config.format: this schema cannot be enforced: Unimplemented keys: ['not']",
+        ),
+        # Named the same in both dialects, or not about a field: the neuron's words.
+        ("tool_choice", "tool_choice: function 'x' is not one of the request's tools", None),
+        ("logit_bias", "logit_bias: token 9 is out of range", None),
+        (None, "the prompt is empty", None),
+        # A message that does not start with the field's name is left alone.
+        ("response_format", "a schema was expected", None),
+    ],
 )
-def test_refused_fields_are_named_as_the_anthropic_caller_sent_them(chat_param: str, names: str) -> None:
-    message = unsupported_field_message(chat_param)
-    assert message is not None and message.startswith(names + ":")
-    assert chat_param not in message.replace(names, "")
-
-
-def test_an_unknown_field_keeps_the_neurons_message() -> None:
-    assert unsupported_field_message("logit_bias") is None
-    assert unsupported_field_message(None) is None
+def test_refusals_name_the_field_the_anthropic_caller_sent(
+    chat_param: str | None, message: str, expected: str | None
+) -> None:
+    assert anthropic_field_message(chat_param, message) == (expected or message)

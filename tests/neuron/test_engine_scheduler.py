@@ -246,16 +246,16 @@ def test_first_tokens_of_prompts_prefilled_together_are_sampled_in_one_batch(
 
     alone = scheduler_module.next_token
 
-    def counting(logits: torch.Tensor, states: Sequence[SamplerState]) -> list[int]:
+    def counting(logits: torch.Tensor, states: Sequence[SamplerState], masks: Any = None) -> list[int]:
         batches.append(len(states))
         if any(s.params.top_k == 13 for s in states):
             raise RuntimeError("sampler exploded")
-        return batched(logits, states)
+        return batched(logits, states, masks)
 
-    def one(logits: torch.Tensor, state: SamplerState) -> int:
+    def one(logits: torch.Tensor, state: SamplerState, masks: Any = None) -> int:
         if state.params.top_k == 13:
             raise RuntimeError("sampler exploded")
-        return alone(logits, state)
+        return alone(logits, state, masks)
 
     monkeypatch.setattr(scheduler_module, "next_tokens", counting)
     monkeypatch.setattr(scheduler_module, "next_token", one)

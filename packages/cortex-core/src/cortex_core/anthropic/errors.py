@@ -16,18 +16,9 @@ from dataclasses import dataclass
 
 CONTEXT_LENGTH_EXCEEDED = "context_length_exceeded"
 
-# The chat fields the neuron refuses, by the Anthropic field that produced them (the
-# converter's mapping, docs/dialects.md): what the caller sent, not what we made of it.
-_UNSUPPORTED_FIELD_MESSAGES = {
-    "response_format": (
-        "output_config.format: structured outputs (constrained decoding to a JSON schema) "
-        "are not supported by this server"
-    ),
-    "tool_choice": (
-        "tool_choice.type: `any` and `tool` need constrained decoding, which this server "
-        "does not do; use `auto`"
-    ),
-}
+# Chat fields the converter fills from Anthropic fields of another name (docs/dialects.md):
+# a refusal names what the caller sent, not what we made of it.
+_ANTHROPIC_FIELD_NAMES = {"response_format": "output_config.format"}
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,8 +45,10 @@ def context_limit_message(overflow: ContextOverflow) -> str:
     )
 
 
-def unsupported_field_message(chat_param: str | None) -> str | None:
-    """Anthropic's name and wording for a chat field the neuron refused, or None if unknown."""
-    if chat_param is None:
-        return None
-    return _UNSUPPORTED_FIELD_MESSAGES.get(chat_param)
+def anthropic_field_message(chat_param: str | None, message: str) -> str:
+    """A neuron's refusal that starts with the chat field's name, renamed to the Anthropic
+    field it came from (`response_format: ...` -> `output_config.format: ...`)."""
+    name = _ANTHROPIC_FIELD_NAMES.get(chat_param or "")
+    if name is None or chat_param is None or not message.startswith(chat_param):
+        return message
+    return name + message[len(chat_param) :]

@@ -59,8 +59,8 @@ from cortex_core.anthropic.convert import (
 from cortex_core.anthropic.errors import (
     CONTEXT_LENGTH_EXCEEDED,
     ContextOverflow,
+    anthropic_field_message,
     context_limit_message,
-    unsupported_field_message,
 )
 from cortex_core.anthropic.messages import (
     CountTokensRequest,
@@ -135,9 +135,7 @@ class _ErrorDetail(msgspec.Struct):
         else the neuron's own."""
         if self.code == CONTEXT_LENGTH_EXCEEDED and self.prompt_len is not None and self.limit is not None:
             return context_limit_message(ContextOverflow(self.prompt_len, self.max_tokens, self.limit))
-        if self.code == "unsupported_parameter":
-            return unsupported_field_message(self.param) or self.message
-        return self.message
+        return anthropic_field_message(self.param, self.message)
 
 
 class _ErrorEnvelope(msgspec.Struct):

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Literal, Protocol
 
 from cortex_core.neuron_api import ModelLoad
+from neuron.engine.constraint import GrammarConstraint
 
 FinishReason = Literal["stop", "length"]
 
@@ -39,6 +40,9 @@ class GenerationRequest:
     sampling: SamplingParams = field(default_factory=SamplingParams)
     # Every EOS id of the model (generation_config.json may list several) plus request extras.
     stop_token_ids: frozenset[int] = frozenset()
+    # Structured output: the grammar the answer must follow (its state moves with the
+    # sequence, so a request is generated once).
+    constraint: GrammarConstraint | None = None
 
 
 @dataclass(frozen=True)

@@ -214,7 +214,7 @@ class TorchEngine:
             seq_id=seq_id,
             request=request,
             sink=self._outbox.sink_for(stream),
-            sampler=SamplerState.create(request.sampling),
+            sampler=SamplerState.create(request.sampling, request.constraint),
             max_new_tokens=max_new,
         )
         self._scheduler.incoming.append(stream.sequence)

@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 import torch
 
 from neuron.engine.api import SamplingParams
+from neuron.engine.constraint import ConstraintMasks, GrammarConstraint, apply_bitmasks
 
 # The repetition penalty looks at this many of the latest generated tokens (the reference's
 # `repeat_last_n` default); the prompt is excluded.
@@ -101,6 +102,8 @@ class SamplerState:
 
     params: SamplingParams
     seed: int
+    # Structured output: the grammar that masks this sequence's logits (None: free).
+    constraint: GrammarConstraint | None = None
     generated: list[int] = field(default_factory=list)
     counts: Counter[int] = field(default_factory=Counter)
     # Created by the first draw, on the device of the logits and on the owner thread (a CUDA
@@ -109,9 +112,9 @@ class SamplerState:
     _generator: torch.Generator | None = field(default=None, repr=False)
 
     @classmethod
-    def create(cls, params: SamplingParams) -> SamplerState:
+    def create(cls, params: SamplingParams, constraint: GrammarConstraint | None = None) -> SamplerState:
         seed = params.seed if params.seed is not None else secrets.randbits(63)
-        return cls(params=params, seed=seed)
+        return cls(params=params, seed=seed, constraint=constraint)
 
     def generator(self, device: torch.device) -> torch.Generator:
         """The request's random stream on `device`, seeded on first use. A sequence samples on
@@ -224,9 +227,14 @@ def _presence_counts(states: Sequence[SamplerState]) -> tuple[torch.Tensor, torc
     return torch.tensor(ids, dtype=torch.long), torch.tensor(counts, dtype=torch.float32)
 
 
-def choose_tokens(logits: torch.Tensor, states: Sequence[SamplerState]) -> torch.Tensor:
+def choose_tokens(
+    logits: torch.Tensor, states: Sequence[SamplerState], masks: ConstraintMasks | None = None
+) -> torch.Tensor:
     """The next token of each row of [rows, vocab] logits as a [rows] tensor on their device,
-    without waiting for the device."""
+    without waiting for the device. `masks`: the constrained rows' allowed tokens, applied
+    first (a disallowed token stays impossible whatever the penalties do)."""
+    if masks is not None:
+        logits = apply_bitmasks(logits, masks)
     if all(is_plain_greedy(s.params) for s in states):
         return torch.argmax(logits, dim=-1)
     device = logits.device
@@ -300,12 +308,14 @@ def _top_k_top_p_(logits: torch.Tensor, table: torch.Tensor, *, with_top_k: bool
     logits.masked_fill_(drop, ninf)
 
 
-def next_tokens(logits: torch.Tensor, states: Sequence[SamplerState]) -> list[int]:
+def next_tokens(
+    logits: torch.Tensor, states: Sequence[SamplerState], masks: ConstraintMasks | None = None
+) -> list[int]:
     """The next token of each row of [rows, vocab] logits: one copy back to the host."""
-    chosen: list[int] = choose_tokens(logits, states).tolist()
+    chosen: list[int] = choose_tokens(logits, states, masks).tolist()
     return chosen
 
 
-def next_token(logits: torch.Tensor, state: SamplerState) -> int:
-    """The next token of one sequence from its [vocab] logits."""
-    return next_tokens(logits[None], [state])[0]
+def next_token(logits: torch.Tensor, state: SamplerState, masks: ConstraintMasks | None = None) -> int:
+    """The next token of one sequence from its [vocab] logits (`masks`: its own, as row 0)."""
+    return next_tokens(logits[None], [state], masks)[0]

@@ -32,6 +32,7 @@ import torch
 
 from neuron.engine.api import FinishReason, GenerationRequest, TokenEvent
 from neuron.engine.blocks import BlockPool, BlockTable, blocks_for
+from neuron.engine.constraint import ConstraintViolation, MaskFiller
 from neuron.engine.paged import ForwardRow
 from neuron.engine.sampling import SamplerState, next_token, next_tokens
 from neuron.runner import ModelRunner
@@ -131,6 +132,7 @@ class Scheduler:
         self.throughput = Throughput()
         self.preemptions = 0
         self._admissions = itertools.count()
+        self._masks = MaskFiller()
 
     @property
     def max_sequence_tokens(self) -> int:
@@ -314,15 +316,15 @@ class Scheduler:
         (one copy back from the device); if that fails, one by one, so that only a request
         that fails alone fails."""
         tokens: list[int | Exception]
+        samplers = [s.sampler for s, _ in finished]
         try:
-            tokens = list(
-                next_tokens(torch.stack([logits for _, logits in finished]), [s.sampler for s, _ in finished])
-            )
+            masks = self._masks.fill([sampler.constraint for sampler in samplers])
+            tokens = list(next_tokens(torch.stack([logits for _, logits in finished]), samplers, masks))
         except Exception:  # retried one by one below, where each failure reaches its sequence
             tokens = []
             for seq, logits in finished:
                 try:
-                    tokens.append(next_token(logits, seq.sampler))
+                    tokens.append(next_token(logits, seq.sampler, self._masks.fill([seq.sampler.constraint])))
                 except Exception as exc:
                     tokens.append(exc)
         for (seq, _), token in zip(finished, tokens, strict=True):
@@ -334,8 +336,11 @@ class Scheduler:
     def _decode(self, batch: list[SeqState]) -> None:
         started = time.perf_counter()
         rows = [ForwardRow([seq.last_token], seq.computed, seq.table.blocks, seq.state_slot) for seq in batch]
+        samplers = [s.sampler for s in batch]
         try:
-            tokens = next_tokens(self.runner.forward(rows), [s.sampler for s in batch])
+            # Before the forward: on a GPU the masks are computed while the device works.
+            masks = self._masks.fill([sampler.constraint for sampler in samplers])
+            tokens = next_tokens(self.runner.forward(rows), samplers, masks)
         except Exception as exc:  # a failed batched forward takes every member with it
             for seq in batch:
                 self.running.remove(seq)
@@ -360,14 +365,26 @@ class Scheduler:
         if token in seq.request.stop_token_ids:
             self._finish(seq, "stop")
             return False
+        constraint = seq.sampler.constraint
+        if constraint is not None:
+            try:
+                constraint.accept(token)
+            except ConstraintViolation as exc:
+                self._fail(seq, exc)
+                return False
         seq.sampler.record(token)
         seq.tokens.append(token)
         seq.last_token = token
-        done = seq.completion_tokens >= seq.max_new_tokens
-        seq.sink.put(self._event(seq, token, "length" if done else None))
-        if done:
+        # A complete grammar ends the answer even when the token budget ends with it.
+        finish: FinishReason | None = None
+        if constraint is not None and constraint.finished:
+            finish = "stop"
+        elif seq.completion_tokens >= seq.max_new_tokens:
+            finish = "length"
+        seq.sink.put(self._event(seq, token, finish))
+        if finish is not None:
             self._finish(seq, None)
-        return not done
+        return finish is None
 
     def _event(self, seq: SeqState, token: int | None, finish: FinishReason | None) -> TokenEvent:
         return TokenEvent(

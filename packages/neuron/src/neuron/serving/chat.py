@@ -23,7 +23,6 @@ from cortex_core.openai.chat import (
     ChatCompletionChunk,
     ChatCompletionMessage,
     ChatCompletionMessageToolCall,
-    ChatCompletionNamedToolChoice,
     ChatCompletionRequest,
     Choice,
     ChoiceDelta,
@@ -34,10 +33,10 @@ from cortex_core.openai.chat import (
     CompletionUsage,
     Function,
     PromptTokensDetails,
-    ResponseFormatText,
 )
 from cortex_core.wire import UNSET, given
 from neuron.engine.api import GenerationRequest
+from neuron.engine.constraint import GrammarConstraint, ReasoningGate
 from neuron.serving.generation import (
     Finished,
     OutputEvent,
@@ -49,6 +48,7 @@ from neuron.serving.generation import (
 from neuron.serving.model import ServingModel
 from neuron.serving.params import SamplingRequest, invalid, resolve, sampling_fields
 from neuron.serving.reasoning import prompt_opens_reasoning
+from neuron.serving.structured import request_grammar
 from neuron.serving.template import template_messages
 from neuron.serving.tools import ToolCallArguments, ToolCallStart
 
@@ -118,22 +118,6 @@ def check_supported(request: ChatCompletionRequest, field_names: Mapping[str, st
             "repeat_last_n",
             code="unsupported_parameter",
         )
-    response_format = given(request.response_format)
-    if response_format is not None and not isinstance(response_format, ResponseFormatText):
-        name = field_names.get("response_format", "response_format")
-        raise invalid(
-            f"{name} json_object / json_schema (constrained decoding) is not supported",
-            name,
-            code="unsupported_parameter",
-        )
-    choice = given(request.tool_choice)
-    if choice == "required" or isinstance(choice, ChatCompletionNamedToolChoice):
-        raise invalid(
-            "tool_choice 'required' or a named function needs constrained decoding, which this "
-            "server does not do; use 'auto'",
-            "tool_choice",
-            code="unsupported_parameter",
-        )
 
 
 def sampling_request(request: ChatCompletionRequest) -> SamplingRequest:
@@ -141,17 +125,57 @@ def sampling_request(request: ChatCompletionRequest) -> SamplingRequest:
     return sampling_fields(request, max_tokens if max_tokens is not None else given(request.max_tokens))
 
 
-def render_chat_prompt(
+def template_kwargs(
     model: ServingModel, request: ChatCompletionRequest, *, enable_thinking: bool | None
-) -> str:
+) -> dict[str, Any]:
     """`enable_thinking` is the template default when the client's chat_template_kwargs do
     not set it (None: leave it to the template)."""
-    messages = template_messages(msgspec.to_builtins(request.messages), model.model_id)
-    tools = msgspec.to_builtins(given(request.tools)) or None
     kwargs: dict[str, Any] = dict(given(request.chat_template_kwargs) or {})
     if model.markers is not None and enable_thinking is not None:
         kwargs.setdefault("enable_thinking", enable_thinking)
+    return kwargs
+
+
+def render_chat_prompt(
+    model: ServingModel, request: ChatCompletionRequest, *, enable_thinking: bool | None
+) -> str:
+    messages = template_messages(msgspec.to_builtins(request.messages), model.model_id)
+    tools = msgspec.to_builtins(given(request.tools)) or None
+    kwargs = template_kwargs(model, request, enable_thinking=enable_thinking)
     return model.template.render(messages, tools=tools, template_kwargs=kwargs)
+
+
+def reasoning_gate(model: ServingModel, prompt: str, *, thinking_off: bool) -> ReasoningGate | None:
+    """Where a structured answer starts: after the model's reasoning, if it reasons."""
+    markers = model.markers
+    if markers is None:
+        return None
+    opened = prompt_opens_reasoning(prompt, markers)
+    if thinking_off and not opened:
+        return None
+    ids = model.traits.marker_ids
+    return ReasoningGate(ids[markers.open], ids[markers.close], open_in_prompt=opened)
+
+
+def structured_constraint(
+    model: ServingModel,
+    request: ChatCompletionRequest,
+    prompt: str,
+    *,
+    enable_thinking: bool | None,
+    field_names: Mapping[str, str],
+) -> GrammarConstraint | None:
+    """The grammar of a structured request (response_format, forced tool_choice); None if free."""
+    tools = msgspec.to_builtins(given(request.tools)) or []
+    structured = request_grammar(request, tools, model.tool_format, model.traits.marker_ids, field_names)
+    if structured is None:
+        return None
+    grammar, field_name = structured
+    thinking_off = (
+        template_kwargs(model, request, enable_thinking=enable_thinking).get("enable_thinking") is False
+    )
+    gate = reasoning_gate(model, prompt, thinking_off=thinking_off)
+    return model.traits.grammars.constraint(grammar, field_names.get(field_name, field_name), gate)
 
 
 def prepare_chat(
@@ -192,6 +216,9 @@ def prepare_chat(
         max_new_tokens=params.max_new_tokens,
         sampling=params.sampling,
         stop_token_ids=params.stop_token_ids,
+        constraint=structured_constraint(
+            model, request, prompt, enable_thinking=enable_thinking, field_names=field_names
+        ),
     )
     return Prepared(prompt, generation, processor, clamped=params.clamped)
 

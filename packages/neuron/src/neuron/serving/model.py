@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 from neuron.runtime import LoadedModel
 from neuron.serving.detok import IncrementalDetokenizer, marker_token_ids
 from neuron.serving.params import context_length, eos_token_ids
 from neuron.serving.reasoning import ReasoningMarkers, find_reasoning_markers
+from neuron.serving.structured import GrammarCompiler
 from neuron.serving.template import ChatTemplate
 from neuron.serving.tools import ToolFormat, find_tool_format
 
@@ -23,6 +24,9 @@ class ModelTraits:
     max_context: int | None
     # Special tokens the detokeniser must keep as text for the reasoning and tool parsers.
     keep_ids: frozenset[int]
+    # Each reasoning and tool-call marker's token id (the grammars name them by id).
+    marker_ids: Mapping[str, int]
+    grammars: GrammarCompiler
 
     @classmethod
     def of(cls, loaded: LoadedModel) -> ModelTraits:
@@ -32,13 +36,17 @@ class ModelTraits:
         marker_strings = list(tool_format.markers)
         if markers:
             marker_strings += [markers.open, markers.close]
+        vocab = tokenizer.get_vocab()
+        eos_ids = eos_token_ids(loaded.generation_config, tokenizer, loaded.hf_config)
         return cls(
             template=ChatTemplate.for_tokenizer(loaded.model_id, loaded.chat_template, tokenizer),
             markers=markers,
             tool_format=tool_format,
-            eos_ids=eos_token_ids(loaded.generation_config, tokenizer, loaded.hf_config),
+            eos_ids=eos_ids,
             max_context=loaded.served_context(context_length(loaded.hf_config)),
             keep_ids=frozenset(marker_token_ids(tokenizer, marker_strings)),
+            marker_ids={marker: vocab[marker] for marker in marker_strings if marker in vocab},
+            grammars=GrammarCompiler(loaded.model_id, tokenizer, eos_ids),
         )
 
 
