@@ -19,6 +19,9 @@ Scenarios (--scenarios, all by default):
   conversations  12 conversations of 4 turns replayed interleaved (each round all 12 at once):
                  the share of later turns whose cached_tokens cover >= 90% of the previous
                  turn's prompt. Prefix cache on.
+  structured     8 streams whose answer follows a JSON schema against the same 8 free, greedy,
+                 64 new tokens; and the constraint's own cost per step of 8 rows (masks filled
+                 and applied) against the free decode step (goal: under 10%).
 
 --before GITREF runs mixed, arrival and conversations again on the engine of that commit
 (a throw-away git worktree, in a subprocess), so the table compares before and after in one
@@ -370,7 +373,99 @@ async def hybrid(worker: Any, tokenizer: Any, target: Target) -> dict[str, float
     }
 
 
-SCENARIOS = ("basic", "mixed", "arrival", "hybrid", "conversations")
+# A schema whose answer is long enough to measure: free text inside one JSON string.
+STORY_SCHEMA = {
+    "type": "object",
+    "properties": {"title": {"type": "string"}, "story": {"type": "string"}},
+    "required": ["title", "story"],
+    "additionalProperties": False,
+}
+
+
+async def structured(worker: Any, tokenizer: Any, target: Target) -> dict[str, float]:
+    """8 free streams, then the same 8 with a JSON-schema constraint; per-token and per-step costs."""
+    from neuron.engine import build_engine
+    from neuron.engine.api import GenerationRequest, SamplingParams
+    from neuron.engine.constraint import MaskFiller, apply_bitmasks
+    from neuron.serving.params import eos_token_ids
+    from neuron.serving.structured import GrammarCompiler, _json_rule
+
+    model, _ = await worker.run(load, target)
+    eos = eos_token_ids({}, tokenizer, model.config)
+    compiler = GrammarCompiler("smollm2", tokenizer, eos)
+    grammar = f"start: answer\nanswer: {_json_rule(STORY_SCHEMA)}"
+    engine = build_engine(
+        model, worker=worker, engine_config=engine_config(max_batch_size=8), model_id="smollm2"
+    )
+    batch = prompts(tokenizer)
+
+    async def run(constrained: bool) -> tuple[Run, list[list[int]]]:
+        started = time.perf_counter()
+
+        async def one(prompt: list[int]) -> tuple[list[float], list[int]]:
+            constraint = compiler.constraint(grammar, "response_format", None) if constrained else None
+            request = GenerationRequest(
+                prompt_ids=prompt,
+                max_new_tokens=64,
+                sampling=SamplingParams(temperature=0.0),
+                constraint=constraint,
+            )
+            times, tokens = [], []
+            async for event in engine.generate(request):
+                if event.token_id is not None:
+                    times.append(time.perf_counter())
+                    tokens.append(event.token_id)
+            return times, tokens
+
+        streams = await asyncio.gather(*(one(p) for p in batch))
+        seconds = time.perf_counter() - started
+        firsts = [times[0] - started for times, _ in streams]
+        run_ = Run(tokens=sum(len(t) for t, _ in streams), seconds=seconds, ttft=sum(firsts) / len(firsts))
+        return run_, [tokens for _, tokens in streams]
+
+    await run(True)  # warm-up: the llguidance tokenizer and the compiled grammar
+    free_runs, constrained_runs = [], []
+    for _ in range(2):
+        free_runs.append((await run(False))[0])
+        constrained_run, outputs = await run(True)
+        constrained_runs.append(constrained_run)
+    await engine.close()
+
+    def mask_step_cost(steps: int = 30) -> float:
+        """Median seconds to fill and apply the masks of 8 rows midway through their answers."""
+        import torch
+
+        filler = MaskFiller()
+        constraints = []
+        for tokens in outputs:
+            constraint = compiler.constraint(grammar, "response_format", None)
+            for token in tokens[: len(tokens) // 2]:
+                constraint.accept(token)
+            constraints.append(constraint)
+        logits = torch.randn(len(constraints), int(model.config.vocab_size))
+        times = []
+        for _ in range(steps):
+            started = time.perf_counter()
+            masks = filler.fill(constraints)
+            assert masks is not None
+            apply_bitmasks(logits, masks)
+            times.append(time.perf_counter() - started)
+        return statistics.median(times)
+
+    mask_cost = await worker.run(mask_step_cost)
+    free_run, constrained_run = best(free_runs), best(constrained_runs)
+    # One decode step of 8 streams, from the free run's rate.
+    step = 8 / free_run.tok_s
+    return {
+        "free_tok_s": free_run.tok_s,
+        "constrained_tok_s": constrained_run.tok_s,
+        "constrained_tokens": constrained_run.tokens,
+        "mask_ms": mask_cost * 1000,
+        "step_ms": step * 1000,
+    }
+
+
+SCENARIOS = ("basic", "mixed", "arrival", "hybrid", "conversations", "structured")
 COMPARED = ("mixed", "arrival", "conversations")
 
 
@@ -382,8 +477,10 @@ async def engine_scenarios(
 
     results: dict[str, dict[str, float]] = {}
     for name in names:
-        if name == "hybrid":
-            results[name] = await hybrid(worker, tokenizer, target)
+        if name in ("hybrid", "structured"):
+            results[name] = await {"hybrid": hybrid, "structured": structured}[name](
+                worker, tokenizer, target
+            )
             continue
         model, _ = await worker.run(load, target)
         caching = name == "conversations"
@@ -589,6 +686,18 @@ def report(
             f"  engine, 8 concurrent streams     {r['engine_tok_s']:8.1f} tok/s   TTFT {r['engine_ttft_ms']:8.1f} ms"
         )
         print(f"  engine / generate(): {r['engine_tok_s'] / r['generate_tok_s']:.2f}x")
+    if "structured" in after:
+        r = after["structured"]
+        print("structured: 8 streams, greedy, 64 new tokens; JSON schema {title, story} against free")
+        print(f"  free streams                     {r['free_tok_s']:8.1f} tok/s")
+        print(
+            f"  constrained streams              {r['constrained_tok_s']:8.1f} tok/s "
+            f"({int(r['constrained_tokens'])} tokens: an answer ends with its grammar)"
+        )
+        print(
+            f"  masks of 8 rows per step {r['mask_ms']:.2f} ms against a free decode step of {r['step_ms']:.2f} ms: "
+            f"{r['mask_ms'] / r['step_ms'] * 100:.1f}% (goal < 10%)"
+        )
     if "conversations" in after:
         print("conversations: 12 x 4 turns, interleaved")
         for label, results in (("engine before", before), ("engine", after)):
