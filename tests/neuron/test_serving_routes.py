@@ -297,6 +297,51 @@ async def test_tool_calls_non_streaming(harness: Harness) -> None:
     assert "<tool_call>" in without["choices"][0]["message"]["content"]
 
 
+# A template with no place for tools (SmolLM2's, say): they go into the system message.
+TOOLLESS_TEMPLATE = (
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] "
+    "+ '<|im_end|>\\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+
+
+async def test_tools_reach_a_model_whose_template_has_no_place_for_them(
+    tiny_parts: tuple[Any, Any, str],
+) -> None:
+    harness = make_harness(tiny_parts, template=TOOLLESS_TEMPLATE)
+    harness.script(TOOL_OUTPUT)
+    history = [
+        {"role": "user", "content": "Weather in Bern?"},
+        {
+            "role": "assistant",
+            "content": None,
+            "tool_calls": [
+                {
+                    "id": "call_1",
+                    "type": "function",
+                    "function": {"name": "get_weather", "arguments": '{"city": "Bern"}'},
+                }
+            ],
+        },
+        {"role": "tool", "tool_call_id": "call_1", "content": "12 C"},
+        {"role": "user", "content": "And in Zürich?"},
+    ]
+    async with harness.client() as client:
+        answer = (
+            await client.post("/v1/chat/completions", json=chat(tools=[WEATHER_TOOL]) | {"messages": history})
+        ).json()
+    prompt = harness.tokenizer.decode(harness.engine.requests[0].prompt_ids)
+    assert prompt.startswith("<|im_start|>system\n# Tools\n")
+    assert '{"name": "get_weather", "parameters": {"type": "object"' in prompt
+    assert '<tool_call>\n{"name": "<function name>"' in prompt  # how to call, in the parser's format
+    # The earlier call and its result are in the conversation, as text the model can read.
+    assert (
+        '<|im_start|>assistant\n<tool_call>\n{"name": "get_weather", "arguments": {"city": "Bern"}}' in prompt
+    )
+    assert "<|im_start|>user\nTool result:\n12 C<|im_end|>" in prompt
+    (call,) = answer["choices"][0]["message"]["tool_calls"]
+    assert call["function"]["name"] == "get_weather"
+
+
 async def test_tool_calls_streaming_reassemble_to_the_same_call(harness: Harness) -> None:
     harness.script(TOOL_OUTPUT)
     async with harness.client() as client:

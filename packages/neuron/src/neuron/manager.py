@@ -212,9 +212,9 @@ class ModelRecord:
 def _capabilities(loaded: LoadedModel) -> tuple[bool, bool]:
     """(tool_call, reasoning): the template takes tools; the vocabulary has reasoning markers."""
     from neuron.serving.reasoning import find_reasoning_markers
+    from neuron.serving.template import template_takes_tools
 
-    tool_call = bool(loaded.chat_template and "tools" in loaded.chat_template)
-    return tool_call, find_reasoning_markers(loaded.tokenizer) is not None
+    return template_takes_tools(loaded.chat_template), find_reasoning_markers(loaded.tokenizer) is not None
 
 
 def _retrieve(task: asyncio.Task[Any]) -> None:

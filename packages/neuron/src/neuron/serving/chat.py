@@ -49,8 +49,8 @@ from neuron.serving.model import ServingModel
 from neuron.serving.params import SamplingRequest, invalid, resolve, sampling_fields
 from neuron.serving.reasoning import prompt_opens_reasoning
 from neuron.serving.structured import request_grammar
-from neuron.serving.template import template_messages
-from neuron.serving.tools import ToolCallArguments, ToolCallStart
+from neuron.serving.template import template_messages, with_tool_instructions
+from neuron.serving.tools import ToolCallArguments, ToolCallStart, tool_instructions
 
 INCLUDE_THINKING_HEADER = "x-include-thinking"
 # Request: lower an oversized max_tokens instead of refusing it; response: the value used.
@@ -142,6 +142,12 @@ def render_chat_prompt(
     messages = template_messages(msgspec.to_builtins(request.messages), model.model_id)
     tools = msgspec.to_builtins(given(request.tools)) or None
     kwargs = template_kwargs(model, request, enable_thinking=enable_thinking)
+    if tools and not model.template.takes_tools:
+        # Never dropped: the template has no place for them, so the system message gets them.
+        messages = with_tool_instructions(
+            messages, tool_instructions(tools, model.tool_format), model.tool_format.write_call
+        )
+        tools = None
     return model.template.render(messages, tools=tools, template_kwargs=kwargs)
 
 

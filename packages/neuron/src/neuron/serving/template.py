@@ -18,7 +18,7 @@ import copy
 import datetime
 import json
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import minijinja
@@ -69,12 +69,18 @@ def _template_error(model_id: str, exc: minijinja.TemplateError) -> ApiError:
     )
 
 
+def template_takes_tools(source: str | None) -> bool:
+    """Whether a chat template renders the request's `tools` (it reads the variable)."""
+    return bool(source and "tools" in source)
+
+
 class ChatTemplate:
     """A compiled chat template plus the special-token variables HF exposes to it."""
 
     def __init__(self, model_id: str, source: str | None, special_tokens: Mapping[str, str]) -> None:
         self.model_id = model_id
         self.is_fallback = source is None or not source.strip()
+        self.takes_tools = template_takes_tools(source)
         self.special_tokens = dict(special_tokens)
         self._env = minijinja.Environment(trim_blocks=True, lstrip_blocks=True)
         self._env.add_global("raise_exception", _raise_exception)
@@ -178,3 +184,26 @@ def template_messages(messages: Sequence[Mapping[str, Any]], model_id: str) -> l
             item["tool_calls"] = calls
         prepared.append(item)
     return prepared
+
+
+def with_tool_instructions(
+    messages: Sequence[Mapping[str, Any]], instructions: str, format_call: Callable[[Mapping[str, Any]], str]
+) -> list[dict[str, Any]]:
+    """Template messages for a template without tools: the tool instructions in the system
+    message, earlier calls written out as the assistant's text (`format_call`), tool results
+    as user turns (templates that know no `tool` role often refuse it)."""
+    out: list[dict[str, Any]] = []
+    for message in messages:
+        item = dict(message)
+        calls = item.pop("tool_calls", None)
+        if calls:
+            written = "\n".join(format_call(call) for call in calls)
+            item["content"] = "\n".join(part for part in (item.get("content") or "", written) if part)
+        if item.get("role") == "tool":
+            item = {"role": "user", "content": f"Tool result:\n{item.get('content') or ''}"}
+        out.append(item)
+    if out and out[0].get("role") == "system":
+        out[0] = {**out[0], "content": f"{out[0].get('content') or ''}\n\n{instructions}".strip()}
+    else:
+        out.insert(0, {"role": "system", "content": instructions})
+    return out

@@ -350,6 +350,23 @@ class ToolFormat:
     kind: str  # "tagged" | "mistral" | "json"
     markers: tuple[str, ...]
 
+    def _wrap(self, body: str) -> str:
+        """One JSON call body as this format's parser reads it."""
+        if self.kind == "tagged":
+            return f"{self.markers[0]}\n{body}\n{self.markers[1]}"
+        if self.kind == "mistral":
+            return f"{self.markers[0]}[{body}]"
+        return body
+
+    def call_example(self) -> str:
+        return self._wrap('{"name": "<function name>", "arguments": {<arguments as a JSON object>}}')
+
+    def write_call(self, call: Mapping[str, Any]) -> str:
+        """An earlier call of the conversation (an OpenAI tool call) in this format."""
+        function = call.get("function") or call
+        body = {"name": function.get("name"), "arguments": function.get("arguments") or {}}
+        return self._wrap(json.dumps(body, ensure_ascii=False))
+
     def parser(self, tools: Sequence[Mapping[str, Any]]) -> ToolCallParser:
         if self.kind == "tagged":
             return TaggedToolCallParser(tools, self.markers[0], self.markers[1])
@@ -367,3 +384,23 @@ def find_tool_format(tokenizer: Any) -> ToolFormat:
         return ToolFormat("mistral", tuple(markers))
     tag = JsonMessageToolCallParser.PYTHON_TAG
     return ToolFormat("json", (tag,) if tag in vocab else ())
+
+
+def tool_instructions(tools: Sequence[Mapping[str, Any]], tool_format: ToolFormat) -> str:
+    """The tools and how to call them, for a model whose chat template has no place for tools
+    (docs/inference.md, "Tool calls"): written in the format its parser reads."""
+    listed = "\n".join(
+        json.dumps(
+            {
+                key: value
+                for key, value in (tool.get("function") or tool).items()
+                if key in ("name", "description", "parameters")
+            },
+            ensure_ascii=False,
+        )
+        for tool in tools
+    )
+    return (
+        "# Tools\n\nYou may call one or more of these functions (their parameters are JSON schemas):\n"
+        f"{listed}\n\nTo call a function, answer with only this, once per call:\n{tool_format.call_example()}"
+    )
