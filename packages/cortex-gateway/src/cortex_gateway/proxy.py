@@ -42,6 +42,7 @@ from starlette.types import Receive, Scope, Send
 
 from cortex_core.config.gateway import ProxySection
 from cortex_core.errors import ApiError
+from cortex_core.http import CLAMP_MAX_TOKENS_HEADER, error_asgi_headers
 from cortex_gateway.metrics import CLIENT_CLOSED, GatewayMetrics, RequestOutcome, TargetMetrics
 from cortex_gateway.neuron_client import neuron_auth_headers
 from cortex_gateway.routing import Lease, Upstream
@@ -49,10 +50,6 @@ from cortex_gateway.sse import Observer, StreamObserver, observer_for
 
 log = logging.getLogger(__name__)
 
-# Asks the neuron to lower an oversized max_tokens instead of refusing it; its answer names
-# the value used in MAX_TOKENS_CLAMPED_HEADER, which reaches the client.
-CLAMP_MAX_TOKENS_HEADER = "x-cortex-clamp-max-tokens"
-MAX_TOKENS_CLAMPED_HEADER = "x-cortex-max-tokens-clamped"
 # Never forwarded in either direction: hop-by-hop headers (RFC 9110 §7.6.1), and headers
 # the next hop computes itself. `accept-encoding` is replaced by identity so the gateway
 # can read usage from the body and relay each chunk the moment it arrives.
@@ -95,7 +92,6 @@ _RESPONSE_HEADERS_DROPPED = frozenset(
 )
 
 NO_UPSTREAM_RETRY_AFTER_SECS = 5.0
-_JSON_HEADERS = [(b"content-type", b"application/json")]
 
 
 class _ModelField(msgspec.Struct):
@@ -370,10 +366,9 @@ class RelayResponse(Response):
         """Answer with `error`; `gateway_failed` is False when it only passes on the neuron's."""
         self._status = error.status
         self._error = gateway_failed
-        headers = _JSON_HEADERS + [
-            (k.encode("latin-1"), v.encode("latin-1")) for k, v in error.headers().items()
-        ]
-        await send({"type": "http.response.start", "status": error.status, "headers": headers})
+        await send(
+            {"type": "http.response.start", "status": error.status, "headers": error_asgi_headers(error)}
+        )
         await send({"type": "http.response.body", "body": msgspec.json.encode(self._error_body(error))})
 
     async def _open(self) -> tuple[Upstream, aiohttp.ClientResponse, bytes]:

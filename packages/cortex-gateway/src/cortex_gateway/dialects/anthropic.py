@@ -70,12 +70,12 @@ from cortex_core.anthropic.messages import (
 )
 from cortex_core.anthropic.stream import AnthropicStreamConverter
 from cortex_core.errors import ApiError, decode_json_body
+from cortex_core.http import INCLUDE_THINKING_HEADER, JSON_HEADERS, MAX_TOKENS_CLAMPED_HEADER, header_flag
 from cortex_core.openai.chat import ChatCompletion, ChatCompletionChunk, ChatCompletionRequest
 from cortex_core.request_id import request_id_of
 from cortex_core.sse import SSEDecoder, SSEMessage, encode_event
 from cortex_core.wire import given
 from cortex_gateway.proxy import (
-    MAX_TOKENS_CLAMPED_HEADER,
     Proxy,
     RelayResponse,
     is_connect_failure,
@@ -91,7 +91,6 @@ log = logging.getLogger(__name__)
 CHAT_PATH = "/v1/chat/completions"
 COUNT_TOKENS_PATH = "/v1/chat/count_tokens"
 KEEPALIVE_COMMENT = b": keep-alive\n\n"
-INCLUDE_THINKING_HEADER = "x-include-thinking"
 _NOT_FORWARDED = frozenset({"content-type", INCLUDE_THINKING_HEADER})
 # Anthropic's error kinds; an upstream error of another kind is reported as `api_error`.
 ANTHROPIC_ERROR_TYPES = frozenset(
@@ -110,7 +109,6 @@ _SSE_HEADERS = [
     (b"content-type", b"text/event-stream; charset=utf-8"),
     (b"cache-control", b"no-cache"),
 ]
-_JSON_HEADERS = [(b"content-type", b"application/json")]
 
 ReadBody = Callable[[Request], Awaitable[bytes]]
 # The app's gate: a lease for the request's caller and model (keys, limits, fair share).
@@ -332,7 +330,7 @@ class MessagesResponse(RelayResponse):
             return
         message = message_from_chat_completion(completion)
         self._status = 200
-        headers = _JSON_HEADERS + _passed_on(response)
+        headers = [*JSON_HEADERS, *_passed_on(response)]
         await send({"type": "http.response.start", "status": 200, "headers": headers})
         await send({"type": "http.response.body", "body": msgspec.json.encode(message)})
 
@@ -442,7 +440,7 @@ def forward_headers(request: Request, *, clamp_max_tokens: bool = False) -> list
 
 
 def wants_thinking(request: Request) -> bool:
-    return request.headers.get(INCLUDE_THINKING_HEADER, "").strip().lower() in ("1", "true", "yes")
+    return header_flag(request.headers.get(INCLUDE_THINKING_HEADER))
 
 
 def upstream_body(chat: ChatCompletionRequest, lease: Lease, *, include_thinking: bool) -> bytes:
