@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from time import perf_counter
 from typing import Any
 
@@ -247,7 +247,7 @@ class Proxy:
         return RelayResponse(self, lease, endpoint, body, headers, started_at)
 
 
-class _Attempted(Exception):
+class AttemptsFailed(Exception):
     """Every attempt failed before the client got anything; carries the error to render."""
 
     def __init__(self, error: ApiError) -> None:
@@ -338,7 +338,7 @@ class RelayResponse(Response):
     async def _relay(self, send: Send) -> Upstream | None:
         try:
             upstream, response, first = await self._open()
-        except _Attempted as failed:
+        except AttemptsFailed as failed:
             await self._send_error(send, failed.error, gateway_failed=True)
             return self._lease.current
         try:
@@ -372,46 +372,24 @@ class RelayResponse(Response):
         await send({"type": "http.response.body", "body": msgspec.json.encode(self._error_body(error))})
 
     async def _open(self) -> tuple[Upstream, aiohttp.ClientResponse, bytes]:
-        """Try replicas until one answers (headers and a first body chunk); see `retry_plan`.
+        """The first replica's answer that may be used (`first_answer`), with this request's
+        metrics and failure accounting on every attempt."""
+        proxy = self._proxy
 
-        Only what is safe is retried, and only on another replica: a connection that could
-        not be made (the request never left), or a neuron's explicit "not ready" answer. A
-        request the neuron received and failed, timed out on or broke off is never repeated.
-        """
-        proxy, lease = self._proxy, self._lease
-        session = proxy.session
-        replicas = retry_plan(lease.candidates, proxy.config.max_attempts)
-        last_error: ApiError | None = None
-        for index, upstream in enumerate(replicas):
-            another = index + 1 < len(replicas)
-            lease.use(upstream)
+        def attempting(upstream: Upstream) -> None:
             self._switch_target(upstream)
-            try:
-                self._sent_at = perf_counter()
-                response = await session.post(
-                    upstream.base_url + self._endpoint, data=self._body, headers=self._forward_headers
-                )
-            except (aiohttp.ClientError, TimeoutError) as exc:
-                last_error = _attempt_error(upstream, exc)
-                never_sent = is_connect_failure(exc)
-                self._attempt_failed(upstream, last_error.message, unreachable=never_sent)
-                if never_sent:
-                    continue
-                raise _Attempted(last_error) from exc
-            try:
-                first = await response.content.readany()
-            except (aiohttp.ClientError, TimeoutError) as exc:
-                response.close()
-                last_error = _attempt_error(upstream, exc)
-                self._attempt_failed(upstream, last_error.message)
-                raise _Attempted(last_error) from exc
-            if another and response.content.at_eof() and not_ready(response.status, first):
-                response.close()
-                self._attempt_failed(upstream, f"HTTP {response.status}: not ready")
-                continue
-            return upstream, response, first
-        assert last_error is not None  # every replica refused the connection
-        raise _Attempted(last_error)
+            self._sent_at = perf_counter()
+
+        return await first_answer(
+            proxy.session,
+            self._lease,
+            self._endpoint,
+            self._body,
+            self._forward_headers,
+            max_attempts=proxy.config.max_attempts,
+            attempting=attempting,
+            failed=self._attempt_failed,
+        )
 
     async def _stream(self, send: Send, response: aiohttp.ClientResponse, first: bytes) -> None:
         content = response.content
@@ -461,7 +439,7 @@ class RelayResponse(Response):
         self._target = self._proxy.metrics.target(self._lease.model_id, upstream.node)
         self._target.in_flight.inc()
 
-    def _attempt_failed(self, upstream: Upstream, reason: str, *, unreachable: bool = False) -> None:
+    def _attempt_failed(self, upstream: Upstream, reason: str, unreachable: bool) -> None:
         log.warning("attempt on node %s for %s failed: %s", upstream.node, self._lease.model_id, reason)
         if self._target is not None:
             self._target.upstream_failures.inc()
@@ -525,6 +503,59 @@ def not_ready(status: int, body: bytes) -> bool:
     except (msgspec.DecodeError, msgspec.ValidationError):
         return False
     return detail is not None and (status, detail.code) in NOT_READY
+
+
+async def first_answer(
+    session: aiohttp.ClientSession,
+    lease: Lease,
+    endpoint: str,
+    body: bytes,
+    headers: Sequence[tuple[str, str]],
+    *,
+    max_attempts: int,
+    attempting: Callable[[Upstream], None],
+    failed: Callable[[Upstream, str, bool], None],
+) -> tuple[Upstream, aiohttp.ClientResponse, bytes]:
+    """POST `body` to the lease's replicas in `retry_plan` order until one answers; return it
+    with its first body chunk. The one attempt loop of the gateway: the relay, the Anthropic
+    conversion and count_tokens all go through it.
+
+    Only what is safe is retried, and only on another replica: a connection that could not
+    be made (the request never left), or a neuron's explicit "not ready" answer. A request
+    the neuron received and failed, timed out on or broke off is never repeated. Raises
+    `AttemptsFailed` with the error to answer when no replica gave a usable answer.
+    `attempting(upstream)` runs before each attempt and `failed(upstream, reason,
+    unreachable)` after each failed one (metrics, logs, the lease's failure accounting).
+    """
+    replicas = retry_plan(lease.candidates, max_attempts)
+    last_error: ApiError | None = None
+    for index, upstream in enumerate(replicas):
+        another = index + 1 < len(replicas)
+        lease.use(upstream)
+        attempting(upstream)
+        try:
+            response = await session.post(upstream.base_url + endpoint, data=body, headers=headers)
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            last_error = _attempt_error(upstream, exc)
+            never_sent = is_connect_failure(exc)
+            failed(upstream, last_error.message, never_sent)
+            if never_sent:
+                continue
+            raise AttemptsFailed(last_error) from exc
+        try:
+            first = await response.content.readany()
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            response.close()
+            last_error = _attempt_error(upstream, exc)
+            failed(upstream, last_error.message, False)
+            raise AttemptsFailed(last_error) from exc
+        if another and response.content.at_eof() and not_ready(response.status, first):
+            response.close()
+            failed(upstream, f"HTTP {response.status}: not ready", False)
+            continue
+        return upstream, response, first
+    assert last_error is not None  # every replica refused the connection
+    raise AttemptsFailed(last_error)
 
 
 def _attempt_error(upstream: Upstream, exc: BaseException) -> ApiError:

@@ -75,14 +75,7 @@ from cortex_core.openai.chat import ChatCompletion, ChatCompletionChunk, ChatCom
 from cortex_core.request_id import request_id_of
 from cortex_core.sse import SSEDecoder, SSEMessage, encode_event
 from cortex_core.wire import given
-from cortex_gateway.proxy import (
-    Proxy,
-    RelayResponse,
-    is_connect_failure,
-    not_ready,
-    request_headers,
-    retry_plan,
-)
+from cortex_gateway.proxy import AttemptsFailed, Proxy, RelayResponse, first_answer, request_headers
 from cortex_gateway.routing import Lease, Upstream
 from cortex_gateway.sse import BodyObserver, StreamObserver
 
@@ -382,44 +375,45 @@ async def _send_more(send: Send, body: bytes) -> None:
 
 
 async def count_on_replica(proxy: Proxy, lease: Lease, payload: bytes, headers: list[tuple[str, str]]) -> int:
-    """The neuron's token count for a chat request; candidates tried like the relay does."""
-    replicas = retry_plan(lease.candidates, proxy.config.max_attempts)
-    last_error: ApiError | None = None
-    for index, upstream in enumerate(replicas):
-        lease.use(upstream)
-        try:
-            async with proxy.session.post(
-                upstream.base_url + COUNT_TOKENS_PATH, data=payload, headers=headers
-            ) as response:
-                body = await response.read()
-                status, retry_after = response.status, response.headers.get("retry-after")
-        except (aiohttp.ClientError, TimeoutError) as exc:
-            unreachable = is_connect_failure(exc)
-            last_error = ApiError(
-                503 if unreachable else 502,
-                f"node '{upstream.node}' could not count tokens: {type(exc).__name__}: {exc}",
-                code="upstream_unavailable" if unreachable else "upstream_connection_error",
-                retry_after=5.0 if unreachable else None,
-            )
-            lease.upstream_failed(upstream, last_error.message, unreachable=unreachable)
-            if unreachable:
-                continue
-            raise last_error from exc
-        if index + 1 < len(replicas) and not_ready(status, body):
-            lease.upstream_failed(upstream, f"HTTP {status}: not ready")
-            continue
-        if status >= 300:
-            raise upstream_error(status, body, retry_after, upstream.node)
-        try:
-            return _TOKEN_COUNT_DECODER.decode(body).input_tokens
-        except (msgspec.DecodeError, msgspec.ValidationError) as exc:
-            raise ApiError(
-                502,
-                f"node '{upstream.node}' sent a malformed token count: {exc}",
-                code="upstream_malformed_response",
-            ) from exc
-    assert last_error is not None
-    raise last_error
+    """The neuron's token count for a chat request; replicas tried by the relay's own loop."""
+
+    def failed(upstream: Upstream, reason: str, unreachable: bool) -> None:
+        log.warning("count_tokens on node %s for %s failed: %s", upstream.node, lease.model_id, reason)
+        lease.upstream_failed(upstream, reason, unreachable=unreachable)
+
+    try:
+        upstream, response, first = await first_answer(
+            proxy.session,
+            lease,
+            COUNT_TOKENS_PATH,
+            payload,
+            headers,
+            max_attempts=proxy.config.max_attempts,
+            attempting=lambda upstream: None,
+            failed=failed,
+        )
+    except AttemptsFailed as attempts:
+        raise attempts.error from attempts
+    try:
+        body = first + await response.content.read()
+    except (aiohttp.ClientError, TimeoutError) as exc:
+        raise ApiError(
+            502,
+            f"node '{upstream.node}' broke off its token count ({type(exc).__name__})",
+            code="upstream_connection_error",
+        ) from exc
+    finally:
+        response.release()
+    if response.status >= 300:
+        raise upstream_error(response.status, body, response.headers.get("retry-after"), upstream.node)
+    try:
+        return _TOKEN_COUNT_DECODER.decode(body).input_tokens
+    except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+        raise ApiError(
+            502,
+            f"node '{upstream.node}' sent a malformed token count: {exc}",
+            code="upstream_malformed_response",
+        ) from exc
 
 
 _TOKEN_COUNT_DECODER = msgspec.json.Decoder(_TokenCount)
