@@ -7,7 +7,8 @@ import openai
 import pytest
 from support.fake_upstream import FakeUpstream, Script, in_process, relay_app, sse_stream
 
-from cortex_gateway.routing import FixedRouter, Upstream
+from cortex_gateway.routing import Upstream
+from tests.support.fixed_router import FixedRouter
 
 
 def sdk(client: httpx2.AsyncClient) -> openai.AsyncOpenAI:

@@ -38,26 +38,6 @@ _OPENAI_TYPE_BY_STATUS = {
 }
 
 
-class OpenAIErrorDetail(msgspec.Struct, omit_defaults=False):
-    message: str
-    type: str
-    param: str | None = None
-    code: str | None = None
-
-
-class OpenAIErrorBody(msgspec.Struct):
-    error: OpenAIErrorDetail
-
-
-class AnthropicErrorDetail(msgspec.Struct):
-    type: str
-    message: str
-
-
-class AnthropicErrorBody(msgspec.Struct, tag_field="type", tag="error"):
-    error: AnthropicErrorDetail
-
-
 class ApiError(Exception):
     """A failure that reaches a client: HTTP status, a message a user can act on, and codes."""
 
