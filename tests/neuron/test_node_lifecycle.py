@@ -29,6 +29,7 @@ from neuron.manager import ModelManager, default_engine_factory
 from neuron.preflight import required_bytes
 
 MIB = 1024 * 1024
+HANG_GUARD_SECS = 60.0
 
 
 class SmallHost(HostProbe):
@@ -52,9 +53,17 @@ class Node:
     def __init__(self, config: NeuronConfig, probe: HostProbe, monkeypatch: pytest.MonkeyPatch) -> None:
         self.loads: list[Path] = []
         self.models: list[weakref.ref[Any]] = []
+        # Clear `release_loads` to hold a checkpoint load open (it runs on a worker thread)
+        # until the test has seen the model loading; `load_entered` says one has begun.
+        self.release_loads = threading.Event()
+        self.release_loads.set()
+        self.load_entered = threading.Event()
 
         def counting_load(folder: Path, gguf_file: str | None, device: int | None) -> LoadedCheckpoint:
             self.loads.append(folder)
+            self.load_entered.set()
+            if not self.release_loads.wait(HANG_GUARD_SECS):
+                raise AssertionError("the test never released the load")
             checkpoint = load_checkpoint(folder, gguf_file, device)
             self.models.append(weakref.ref(checkpoint.model))
             return checkpoint
@@ -323,11 +332,9 @@ async def test_a_model_that_is_loading_reports_loading_and_refuses_unload(
 ) -> None:
     node = make_node()
     model_id = str(tiny_llama)
+    node.release_loads.clear()  # a fast load would otherwise finish before the checks below
     load = asyncio.create_task(node.client.post("/models/load", json={"model_id": model_id}))
-    for _ in range(200):
-        if node.manager.models():
-            break
-        await asyncio.sleep(0.005)
+    assert await asyncio.to_thread(node.load_entered.wait, HANG_GUARD_SECS), "the load never began"
     [info] = (await node.client.get("/models")).json()
     assert info["status"] == "loading"
     refused = await node.client.post("/models/unload", json={"model_id": model_id})
@@ -335,6 +342,7 @@ async def test_a_model_that_is_loading_reports_loading_and_refuses_unload(
     assert refused.headers["retry-after"] == "5"
     busy = await node.client.get(endpoint_path(model_id))
     assert busy.status_code == 503 and "retry-after" in busy.headers
+    node.release_loads.set()
     assert (await load).status_code == 200
 
 

@@ -86,6 +86,10 @@ class Router:
     def loads_in_flight(self) -> list[tuple[str, str]]:
         return sorted(self._loads)
 
+    def waiting_for_load(self, model_id: str) -> int:
+        """How many requests wait for `model_id`'s load now (what max_waiting_per_model bounds)."""
+        return self._waiting.get(model_id, 0)
+
     async def settle(self) -> None:
         """Wait until the loads in flight now have finished (successfully or not)."""
         await asyncio.gather(*self._loads.values(), return_exceptions=True)
