@@ -40,7 +40,7 @@ from cortex_core.neuron_api import (
 from cortex_core.request_id import RequestIdMiddleware
 from cortex_core.token import bearer_matches, token_from_env
 from neuron.discovery import HostProbe, host_memory_free_mb
-from neuron.manager import HARNESS, ModelManager
+from neuron.manager import ModelManager
 from neuron.metrics import CONTENT_TYPE, NeuronMetrics
 from neuron.runtime import LoadedModel
 
@@ -114,7 +114,7 @@ def create_app(
     if manager is None:
         manager = ModelManager(config, probe, metrics=metrics or NeuronMetrics())
     started = time.monotonic()
-    discovery = probe.discovery([HARNESS])
+    discovery = probe.discovery(manager.harness_names)
     version = VersionResponse(
         name="neuron",
         version=neuron.__version__,
