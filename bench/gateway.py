@@ -213,12 +213,12 @@ def proxy_only_app(upstream: str) -> Any:
     from cortex_core.config.gateway import ProxySection
     from cortex_core.errors import ApiError
     from cortex_gateway.metrics import GatewayMetrics
-    from cortex_gateway.proxy import Proxy, read_model
+    from cortex_gateway.proxy import Proxy
     from cortex_gateway.routing import Upstream
 
     # The proxy tests' fixed-table lease provider; the benchmark runs from the checkout.
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-    from tests.support.fixed_router import FixedRouter
+    from tests.support.fixed_router import FixedRouter, read_model
 
     router = FixedRouter({MODEL: [Upstream("bench", upstream, MODEL)]}, {ALIAS: MODEL})
     proxy = Proxy(ProxySection(), GatewayMetrics())

@@ -6,9 +6,9 @@ import httpx2
 import openai
 import pytest
 from support.fake_upstream import FakeUpstream, Script, in_process, relay_app, sse_stream
+from support.fixed_router import FixedRouter
 
 from cortex_gateway.routing import Upstream
-from tests.support.fixed_router import FixedRouter
 
 
 def sdk(client: httpx2.AsyncClient) -> openai.AsyncOpenAI:

@@ -1,14 +1,36 @@
 """A lease provider over a fixed table, for the proxy's tests and the gateway benchmark.
 
-They exercise the data plane without a fleet to poll; the real control plane is
-cortex_gateway.router.Router.
+They exercise the data plane without a fleet to poll or the gate in front of it; the real
+control plane is cortex_gateway.router.Router, and the real app reads `model` in
+cortex_gateway.admission.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 
+import msgspec
+
+from cortex_core.errors import ApiError
 from cortex_gateway.routing import Lease, Upstream, model_not_found
+
+
+class _ModelField(msgspec.Struct):
+    model: str
+
+
+def read_model(body: bytes) -> str:
+    """The request's `model`, or a 400 naming what is wrong (what a bare relay app needs)."""
+    try:
+        return msgspec.json.decode(body, type=_ModelField).model
+    except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+        raise ApiError(
+            400,
+            f"missing or invalid 'model' field in request body: {exc}",
+            type="invalid_request_error",
+            code="missing_model_field",
+            param="model",
+        ) from exc
 
 
 class FixedRouter:

@@ -94,27 +94,6 @@ _RESPONSE_HEADERS_DROPPED = frozenset(
 NO_UPSTREAM_RETRY_AFTER_SECS = 5.0
 
 
-class _ModelField(msgspec.Struct):
-    model: str
-
-
-_MODEL_DECODER = msgspec.json.Decoder(_ModelField)
-
-
-def read_model(body: bytes) -> str:
-    """The request's `model`, or a 400 naming what is wrong (for the app's handlers)."""
-    try:
-        return _MODEL_DECODER.decode(body).model
-    except (msgspec.DecodeError, msgspec.ValidationError) as exc:
-        raise ApiError(
-            400,
-            f"missing or invalid 'model' field in request body: {exc}",
-            type="invalid_request_error",
-            code="missing_model_field",
-            param="model",
-        ) from exc
-
-
 def _splice_model(body: bytes, model_id: str) -> bytes | None:
     """Replace the string value after the one `"model"` key, or None if it is not that shape."""
     at = body.index(b'"model"') + len(b'"model"')
