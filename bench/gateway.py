@@ -212,9 +212,9 @@ def proxy_only_app(upstream: str) -> Any:
 
     from cortex_core.config.gateway import ProxySection
     from cortex_core.errors import ApiError
+    from cortex_gateway.lease import Upstream
     from cortex_gateway.metrics import GatewayMetrics
     from cortex_gateway.proxy import Proxy
-    from cortex_gateway.routing import Upstream
 
     # The proxy tests' fixed-table lease provider; the benchmark runs from the checkout.
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))

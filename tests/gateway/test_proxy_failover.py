@@ -10,7 +10,7 @@ from support.fake_upstream import CHAT_JSON, FakeUpstream, Script, in_process, r
 from support.fixed_router import FixedRouter
 
 from cortex_core.config.gateway import ProxySection
-from cortex_gateway.routing import Upstream
+from cortex_gateway.lease import Upstream
 
 REQUEST = b'{"model":"qwen","messages":[{"role":"user","content":"hi"}]}'
 

@@ -10,8 +10,8 @@ from support.fake_upstream import CHAT_JSON, FakeUpstream, Script, in_process, r
 from support.fixed_router import FixedRouter, read_model
 
 from cortex_core.errors import ApiError
+from cortex_gateway.lease import Upstream
 from cortex_gateway.proxy import request_headers, response_headers, rewrite_model
-from cortex_gateway.routing import Upstream
 
 REQUEST = b'{"model": "qwen", "messages": [{"role": "user", "content": "hi"}], "stream": false}'
 

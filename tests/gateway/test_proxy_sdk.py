@@ -8,7 +8,7 @@ import pytest
 from support.fake_upstream import FakeUpstream, Script, in_process, relay_app, sse_stream
 from support.fixed_router import FixedRouter
 
-from cortex_gateway.routing import Upstream
+from cortex_gateway.lease import Upstream
 
 
 def sdk(client: httpx2.AsyncClient) -> openai.AsyncOpenAI:

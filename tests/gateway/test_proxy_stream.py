@@ -14,7 +14,7 @@ from support.fake_upstream import FakeUpstream, Script, in_process, on_hypercorn
 from support.fixed_router import FixedRouter
 
 from cortex_core.config.gateway import ProxySection
-from cortex_gateway.routing import Upstream
+from cortex_gateway.lease import Upstream
 
 REQUEST = b'{"model":"qwen","stream":true,"messages":[{"role":"user","content":"hi"}]}'
 # A liveness bound for events that should happen at once; never a speed assertion.

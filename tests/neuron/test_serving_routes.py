@@ -25,7 +25,7 @@ from transformers import AutoConfig, AutoTokenizer
 from cortex_core.errors import ApiError
 from cortex_core.neuron_api import ModelLoad, ModelSpec
 from neuron.engine.api import GenerationRequest, TokenEvent
-from neuron.runtime import LoadedModel
+from neuron.loaded_model import LoadedModel
 from neuron.serving import inference_routes
 
 # A schema llguidance cannot enforce (`not` is not implemented): refused before any work.

@@ -29,9 +29,9 @@ from starlette.routing import Route
 
 from cortex_core.config.gateway import ProxySection
 from cortex_core.errors import ApiError
+from cortex_gateway.lease import LeaseProvider
 from cortex_gateway.metrics import GatewayMetrics
 from cortex_gateway.proxy import Proxy
-from cortex_gateway.routing import LeaseProvider
 from support.fixed_router import read_model
 from support.loopback import LoopbackServer
 

@@ -12,7 +12,7 @@ from collections.abc import Mapping, Sequence
 import msgspec
 
 from cortex_core.errors import ApiError
-from cortex_gateway.routing import Lease, Upstream, model_not_found
+from cortex_gateway.lease import Lease, Upstream, model_not_found
 
 
 class _ModelField(msgspec.Struct):

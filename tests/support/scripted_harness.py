@@ -19,7 +19,7 @@ from cortex_core.harness import LoadTicket
 from cortex_core.neuron_api import ModelLoad
 from neuron.device import DeviceWorker
 from neuron.engine.api import GenerationRequest, TokenEvent
-from neuron.runtime import LoadedModel
+from neuron.loaded_model import LoadedModel
 
 
 class NoTokenizer:

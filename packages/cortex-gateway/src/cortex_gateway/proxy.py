@@ -43,10 +43,10 @@ from starlette.types import Receive, Scope, Send
 from cortex_core.config.gateway import ProxySection
 from cortex_core.errors import ApiError
 from cortex_core.http import CLAMP_MAX_TOKENS_HEADER, error_asgi_headers
+from cortex_gateway.lease import Lease, Upstream
 from cortex_gateway.metrics import CLIENT_CLOSED, GatewayMetrics, RequestOutcome, TargetMetrics
 from cortex_gateway.neuron_client import neuron_auth_headers
-from cortex_gateway.routing import Lease, Upstream
-from cortex_gateway.sse import Observer, StreamObserver, observer_for
+from cortex_gateway.observers import Observer, StreamObserver, observer_for
 
 log = logging.getLogger(__name__)
 

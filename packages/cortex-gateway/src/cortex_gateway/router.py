@@ -42,9 +42,9 @@ from cortex_core.errors import ApiError
 from cortex_core.neuron_api import ModelSpec
 from cortex_gateway.effects import Effects
 from cortex_gateway.fleet import ROUTABLE, FleetSnapshot, FleetState
+from cortex_gateway.lease import ControlPlaneObserver, Lease, NullObserver, Upstream
 from cortex_gateway.neuron_client import NeuronError
 from cortex_gateway.placement import ColdLoad, PlacementPolicy, Refuse, ServeOn, place
-from cortex_gateway.routing import ControlPlaneObserver, Lease, NullObserver, Upstream
 
 log = logging.getLogger(__name__)
 

@@ -40,9 +40,9 @@ from cortex_core.neuron_api import (
 from cortex_core.request_id import RequestIdMiddleware
 from cortex_core.token import bearer_matches, token_from_env
 from neuron.discovery import HostProbe, host_memory_free_mb
+from neuron.loaded_model import LoadedModel
 from neuron.manager import ModelManager
 from neuron.metrics import CONTENT_TYPE, NeuronMetrics
-from neuron.runtime import LoadedModel
 
 log = logging.getLogger(__name__)
 

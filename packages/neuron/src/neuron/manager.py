@@ -37,11 +37,11 @@ from cortex_core.neuron_api import (
 )
 from neuron.discovery import HostProbe
 from neuron.engine.api import Engine, GenerationRequest, TokenEvent
+from neuron.loaded_model import LoadedModel
 from neuron.loader import device_name
 from neuron.metrics import LiveReadings, NeuronMetrics
 from neuron.preflight import check_fit, required_bytes
 from neuron.prepare import ModelPreparer
-from neuron.runtime import LoadedModel
 from neuron.serving.params import context_length
 from neuron.torch_harness import DevicePool, EngineFactory, TorchHarness, default_engine_factory
 

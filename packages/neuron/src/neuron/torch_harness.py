@@ -23,6 +23,7 @@ from cortex_core.neuron_api import ModelSpec
 from neuron.device import DeviceWorker
 from neuron.discovery import HostProbe
 from neuron.engine.api import Engine
+from neuron.loaded_model import LoadedModel
 from neuron.loader import (
     CheckpointMetadata,
     LoadedCheckpoint,
@@ -35,7 +36,6 @@ from neuron.loader import (
 )
 from neuron.preflight import replicated_weight_bytes, tensor_parallel_rank_bytes, torch_itemsize
 from neuron.prepare import ModelPreparer, Placement, PreparedModel
-from neuron.runtime import LoadedModel
 from neuron.sources import effective_sources
 
 log = logging.getLogger(__name__)

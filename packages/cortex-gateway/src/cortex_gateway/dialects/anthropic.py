@@ -75,9 +75,9 @@ from cortex_core.openai.chat import ChatCompletion, ChatCompletionChunk, ChatCom
 from cortex_core.request_id import request_id_of
 from cortex_core.sse import SSEDecoder, SSEMessage, encode_event
 from cortex_core.wire import given
+from cortex_gateway.lease import Lease, Upstream
+from cortex_gateway.observers import BodyObserver, StreamObserver
 from cortex_gateway.proxy import AttemptsFailed, Proxy, RelayResponse, first_answer, request_headers
-from cortex_gateway.routing import Lease, Upstream
-from cortex_gateway.sse import BodyObserver, StreamObserver
 
 log = logging.getLogger(__name__)
 

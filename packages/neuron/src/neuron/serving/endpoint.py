@@ -33,9 +33,9 @@ from cortex_core.errors import ApiError, decode_json_body
 from cortex_core.http import CLAMP_MAX_TOKENS_HEADER, error_response, header_flag, json_response
 from cortex_core.sse import encode_data
 from neuron.serving.chat import Prepared
+from neuron.serving.event_stream import DONE_FRAME, KEEPALIVE_FRAME, EventStreamResponse, Tick, with_keepalive
 from neuron.serving.generation import OutputEvent, generate_events
 from neuron.serving.model import ServingModel, ServingModels
-from neuron.serving.sse import DONE_FRAME, KEEPALIVE_FRAME, EventStreamResponse, Tick, with_keepalive
 
 log = logging.getLogger(__name__)
 

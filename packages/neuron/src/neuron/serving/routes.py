@@ -10,7 +10,7 @@ from typing import Any
 
 from starlette.routing import Route
 
-from neuron.runtime import LoadedModel
+from neuron.loaded_model import LoadedModel
 from neuron.serving.chat_endpoint import ChatCompletions, ChatCountTokens
 from neuron.serving.completions_endpoint import Completions
 from neuron.serving.endpoint import Endpoint
