@@ -387,30 +387,56 @@ class RelayResponse(Response):
             observer.feed(first, now)
         if complete:
             return
-        read = content.readany
+
+        def broke(reason: str) -> bytes:
+            # Only an SSE client can be told in-band; any other body is cut off.
+            if not isinstance(observer, StreamObserver):
+                raise UpstreamCutOff(reason)
+            return _sse_error_event(reason)
+
+        await self._pump(send, response, convert=None, broke=broke, end=lambda: b"")
+
+    async def _pump(
+        self,
+        send: Send,
+        response: aiohttp.ClientResponse,
+        *,
+        convert: Callable[[bytes], bytes] | None,
+        broke: Callable[[str], bytes],
+        end: Callable[[], bytes],
+    ) -> None:
+        """The rest of an upstream body after its first chunk, each chunk sent as it arrives
+        (`convert`ed, for a dialect that does not relay bytes) and fed to `_observer`. A
+        stall or a broken connection ends the answer with `broke(reason)`; the upstream's
+        end with `end()`. Shared by the relay and the dialects that convert."""
+        read = response.content.readany
+        observer = self._observer
         try:
             while True:
                 chunk = await read()
                 if not chunk:
                     break
                 now = self._last_upstream_byte_at = perf_counter()
-                await send({"type": "http.response.body", "body": chunk, "more_body": True})
+                out = chunk if convert is None else convert(chunk)
+                if out:
+                    await send({"type": "http.response.body", "body": out, "more_body": True})
                 if observer is not None:
                     observer.feed(chunk, now)
         except (aiohttp.ClientError, TimeoutError) as exc:
             self._error = True
-            stalled = isinstance(exc, TimeoutError)
             reason = (
                 f"no data from node for {self._proxy.config.idle_timeout_secs:g} s"
-                if stalled
+                if isinstance(exc, TimeoutError)
                 else f"connection to node lost mid-response ({type(exc).__name__})"
             )
             log.warning("upstream %s for %s: %s", self._endpoint, self._lease.model_id, reason)
-            if not isinstance(observer, StreamObserver):
-                raise UpstreamCutOff(reason) from exc
-            await send({"type": "http.response.body", "body": _sse_error_event(reason), "more_body": False})
+            try:
+                last = broke(reason)
+            except UpstreamCutOff as cut:
+                raise cut from exc
+            await send({"type": "http.response.body", "body": last, "more_body": False})
             return
-        await send({"type": "http.response.body", "body": b"", "more_body": False})
+        await send({"type": "http.response.body", "body": end(), "more_body": False})
 
     def _switch_target(self, upstream: Upstream) -> None:
         if self._target is not None:

@@ -337,26 +337,7 @@ class MessagesResponse(RelayResponse):
         await send({"type": "http.response.start", "status": 200, "headers": headers})
         observer.feed(first, now)
         await _send_more(send, translator.feed(first))
-        read = response.content.readany
-        try:
-            while True:
-                chunk = await read()
-                if not chunk:
-                    break
-                now = self._last_upstream_byte_at = perf_counter()
-                observer.feed(chunk, now)
-                await _send_more(send, translator.feed(chunk))
-        except (aiohttp.ClientError, TimeoutError) as exc:
-            self._error = True
-            reason = (
-                f"no data from node for {self._proxy.config.idle_timeout_secs:g} s"
-                if isinstance(exc, TimeoutError)
-                else f"connection to node lost mid-response ({type(exc).__name__})"
-            )
-            log.warning("upstream %s for %s: %s", CHAT_PATH, self._lease.model_id, reason)
-            await send({"type": "http.response.body", "body": translator.fail(reason), "more_body": False})
-            return
-        await send({"type": "http.response.body", "body": translator.close(), "more_body": False})
+        await self._pump(send, response, convert=translator.feed, broke=translator.fail, end=translator.close)
 
 
 def _passed_on(response: aiohttp.ClientResponse) -> list[tuple[bytes, bytes]]:
