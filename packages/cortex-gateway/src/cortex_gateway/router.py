@@ -116,7 +116,11 @@ class Router:
             if step is not None:
                 cold = True
                 await self._wait_for_load(model_id, step, started)
-        raise ApiError(
+        raise self._kept_changing(model_id)
+
+    def _kept_changing(self, model_id: str) -> ApiError:
+        """Every decision lost its claim to a concurrent one, MAX_ROUNDS times over."""
+        return ApiError(
             503,
             f"model '{model_id}' could not be placed: the fleet kept changing; retry shortly",
             code="service_unavailable",
@@ -379,12 +383,7 @@ class Router:
                 return step.nodes[0]
             if step is not None:
                 await self._wait_for_load(model_id, step, started)
-        raise ApiError(
-            503,
-            f"model '{model_id}' could not be placed: the fleet kept changing; retry shortly",
-            code="service_unavailable",
-            retry_after=self._policy.busy_retry_after,
-        )
+        raise self._kept_changing(model_id)
 
     async def unload_by_hand(self, requested_model: str, node: str | None) -> list[str]:
         """`cortex models unload`, in every state; returns the nodes it was unloaded from.
