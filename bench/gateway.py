@@ -204,36 +204,17 @@ def bare_relay_app(upstream: str) -> Any:
 
 
 def proxy_only_app(upstream: str) -> Any:
-    """cortex's Proxy with a fixed one-replica router: the data plane without the control plane."""
-    from starlette.applications import Starlette
-    from starlette.requests import Request
-    from starlette.responses import JSONResponse, Response
-    from starlette.routing import Route
+    """cortex's Proxy with a fixed one-replica router: the data plane without the control plane.
 
-    from cortex_core.config.gateway import ProxySection
-    from cortex_core.errors import ApiError
-    from cortex_gateway.metrics import GatewayMetrics
-    from cortex_gateway.proxy import Proxy, read_model
-    from cortex_gateway.routing import FixedRouter, Upstream
+    The proxy tests' own relay app (tests/support); the benchmark runs from the checkout.
+    """
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+    from support.fake_upstream import relay_app
+    from support.fixed_router import FixedRouter
 
-    router = FixedRouter({MODEL: [Upstream("bench", upstream, MODEL)]}, {ALIAS: MODEL})
-    proxy = Proxy(ProxySection(), GatewayMetrics())
+    from cortex_gateway.lease import Upstream
 
-    @contextlib.asynccontextmanager
-    async def lifespan(app: Starlette) -> AsyncIterator[None]:
-        await proxy.start()
-        yield
-        await proxy.close()
-
-    async def handle(request: Request) -> Response:
-        body = await request.body()
-        try:
-            lease = await router.acquire(read_model(body))
-        except ApiError as error:
-            return JSONResponse(error.openai_body(), status_code=error.status, headers=error.headers())
-        return await proxy.forward(request, body, lease, "/v1/chat/completions")
-
-    return Starlette(routes=[Route("/v1/chat/completions", handle, methods=["POST"])], lifespan=lifespan)
+    return relay_app(FixedRouter({MODEL: [Upstream("bench", upstream, MODEL)]}, {ALIAS: MODEL}))
 
 
 def cortex_app(upstream: str, workdir: Path, keys_file: str | None = None) -> Any:

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import subprocess
 import sys
 import threading
-import time
-from collections.abc import Callable
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -63,32 +63,56 @@ def test_converted_model_answers_the_capital_of_france(smollm2_dir: Path) -> Non
     assert "Paris" in done.stdout
 
 
-def _fake_conversion(calls: list[float]) -> Callable[[Path, Path], None]:
-    def convert(gguf: Path, out: Path) -> None:
-        calls.append(time.monotonic())
-        time.sleep(0.2)  # long enough for the other thread to be waiting on the lock
-        for name in embedded.REQUIRED_FILES:
-            (out / name).write_text("{}")
-
-    return convert
+CALLERS = 3
+HANG_GUARD_SECS = 30.0
 
 
 def test_concurrent_callers_convert_once_and_never_see_a_partial_folder(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    calls: list[float] = []
-    monkeypatch.setattr(embedded, "convert_gguf", _fake_conversion(calls))
+    """The conversion is held open until every caller has gone for the lock, so the others
+    really wait behind it (a fixed sleep let them arrive after it on a slow machine, where
+    the test passed without any concurrency)."""
+    arrived = threading.Semaphore(0)
+    real_exclusive = embedded._exclusive
+
+    @contextlib.contextmanager
+    def counted_exclusive(lock_path: Path) -> Iterator[None]:
+        arrived.release()
+        with real_exclusive(lock_path):
+            yield
+
+    calls: list[Path] = []
+
+    def convert(gguf: Path, out: Path) -> None:
+        calls.append(out)
+        # The first conversion waits for this caller's arrival, then every other one's; a
+        # second conversion (the bug this guards against) is counted and goes straight on.
+        for _ in range(CALLERS if len(calls) == 1 else 0):
+            if not arrived.acquire(timeout=HANG_GUARD_SECS):
+                raise AssertionError("the other callers never went for the lock")
+        for name in embedded.REQUIRED_FILES:
+            (out / name).write_text("{}")
+
+    monkeypatch.setattr(embedded, "_exclusive", counted_exclusive)
+    monkeypatch.setattr(embedded, "convert_gguf", convert)
     results: list[Path] = []
-    threads = [
-        threading.Thread(target=lambda: results.append(embedded.ensure_embedded_model(root=tmp_path)))
-        for _ in range(3)
-    ]
+    errors: list[BaseException] = []
+
+    def call() -> None:
+        try:
+            results.append(embedded.ensure_embedded_model(root=tmp_path))
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=call) for _ in range(CALLERS)]
     for thread in threads:
         thread.start()
     for thread in threads:
         thread.join()
+    assert errors == []
     assert len(calls) == 1
-    assert len(set(results)) == 1 and embedded.is_complete(results[0])
+    assert len(results) == CALLERS and len(set(results)) == 1 and embedded.is_complete(results[0])
     # Only the finished folder and its lock file remain: no staging leftovers.
     leftovers = sorted(path.name for path in results[0].parent.iterdir())
     assert leftovers == [results[0].name, results[0].name + ".lock"]

@@ -75,11 +75,14 @@ def fleet(tmp_path_factory: pytest.TempPathFactory, smollm2_dir: Path) -> Iterat
             gateway_url = f"http://127.0.0.1:{api_port}"
             with httpx2.Client(base_url=gateway_url, timeout=30) as client:
 
-                def model_listed() -> bool:
+                def model_loaded() -> bool:
+                    # `loaded` is a field every entry has (a KeyError if that ever changes);
+                    # the catalogue lists the model before it is loaded, so being listed
+                    # alone proves nothing.
                     models = client.get("/v1/models").json()["data"]
-                    return any(m["id"] == model_id and m.get("status", "loaded") == "loaded" for m in models)
+                    return any(m["id"] == model_id and m["loaded"] for m in models)
 
-                gateway.wait_for(model_listed, "the model in /v1/models")
+                gateway.wait_for(model_loaded, "the model loaded in /v1/models")
             yield Fleet(gateway_url, model_id, gateway, neuron)
         finally:
             gateway.stop()

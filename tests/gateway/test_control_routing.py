@@ -8,6 +8,7 @@ import json
 import pytest
 from support.fake_neuron import FakeClock, FakeNeuron, gateway
 from support.fake_upstream import FakeUpstream
+from support.waits import until
 
 from cortex_core.config.catalogue import ModelCatalogue, ModelProfile
 from cortex_core.errors import ApiError
@@ -91,7 +92,10 @@ async def test_twenty_concurrent_first_requests_make_exactly_one_load_call() -> 
                 asyncio.create_task(http.post("/v1/chat/completions", json=chat("small"))) for _ in range(20)
             ]
             await a.load_started.wait()
-            await asyncio.sleep(0.05)  # give every request time to reach the router
+            # The load is held open until all twenty wait for it: single flight is tested
+            # only if every request arrives while the load is in flight.
+            router: Router = app.state.router
+            await until(lambda: router.waiting_for_load("org/small") == 20, "twenty waiters")
             assert len(a.load_calls) == 1
             assert app.state.router.loads_in_flight == [("a", "org/small")]
             a.hold_loads.set()
@@ -147,7 +151,9 @@ async def test_failed_load_is_reported_to_every_waiter_with_the_neurons_reason()
             asyncio.create_task(http.post("/v1/chat/completions", json=chat("org/small"))) for _ in range(5)
         ]
         await a.load_started.wait()
-        await asyncio.sleep(0.05)
+        # All five must be waiting on the one load when it fails, not arrive afterwards
+        # (which the back-off would answer without any waiting).
+        await until(lambda: app.state.router.waiting_for_load("org/small") == 5, "five waiters")
         a.hold_loads.set()
         responses = await asyncio.gather(*waiters)
         for response in responses:

@@ -6,7 +6,7 @@ import httpx2
 import pytest
 
 from cortex_gateway.metrics import GatewayMetrics, RequestOutcome, Timings, derive_timings
-from cortex_gateway.sse import Observation, Usage
+from cortex_gateway.observers import Observation, Usage
 
 
 def outcome(observation: Observation | None, **overrides: object) -> RequestOutcome:

@@ -7,9 +7,10 @@ import socket
 
 import pytest
 from support.fake_upstream import CHAT_JSON, FakeUpstream, Script, in_process, relay_app, sse_stream
+from support.fixed_router import FixedRouter
 
 from cortex_core.config.gateway import ProxySection
-from cortex_gateway.routing import FixedRouter, Upstream
+from cortex_gateway.lease import Upstream
 
 REQUEST = b'{"model":"qwen","messages":[{"role":"user","content":"hi"}]}'
 

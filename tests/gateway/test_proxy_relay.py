@@ -7,10 +7,11 @@ import json
 import msgspec
 import pytest
 from support.fake_upstream import CHAT_JSON, FakeUpstream, Script, in_process, relay_app, sse_stream
+from support.fixed_router import FixedRouter, read_model
 
 from cortex_core.errors import ApiError
-from cortex_gateway.proxy import read_model, request_headers, response_headers, rewrite_model
-from cortex_gateway.routing import FixedRouter, Upstream
+from cortex_gateway.lease import Upstream
+from cortex_gateway.proxy import request_headers, response_headers, rewrite_model
 
 REQUEST = b'{"model": "qwen", "messages": [{"role": "user", "content": "hi"}], "stream": false}'
 

@@ -6,8 +6,9 @@ import httpx2
 import openai
 import pytest
 from support.fake_upstream import FakeUpstream, Script, in_process, relay_app, sse_stream
+from support.fixed_router import FixedRouter
 
-from cortex_gateway.routing import FixedRouter, Upstream
+from cortex_gateway.lease import Upstream
 
 
 def sdk(client: httpx2.AsyncClient) -> openai.AsyncOpenAI:

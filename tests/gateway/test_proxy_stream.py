@@ -11,9 +11,10 @@ import contextlib
 
 import aiohttp
 from support.fake_upstream import FakeUpstream, Script, in_process, on_hypercorn, relay_app, sse_stream
+from support.fixed_router import FixedRouter
 
 from cortex_core.config.gateway import ProxySection
-from cortex_gateway.routing import FixedRouter, Upstream
+from cortex_gateway.lease import Upstream
 
 REQUEST = b'{"model":"qwen","stream":true,"messages":[{"role":"user","content":"hi"}]}'
 # A liveness bound for events that should happen at once; never a speed assertion.

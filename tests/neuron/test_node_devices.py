@@ -12,7 +12,7 @@ from support.fake_nvml import FakeGpu, FakeNvml, cuda_view, mig_slice
 from neuron.device import DeviceWorker
 from neuron.discovery import HostProbe
 from neuron.loader import choose_dtype, gpu_has_bf16, load_checkpoint
-from neuron.manager import DevicePool
+from neuron.torch_harness import DevicePool
 
 
 def test_a_worker_runs_its_start_hook_first_on_its_own_thread() -> None:

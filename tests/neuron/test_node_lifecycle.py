@@ -19,16 +19,18 @@ from support.fake_hf_cache import add_to_hf_cache
 from support.fake_nvml import FakeGpu, FakeNvml
 from support.tiny_gguf import write_tiny_llama_gguf
 
-import neuron.manager as manager_module
+import neuron.torch_harness as torch_harness_module
 from cortex_core.config.neuron import NeuronConfig, SourceConfig
 from cortex_core.neuron_api import ModelLoad, ModelSpec
 from neuron.app import create_app
 from neuron.discovery import HostProbe
 from neuron.loader import LoadedCheckpoint, load_checkpoint
-from neuron.manager import ModelManager, default_engine_factory
+from neuron.manager import ModelManager
 from neuron.preflight import required_bytes
+from neuron.torch_harness import default_engine_factory
 
 MIB = 1024 * 1024
+HANG_GUARD_SECS = 60.0
 
 
 class SmallHost(HostProbe):
@@ -52,14 +54,22 @@ class Node:
     def __init__(self, config: NeuronConfig, probe: HostProbe, monkeypatch: pytest.MonkeyPatch) -> None:
         self.loads: list[Path] = []
         self.models: list[weakref.ref[Any]] = []
+        # Clear `release_loads` to hold a checkpoint load open (it runs on a worker thread)
+        # until the test has seen the model loading; `load_entered` says one has begun.
+        self.release_loads = threading.Event()
+        self.release_loads.set()
+        self.load_entered = threading.Event()
 
         def counting_load(folder: Path, gguf_file: str | None, device: int | None) -> LoadedCheckpoint:
             self.loads.append(folder)
+            self.load_entered.set()
+            if not self.release_loads.wait(HANG_GUARD_SECS):
+                raise AssertionError("the test never released the load")
             checkpoint = load_checkpoint(folder, gguf_file, device)
             self.models.append(weakref.ref(checkpoint.model))
             return checkpoint
 
-        monkeypatch.setattr(manager_module, "load_checkpoint", counting_load)
+        monkeypatch.setattr(torch_harness_module, "load_checkpoint", counting_load)
         self.manager = ModelManager(config, probe, engine_factory=default_engine_factory)
         self.app = create_app(config, probe=probe, manager=self.manager)
         self.client = httpx2.AsyncClient(transport=httpx2.ASGITransport(app=self.app), base_url="http://test")
@@ -219,7 +229,7 @@ async def test_the_manager_lets_go_of_a_model_before_releasing_its_memory(
         alive_at_release.append(models[0]() is not None)
         return None
 
-    monkeypatch.setattr(manager_module, "release_memory", release)
+    monkeypatch.setattr(torch_harness_module, "release_memory", release)
     manager = ModelManager(NeuronConfig(), cpu_host(), engine_factory=factory)
     try:
         await manager.load(ModelSpec(model_id=str(tiny_qwen3)))
@@ -323,11 +333,9 @@ async def test_a_model_that_is_loading_reports_loading_and_refuses_unload(
 ) -> None:
     node = make_node()
     model_id = str(tiny_llama)
+    node.release_loads.clear()  # a fast load would otherwise finish before the checks below
     load = asyncio.create_task(node.client.post("/models/load", json={"model_id": model_id}))
-    for _ in range(200):
-        if node.manager.models():
-            break
-        await asyncio.sleep(0.005)
+    assert await asyncio.to_thread(node.load_entered.wait, HANG_GUARD_SECS), "the load never began"
     [info] = (await node.client.get("/models")).json()
     assert info["status"] == "loading"
     refused = await node.client.post("/models/unload", json={"model_id": model_id})
@@ -335,6 +343,7 @@ async def test_a_model_that_is_loading_reports_loading_and_refuses_unload(
     assert refused.headers["retry-after"] == "5"
     busy = await node.client.get(endpoint_path(model_id))
     assert busy.status_code == 503 and "retry-after" in busy.headers
+    node.release_loads.set()
     assert (await load).status_code == 200
 
 
@@ -390,7 +399,7 @@ async def test_two_loads_in_flight_cannot_both_claim_the_same_free_memory(
     weights = (tiny_qwen3 / "model.safetensors").stat().st_size
     node = make_node(probe=SmallHost(free_bytes=required_bytes(weights) * 3 // 2))
     first_loading, release_first = threading.Event(), threading.Event()
-    load = manager_module.load_checkpoint
+    load = torch_harness_module.load_checkpoint
 
     def held_load(folder: Path, gguf_file: str | None, device: int | None) -> LoadedCheckpoint:
         if folder == tiny_qwen3:
@@ -398,7 +407,7 @@ async def test_two_loads_in_flight_cannot_both_claim_the_same_free_memory(
             release_first.wait(30)
         return load(folder, gguf_file, device)
 
-    monkeypatch.setattr(manager_module, "load_checkpoint", held_load)
+    monkeypatch.setattr(torch_harness_module, "load_checkpoint", held_load)
     first = asyncio.create_task(node.client.post("/models/load", json={"model_id": str(tiny_qwen3)}))
     assert await asyncio.to_thread(first_loading.wait, 30)
     # The host's free-memory reading has not moved yet; only the reservation knows.
@@ -479,7 +488,11 @@ async def test_missing_files_are_named(
         (b"", 400, "empty"),
         (b"{not json", 400, "not valid JSON"),
         (b'{"harness": "torch"}', 400, "model_id"),
-        (b'{"model_id": "x/y", "harness": "vllm"}', 400, "unknown harness 'vllm'"),
+        (
+            b'{"model_id": "x/y", "harness": "vllm"}',
+            422,
+            "unknown harness 'vllm' for model 'x/y'; this neuron runs ['torch']",
+        ),
         (b'{"model_id": "noslash"}', 400, "missing the '/'"),
         (b'{"model_id": "unknownscheme:o/m"}', 400, "[sources.unknownscheme]"),
         (b'{"model_id": "/no/such/folder"}', 404, "nothing exists there"),

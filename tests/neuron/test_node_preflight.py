@@ -10,7 +10,6 @@ from support.tiny_gguf import write_tiny_llama_gguf
 
 from cortex_core.errors import ApiError
 from neuron.loader import choose_dtype, read_chat_template
-from neuron.manager import choose_device
 from neuron.preflight import (
     MIB,
     check_architecture,
@@ -25,6 +24,7 @@ from neuron.preflight import (
     supported_model_types,
     tensor_parallel_rank_bytes,
 )
+from neuron.torch_harness import choose_device
 
 
 def test_sizes_come_from_headers(tiny_llama: Path, tmp_path: Path) -> None:

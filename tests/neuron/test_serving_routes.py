@@ -25,7 +25,7 @@ from transformers import AutoConfig, AutoTokenizer
 from cortex_core.errors import ApiError
 from cortex_core.neuron_api import ModelLoad, ModelSpec
 from neuron.engine.api import GenerationRequest, TokenEvent
-from neuron.runtime import LoadedModel
+from neuron.loaded_model import LoadedModel
 from neuron.serving import inference_routes
 
 # A schema llguidance cannot enforce (`not` is not implemented): refused before any work.
@@ -766,10 +766,10 @@ async def test_templating_and_tokenising_leave_the_event_loop_free(
     """A prompt that takes long to prepare holds only its own request: others are answered."""
     import threading
 
-    from neuron.serving import routes
+    from neuron.serving import chat_endpoint
 
     entered, release = threading.Event(), threading.Event()
-    real_prepare = routes.prepare_chat
+    real_prepare = chat_endpoint.prepare_chat
 
     def slow_prepare(*args: Any, **kwargs: Any) -> Any:
         if "slow" in str(args[1].messages[0].content):
@@ -779,7 +779,7 @@ async def test_templating_and_tokenising_leave_the_event_loop_free(
                 raise AssertionError("never released")
         return real_prepare(*args, **kwargs)
 
-    monkeypatch.setattr(routes, "prepare_chat", slow_prepare)
+    monkeypatch.setattr(chat_endpoint, "prepare_chat", slow_prepare)
     harness.script("Paris.")
     async with harness.client() as client:
         slow = asyncio.create_task(client.post("/v1/chat/completions", json=chat("slow")))

@@ -10,6 +10,8 @@ from typing import Any, TypeVar
 
 import msgspec
 
+from cortex_core.validation import json_check, json_path, locate_invalid
+
 T = TypeVar("T")
 
 # Anthropic names errors by kind, not by HTTP status; this is its documented mapping.
@@ -36,26 +38,6 @@ _OPENAI_TYPE_BY_STATUS = {
     422: "invalid_request_error",
     429: "rate_limit_error",
 }
-
-
-class OpenAIErrorDetail(msgspec.Struct, omit_defaults=False):
-    message: str
-    type: str
-    param: str | None = None
-    code: str | None = None
-
-
-class OpenAIErrorBody(msgspec.Struct):
-    error: OpenAIErrorDetail
-
-
-class AnthropicErrorDetail(msgspec.Struct):
-    type: str
-    message: str
-
-
-class AnthropicErrorBody(msgspec.Struct, tag_field="type", tag="error"):
-    error: AnthropicErrorDetail
 
 
 class ApiError(Exception):
@@ -116,15 +98,16 @@ def decode_json_body(body: bytes, into: type[T]) -> T:
     """Decode a request body into a wire type; an error names the field path and the expectation.
 
     msgspec's messages already read like ``Expected `str`, got `int` - at `$.messages[0].content```;
-    the JSON path is kept as `param` so clients can point at the field.
+    the field's JSON path is `param`, so clients can point at it. The path is found by
+    walking the type (cortex_core.validation), not read back out of msgspec's message.
     """
     if not body.strip():
         raise bad_request("request body is empty; expected a JSON object", code="malformed_json")
     try:
         return msgspec.json.decode(body, type=into)
     except msgspec.ValidationError as exc:
-        text = str(exc)
-        path = text.rsplit(" - at `", 1)[1].rstrip("`") if " - at `" in text else None
-        raise bad_request(f"invalid request body: {text}", param=path) from exc
+        invalid = locate_invalid(msgspec.json.decode(body), into, json_check)
+        path = json_path(invalid.path) if invalid is not None else None
+        raise bad_request(f"invalid request body: {exc}", param=path) from exc
     except msgspec.DecodeError as exc:
         raise bad_request(f"request body is not valid JSON: {exc}", code="malformed_json") from exc

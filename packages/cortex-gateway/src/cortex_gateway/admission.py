@@ -17,6 +17,7 @@ from cortex_core.errors import ApiError, bad_request
 from cortex_core.openai.chat import ChatCompletionRequest
 from cortex_core.openai.completions import CompletionRequest
 from cortex_core.openai.responses import ResponsesRequest
+from cortex_core.validation import dotted, json_check, locate_invalid
 
 
 class _HasModel(Protocol):
@@ -41,7 +42,7 @@ def admitted_model(path: str, body: bytes) -> str:
     try:
         request: _HasModel = decoder.decode(body)
     except msgspec.ValidationError as exc:
-        raise _invalid(str(exc)) from exc
+        raise _invalid(body, decoder.type, str(exc)) from exc
     except msgspec.DecodeError as exc:
         raise bad_request(f"request body is not valid JSON: {exc}", code="malformed_json") from exc
     if isinstance(request, ChatCompletionRequest) and not request.messages:
@@ -50,16 +51,19 @@ def admitted_model(path: str, body: bytes) -> str:
     return request.model
 
 
-def _invalid(text: str) -> ApiError:
-    # msgspec says "Expected `str`, got `int` - at `$.messages[0].content`"; the path (without
-    # `$.`) becomes `param`. A missing or mistyped `model` keeps its own code, since clients
-    # (and the SDKs' tests) treat it differently from a problem inside the conversation.
-    path = text.rsplit(" - at `", 1)[1].rstrip("`") if " - at `" in text else None
-    if path == "$.model" or "required field `model`" in text:
+def _invalid(body: bytes, into: object, text: str) -> ApiError:
+    # The field is found by walking the type (cortex_core.validation), and becomes `param`
+    # as `messages[0].content`. A missing or mistyped `model` keeps its own code, since
+    # clients (and the SDKs' tests) treat it differently from a problem inside the
+    # conversation.
+    document = msgspec.json.decode(body)
+    found = locate_invalid(document, into, json_check)
+    path = found.path if found is not None else ()
+    model_missing = not path and isinstance(document, dict) and "model" not in document
+    if path == ("model",) or model_missing:
         return bad_request(
             f"missing or invalid 'model' field in request body: {text}",
             code="missing_model_field",
             param="model",
         )
-    param = path[2:] if path is not None and path.startswith("$.") else path
-    return bad_request(f"invalid request body: {text}", param=param)
+    return bad_request(f"invalid request body: {text}", param=dotted(path) or None)

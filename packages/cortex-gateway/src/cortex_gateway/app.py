@@ -22,9 +22,7 @@ from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from time import perf_counter
 
-import msgspec
 from starlette.applications import Starlette
-from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import Request
@@ -35,6 +33,7 @@ from starlette.types import Scope
 from cortex_core.config.catalogue import ModelCatalogue
 from cortex_core.config.gateway import GatewayConfig
 from cortex_core.errors import ApiError, decode_json_body
+from cortex_core.http import Dialect, error_response, exception_handlers, json_response
 from cortex_core.request_id import RequestIdMiddleware, request_id_of
 from cortex_core.token import token_from_env
 from cortex_gateway import admin
@@ -66,12 +65,6 @@ async def watch_keys(keys: KeyStore, interval_secs: float) -> None:
         keys.refresh()
 
 
-def json_response(value: object, status: int = 200, headers: dict[str, str] | None = None) -> Response:
-    return Response(
-        msgspec.json.encode(value), status_code=status, headers=headers, media_type="application/json"
-    )
-
-
 def speaks_anthropic(request: Request) -> bool:
     return scope_speaks_anthropic(request.scope)
 
@@ -91,10 +84,8 @@ def render_error(request: Request, error: ApiError) -> Response:
 def render_scope_error(scope: Scope, error: ApiError) -> Response:
     """`error` in the caller's dialect; the auth middleware renders its refusals with it too."""
     if scope_speaks_anthropic(scope):
-        body = error.anthropic_body(request_id_of(scope))
-    else:
-        body = error.openai_body()
-    return json_response(body, error.status, error.headers())
+        return error_response(error, Dialect.ANTHROPIC, request_id_of(scope))
+    return error_response(error)
 
 
 # Anthropic's Models API pages 20 entries unless asked, and at most 1000.
@@ -291,22 +282,6 @@ def create_app(
         model_id = catalogue.resolve_alias(action.model)
         return json_response(admin.ModelActionResult(model=model_id, nodes=nodes, status="unloaded"))
 
-    async def on_api_error(request: Request, exc: Exception) -> Response:
-        assert isinstance(exc, ApiError)
-        return render_error(request, exc)
-
-    async def on_http_error(request: Request, exc: Exception) -> Response:
-        assert isinstance(exc, HTTPException)
-        if exc.status_code == 404:
-            message = no_route_message(request.method, request.url.path)
-        elif exc.status_code == 405:
-            message = f"method {request.method} is not allowed on {request.url.path}"
-        else:
-            message = str(exc.detail)
-        return render_error(
-            request, ApiError(exc.status_code, message, code="not_found" if exc.status_code == 404 else None)
-        )
-
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         await proxy.start()
@@ -373,7 +348,7 @@ def create_app(
         routes=routes,
         middleware=middleware,
         lifespan=lifespan,
-        exception_handlers={ApiError: on_api_error, HTTPException: on_http_error},
+        exception_handlers=exception_handlers(render_error, no_route_message),
     )
     app.state.config = config
     app.state.catalogue = catalogue

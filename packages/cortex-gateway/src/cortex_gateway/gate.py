@@ -32,9 +32,9 @@ from cortex_core.config.catalogue import ModelCatalogue
 from cortex_core.errors import ApiError
 from cortex_core.request_id import request_id_of
 from cortex_gateway.auth import ANONYMOUS, Caller, KeyStore, presented_secret, require_admin, require_model
+from cortex_gateway.lease import Lease, LeaseProvider
 from cortex_gateway.metrics import GatewayMetrics, derive_timings
 from cortex_gateway.quota import FairQueue, LimitBook
-from cortex_gateway.routing import Lease, LeaseProvider
 
 access_log = logging.getLogger("cortex.access")
 

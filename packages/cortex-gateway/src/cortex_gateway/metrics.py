@@ -22,7 +22,7 @@ from prometheus_client.registry import Collector
 from starlette.types import ASGIApp
 
 from cortex_gateway.fleet import FleetSnapshot
-from cortex_gateway.sse import Observation
+from cortex_gateway.observers import Observation
 
 MB = 1024 * 1024
 
@@ -165,7 +165,7 @@ class TargetMetrics:
 class GatewayMetrics:
     """Every cortex_* series of one app, in a registry of its own.
 
-    Implements `routing.ControlPlaneObserver` (cold_start, load_finished, evicted,
+    Implements `lease.ControlPlaneObserver` (cold_start, load_finished, evicted,
     queue_wait) for the router.
     """
 
@@ -325,7 +325,7 @@ class GatewayMetrics:
         if completion_tokens:
             self.key_completion_tokens.labels(key, model).inc(completion_tokens)
 
-    # ControlPlaneObserver (cortex_gateway.routing)
+    # ControlPlaneObserver (cortex_gateway.lease)
     def cold_start(self, model: str, node: str) -> None:
         self.cold_starts.labels(model, node).inc()
 

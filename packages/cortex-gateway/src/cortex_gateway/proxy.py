@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from time import perf_counter
 from typing import Any
 
@@ -42,17 +42,14 @@ from starlette.types import Receive, Scope, Send
 
 from cortex_core.config.gateway import ProxySection
 from cortex_core.errors import ApiError
+from cortex_core.http import CLAMP_MAX_TOKENS_HEADER, error_asgi_headers
+from cortex_gateway.lease import Lease, Upstream
 from cortex_gateway.metrics import CLIENT_CLOSED, GatewayMetrics, RequestOutcome, TargetMetrics
 from cortex_gateway.neuron_client import neuron_auth_headers
-from cortex_gateway.routing import Lease, Upstream
-from cortex_gateway.sse import Observer, StreamObserver, observer_for
+from cortex_gateway.observers import Observer, StreamObserver, observer_for
 
 log = logging.getLogger(__name__)
 
-# Asks the neuron to lower an oversized max_tokens instead of refusing it; its answer names
-# the value used in MAX_TOKENS_CLAMPED_HEADER, which reaches the client.
-CLAMP_MAX_TOKENS_HEADER = "x-cortex-clamp-max-tokens"
-MAX_TOKENS_CLAMPED_HEADER = "x-cortex-max-tokens-clamped"
 # Never forwarded in either direction: hop-by-hop headers (RFC 9110 §7.6.1), and headers
 # the next hop computes itself. `accept-encoding` is replaced by identity so the gateway
 # can read usage from the body and relay each chunk the moment it arrives.
@@ -95,28 +92,6 @@ _RESPONSE_HEADERS_DROPPED = frozenset(
 )
 
 NO_UPSTREAM_RETRY_AFTER_SECS = 5.0
-_JSON_HEADERS = [(b"content-type", b"application/json")]
-
-
-class _ModelField(msgspec.Struct):
-    model: str
-
-
-_MODEL_DECODER = msgspec.json.Decoder(_ModelField)
-
-
-def read_model(body: bytes) -> str:
-    """The request's `model`, or a 400 naming what is wrong (for the app's handlers)."""
-    try:
-        return _MODEL_DECODER.decode(body).model
-    except (msgspec.DecodeError, msgspec.ValidationError) as exc:
-        raise ApiError(
-            400,
-            f"missing or invalid 'model' field in request body: {exc}",
-            type="invalid_request_error",
-            code="missing_model_field",
-            param="model",
-        ) from exc
 
 
 def _splice_model(body: bytes, model_id: str) -> bytes | None:
@@ -251,7 +226,7 @@ class Proxy:
         return RelayResponse(self, lease, endpoint, body, headers, started_at)
 
 
-class _Attempted(Exception):
+class AttemptsFailed(Exception):
     """Every attempt failed before the client got anything; carries the error to render."""
 
     def __init__(self, error: ApiError) -> None:
@@ -342,7 +317,7 @@ class RelayResponse(Response):
     async def _relay(self, send: Send) -> Upstream | None:
         try:
             upstream, response, first = await self._open()
-        except _Attempted as failed:
+        except AttemptsFailed as failed:
             await self._send_error(send, failed.error, gateway_failed=True)
             return self._lease.current
         try:
@@ -370,53 +345,30 @@ class RelayResponse(Response):
         """Answer with `error`; `gateway_failed` is False when it only passes on the neuron's."""
         self._status = error.status
         self._error = gateway_failed
-        headers = _JSON_HEADERS + [
-            (k.encode("latin-1"), v.encode("latin-1")) for k, v in error.headers().items()
-        ]
-        await send({"type": "http.response.start", "status": error.status, "headers": headers})
+        await send(
+            {"type": "http.response.start", "status": error.status, "headers": error_asgi_headers(error)}
+        )
         await send({"type": "http.response.body", "body": msgspec.json.encode(self._error_body(error))})
 
     async def _open(self) -> tuple[Upstream, aiohttp.ClientResponse, bytes]:
-        """Try replicas until one answers (headers and a first body chunk); see `retry_plan`.
+        """The first replica's answer that may be used (`first_answer`), with this request's
+        metrics and failure accounting on every attempt."""
+        proxy = self._proxy
 
-        Only what is safe is retried, and only on another replica: a connection that could
-        not be made (the request never left), or a neuron's explicit "not ready" answer. A
-        request the neuron received and failed, timed out on or broke off is never repeated.
-        """
-        proxy, lease = self._proxy, self._lease
-        session = proxy.session
-        replicas = retry_plan(lease.candidates, proxy.config.max_attempts)
-        last_error: ApiError | None = None
-        for index, upstream in enumerate(replicas):
-            another = index + 1 < len(replicas)
-            lease.use(upstream)
+        def attempting(upstream: Upstream) -> None:
             self._switch_target(upstream)
-            try:
-                self._sent_at = perf_counter()
-                response = await session.post(
-                    upstream.base_url + self._endpoint, data=self._body, headers=self._forward_headers
-                )
-            except (aiohttp.ClientError, TimeoutError) as exc:
-                last_error = _attempt_error(upstream, exc)
-                never_sent = is_connect_failure(exc)
-                self._attempt_failed(upstream, last_error.message, unreachable=never_sent)
-                if never_sent:
-                    continue
-                raise _Attempted(last_error) from exc
-            try:
-                first = await response.content.readany()
-            except (aiohttp.ClientError, TimeoutError) as exc:
-                response.close()
-                last_error = _attempt_error(upstream, exc)
-                self._attempt_failed(upstream, last_error.message)
-                raise _Attempted(last_error) from exc
-            if another and response.content.at_eof() and not_ready(response.status, first):
-                response.close()
-                self._attempt_failed(upstream, f"HTTP {response.status}: not ready")
-                continue
-            return upstream, response, first
-        assert last_error is not None  # every replica refused the connection
-        raise _Attempted(last_error)
+            self._sent_at = perf_counter()
+
+        return await first_answer(
+            proxy.session,
+            self._lease,
+            self._endpoint,
+            self._body,
+            self._forward_headers,
+            max_attempts=proxy.config.max_attempts,
+            attempting=attempting,
+            failed=self._attempt_failed,
+        )
 
     async def _stream(self, send: Send, response: aiohttp.ClientResponse, first: bytes) -> None:
         content = response.content
@@ -435,30 +387,56 @@ class RelayResponse(Response):
             observer.feed(first, now)
         if complete:
             return
-        read = content.readany
+
+        def broke(reason: str) -> bytes:
+            # Only an SSE client can be told in-band; any other body is cut off.
+            if not isinstance(observer, StreamObserver):
+                raise UpstreamCutOff(reason)
+            return _sse_error_event(reason)
+
+        await self._pump(send, response, convert=None, broke=broke, end=lambda: b"")
+
+    async def _pump(
+        self,
+        send: Send,
+        response: aiohttp.ClientResponse,
+        *,
+        convert: Callable[[bytes], bytes] | None,
+        broke: Callable[[str], bytes],
+        end: Callable[[], bytes],
+    ) -> None:
+        """The rest of an upstream body after its first chunk, each chunk sent as it arrives
+        (`convert`ed, for a dialect that does not relay bytes) and fed to `_observer`. A
+        stall or a broken connection ends the answer with `broke(reason)`; the upstream's
+        end with `end()`. Shared by the relay and the dialects that convert."""
+        read = response.content.readany
+        observer = self._observer
         try:
             while True:
                 chunk = await read()
                 if not chunk:
                     break
                 now = self._last_upstream_byte_at = perf_counter()
-                await send({"type": "http.response.body", "body": chunk, "more_body": True})
+                out = chunk if convert is None else convert(chunk)
+                if out:
+                    await send({"type": "http.response.body", "body": out, "more_body": True})
                 if observer is not None:
                     observer.feed(chunk, now)
         except (aiohttp.ClientError, TimeoutError) as exc:
             self._error = True
-            stalled = isinstance(exc, TimeoutError)
             reason = (
                 f"no data from node for {self._proxy.config.idle_timeout_secs:g} s"
-                if stalled
+                if isinstance(exc, TimeoutError)
                 else f"connection to node lost mid-response ({type(exc).__name__})"
             )
             log.warning("upstream %s for %s: %s", self._endpoint, self._lease.model_id, reason)
-            if not isinstance(observer, StreamObserver):
-                raise UpstreamCutOff(reason) from exc
-            await send({"type": "http.response.body", "body": _sse_error_event(reason), "more_body": False})
+            try:
+                last = broke(reason)
+            except UpstreamCutOff as cut:
+                raise cut from exc
+            await send({"type": "http.response.body", "body": last, "more_body": False})
             return
-        await send({"type": "http.response.body", "body": b"", "more_body": False})
+        await send({"type": "http.response.body", "body": end(), "more_body": False})
 
     def _switch_target(self, upstream: Upstream) -> None:
         if self._target is not None:
@@ -466,7 +444,7 @@ class RelayResponse(Response):
         self._target = self._proxy.metrics.target(self._lease.model_id, upstream.node)
         self._target.in_flight.inc()
 
-    def _attempt_failed(self, upstream: Upstream, reason: str, *, unreachable: bool = False) -> None:
+    def _attempt_failed(self, upstream: Upstream, reason: str, unreachable: bool) -> None:
         log.warning("attempt on node %s for %s failed: %s", upstream.node, self._lease.model_id, reason)
         if self._target is not None:
             self._target.upstream_failures.inc()
@@ -530,6 +508,59 @@ def not_ready(status: int, body: bytes) -> bool:
     except (msgspec.DecodeError, msgspec.ValidationError):
         return False
     return detail is not None and (status, detail.code) in NOT_READY
+
+
+async def first_answer(
+    session: aiohttp.ClientSession,
+    lease: Lease,
+    endpoint: str,
+    body: bytes,
+    headers: Sequence[tuple[str, str]],
+    *,
+    max_attempts: int,
+    attempting: Callable[[Upstream], None],
+    failed: Callable[[Upstream, str, bool], None],
+) -> tuple[Upstream, aiohttp.ClientResponse, bytes]:
+    """POST `body` to the lease's replicas in `retry_plan` order until one answers; return it
+    with its first body chunk. The one attempt loop of the gateway: the relay, the Anthropic
+    conversion and count_tokens all go through it.
+
+    Only what is safe is retried, and only on another replica: a connection that could not
+    be made (the request never left), or a neuron's explicit "not ready" answer. A request
+    the neuron received and failed, timed out on or broke off is never repeated. Raises
+    `AttemptsFailed` with the error to answer when no replica gave a usable answer.
+    `attempting(upstream)` runs before each attempt and `failed(upstream, reason,
+    unreachable)` after each failed one (metrics, logs, the lease's failure accounting).
+    """
+    replicas = retry_plan(lease.candidates, max_attempts)
+    last_error: ApiError | None = None
+    for index, upstream in enumerate(replicas):
+        another = index + 1 < len(replicas)
+        lease.use(upstream)
+        attempting(upstream)
+        try:
+            response = await session.post(upstream.base_url + endpoint, data=body, headers=headers)
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            last_error = _attempt_error(upstream, exc)
+            never_sent = is_connect_failure(exc)
+            failed(upstream, last_error.message, never_sent)
+            if never_sent:
+                continue
+            raise AttemptsFailed(last_error) from exc
+        try:
+            first = await response.content.readany()
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            response.close()
+            last_error = _attempt_error(upstream, exc)
+            failed(upstream, last_error.message, False)
+            raise AttemptsFailed(last_error) from exc
+        if another and response.content.at_eof() and not_ready(response.status, first):
+            response.close()
+            failed(upstream, f"HTTP {response.status}: not ready", False)
+            continue
+        return upstream, response, first
+    assert last_error is not None  # every replica refused the connection
+    raise AttemptsFailed(last_error)
 
 
 def _attempt_error(upstream: Upstream, exc: BaseException) -> ApiError:

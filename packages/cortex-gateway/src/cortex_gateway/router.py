@@ -42,9 +42,9 @@ from cortex_core.errors import ApiError
 from cortex_core.neuron_api import ModelSpec
 from cortex_gateway.effects import Effects
 from cortex_gateway.fleet import ROUTABLE, FleetSnapshot, FleetState
+from cortex_gateway.lease import ControlPlaneObserver, Lease, NullObserver, Upstream
 from cortex_gateway.neuron_client import NeuronError
 from cortex_gateway.placement import ColdLoad, PlacementPolicy, Refuse, ServeOn, place
-from cortex_gateway.routing import ControlPlaneObserver, Lease, NullObserver, Upstream
 
 log = logging.getLogger(__name__)
 
@@ -86,6 +86,10 @@ class Router:
     def loads_in_flight(self) -> list[tuple[str, str]]:
         return sorted(self._loads)
 
+    def waiting_for_load(self, model_id: str) -> int:
+        """How many requests wait for `model_id`'s load now (what max_waiting_per_model bounds)."""
+        return self._waiting.get(model_id, 0)
+
     async def settle(self) -> None:
         """Wait until the loads in flight now have finished (successfully or not)."""
         await asyncio.gather(*self._loads.values(), return_exceptions=True)
@@ -112,7 +116,11 @@ class Router:
             if step is not None:
                 cold = True
                 await self._wait_for_load(model_id, step, started)
-        raise ApiError(
+        raise self._kept_changing(model_id)
+
+    def _kept_changing(self, model_id: str) -> ApiError:
+        """Every decision lost its claim to a concurrent one, MAX_ROUNDS times over."""
+        return ApiError(
             503,
             f"model '{model_id}' could not be placed: the fleet kept changing; retry shortly",
             code="service_unavailable",
@@ -375,12 +383,7 @@ class Router:
                 return step.nodes[0]
             if step is not None:
                 await self._wait_for_load(model_id, step, started)
-        raise ApiError(
-            503,
-            f"model '{model_id}' could not be placed: the fleet kept changing; retry shortly",
-            code="service_unavailable",
-            retry_after=self._policy.busy_retry_after,
-        )
+        raise self._kept_changing(model_id)
 
     async def unload_by_hand(self, requested_model: str, node: str | None) -> list[str]:
         """`cortex models unload`, in every state; returns the nodes it was unloaded from.

@@ -15,11 +15,8 @@ import logging
 import platform
 import time
 from collections.abc import AsyncIterator, Callable
-from typing import Any
 
-import msgspec
 from starlette.applications import Starlette
-from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import Response
@@ -29,6 +26,8 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 import neuron
 from cortex_core.config.neuron import NeuronConfig
 from cortex_core.errors import ApiError, decode_json_body
+from cortex_core.http import JSONResponse as JSON
+from cortex_core.http import error_response, exception_handlers
 from cortex_core.neuron_api import (
     EndpointResponse,
     HealthResponse,
@@ -41,25 +40,14 @@ from cortex_core.neuron_api import (
 from cortex_core.request_id import RequestIdMiddleware
 from cortex_core.token import bearer_matches, token_from_env
 from neuron.discovery import HostProbe, host_memory_free_mb
-from neuron.manager import HARNESS, ModelManager
+from neuron.loaded_model import LoadedModel
+from neuron.manager import ModelManager
 from neuron.metrics import CONTENT_TYPE, NeuronMetrics
-from neuron.runtime import LoadedModel
 
 log = logging.getLogger(__name__)
 
 # Given the model lookup and the config, the inference routes (/v1/chat/completions, ...).
 ServingRoutes = Callable[[Callable[[str], LoadedModel], NeuronConfig], list[BaseRoute]]
-
-
-class JSON(Response):
-    media_type = "application/json"
-
-    def render(self, content: Any) -> bytes:
-        return msgspec.json.encode(content)
-
-
-def error_response(error: ApiError) -> Response:
-    return JSON(error.openai_body(), status_code=error.status, headers=error.headers())
 
 
 def _package_version(name: str) -> str | None:
@@ -126,7 +114,7 @@ def create_app(
     if manager is None:
         manager = ModelManager(config, probe, metrics=metrics or NeuronMetrics())
     started = time.monotonic()
-    discovery = probe.discovery([HARNESS])
+    discovery = probe.discovery(manager.harness_names)
     version = VersionResponse(
         name="neuron",
         version=neuron.__version__,
@@ -204,29 +192,17 @@ def create_app(
             await manager.close()
             probe.close()
 
-    async def on_api_error(request: Request, exc: Exception) -> Response:
-        assert isinstance(exc, ApiError)
-        if exc.status >= 500:
-            log.warning("%s %s -> %d: %s", request.method, request.url.path, exc.status, exc.message)
-        return error_response(exc)
-
-    async def on_http_error(request: Request, exc: Exception) -> Response:
-        assert isinstance(exc, HTTPException)
-        if exc.status_code == 404:
-            message = f"no route {request.method} {request.url.path} on this neuron"
-        elif exc.status_code == 405:
-            message = f"{request.method} is not allowed on {request.url.path}"
-        else:
-            message = str(exc.detail)
-        return error_response(
-            ApiError(exc.status_code, message, code="not_found" if exc.status_code == 404 else None)
-        )
-
     token = token_from_env(config.token_env, source="neuron.toml", key="token_env")
     app = Starlette(
         routes=routes,
         lifespan=lifespan,
-        exception_handlers={ApiError: on_api_error, HTTPException: on_http_error},
+        # The neuron speaks OpenAI's envelope only: its one client is the gateway, which
+        # renders errors in its own caller's dialect.
+        exception_handlers=exception_handlers(
+            lambda request, error: error_response(error),
+            lambda method, path: f"no route {method} {path} on this neuron",
+            log_server_errors=log,
+        ),
         # The gateway's x-request-id is kept, so its log lines and ours name the same request;
         # inside it, the fleet token (when configured), so refusals are named and logged too.
         middleware=[

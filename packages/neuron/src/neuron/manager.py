@@ -1,11 +1,16 @@
-"""ModelManager: the `torch` harness - every model's lifecycle on this neuron, owned by one object.
+"""ModelManager: the lifecycle of every model on this neuron, one object over its harnesses.
 
 States: `loading` -> `loaded` | `failed` (reason kept for /models); `loaded` -> `unloading`
 -> gone; `poisoned` when a device fault made a model unusable. Loads are single-flight per
 model id: the record is created and the load task started without an `await` in between,
 so concurrent identical loads all await one task. A load of a loaded model is a no-op
-success. Torch work (load, free) runs on the device's owner thread; the event loop only
-awaits it.
+success. Memory is reserved per device while a load runs, so two loads never count the
+same free bytes. Shutdown (`close`) cancels loads in progress and unloads the rest.
+
+These rules hold whatever runs the model, so they are written once, here; the runtime's
+own part (placing weights, building an engine, freeing memory) is a harness's
+(cortex_core.harness): `torch` (torch_harness.py) by default, chosen per model by
+`harness` in models.toml / `/models/load`.
 """
 
 from __future__ import annotations
@@ -16,12 +21,11 @@ import logging
 import time
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from functools import partial
-from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
-from cortex_core.config.neuron import EngineConfig, NeuronConfig
+from cortex_core.config.neuron import NeuronConfig
 from cortex_core.errors import ApiError
+from cortex_core.harness import Harness, Weights
 from cortex_core.neuron_api import (
     ActivationFailure,
     ActivationStatus,
@@ -31,126 +35,21 @@ from cortex_core.neuron_api import (
     ModelSpec,
     ModelState,
 )
-from neuron.device import DeviceWorker
 from neuron.discovery import HostProbe
 from neuron.engine.api import Engine, GenerationRequest, TokenEvent
-from neuron.loader import (
-    CheckpointMetadata,
-    LoadedCheckpoint,
-    bind_device,
-    choose_dtype,
-    device_name,
-    load_checkpoint,
-    read_metadata,
-    release_memory,
-)
+from neuron.loaded_model import LoadedModel
+from neuron.loader import device_name
 from neuron.metrics import LiveReadings, NeuronMetrics
-from neuron.preflight import (
-    check_fit,
-    replicated_weight_bytes,
-    required_bytes,
-    tensor_parallel_rank_bytes,
-    torch_itemsize,
-)
-from neuron.prepare import ModelPreparer, Placement, PreparedModel
-from neuron.runtime import LoadedModel
+from neuron.preflight import check_fit, required_bytes
+from neuron.prepare import ModelPreparer
 from neuron.serving.params import context_length
-from neuron.sources import effective_sources
+from neuron.torch_harness import DevicePool, EngineFactory, TorchHarness, default_engine_factory
 
 log = logging.getLogger(__name__)
 
-HARNESS = "torch"
 MIB = 1024 * 1024
 # What a client should wait before retrying a model that is still loading or unloading.
 RETRY_AFTER_SECS = 5.0
-# An engine that does not stop within this long on unload is abandoned (its memory with it).
-ENGINE_CLOSE_TIMEOUT_SECS = 20.0
-
-
-class EngineFactory(Protocol):
-    def __call__(
-        self,
-        checkpoint: LoadedCheckpoint,
-        worker: DeviceWorker,
-        config: EngineConfig,
-        model_id: str,
-        on_device_fault: Callable[[str], None],
-    ) -> Engine:
-        """An engine over the loaded checkpoint; it calls `on_device_fault(reason)` (from any
-        thread) when a step hits an error that leaves the device unusable."""
-        ...
-
-
-def default_engine_factory(
-    checkpoint: LoadedCheckpoint,
-    worker: DeviceWorker,
-    config: EngineConfig,
-    model_id: str,
-    on_device_fault: Callable[[str], None],
-) -> Engine:
-    """The continuous-batching engine of `neuron.engine` (imported late: it pulls in torch)."""
-    try:
-        from neuron.engine import build_engine
-    except ImportError as exc:
-        raise ApiError(
-            503,
-            f"model '{model_id}' cannot be served: this neuron build has no inference engine ({exc})",
-            code="engine_unavailable",
-        ) from exc
-    return build_engine(
-        checkpoint.model,
-        worker=worker,
-        engine_config=config,
-        model_id=model_id,
-        on_device_fault=on_device_fault,
-    )
-
-
-def choose_device(
-    model_id: str, requested: Sequence[int] | None, free_by_gpu: dict[int, int], no_gpu_reason: str | None
-) -> int | None:
-    """The GPU to load on (None = CPU): the requested one, else the one with the most free memory."""
-    if not free_by_gpu:
-        if requested:
-            raise ApiError(
-                422,
-                f"model '{model_id}' asks for devices {list(requested)} but this host has no usable GPU "
-                f"({no_gpu_reason or 'none found'}); leave devices unset to load on the CPU",
-                code="device_unavailable",
-                param="devices",
-            )
-        return None
-    if requested:
-        unknown = [index for index in requested if index not in free_by_gpu]
-        if unknown:
-            raise ApiError(
-                422,
-                f"model '{model_id}' asks for devices {list(requested)} but this host has GPUs "
-                f"{sorted(free_by_gpu)}; unknown: {unknown}",
-                code="device_unavailable",
-                param="devices",
-            )
-        return requested[0]
-    return max(sorted(free_by_gpu), key=lambda index: free_by_gpu[index])
-
-
-class DevicePool:
-    """One owner thread per device, started on first use and kept for the daemon's life; each
-    thread first makes its device current (`bind`)."""
-
-    def __init__(self, bind: Callable[[int | None], None] = bind_device) -> None:
-        self._workers: dict[int | None, DeviceWorker] = {}
-        self._bind = bind
-
-    def worker(self, device: int | None) -> DeviceWorker:
-        if device not in self._workers:
-            self._workers[device] = DeviceWorker(device_name(device), on_start=partial(self._bind, device))
-        return self._workers[device]
-
-    def close(self) -> None:
-        for worker in self._workers.values():
-            worker.close(timeout=5.0)
-        self._workers.clear()
 
 
 class MeteredEngine:
@@ -242,8 +141,49 @@ class PrewarmRetry:
         return min(self.cap_secs, self.base_secs * 2.0 ** (retry - 1))
 
 
+class _Ticket:
+    """One load's view of the manager (cortex_core.harness.LoadTicket)."""
+
+    def __init__(self, manager: ModelManager, model_id: str, record: ModelRecord) -> None:
+        self._manager = manager
+        self._record = record
+        self.model_id = model_id
+        self.spec = record.spec
+        # The reporters are built here, on the event loop, since they post back to it.
+        self._loop = asyncio.get_running_loop()
+
+    def free_bytes(self, device: int | None) -> int:
+        return self._manager._free_bytes(device)
+
+    def reserve(self, weights: Weights) -> contextlib.AbstractContextManager[None]:
+        return self._manager._reservation(self.model_id, weights)
+
+    def placed(self, device: int | None, devices: Sequence[int] = ()) -> None:
+        self._record.device, self._record.devices = device, list(devices)
+
+    def sized(self, memory_bytes: int) -> None:
+        self._record.memory_bytes = memory_bytes
+
+    def device_fault(self) -> Callable[[str], None]:
+        return self._reporter(self._manager._poison_device, "device fault")
+
+    def model_fault(self) -> Callable[[str], None]:
+        return self._reporter(self._manager._poison, "fault")
+
+    def _reporter(self, poison: Callable[[str, ModelRecord, str], None], what: str) -> Callable[[str], None]:
+        loop, model_id, record = self._loop, self.model_id, self._record
+
+        def report(reason: str) -> None:  # any thread: the engine's owner, a TP watchdog
+            try:
+                loop.call_soon_threadsafe(poison, model_id, record, reason)
+            except RuntimeError:  # the loop is closed: the daemon is shutting down anyway
+                log.error("%s in model %s after shutdown began: %s", what, model_id, reason)
+
+        return report
+
+
 class ModelManager:
-    """Implements cortex_core.harness.Harness for the in-process `torch` harness."""
+    """Every model's lifecycle on this neuron, loading and unloading through its harnesses."""
 
     def __init__(
         self,
@@ -254,15 +194,20 @@ class ModelManager:
         engine_factory: EngineFactory = default_engine_factory,
         preparer: ModelPreparer | None = None,
         devices: DevicePool | None = None,
+        harnesses: Sequence[Harness[LoadedModel]] | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
+        """`harnesses` defaults to the `torch` one, built from `engine_factory`, `preparer`
+        and `devices`."""
         self.config = config
         self.probe = probe
         self.metrics = metrics or NeuronMetrics()
         self.metrics.watch(self.live_readings)
-        self._engine_factory = engine_factory
-        self.preparer = preparer or ModelPreparer(effective_sources(config), config.default_source)
-        self.devices = devices or DevicePool()
+        if harnesses is None:
+            harnesses = [
+                TorchHarness(config, probe, engine_factory=engine_factory, preparer=preparer, devices=devices)
+            ]
+        self.harnesses: dict[str, Harness[LoadedModel]] = {harness.name: harness for harness in harnesses}
         self._clock = clock
         self._records: dict[str, ModelRecord] = {}
         # Bytes that loads in progress will occupy, per device (None = host memory). Free memory
@@ -272,8 +217,8 @@ class ModelManager:
         self.prewarm_retry = PrewarmRetry()
 
     @property
-    def name(self) -> str:
-        return HARNESS
+    def harness_names(self) -> list[str]:
+        return sorted(self.harnesses)
 
     # --- queries ---------------------------------------------------------------------------
 
@@ -286,7 +231,7 @@ class ModelManager:
     def _info(self, model_id: str, record: ModelRecord) -> ModelInfo:
         info = ModelInfo(
             id=model_id,
-            harness=HARNESS,
+            harness=record.spec.harness,
             status=record.state,
             devices=record.devices or ([] if record.device is None else [record.device]),
             error=record.error,
@@ -370,15 +315,21 @@ class ModelManager:
 
     # --- load ------------------------------------------------------------------------------
 
-    async def load(self, spec: ModelSpec) -> ModelInfo:
-        """Load (single-flight per id) and return once resident; a loaded model is a no-op success."""
-        if spec.harness != HARNESS:
+    def _harness(self, spec: ModelSpec) -> Harness[LoadedModel]:
+        harness = self.harnesses.get(spec.harness)
+        if harness is None:
             raise ApiError(
-                400,
-                f"unknown harness '{spec.harness}' for model '{spec.model_id}'; this neuron runs ['{HARNESS}']",
+                422,
+                f"unknown harness '{spec.harness}' for model '{spec.model_id}'; "
+                f"this neuron runs {self.harness_names}",
                 code="unknown_harness",
                 param="harness",
             )
+        return harness
+
+    async def load(self, spec: ModelSpec) -> ModelInfo:
+        """Load (single-flight per id) and return once resident; a loaded model is a no-op success."""
+        harness = self._harness(spec)
         if not spec.model_id.strip():
             raise ApiError(400, "model_id is empty", code="invalid_model_id", param="model_id")
         model_id = spec.served_id
@@ -400,7 +351,9 @@ class ModelManager:
             # No await between the membership check and the insert: this is what makes it single-flight.
             record = ModelRecord(spec=spec, state="loading", requested_at=self._clock())
             self._records[model_id] = record
-            record.task = asyncio.create_task(self._run_load(model_id, record), name=f"load {model_id}")
+            record.task = asyncio.create_task(
+                self._run_load(harness, model_id, record), name=f"load {model_id}"
+            )
             # The outcome is kept in the record; mark it retrieved for when every waiter went away.
             record.task.add_done_callback(_retrieve)
         if record.task is not None and record.state == "loading":
@@ -408,10 +361,12 @@ class ModelManager:
             await asyncio.shield(record.task)
         return self._info(model_id, record)
 
-    async def _run_load(self, model_id: str, record: ModelRecord) -> LoadedModel:
+    async def _run_load(
+        self, harness: Harness[LoadedModel], model_id: str, record: ModelRecord
+    ) -> LoadedModel:
         started = time.monotonic()
         try:
-            loaded = await self._load_steps(model_id, record)
+            loaded = await harness.load(_Ticket(self, model_id, record))
         except ApiError as exc:
             self._fail(model_id, record, exc.message)
             raise
@@ -423,6 +378,12 @@ class ModelManager:
             log.exception("%s", message)
             self._fail(model_id, record, message)
             raise ApiError(500, message, code="load_failed") from exc
+        # Metered here, so every harness's models count requests and tokens alike.
+        loaded.engine = MeteredEngine(
+            loaded.engine,
+            on_request=self.metrics.requests.labels(model_id).inc,
+            on_tokens=self.metrics.tokens_generated.labels(model_id).inc,
+        )
         record.load_seconds = time.monotonic() - started
         record.loaded = loaded
         record.loaded_at = self._clock()
@@ -441,15 +402,8 @@ class ModelManager:
     def _free_bytes(self, device: int | None) -> int:
         return self.probe.free_bytes(device) - self._reserved.get(device, 0)
 
-    def _placement(self, model_id: str, spec: ModelSpec) -> Placement:
-        free_by_gpu = {index: self._free_bytes(index) for index in self.probe.gpu_indices}
-        device = choose_device(model_id, spec.devices, free_by_gpu, self.probe.cuda_unavailable_reason)
-        if device is None:
-            return Placement(None, self._free_bytes(None), "this host's memory (CPU)")
-        return Placement(device, free_by_gpu[device], f"GPU {device}")
-
     @contextlib.contextmanager
-    def _reservation(self, model_id: str, weights: dict[int | None, tuple[int, str]]) -> Iterator[None]:
+    def _reservation(self, model_id: str, weights: Weights) -> Iterator[None]:
         """Check the fit again and hold the memory until the load ends; `weights` maps each
         device to the weight bytes it will hold and how to name it in a refusal.
 
@@ -469,159 +423,6 @@ class ModelManager:
             for device, amount in held.items():
                 self._reserved[device] -= amount
 
-    async def _load_steps(self, model_id: str, record: ModelRecord) -> LoadedModel:
-        tp_devices = self._tensor_parallel_devices(model_id, record.spec)
-        if tp_devices is not None:
-            return await self._load_tensor_parallel(model_id, record, tp_devices)
-        placement = self._placement(model_id, record.spec)
-        record.device = placement.device
-        prepared: PreparedModel = await self.preparer.prepare(
-            record.spec.model_id, record.spec.quant, placement
-        )
-        worker = self.devices.worker(placement.device)
-        with self._reservation(model_id, {placement.device: (prepared.weight_bytes, placement.description)}):
-            checkpoint = await worker.run(
-                load_checkpoint, prepared.folder, prepared.gguf_file, placement.device
-            )
-            # Built on the owner thread, which sizes the K/V pool from the device's free memory
-            # and allocates it there, before the reservation ends: a concurrent load's
-            # pre-flight then sees the pool's memory taken, not free.
-            engine = await worker.run(
-                self._engine_factory,
-                checkpoint,
-                worker,
-                self.config.engine,
-                model_id,
-                self._device_fault_reporter(model_id, record),
-            )
-        # Weights plus the K/V pool (engines that hold one say how big it is).
-        record.memory_bytes = checkpoint.memory_bytes + int(getattr(engine, "kv_cache_bytes", 0))
-        devices = [] if placement.device is None else [placement.device]
-        return self._serving_model(model_id, record, prepared.folder, checkpoint, engine, worker, devices)
-
-    def _serving_model(
-        self,
-        model_id: str,
-        record: ModelRecord,
-        folder: Path,
-        parts: LoadedCheckpoint | CheckpointMetadata,
-        engine: Engine,
-        worker: DeviceWorker,
-        devices: list[int],
-    ) -> LoadedModel:
-        """What the serving layer gets: tokenizer, template, defaults, and the engine metered."""
-        metered = MeteredEngine(
-            engine,
-            on_request=self.metrics.requests.labels(model_id).inc,
-            on_tokens=self.metrics.tokens_generated.labels(model_id).inc,
-        )
-        return LoadedModel(
-            model_id=model_id,
-            spec=record.spec,
-            path=folder,
-            tokenizer=parts.tokenizer,
-            hf_config=parts.hf_config,
-            generation_config=parts.generation_config,
-            chat_template=parts.chat_template,
-            engine=metered,
-            worker=worker,
-            devices=devices,
-        )
-
-    def _tensor_parallel_devices(self, model_id: str, spec: ModelSpec) -> list[int] | None:
-        """Each rank's device when the spec asks for more than one, else None (imports torch lazily)."""
-        if (spec.tensor_parallel or 1) <= 1 and len(spec.devices or []) <= 1:
-            return None
-        from neuron.tp import TensorParallelPlacementError, tensor_parallel_devices
-
-        best_first = sorted(self.probe.gpu_indices, key=lambda index: -self.probe.free_bytes(index))
-        try:
-            return tensor_parallel_devices(spec.devices, spec.tensor_parallel, best_first)
-        except TensorParallelPlacementError as exc:
-            raise ApiError(
-                422, f"model '{model_id}': {exc}", code="tensor_parallel_unavailable", param="tensor_parallel"
-            ) from exc
-
-    async def _load_tensor_parallel(
-        self, model_id: str, record: ModelRecord, devices: list[int]
-    ) -> LoadedModel:
-        """Rank 0 on this process's owner thread for devices[0]; the other ranks are worker processes."""
-        from neuron.engine import TorchEngine
-        from neuron.tp import UnshardableModel, UnsupportedBackend, choose_backend, start_tensor_parallel
-
-        on_gpu = bool(self.probe.gpu_indices)
-        allow_cpu = self.config.allow_cpu_tensor_parallel
-        try:
-            choose_backend(cuda_available=on_gpu, allow_cpu=allow_cpu)
-        except UnsupportedBackend as exc:
-            raise ApiError(
-                422, f"model '{model_id}': {exc}", code="tensor_parallel_unavailable", param="tensor_parallel"
-            ) from exc
-        if on_gpu:
-            free = sum(self._free_bytes(index) for index in devices)
-            placement = Placement(devices[0], free, f"GPUs {devices}")
-        else:
-            placement = Placement(None, self._free_bytes(None), "this host's memory (CPU)")
-        record.device, record.devices = placement.device, list(devices)
-        prepared = await self.preparer.prepare(record.spec.model_id, record.spec.quant, placement)
-        if prepared.gguf_file:
-            raise ApiError(
-                422,
-                f"model '{model_id}' is a GGUF file; tensor parallel needs a safetensors checkpoint",
-                code="tensor_parallel_unavailable",
-                param="tensor_parallel",
-            )
-        record.memory_bytes = prepared.weight_bytes
-        worker = self.devices.worker(placement.device)
-        loop = asyncio.get_running_loop()
-
-        def on_failure(reason: str) -> None:  # runs on the TP watchdog's thread
-            loop.call_soon_threadsafe(self._poison, model_id, record, reason)
-
-        metadata = await worker.run(read_metadata, prepared.folder)
-        config_dtype = getattr(metadata.hf_config, "dtype", None)
-        dtype = choose_dtype(
-            placement.device,
-            None if config_dtype is None else str(config_dtype),
-            # Every rank computes in one dtype: bf16 only if every card has it.
-            bf16_supported=on_gpu and all(self.probe.supports_bf16(d) for d in devices),
-        )
-        rank_bytes = tensor_parallel_rank_bytes(
-            prepared.weight_bytes,
-            replicated_weight_bytes(metadata.hf_config, torch_itemsize(dtype)),
-            len(devices),
-        )
-        weights: dict[int | None, tuple[int, str]] = (
-            {d: (rank_bytes, f"GPU {d} (one rank of GPUs {devices})") for d in devices}
-            if on_gpu
-            else {None: (rank_bytes * len(devices), f"{placement.description}, {len(devices)} ranks")}
-        )
-        try:
-            with self._reservation(model_id, weights):
-                runner = await worker.run(
-                    start_tensor_parallel,
-                    prepared.folder,
-                    devices,
-                    cuda_available=on_gpu,
-                    allow_cpu=allow_cpu,
-                    engine_config=self.config.engine,
-                    dtype=dtype,
-                    step_timeout_s=self.config.tensor_parallel_step_timeout_secs,
-                    on_failure=on_failure,
-                )
-        except UnshardableModel as exc:
-            raise ApiError(
-                422, f"model '{model_id}': {exc}", code="tensor_parallel_unavailable", param="tensor_parallel"
-            ) from exc
-        engine = TorchEngine(
-            runner,
-            worker=worker,
-            config=self.config.engine,
-            model_id=model_id,
-            on_device_fault=self._device_fault_reporter(model_id, record),
-        )
-        return self._serving_model(model_id, record, prepared.folder, metadata, engine, worker, list(devices))
-
     def _poison(self, model_id: str, record: ModelRecord, reason: str) -> None:
         """A device fault (e.g. a tensor-parallel rank died): refuse requests until unload + load."""
         if self._records.get(model_id) is not record or record.state != "loaded":
@@ -630,18 +431,6 @@ class ModelManager:
         record.error = reason
         self._count_loaded()
         log.error("model %s is poisoned: %s", model_id, reason)
-
-    def _device_fault_reporter(self, model_id: str, record: ModelRecord) -> Callable[[str], None]:
-        """What an engine calls, from its owner thread, when its device became unusable."""
-        loop = asyncio.get_running_loop()
-
-        def report(reason: str) -> None:
-            try:
-                loop.call_soon_threadsafe(self._poison_device, model_id, record, reason)
-            except RuntimeError:  # the loop is closed: the daemon is shutting down anyway
-                log.error("device fault in model %s after shutdown began: %s", model_id, reason)
-
-        return report
 
     def _poison_device(self, model_id: str, record: ModelRecord, reason: str) -> None:
         """A sticky device error in one model's step: that device's context is unusable, so
@@ -690,38 +479,17 @@ class ModelManager:
         await asyncio.shield(record.unload_task)
 
     async def _run_unload(self, model_id: str, record: ModelRecord) -> None:
-        # Every path from this manager to the weights goes before the memory is released: the
-        # record's loaded model and its finished load task (whose result is the same model).
-        loaded, record.loaded, record.task = record.loaded, None, None
-        returned: int | None = None
         try:
-            if loaded is not None:
-                try:
-                    # Closing frees the runner's weights and pool, so a request handler that
-                    # still holds the LoadedModel keeps nothing on the device.
-                    await asyncio.wait_for(loaded.engine.close(), ENGINE_CLOSE_TIMEOUT_SECS)
-                except TimeoutError:
-                    log.error(
-                        "engine of %s did not stop within %.0f s; dropping it",
-                        model_id,
-                        ENGINE_CLOSE_TIMEOUT_SECS,
-                    )
-                worker = loaded.worker
-                del loaded
-                # Collected and the device's cache emptied on the owner thread (CUDA context locality).
-                returned = await worker.run(release_memory, record.device)
+            if record.loaded is not None:
+                # Handed over without a reference left here: every path from this manager to
+                # the weights (the record's model, its finished load task whose result is the
+                # same model) is gone before the harness frees the memory.
+                await self.harnesses[record.spec.harness].unload(_take_loaded(record))
+            else:
+                log.info("model %s unloaded", model_id)
         finally:
             self._records.pop(model_id, None)
             self._count_loaded()
-        if returned is None:
-            log.info("model %s unloaded", model_id)
-        else:
-            log.info(
-                "model %s unloaded; %d MiB returned to %s",
-                model_id,
-                returned // MIB,
-                device_name(record.device),
-            )
 
     # --- default models and shutdown -------------------------------------------------------
 
@@ -768,7 +536,7 @@ class ModelManager:
                 await retry.sleep(delay)
 
     async def close(self) -> None:
-        """Unload everything (loads in progress are cancelled) and stop the device threads."""
+        """Drain: cancel loads in progress, unload every model, then release the harnesses."""
         for record in list(self._records.values()):
             if record.task is not None and not record.task.done():
                 record.task.cancel()
@@ -779,4 +547,12 @@ class ModelManager:
                 except ApiError as exc:
                     log.error("unloading %s at shutdown failed: %s", model_id, exc.message)
         self._records.clear()
-        self.devices.close()
+        for harness in self.harnesses.values():
+            await harness.close()
+
+
+def _take_loaded(record: ModelRecord) -> LoadedModel:
+    loaded = record.loaded
+    assert loaded is not None
+    record.loaded, record.task = None, None
+    return loaded

@@ -21,6 +21,8 @@ from typing import Any, TypeVar
 
 import msgspec
 
+from cortex_core.validation import convert_check, dotted, locate_invalid
+
 T = TypeVar("T")
 log = logging.getLogger("cortex_core.config")
 
@@ -112,37 +114,9 @@ def apply_env_overrides(
     return applied
 
 
-def _key_of(message: str) -> tuple[str | None, str]:
-    """Split msgspec's "Expected `int`, got `str` - at `$.gateway.port`" into key and problem."""
-    problem, sep, where = message.rpartition(" - at `")
-    if not sep:
-        return None, message
-    key = where.rstrip("`").removeprefix("$").lstrip(".") or None
-    return key, problem[:1].lower() + problem[1:]
-
-
-def _locate_dict_entry(data: Any, schema: Any, key: str) -> str:
-    """msgspec reports a bad dict entry as `sources[...]`; find which entry it was."""
-    head, _, rest = key.partition("[...]")
-    path = [part for part in head.split(".") if part]
-    node: Any = data
-    for part in path:
-        node = node.get(part, {}) if isinstance(node, dict) else {}
-    value_type = _type_at(schema, [*path, "*"])
-    if isinstance(node, dict) and value_type is not None:
-        for entry, value in node.items():
-            try:
-                msgspec.convert(value, type=value_type, strict=True)
-            except msgspec.ValidationError:
-                return f"{head}.{entry}{rest}"
-    return key
-
-
-def _allowed_values(schema: Any, key: str) -> str:
-    hint = _type_at(schema, [part for part in key.split(".") if part and not part.endswith("]")])
-    values = (
-        typing.get_args(_struct_in(hint)) if typing.get_origin(_struct_in(hint)) is typing.Literal else ()
-    )
+def _allowed_values(hint: Any) -> str:
+    literal = _struct_in(hint)
+    values = typing.get_args(literal) if typing.get_origin(literal) is typing.Literal else ()
     return f"; expected one of {', '.join(repr(v) for v in values)}" if values else ""
 
 
@@ -150,12 +124,17 @@ def convert(data: dict[str, Any], into: type[T], *, source: str) -> T:
     try:
         return msgspec.convert(data, type=into, strict=True)
     except msgspec.ValidationError as exc:
-        key, problem = _key_of(str(exc))
-        if key and "[...]" in key:
-            key = _locate_dict_entry(data, into, key)
-        if key and problem.startswith("invalid enum value"):
-            problem += _allowed_values(into, key)
-        raise ConfigError(source, problem, key) from exc
+        # The key comes from walking the schema (cortex_core.validation), not from
+        # msgspec's wording, which names a bad dict entry only as `[...]`.
+        invalid = locate_invalid(data, into, convert_check(strict=True))
+        if invalid is None:  # msgspec refused what each part accepts: report it as it said
+            raise ConfigError(source, str(exc)) from exc
+        problem = invalid.problem
+        if invalid.path:  # after "key `x`: " the problem reads on mid-sentence
+            problem = problem[:1].lower() + problem[1:]
+        if problem.startswith("invalid enum value"):
+            problem += _allowed_values(invalid.hint)
+        raise ConfigError(source, problem, dotted(invalid.path) or None) from exc
 
 
 Legacy = Callable[[dict[str, Any], str], tuple[dict[str, Any], list[str]]]

@@ -70,28 +70,20 @@ from cortex_core.anthropic.messages import (
 )
 from cortex_core.anthropic.stream import AnthropicStreamConverter
 from cortex_core.errors import ApiError, decode_json_body
+from cortex_core.http import INCLUDE_THINKING_HEADER, JSON_HEADERS, MAX_TOKENS_CLAMPED_HEADER, header_flag
 from cortex_core.openai.chat import ChatCompletion, ChatCompletionChunk, ChatCompletionRequest
 from cortex_core.request_id import request_id_of
 from cortex_core.sse import SSEDecoder, SSEMessage, encode_event
 from cortex_core.wire import given
-from cortex_gateway.proxy import (
-    MAX_TOKENS_CLAMPED_HEADER,
-    Proxy,
-    RelayResponse,
-    is_connect_failure,
-    not_ready,
-    request_headers,
-    retry_plan,
-)
-from cortex_gateway.routing import Lease, Upstream
-from cortex_gateway.sse import BodyObserver, StreamObserver
+from cortex_gateway.lease import Lease, Upstream
+from cortex_gateway.observers import BodyObserver, StreamObserver
+from cortex_gateway.proxy import AttemptsFailed, Proxy, RelayResponse, first_answer, request_headers
 
 log = logging.getLogger(__name__)
 
 CHAT_PATH = "/v1/chat/completions"
 COUNT_TOKENS_PATH = "/v1/chat/count_tokens"
 KEEPALIVE_COMMENT = b": keep-alive\n\n"
-INCLUDE_THINKING_HEADER = "x-include-thinking"
 _NOT_FORWARDED = frozenset({"content-type", INCLUDE_THINKING_HEADER})
 # Anthropic's error kinds; an upstream error of another kind is reported as `api_error`.
 ANTHROPIC_ERROR_TYPES = frozenset(
@@ -110,7 +102,6 @@ _SSE_HEADERS = [
     (b"content-type", b"text/event-stream; charset=utf-8"),
     (b"cache-control", b"no-cache"),
 ]
-_JSON_HEADERS = [(b"content-type", b"application/json")]
 
 ReadBody = Callable[[Request], Awaitable[bytes]]
 # The app's gate: a lease for the request's caller and model (keys, limits, fair share).
@@ -332,7 +323,7 @@ class MessagesResponse(RelayResponse):
             return
         message = message_from_chat_completion(completion)
         self._status = 200
-        headers = _JSON_HEADERS + _passed_on(response)
+        headers = [*JSON_HEADERS, *_passed_on(response)]
         await send({"type": "http.response.start", "status": 200, "headers": headers})
         await send({"type": "http.response.body", "body": msgspec.json.encode(message)})
 
@@ -346,26 +337,7 @@ class MessagesResponse(RelayResponse):
         await send({"type": "http.response.start", "status": 200, "headers": headers})
         observer.feed(first, now)
         await _send_more(send, translator.feed(first))
-        read = response.content.readany
-        try:
-            while True:
-                chunk = await read()
-                if not chunk:
-                    break
-                now = self._last_upstream_byte_at = perf_counter()
-                observer.feed(chunk, now)
-                await _send_more(send, translator.feed(chunk))
-        except (aiohttp.ClientError, TimeoutError) as exc:
-            self._error = True
-            reason = (
-                f"no data from node for {self._proxy.config.idle_timeout_secs:g} s"
-                if isinstance(exc, TimeoutError)
-                else f"connection to node lost mid-response ({type(exc).__name__})"
-            )
-            log.warning("upstream %s for %s: %s", CHAT_PATH, self._lease.model_id, reason)
-            await send({"type": "http.response.body", "body": translator.fail(reason), "more_body": False})
-            return
-        await send({"type": "http.response.body", "body": translator.close(), "more_body": False})
+        await self._pump(send, response, convert=translator.feed, broke=translator.fail, end=translator.close)
 
 
 def _passed_on(response: aiohttp.ClientResponse) -> list[tuple[bytes, bytes]]:
@@ -384,44 +356,45 @@ async def _send_more(send: Send, body: bytes) -> None:
 
 
 async def count_on_replica(proxy: Proxy, lease: Lease, payload: bytes, headers: list[tuple[str, str]]) -> int:
-    """The neuron's token count for a chat request; candidates tried like the relay does."""
-    replicas = retry_plan(lease.candidates, proxy.config.max_attempts)
-    last_error: ApiError | None = None
-    for index, upstream in enumerate(replicas):
-        lease.use(upstream)
-        try:
-            async with proxy.session.post(
-                upstream.base_url + COUNT_TOKENS_PATH, data=payload, headers=headers
-            ) as response:
-                body = await response.read()
-                status, retry_after = response.status, response.headers.get("retry-after")
-        except (aiohttp.ClientError, TimeoutError) as exc:
-            unreachable = is_connect_failure(exc)
-            last_error = ApiError(
-                503 if unreachable else 502,
-                f"node '{upstream.node}' could not count tokens: {type(exc).__name__}: {exc}",
-                code="upstream_unavailable" if unreachable else "upstream_connection_error",
-                retry_after=5.0 if unreachable else None,
-            )
-            lease.upstream_failed(upstream, last_error.message, unreachable=unreachable)
-            if unreachable:
-                continue
-            raise last_error from exc
-        if index + 1 < len(replicas) and not_ready(status, body):
-            lease.upstream_failed(upstream, f"HTTP {status}: not ready")
-            continue
-        if status >= 300:
-            raise upstream_error(status, body, retry_after, upstream.node)
-        try:
-            return _TOKEN_COUNT_DECODER.decode(body).input_tokens
-        except (msgspec.DecodeError, msgspec.ValidationError) as exc:
-            raise ApiError(
-                502,
-                f"node '{upstream.node}' sent a malformed token count: {exc}",
-                code="upstream_malformed_response",
-            ) from exc
-    assert last_error is not None
-    raise last_error
+    """The neuron's token count for a chat request; replicas tried by the relay's own loop."""
+
+    def failed(upstream: Upstream, reason: str, unreachable: bool) -> None:
+        log.warning("count_tokens on node %s for %s failed: %s", upstream.node, lease.model_id, reason)
+        lease.upstream_failed(upstream, reason, unreachable=unreachable)
+
+    try:
+        upstream, response, first = await first_answer(
+            proxy.session,
+            lease,
+            COUNT_TOKENS_PATH,
+            payload,
+            headers,
+            max_attempts=proxy.config.max_attempts,
+            attempting=lambda upstream: None,
+            failed=failed,
+        )
+    except AttemptsFailed as attempts:
+        raise attempts.error from attempts
+    try:
+        body = first + await response.content.read()
+    except (aiohttp.ClientError, TimeoutError) as exc:
+        raise ApiError(
+            502,
+            f"node '{upstream.node}' broke off its token count ({type(exc).__name__})",
+            code="upstream_connection_error",
+        ) from exc
+    finally:
+        response.release()
+    if response.status >= 300:
+        raise upstream_error(response.status, body, response.headers.get("retry-after"), upstream.node)
+    try:
+        return _TOKEN_COUNT_DECODER.decode(body).input_tokens
+    except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+        raise ApiError(
+            502,
+            f"node '{upstream.node}' sent a malformed token count: {exc}",
+            code="upstream_malformed_response",
+        ) from exc
 
 
 _TOKEN_COUNT_DECODER = msgspec.json.Decoder(_TokenCount)
@@ -442,7 +415,7 @@ def forward_headers(request: Request, *, clamp_max_tokens: bool = False) -> list
 
 
 def wants_thinking(request: Request) -> bool:
-    return request.headers.get(INCLUDE_THINKING_HEADER, "").strip().lower() in ("1", "true", "yes")
+    return header_flag(request.headers.get(INCLUDE_THINKING_HEADER))
 
 
 def upstream_body(chat: ChatCompletionRequest, lease: Lease, *, include_thinking: bool) -> bytes:

@@ -18,6 +18,7 @@ from typing import Any
 import msgspec
 
 from cortex_core.errors import ApiError
+from cortex_core.http import MAX_TOKENS_CLAMPED_HEADER
 from cortex_core.openai.chat import (
     ChatCompletion,
     ChatCompletionChunk,
@@ -52,21 +53,8 @@ from neuron.serving.structured import request_grammar
 from neuron.serving.template import template_messages, with_tool_instructions
 from neuron.serving.tools import ToolCallArguments, ToolCallStart, tool_instructions
 
-INCLUDE_THINKING_HEADER = "x-include-thinking"
-# Request: lower an oversized max_tokens instead of refusing it; response: the value used.
-CLAMP_MAX_TOKENS_HEADER = "x-cortex-clamp-max-tokens"
-MAX_TOKENS_CLAMPED_HEADER = "x-cortex-max-tokens-clamped"
 # Refusals name chat fields as they are, unless a dialect served on the chat path renames them.
 CHAT_FIELDS: Mapping[str, str] = MappingProxyType({})
-
-
-def header_flag(header_value: str | None) -> bool:
-    """A yes/no request header (`x-include-thinking`, `x-cortex-clamp-max-tokens`)."""
-    return (header_value or "").strip().lower() in ("1", "true", "yes")
-
-
-def include_thinking(header_value: str | None) -> bool:
-    return header_flag(header_value)
 
 
 @dataclass

@@ -6,7 +6,7 @@ import weakref
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
-from neuron.runtime import LoadedModel
+from neuron.loaded_model import LoadedModel
 from neuron.serving.detok import IncrementalDetokenizer, marker_token_ids
 from neuron.serving.params import context_length, eos_token_ids
 from neuron.serving.reasoning import ReasoningMarkers, find_reasoning_markers

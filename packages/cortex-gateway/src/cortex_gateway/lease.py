@@ -22,7 +22,7 @@ metrics module; `NullObserver` does nothing.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
@@ -162,43 +162,6 @@ class NullObserver:
 
     def queue_wait(self, model: str, seconds: float) -> None:
         return None
-
-
-class FixedRouter:
-    """A LeaseProvider over a fixed model → replicas table, with in-flight counts.
-
-    For proxy tests and the gateway benchmark, where there is no fleet to poll: it answers
-    from the table, orders replicas least busy first, and refuses unknown models with the
-    same 404 as the real router.
-    """
-
-    def __init__(self, table: Mapping[str, Sequence[Upstream]], aliases: Mapping[str, str] | None = None):
-        self._table = {model: tuple(upstreams) for model, upstreams in table.items()}
-        self._aliases = dict(aliases or {})
-        self.in_flight: dict[Upstream, int] = {}
-        self.failures: list[tuple[Upstream, str]] = []
-
-    async def acquire(self, requested_model: str) -> Lease:
-        model_id = self._aliases.get(requested_model, requested_model)
-        upstreams = self._table.get(model_id)
-        if not upstreams:
-            raise model_not_found(requested_model)
-        ordered = sorted(upstreams, key=lambda u: (self.in_flight.get(u, 0), u.node))
-        lease = Lease(
-            requested_model=requested_model,
-            model_id=model_id,
-            candidates=ordered,
-            on_use=self._inc,
-            on_done=self._dec,
-            on_failure=lambda upstream, reason, unreachable: self.failures.append((upstream, reason)),
-        )
-        return lease
-
-    def _inc(self, upstream: Upstream) -> None:
-        self.in_flight[upstream] = self.in_flight.get(upstream, 0) + 1
-
-    def _dec(self, upstream: Upstream) -> None:
-        self.in_flight[upstream] = self.in_flight.get(upstream, 1) - 1
 
 
 def model_not_found(requested_model: str) -> ApiError:

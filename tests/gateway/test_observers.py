@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from cortex_gateway.sse import BodyObserver, StreamObserver, Usage, observer_for
+from cortex_gateway.observers import BodyObserver, StreamObserver, Usage, observer_for
 
 ROLE = b'data: {"choices":[{"index":0,"delta":{"role":"assistant","content":""}}]}\n\n'
 KEEPALIVE = b": keep-alive\n\n"
