@@ -164,6 +164,30 @@ async def test_fifty_structured_answers_all_parse_beside_free_requests(stack: St
 # after each one a random model may well start another until max_tokens: one call here.
 
 
+async def test_anthropic_output_config_format_parses(stack: Stack) -> None:
+    async def one(index: int, stream: bool) -> City:
+        kwargs: dict[str, Any] = {
+            "model": stack.model,
+            "max_tokens": MAX_TOKENS,
+            "messages": ask(index),
+            "extra_body": {
+                "output_config": {"format": {"type": "json_schema", "schema": City.model_json_schema()}}
+            },
+        }
+        if stream:
+            async with stack.anthropic.messages.stream(**kwargs) as events:
+                message = await events.get_final_message()
+        else:
+            message = await stack.anthropic.messages.create(**kwargs)
+        assert message.stop_reason == "end_turn"
+        (block,) = message.content
+        assert block.type == "text"
+        return City.model_validate_json(block.text)
+
+    cities = await asyncio.gather(*(one(i, stream=i % 2 == 1) for i in range(6)))
+    assert all(isinstance(city, City) for city in cities)
+
+
 async def openai_forced_calls(stack: Stack, tool_choice: Any, *, stream: bool) -> list[tuple[str, str]]:
     kwargs: dict[str, Any] = {
         "model": stack.model,

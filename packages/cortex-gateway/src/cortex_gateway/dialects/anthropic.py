@@ -23,7 +23,7 @@
    message and Retry-After, in Anthropic's error shape, so SDKs raise their typed errors.
    Where Anthropic has its own wording the message is reworded from the error's fields
    (cortex_core.anthropic.errors): context overflows, and refused fields named as the
-   caller named them (`output_config.format`, `tool_choice.type`).
+   caller named them (a schema refused as `output_config.format`).
 
 The client's headers are forwarded like on the OpenAI routes, except `x-include-thinking`:
 on a neuron it moves reasoning into `content` between literal markers, which here would

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from llguidance import LLExecutor
 
 # Bits per word of an llguidance token bitmask (int32 words, token i is bit i % 32 of word i // 32).
 _WORD_BITS = 32
@@ -96,8 +97,8 @@ class GrammarConstraint:
         return twin
 
     def _error(self) -> str:
-        error = str(self.matcher.get_error() or "no detail")
-        return error.splitlines()[0] if error else "no detail"
+        lines = str(self.matcher.get_error() or "").splitlines()
+        return lines[0] if lines else "no detail"
 
 
 class ConstraintViolation(RuntimeError):
@@ -113,25 +114,21 @@ class MaskFiller:
 
     def fill(self, constraints: Sequence[GrammarConstraint | None]) -> ConstraintMasks | None:
         """The packed masks of the rows that are constrained this step (None: no row is)."""
-        rows = [i for i, c in enumerate(constraints) if c is not None and c.masks]
-        if not rows:
+        picked = [(row, c) for row, c in enumerate(constraints) if c is not None and c.masks]
+        if not picked:
             return None
-        picked = [constraints[row] for row in rows]
-        words = {c.words for c in picked if c is not None}
+        widths = {c.words for _, c in picked}
         # One model, one tokenizer: every row's mask has the same width.
-        assert len(words) == 1, f"constraints of different vocabularies in one batch: {words}"
-        width = words.pop()
-        bitmask = torch.empty((len(rows), width), dtype=torch.int32)
+        assert len(widths) == 1, f"constraints of different vocabularies in one batch: {widths}"
+        width = widths.pop()
+        bitmask = torch.empty((len(picked), width), dtype=torch.int32)
         if self._executor is None:
-            from llguidance import LLExecutor
-
             self._executor = LLExecutor()
-        matchers = [(c.matcher, slot) for slot, c in enumerate(picked) if c is not None]
-        self._executor.unsafe_compute_mask_ptr(matchers, bitmask.data_ptr(), width * 4, len(rows))
-        for slot, constraint in enumerate(picked):
-            if constraint is not None:
-                constraint.allow_reasoning_open(bitmask[slot])
-        return ConstraintMasks(rows=rows, bitmask=bitmask)
+        matchers = [(c.matcher, slot) for slot, (_, c) in enumerate(picked)]
+        self._executor.unsafe_compute_mask_ptr(matchers, bitmask.data_ptr(), width * 4, len(picked))
+        for slot, (_, constraint) in enumerate(picked):
+            constraint.allow_reasoning_open(bitmask[slot])
+        return ConstraintMasks(rows=[row for row, _ in picked], bitmask=bitmask)
 
 
 @dataclass(frozen=True)

@@ -31,6 +31,8 @@ from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from llguidance import LLMatcher
+
 from cortex_core.errors import ApiError
 from cortex_core.openai.chat import (
     ChatCompletionNamedToolChoice,
@@ -195,7 +197,7 @@ class GrammarCompiler:
 
     def _ll_tokenizer(self) -> Any:
         if self._tokenizer is None:
-            import llguidance.hf
+            import llguidance.hf  # imports transformers: only once a structured request comes
 
             try:
                 self._tokenizer = llguidance.hf.from_tokenizer(
@@ -212,8 +214,6 @@ class GrammarCompiler:
 
     def constraint(self, grammar: str, field: str, gate: ReasoningGate | None) -> GrammarConstraint:
         """A fresh constraint for one request; a 400 naming `field` if it cannot be enforced."""
-        from llguidance import LLMatcher
-
         with self._lock:
             tokenizer = self._ll_tokenizer()
             matcher = self._compiled.get(grammar)
