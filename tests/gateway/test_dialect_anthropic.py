@@ -655,3 +655,26 @@ async def test_a_model_not_yet_loaded_is_cold_loaded_for_messages_and_count_toke
     assert [call["model_id"] for call in neuron.load_calls] == [cold]  # loaded once, then resident
     registry = app.state.metrics.registry
     assert registry.get_sample_value("cortex_cold_starts_total", {"model": cold, "node": "a"}) == 1.0
+
+
+async def test_count_tokens_fails_over_like_the_relay_when_a_replica_is_unreachable(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """count_tokens goes through the relay's attempt loop: a replica that refuses the
+    connection (tried first: equally busy, named first) is skipped for the next one."""
+    async with ScriptedNeuron(Reply(TEXT)) as live:
+        live.count_tokens = 37
+        dead = FakeNeuron(
+            "a", devices_mb=[24_000], endpoint="http://127.0.0.1:1", inference_url="http://127.0.0.1:1"
+        )
+        alive = FakeNeuron(
+            "b", devices_mb=[24_000], endpoint="http://127.0.0.1:2", inference_url=live.base_url
+        )
+        for neuron in (dead, alive):
+            neuron.preload(MODEL, 1_000)
+        async with gateway([dead, alive], CATALOGUE) as (_, http):
+            counted = await http.post("/v1/messages/count_tokens", json={"model": MODEL, "messages": USER})
+            assert counted.status_code == 200, counted.text
+            assert counted.json() == {"input_tokens": 37}
+            assert [call.path for call in live.calls] == ["/v1/chat/count_tokens"]
+    assert any("count_tokens on node a" in record.getMessage() for record in caplog.records)
