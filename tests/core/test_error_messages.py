@@ -107,3 +107,12 @@ def test_the_location_is_data_not_text() -> None:
     assert locate_invalid({"table": {}, "rows": [{"n": 2}]}, Outer, convert_check()) is None
     deep = locate_invalid({"table": {}, "rows": [{"n": 1}, {}]}, Outer, convert_check())
     assert deep is not None and dotted(deep.path) == "rows[1]"
+
+
+def test_a_body_that_fails_validation_before_its_syntax_error_is_still_a_400() -> None:
+    # msgspec validates while it parses, so it can refuse `model` before it reaches the
+    # truncation; the body then has no location to give, but it is the client's error.
+    with pytest.raises(ApiError) as info:
+        decode_json_body(b'{"model": 5, "messages": [', ChatCompletionRequest)
+    assert (info.value.status, info.value.param) == (400, None)
+    assert info.value.message == "invalid request body: Expected `str`, got `int` - at `$.model`"

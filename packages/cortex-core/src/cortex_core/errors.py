@@ -10,7 +10,7 @@ from typing import Any, TypeVar
 
 import msgspec
 
-from cortex_core.validation import json_check, json_path, locate_invalid
+from cortex_core.validation import json_path, locate_in_json
 
 T = TypeVar("T")
 
@@ -106,7 +106,7 @@ def decode_json_body(body: bytes, into: type[T]) -> T:
     try:
         return msgspec.json.decode(body, type=into)
     except msgspec.ValidationError as exc:
-        invalid = locate_invalid(msgspec.json.decode(body), into, json_check)
+        invalid = locate_in_json(body, into)
         path = json_path(invalid.path) if invalid is not None else None
         raise bad_request(f"invalid request body: {exc}", param=path) from exc
     except msgspec.DecodeError as exc:

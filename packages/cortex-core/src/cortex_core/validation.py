@@ -62,6 +62,16 @@ def json_check(value: Any, hint: Any) -> object:
     return msgspec.json.decode(msgspec.json.encode(value), type=hint)
 
 
+def locate_in_json(body: bytes, hint: Any) -> Invalid | None:
+    """Where a JSON body fails `hint`, or None. A typed decode can fail validation before it
+    reaches a syntax error later in the body; such a body has no location to give."""
+    try:
+        document = msgspec.json.decode(body)
+    except msgspec.DecodeError:
+        return None
+    return locate_invalid(document, hint, json_check)
+
+
 def locate_invalid(value: Any, hint: Any, check: Check) -> Invalid | None:
     """The innermost failing part of `value` against `hint`, or None when it fits."""
     try:

@@ -56,8 +56,12 @@ def _invalid(body: bytes, into: object, text: str) -> ApiError:
     # as `messages[0].content`. A missing or mistyped `model` keeps its own code, since
     # clients (and the SDKs' tests) treat it differently from a problem inside the
     # conversation.
-    document = msgspec.json.decode(body)
-    found = locate_invalid(document, into, json_check)
+    try:
+        document = msgspec.json.decode(body)
+    except msgspec.DecodeError:
+        # Validation failed before a syntax error later in the body: no location to give.
+        document = None
+    found = locate_invalid(document, into, json_check) if document is not None else None
     path = found.path if found is not None else ()
     model_missing = not path and isinstance(document, dict) and "model" not in document
     if path == ("model",) or model_missing:
