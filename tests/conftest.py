@@ -50,6 +50,23 @@ def tiny_qwen3_5(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return build_tiny_hybrid(tmp_path_factory.mktemp("tiny-qwen3_5-served"), "qwen3_5")
 
 
+@pytest.fixture(scope="session", params=["qwen3_5", "qwen3_vl", "qwen2_5_vl"])
+def tiny_vision(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Tiny vision-language checkpoints (tokenizer with the vision tokens, image processor
+    config, a template that places images), one per family the neuron serves images for."""
+    from support.tiny_models import build_tiny_vision
+
+    return build_tiny_vision(tmp_path_factory.mktemp(f"tiny-vision-{request.param}"), request.param)
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen3_5_vision(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny Qwen3.5 vision checkpoint the served (HTTP and SDK) tests load from a folder."""
+    from support.tiny_models import build_tiny_vision
+
+    return build_tiny_vision(tmp_path_factory.mktemp("tiny-qwen3_5-vision"), "qwen3_5")
+
+
 @pytest.fixture(scope="session")
 def smollm2_dir() -> Path:
     """The real SmolLM2-135M-Instruct as a plain bf16 HF folder (toolchain.md §3a).

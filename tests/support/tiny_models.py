@@ -220,3 +220,104 @@ def tiny_family_model(model_type: str, tokenizer: Any, *, seed: int = 0) -> Any:
     )
     torch.manual_seed(seed)
     return AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+
+
+# --- vision-language checkpoints ------------------------------------------------------
+
+VISION_TOKENS = ["<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"]
+# The Qwen-VL way to render content parts: an image part becomes its placeholder between
+# the vision markers (the neuron expands the placeholder to one token per merged patch).
+_VISION_CONTENT = (
+    "{%- if message.content is string %}{{- message.content }}{%- else %}"
+    "{%- for part in message.content %}"
+    "{%- if part.type == 'image' %}{{- '<|vision_start|><|image_pad|><|vision_end|>' }}"
+    "{%- elif part.type == 'text' %}{{- part.text }}{%- endif %}"
+    "{%- endfor %}{%- endif %}"
+)
+VISION_TEMPLATE = QWEN3_STYLE_TEMPLATE.replace(
+    "{{- '<|im_start|>' + message.role + '\\n' + message.content + '<|im_end|>\\n' }}",
+    "{{- '<|im_start|>' + message.role + '\\n' }}" + _VISION_CONTENT + "{{- '<|im_end|>\\n' }}",
+)
+# Per family: the text model's extra keys and the smallest vision tower the processor allows.
+VISION_FAMILIES: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
+    "qwen3_5": (
+        {
+            **HYBRID_TEXT,
+            "rope_parameters": {
+                "rope_type": "default",
+                "rope_theta": 10000.0,
+                "mrope_section": [2, 1, 1],
+                "mrope_interleaved": True,
+                "partial_rotary_factor": 0.5,
+            },
+        },
+        {**TINY_VISION, "depth": 2, "patch_size": 16, "num_position_embeddings": 64},
+    ),
+    "qwen3_vl": (
+        {
+            "head_dim": 16,
+            "rope_parameters": {
+                "rope_type": "default",
+                "rope_theta": 10000.0,
+                "mrope_section": [2, 3, 3],
+                "mrope_interleaved": True,
+            },
+        },
+        {
+            **TINY_VISION,
+            "depth": 2,
+            "patch_size": 16,
+            "num_position_embeddings": 64,
+            "deepstack_visual_indexes": [0],
+        },
+    ),
+    "qwen2_5_vl": (
+        {
+            "head_dim": 16,
+            "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]},
+        },
+        {**TINY_VISION, "fullatt_block_indexes": [0], "window_size": 56},
+    ),
+}
+
+
+def build_tiny_vision(out: Path, model_type: str, *, seed: int = 0) -> Path:
+    """A tiny random vision-language checkpoint of `model_type` (a key of VISION_FAMILIES)
+    saved as the real ones are: weights, a tokenizer with the vision tokens, the image
+    processor's preprocessor_config.json and a template that places images."""
+    import torch
+    from transformers import AutoConfig, AutoModelForImageTextToText
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    tokenizer = build_tokenizer(VISION_TEMPLATE)
+    tokenizer.add_special_tokens({"additional_special_tokens": VISION_TOKENS})
+    ids = {token: tokenizer.convert_tokens_to_ids(token) for token in VISION_TOKENS}
+    text_extra, vision = VISION_FAMILIES[model_type]
+    layers = 4 if "layer_types" in text_extra else 2
+    config = AutoConfig.for_model(
+        model_type,
+        text_config=tiny_text_config(tokenizer, layers=layers, **text_extra),
+        vision_config=vision,
+        image_token_id=ids["<|image_pad|>"],
+        video_token_id=ids["<|video_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"],
+        vision_end_token_id=ids["<|vision_end|>"],
+        tie_word_embeddings=True,
+    )
+    torch.manual_seed(seed)
+    model = AutoModelForImageTextToText.from_config(config, dtype=torch.float32)
+    patch = int(vision["patch_size"])
+    unit = patch * int(vision["spatial_merge_size"])
+    # Small images stay small: at most 16 merged patches (placeholder tokens) per image.
+    processor = Qwen2VLImageProcessorPil(
+        patch_size=patch,
+        merge_size=2,
+        temporal_patch_size=2,
+        min_pixels=unit * unit,
+        max_pixels=16 * unit * unit,
+    )
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    processor.save_pretrained(out)
+    return out

@@ -11,10 +11,13 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from typing import Literal, Protocol
+from typing import TYPE_CHECKING, Literal, Protocol
 
 from cortex_core.neuron_api import ModelLoad
 from neuron.engine.constraint import GrammarConstraint
+
+if TYPE_CHECKING:
+    from neuron.vision.inputs import ImageInput
 
 FinishReason = Literal["stop", "length"]
 
@@ -43,6 +46,8 @@ class GenerationRequest:
     # Structured output: the grammar the answer must follow (its state moves with the
     # sequence, so a request is generated once).
     constraint: GrammarConstraint | None = None
+    # A vision model's images: `prompt_ids` holds their placeholder tokens (vision/inputs.py).
+    images: ImageInput | None = None
 
 
 @dataclass(frozen=True)

@@ -31,6 +31,7 @@ from neuron.engine.cpu_linear import pack_cpu_linears as pack_linears
 from neuron.engine.lean_llama import LeanLlamaDecoder, build_lean_decoder
 from neuron.engine.paged import ForwardPlan, ForwardRow, KVPool, LinearStateShape, PagedStateLayer, StatePool
 from neuron.preflight import SERVABLE_LAYER_TYPES
+from neuron.vision.tower import VisionTower
 
 logger = logging.getLogger(__name__)
 
@@ -59,6 +60,12 @@ def layer_types(config: Any) -> list[str]:
     return list(getattr(config, "layer_types", None) or ["full_attention"] * count)[:count]
 
 
+def decoder_layers(model: Any) -> Any:
+    """The decoder layers of a causal LM, or of a vision-language model's language model."""
+    inner = model.model
+    return inner.language_model.layers if hasattr(inner, "language_model") else inner.layers
+
+
 def linear_state_shapes(model: Any, types: list[str]) -> dict[int, LinearStateShape]:
     """The per-sequence state of each linear-attention layer, read from its module."""
     shapes: dict[int, LinearStateShape] = {}
@@ -66,7 +73,7 @@ def linear_state_shapes(model: Any, types: list[str]) -> dict[int, LinearStateSh
         if kind != LINEAR_ATTENTION:
             continue
         try:
-            module = model.model.layers[index].linear_attn
+            module = decoder_layers(model)[index].linear_attn
             shapes[index] = LinearStateShape(
                 conv_dim=int(module.conv_dim),
                 kernel=int(module.conv_kernel_size),
@@ -95,7 +102,8 @@ class SingleDeviceRunner:
         pack_cpu_linears: bool = True,
         lean_decode: bool = True,
     ) -> None:
-        config = model.config
+        # A vision-language model's decoder shape is in its text config.
+        config = model.config.get_text_config()
         self.layer_types = layer_types(config)
         unsupported = set(self.layer_types) - SERVABLE_LAYER_TYPES
         if unsupported:
@@ -139,8 +147,13 @@ class SingleDeviceRunner:
         # One linear-attention state slot per sequence the batch can hold (hybrid models only).
         self.state_slots = (max_batch_size or DEFAULT_STATE_SLOTS) if self.linear_shapes else 0
         self.states: StatePool | None = None
+        # A vision-language model: every forward feeds its language model directly (image
+        # features and M-RoPE positions in; text rows too, so both share one forward).
+        self.vision = VisionTower.of(model)
+        self.image_encodings = 0
         # transformers 5 renamed `past_key_values` to `cache`; older model classes keep the old name.
-        parameters = inspect.signature(model.forward).parameters
+        decoder = self.vision.language_model if self.vision is not None else model
+        parameters = inspect.signature(decoder.forward).parameters
         self._cache_argument = "cache" if "cache" in parameters else "past_key_values"
 
     @property
@@ -222,6 +235,11 @@ class SingleDeviceRunner:
                 plan.input_ids, plan.position_ids, plan.padding_mask, pool.layers(plan)
             ).float()
         cache, state_layers = self._cache(pool, plan)
+        if self.vision is not None:
+            vision_logits = self._forward_vision(self.vision, rows, plan, cache)
+            for layer in state_layers:
+                layer.store()
+            return vision_logits
         out = self.model(
             input_ids=plan.input_ids,
             attention_mask=plan.padding_mask,
@@ -233,6 +251,61 @@ class SingleDeviceRunner:
         for layer in state_layers:
             layer.store()
         logits: torch.Tensor = out.logits[:, -1].float()
+        return logits
+
+    def _forward_vision(
+        self, vision: VisionTower, rows: Sequence[ForwardRow], plan: ForwardPlan, cache: Cache
+    ) -> torch.Tensor:
+        """A vision-language model's forward: embeddings with each row's image features at
+        the placeholder positions it computes (a chunk may start or end inside an image: the
+        rows of those positions are taken, by their rank among the prompt's placeholders),
+        and M-RoPE positions (the prompt's from the model's rope index, then p + delta)."""
+        embeds = vision.language_model.get_input_embeddings()(plan.input_ids)
+        mrope = plan.position_ids[None].repeat(3, 1, 1)
+        visual = torch.zeros(plan.rows, plan.new, dtype=torch.bool, device=self.device)
+        deep: list[list[torch.Tensor]] = []
+        for index, row in enumerate(rows):
+            if row.images is None:
+                continue
+            encoded = row.images.encoded
+            if encoded is None:
+                # Once per sequence, at its first prefill chunk; kept for its later chunks,
+                # decode steps and any recompute after a preemption.
+                encoded = vision.encode(row.images, self.device, embeds.dtype)
+                row.images.encoded = encoded
+                self.image_encodings += 1
+            prompt = encoded.positions.shape[1]
+            columns = slice(plan.new - len(row.tokens), plan.new)
+            where = torch.arange(row.start, row.end, device=self.device)
+            inside = where < prompt
+            clamped = where.clamp(max=prompt - 1)
+            mrope[:, index, columns] = torch.where(
+                inside, encoded.positions[:, clamped], where + encoded.delta
+            )
+            taken = torch.where(inside, encoded.ordinal[clamped], -1)
+            hit = taken >= 0
+            if bool(hit.any()):
+                rank = taken[hit]
+                target = torch.nonzero(hit).squeeze(1) + columns.start
+                embeds[index, target] = encoded.embeds[rank].to(embeds.dtype)
+                visual[index, target] = True
+                for layer, features in enumerate(encoded.deepstack):
+                    if len(deep) <= layer:
+                        deep.append([])
+                    deep[layer].append(features[rank])
+        extra: dict[str, Any] = {}
+        if deep:
+            # Row-major like the mask: rows in order, each row's positions ascending.
+            extra = {"visual_pos_masks": visual, "deepstack_visual_embeds": [torch.cat(d) for d in deep]}
+        out = vision.language_model(
+            inputs_embeds=embeds,
+            attention_mask=plan.padding_mask,
+            position_ids=torch.cat([plan.position_ids[None], mrope]),
+            use_cache=True,
+            **{self._cache_argument: cache},
+            **extra,
+        )
+        logits: torch.Tensor = vision.lm_head(out.last_hidden_state[:, -1]).float()
         return logits
 
     def _cache(self, pool: KVPool, plan: ForwardPlan) -> tuple[Cache, list[PagedStateLayer]]:

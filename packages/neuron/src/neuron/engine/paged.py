@@ -30,6 +30,7 @@ import torch
 from transformers.cache_utils import CacheLayerMixin, LinearAttentionLayer
 
 from neuron.engine.blocks import NULL_BLOCK
+from neuron.vision.inputs import ImageInput
 
 
 @dataclass(frozen=True)
@@ -42,6 +43,9 @@ class ForwardRow:
     blocks: Sequence[int]
     # The row's linear-attention state slot (hybrid models only; -1: none).
     state: int = -1
+    # The sequence's images (vision models only): their features go in at the placeholder
+    # positions this row computes, and they set its M-RoPE positions.
+    images: ImageInput | None = None
 
     @property
     def end(self) -> int:

@@ -76,6 +76,15 @@ class SeqState:
             self.tokens = list(self.request.prompt_ids)
 
     @property
+    def cache_key_tokens(self) -> list[int]:
+        """What the prefix cache keys this sequence's blocks by: its tokens, except that an
+        image's placeholder positions carry a salt from its pixels (vision/inputs.py)."""
+        images = self.request.images
+        if images is None:
+            return self.tokens
+        return [*images.key_ids, *self.tokens[len(images.key_ids) :]]
+
+    @property
     def completion_tokens(self) -> int:
         return len(self.sampler.generated)
 
@@ -243,7 +252,7 @@ class Scheduler:
         keys: list[int] = []
         if self.prefix_caching:
             # At least the last position is computed: its logits pick the next token.
-            matched, keys = self.blocks.match_prefix(seq.tokens, target - 1)
+            matched, keys = self.blocks.match_prefix(seq.cache_key_tokens, target - 1)
         fresh = blocks_for(target, self.blocks.block_size) - len(matched)
         spare = len(self.running) + len(self.prefilling)
         taken = self.blocks.allocate(fresh) if self.blocks.available >= fresh + spare else None
@@ -267,7 +276,11 @@ class Scheduler:
         started = time.perf_counter()
         rows = [
             ForwardRow(
-                seq.tokens[seq.computed : seq.computed + n], seq.computed, seq.table.blocks, seq.state_slot
+                seq.tokens[seq.computed : seq.computed + n],
+                seq.computed,
+                seq.table.blocks,
+                seq.state_slot,
+                seq.request.images,
             )
             for seq, n in chunks
         ]
@@ -335,7 +348,10 @@ class Scheduler:
 
     def _decode(self, batch: list[SeqState]) -> None:
         started = time.perf_counter()
-        rows = [ForwardRow([seq.last_token], seq.computed, seq.table.blocks, seq.state_slot) for seq in batch]
+        rows = [
+            ForwardRow([seq.last_token], seq.computed, seq.table.blocks, seq.state_slot, seq.request.images)
+            for seq in batch
+        ]
         samplers = [s.sampler for s in batch]
         try:
             # Before the forward: on a GPU the masks are computed while the device works.
@@ -358,7 +374,7 @@ class Scheduler:
 
     def _commit(self, seq: SeqState) -> None:
         if self.prefix_caching and seq.computed // self.blocks.block_size > len(seq.table.keys):
-            self.blocks.commit(seq.table, seq.tokens, seq.computed)
+            self.blocks.commit(seq.table, seq.cache_key_tokens, seq.computed)
 
     def _accept(self, seq: SeqState, token: int) -> bool:
         """Emit `token` for `seq`; False when the sequence has ended (and was finished)."""

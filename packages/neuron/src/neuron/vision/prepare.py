@@ -1,0 +1,95 @@
+"""A vision model's image processor and placeholders: pictures + prompt ids -> engine input.
+
+The processor is the checkpoint's own (`preprocessor_config.json`) on its PIL backend:
+`AutoProcessor` would also build the video processor, which needs torchvision, whose wheels
+do not load with the CPU torch build (so the neuron never requires it). The chat template
+writes one image placeholder per picture; it is expanded here to one token per merged
+patch, as the model's processor does, so `usage.prompt_tokens` counts the image tokens.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from cortex_core.errors import ApiError
+from neuron.vision.inputs import ImageInput, pixel_digest
+
+PREPROCESSOR_CONFIG = "preprocessor_config.json"
+
+
+@dataclass(frozen=True)
+class ImageLimits:
+    # Pixels of one image after resizing (the processor's longest_edge is capped to this).
+    max_pixels: int
+    # Pixels of one image as sent (checked from its header before decoding).
+    max_source_pixels: int
+    max_images: int
+
+
+class ImagePreparer:
+    """Built once per loaded vision model (serving side, no device work)."""
+
+    def __init__(self, processor: Any, *, token_id: int, merge_size: int, limits: ImageLimits) -> None:
+        self.processor = processor
+        self.token_id = token_id
+        self.merge_size = merge_size
+        self.limits = limits
+        shortest = int(processor.size.shortest_edge)
+        longest = min(int(processor.size.longest_edge), limits.max_pixels)
+        # The cap wins over the checkpoint's minimum too: one image never exceeds max_pixels.
+        self._size = {"shortest_edge": min(shortest, longest), "longest_edge": longest}
+
+    @classmethod
+    def from_checkpoint(cls, folder: Path, hf_config: Any, limits: ImageLimits) -> ImagePreparer:
+        from transformers import AutoImageProcessor
+
+        processor = AutoImageProcessor.from_pretrained(folder, backend="pil")  # type: ignore[no-untyped-call]
+        return cls(
+            processor,
+            token_id=int(hf_config.image_token_id),
+            merge_size=int(hf_config.vision_config.spatial_merge_size),
+            limits=limits,
+        )
+
+    def attach(
+        self, prompt_ids: Sequence[int], pictures: Sequence[Any], model_id: str
+    ) -> tuple[list[int], ImageInput]:
+        """The prompt with each image's placeholder repeated once per merged patch, and the
+        engine's `ImageInput`. `pictures` are PIL RGB images in prompt order."""
+        import torch
+
+        slots = sum(1 for t in prompt_ids if t == self.token_id)
+        if slots != len(pictures):
+            raise ApiError(
+                400,
+                f"the chat template of model '{model_id}' placed {slots} image placeholders for "
+                f"{len(pictures)} images (or the text contains the image placeholder token)",
+                code="invalid_request_body",
+            )
+        # NumPy out of the processor, tensors made here by torch.from_numpy (no copy, no
+        # parallel region: this runs on a request thread, never the device's owner thread).
+        batch = self.processor(images=list(pictures), size=self._size, return_tensors="np")
+        pixels = torch.from_numpy(batch["pixel_values"])
+        grid = torch.from_numpy(batch["image_grid_thw"]).long()
+        per_image = [int(t * h * w) for t, h, w in grid.tolist()]
+        digests = []
+        offset = 0
+        for index, patches in enumerate(per_image):
+            digests.append(pixel_digest(pixels[offset : offset + patches], grid[index].tolist()))
+            offset += patches
+        counts = iter(n // self.merge_size**2 for n in per_image)
+        expanded: list[int] = []
+        for token in prompt_ids:
+            expanded.extend([token] * next(counts) if token == self.token_id else [token])
+        images = ImageInput(
+            pixel_values=pixels,
+            grid_thw=grid,
+            token_id=self.token_id,
+            merge_size=self.merge_size,
+            prompt_ids=tuple(expanded),
+            digests=tuple(digests),
+        )
+        return expanded, images
