@@ -113,7 +113,8 @@ async def test_load_list_endpoint_unload_a_local_folder(
     assert info["id"] == model_id
     assert info["status"] == "loaded"
     assert info["harness"] == "torch"
-    assert info["capabilities"] == ["text"]
+    # Derived from the model: text in (no vision tower), tools in its template, <think> in its vocabulary.
+    assert info["capabilities"] == ["text", "tool_call", "reasoning"]
     # The output a request can get is the window less the one token a prompt needs at least.
     assert info["limit"] == {"context": 1024, "input": 1023, "output": 1023}
     assert info["reasoning"] is True and info["tool_call"] is True

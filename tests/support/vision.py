@@ -17,6 +17,13 @@ def picture(seed: int, width: int = 90, height: int = 70) -> Any:
     return Image.fromarray(rng.integers(0, 255, (height, width, 3), dtype=np.uint8))
 
 
+def plain(width: int, height: int, color: tuple[int, int, int] = (200, 120, 40)) -> Any:
+    """A one-colour picture: a few hundred bytes of PNG however large."""
+    from PIL import Image
+
+    return Image.new("RGB", (width, height), color)
+
+
 def png_bytes(image: Any) -> bytes:
     buffer = io.BytesIO()
     image.save(buffer, format="PNG")

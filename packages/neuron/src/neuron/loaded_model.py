@@ -4,11 +4,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from cortex_core.neuron_api import ModelSpec
 from neuron.device import DeviceWorker
 from neuron.engine.api import Engine
+
+if TYPE_CHECKING:
+    from neuron.vision.prepare import ImagePreparer
 
 
 @dataclass
@@ -27,6 +30,8 @@ class LoadedModel:
     worker: DeviceWorker
     devices: list[int] = field(default_factory=list)
     capabilities: list[str] = field(default_factory=lambda: ["text"])
+    # A vision model's image processor and URL policy (None: images are refused).
+    images: ImagePreparer | None = None
 
     def served_context(self, config_context: int | None) -> int | None:
         """The context a request can use: the config's (`config_context`), capped by what

@@ -26,6 +26,8 @@ class LoadedCheckpoint:
     # Bytes taken by parameters and buffers (what unloading gives back).
     memory_bytes: int
     dtype: str
+    # Loaded with its vision tower (a vision-language checkpoint with an image processor).
+    vision: bool = False
 
 
 def device_name(device: int | None) -> str:
@@ -96,10 +98,23 @@ def read_generation_config(folder: Path) -> dict[str, Any]:
     return config if isinstance(config, dict) else {}
 
 
+def has_vision(folder: Path) -> bool:
+    """A vision-language checkpoint this neuron serves images for: a supported model_type
+    with a vision config, and the image processor's preprocessor_config.json beside it."""
+    from neuron.vision.prepare import PREPROCESSOR_CONFIG
+    from neuron.vision.tower import VISION_MODEL_TYPES
+
+    config_file = folder / "config.json"
+    if not config_file.is_file() or not (folder / PREPROCESSOR_CONFIG).is_file():
+        return False
+    config = _read_json(config_file)
+    return config.get("model_type") in VISION_MODEL_TYPES and isinstance(config.get("vision_config"), dict)
+
+
 def load_checkpoint(folder: Path, gguf_file: str | None, device: int | None) -> LoadedCheckpoint:
     """Load tokenizer and model from `folder` onto `device` (None = CPU). Runs on the owner thread."""
     import torch
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText, AutoTokenizer
 
     has_config = (folder / "config.json").is_file()
     config_dtype = _read_json(folder / "config.json").get("dtype") if has_config else None
@@ -125,7 +140,11 @@ def load_checkpoint(folder: Path, gguf_file: str | None, device: int | None) -> 
             # next to the file is the authoritative one.
             kwargs["config"] = AutoConfig.from_pretrained(folder)
     tokenizer = AutoTokenizer.from_pretrained(folder, **({"gguf_file": gguf_file} if gguf_file else {}))
-    model: Any = AutoModelForCausalLM.from_pretrained(folder, **kwargs)
+    vision = not gguf_file and has_vision(folder)
+    # A vision checkpoint with its image processor: the whole model (tower included);
+    # otherwise its text model only, as AutoModelForCausalLM builds it.
+    auto = AutoModelForImageTextToText if vision else AutoModelForCausalLM
+    model: Any = auto.from_pretrained(folder, **kwargs)
     model.to(torch.device(device_name(device)))
     model.eval()
     generation_config = read_generation_config(folder)
@@ -142,6 +161,7 @@ def load_checkpoint(folder: Path, gguf_file: str | None, device: int | None) -> 
         chat_template=read_chat_template(folder, tokenizer),
         memory_bytes=memory,
         dtype=dtype,
+        vision=vision,
     )
 
 

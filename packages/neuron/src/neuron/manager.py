@@ -241,14 +241,20 @@ class ModelManager:
         loaded = record.loaded
         if loaded is not None:
             info.vram_used_mb = record.memory_bytes // MIB
-            info.capabilities = list(loaded.capabilities)
+            info.tool_call, info.reasoning = _capabilities(loaded)
+            # What the model can do, derived from it: its inputs, then its template's tools
+            # and its vocabulary's reasoning markers.
+            info.capabilities = [
+                *loaded.capabilities,
+                *(["tool_call"] if info.tool_call else []),
+                *(["reasoning"] if info.reasoning else []),
+            ]
             # The window serving enforces (serving/model.py): the config's, capped by the K/V pool.
             context = loaded.served_context(context_length(loaded.hf_config))
             if context is not None:
                 # What one request can really get: a prompt takes at least one token of the
                 # window, and so does the answer (serving/params.py refuses anything more).
                 info.limit = ModelLimit(context=context, input=context - 1, output=context - 1)
-            info.tool_call, info.reasoning = _capabilities(loaded)
             info.in_flight = loaded.engine.load().in_flight
         return info
 

@@ -16,7 +16,7 @@ from functools import partial
 from pathlib import Path
 from typing import Protocol
 
-from cortex_core.config.neuron import EngineConfig, NeuronConfig
+from cortex_core.config.neuron import EngineConfig, NeuronConfig, VisionConfig
 from cortex_core.errors import ApiError
 from cortex_core.harness import LoadTicket
 from cortex_core.neuron_api import ModelSpec
@@ -188,7 +188,7 @@ class TorchHarness:
         ticket.sized(checkpoint.memory_bytes + int(getattr(engine, "kv_cache_bytes", 0)))
         devices = [] if placement.device is None else [placement.device]
         self._home[model_id] = placement.device
-        return _loaded_model(ticket, prepared.folder, checkpoint, engine, worker, devices)
+        return _loaded_model(ticket, prepared.folder, checkpoint, engine, worker, devices, self.config.vision)
 
     def _placement(self, ticket: LoadTicket) -> Placement:
         free_by_gpu = {index: ticket.free_bytes(index) for index in self.probe.gpu_indices}
@@ -282,7 +282,9 @@ class TorchHarness:
             on_device_fault=ticket.device_fault(),
         )
         self._home[model_id] = placement.device
-        return _loaded_model(ticket, prepared.folder, metadata, engine, worker, list(devices))
+        return _loaded_model(
+            ticket, prepared.folder, metadata, engine, worker, list(devices), self.config.vision
+        )
 
     # --- unload ----------------------------------------------------------------------------
 
@@ -319,8 +321,15 @@ def _loaded_model(
     engine: Engine,
     worker: DeviceWorker,
     devices: list[int],
+    vision: VisionConfig,
 ) -> LoadedModel:
-    """What the serving layer gets: tokenizer, template, defaults and the engine."""
+    """What the serving layer gets: tokenizer, template, defaults and the engine; and, for
+    a checkpoint loaded with its vision tower, its image processor under `vision`'s rules."""
+    images = None
+    if getattr(parts, "vision", False) and getattr(engine, "vision", False):
+        from neuron.vision.prepare import ImagePreparer
+
+        images = ImagePreparer.for_neuron(folder, parts.hf_config, vision)
     return LoadedModel(
         model_id=ticket.model_id,
         spec=ticket.spec,
@@ -332,4 +341,6 @@ def _loaded_model(
         engine=engine,
         worker=worker,
         devices=devices,
+        capabilities=["text", "vision"] if images is not None else ["text"],
+        images=images,
     )

@@ -49,6 +49,25 @@ class EngineConfig(Strict):
     keepalive_secs: float = 5.0
 
 
+class VisionConfig(Strict):
+    """Images for vision-language models (docs/vision.md)."""
+
+    # Pixels of one image after resizing, capping the checkpoint's own maximum: one huge
+    # image cannot exhaust device memory or the context (about max_pixels / 1024 image tokens
+    # for Qwen3-VL and Qwen3.5, / 784 for Qwen2.5-VL).
+    max_pixels: int = 1 << 20
+    # Pixels of one image as sent, read from its header before it is decoded.
+    max_source_pixels: int = 50_000_000
+    max_images: int = 16
+    # Bytes of one image, in a data URI or fetched.
+    max_image_bytes: int = 20 << 20
+    # http(s) image URLs: off unless set, then only these hosts, never to a non-public address.
+    fetch_urls: bool = False
+    allowed_hosts: list[str] = msgspec.field(default_factory=list)
+    fetch_timeout_secs: float = 10.0
+    max_redirects: int = 3
+
+
 class NeuronConfig(Strict):
     host: str = "0.0.0.0"
     port: int = DEFAULT_PORT
@@ -64,6 +83,7 @@ class NeuronConfig(Strict):
     # Seconds in-flight requests get to finish on SIGTERM before models are unloaded.
     drain_timeout_secs: float = 30.0
     engine: EngineConfig = msgspec.field(default_factory=EngineConfig)
+    vision: VisionConfig = msgspec.field(default_factory=VisionConfig)
     # NAME of the environment variable holding the token the gateway sends (never the token
     # itself). When set, every route but /health, /livez and /metrics requires it.
     token_env: str | None = None
@@ -89,6 +109,22 @@ def load_neuron_config(path: Path | None, *, env: Mapping[str, str] | None = Non
         raise ConfigError(source, "must be a share of free memory in (0, 1]", "engine.kv_cache_fraction")
     if engine.kv_cache_max_gib <= 0:
         raise ConfigError(source, "must be positive", "engine.kv_cache_max_gib")
+    vision = config.vision
+    for key, number in (
+        ("max_pixels", vision.max_pixels),
+        ("max_source_pixels", vision.max_source_pixels),
+        ("max_images", vision.max_images),
+        ("max_image_bytes", vision.max_image_bytes),
+        ("fetch_timeout_secs", vision.fetch_timeout_secs),
+    ):
+        if number <= 0:
+            raise ConfigError(source, "must be positive", f"vision.{key}")
+    if vision.max_redirects < 0:
+        raise ConfigError(source, "cannot be negative", "vision.max_redirects")
+    if vision.fetch_urls and not vision.allowed_hosts:
+        raise ConfigError(
+            source, "fetch_urls needs at least one host in vision.allowed_hosts", "vision.allowed_hosts"
+        )
     for scheme in config.sources:
         if not scheme or "/" in scheme or ":" in scheme:
             raise ConfigError(

@@ -227,6 +227,11 @@ class TorchEngine:
         return int(getattr(self.runner, "kv_cache_bytes", 0))
 
     @property
+    def vision(self) -> bool:
+        """Whether the runner feeds images (a vision-language model loaded with its tower)."""
+        return getattr(self.runner, "vision", None) is not None
+
+    @property
     def max_context(self) -> int:
         """Prompt + new tokens allowed per request: the model's position limit or what the
         whole K/V pool holds, whichever is less (for resolving a default max_tokens)."""

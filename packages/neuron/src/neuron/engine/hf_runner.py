@@ -103,7 +103,8 @@ class SingleDeviceRunner:
         lean_decode: bool = True,
     ) -> None:
         # A vision-language model's decoder shape is in its text config.
-        config = model.config.get_text_config()
+        text_config = getattr(model.config, "get_text_config", None)
+        config = text_config() if text_config is not None else model.config
         self.layer_types = layer_types(config)
         unsupported = set(self.layer_types) - SERVABLE_LAYER_TYPES
         if unsupported:

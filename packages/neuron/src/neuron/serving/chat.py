@@ -13,7 +13,7 @@ import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import msgspec
 
@@ -52,6 +52,10 @@ from neuron.serving.reasoning import prompt_opens_reasoning
 from neuron.serving.structured import request_grammar
 from neuron.serving.template import template_messages, with_tool_instructions
 from neuron.serving.tools import ToolCallArguments, ToolCallStart, tool_instructions
+from neuron.vision.refs import image_refs
+
+if TYPE_CHECKING:
+    from neuron.vision.inputs import ImageInput
 
 # Refusals name chat fields as they are, unless a dialect served on the chat path renames them.
 CHAT_FIELDS: Mapping[str, str] = MappingProxyType({})
@@ -127,7 +131,9 @@ def template_kwargs(
 def render_chat_prompt(
     model: ServingModel, request: ChatCompletionRequest, *, enable_thinking: bool | None
 ) -> str:
-    messages = template_messages(msgspec.to_builtins(request.messages), model.model_id)
+    messages = template_messages(
+        msgspec.to_builtins(request.messages), model.model_id, images=model.images is not None
+    )
     tools = msgspec.to_builtins(given(request.tools)) or None
     kwargs = template_kwargs(model, request, enable_thinking=enable_thinking)
     if tools and not model.template.takes_tools:
@@ -172,6 +178,21 @@ def structured_constraint(
     return model.traits.grammars.constraint(grammar, field_names.get(field_name, field_name), gate)
 
 
+def chat_prompt_ids(
+    model: ServingModel, request: ChatCompletionRequest, *, enable_thinking: bool | None
+) -> tuple[str, list[int], ImageInput | None]:
+    """The rendered prompt, its token ids (a vision model's images expanded to one token per
+    merged patch, so usage and count_tokens count them) and the images for the engine."""
+    prompt = render_chat_prompt(model, request, enable_thinking=enable_thinking)
+    # The template already wrote BOS and other specials, as transformers assumes.
+    prompt_ids = model.encode(prompt, add_special_tokens=False)
+    refs = image_refs(msgspec.to_builtins(request.messages))
+    if not refs or model.images is None:  # without a preparer, template_messages refused them
+        return prompt, prompt_ids, None
+    prompt_ids, images = model.images.prepare(prompt_ids, refs, model.model_id)
+    return prompt, prompt_ids, images
+
+
 def prepare_chat(
     model: ServingModel,
     request: ChatCompletionRequest,
@@ -184,9 +205,7 @@ def prepare_chat(
     """`thinking`: reasoning goes back into content inside its markers (x-include-thinking);
     `field_names`: see `check_supported`."""
     check_supported(request, field_names)
-    prompt = render_chat_prompt(model, request, enable_thinking=enable_thinking)
-    # The template already wrote BOS and other specials, as transformers assumes.
-    prompt_ids = model.encode(prompt, add_special_tokens=False)
+    prompt, prompt_ids, images = chat_prompt_ids(model, request, enable_thinking=enable_thinking)
     params = resolve(
         sampling_request(request),
         prompt_tokens=len(prompt_ids),
@@ -213,6 +232,7 @@ def prepare_chat(
         constraint=structured_constraint(
             model, request, prompt, enable_thinking=enable_thinking, field_names=field_names
         ),
+        images=images,
     )
     return Prepared(prompt, generation, processor, clamped=params.clamped)
 

@@ -19,10 +19,10 @@ from cortex_core.wire import given
 from neuron.serving.chat import (
     ChatStreamProjector,
     Prepared,
+    chat_prompt_ids,
     collect_chat_completion,
     enable_thinking_default,
     prepare_chat,
-    render_chat_prompt,
     require_messages,
 )
 from neuron.serving.endpoint import Endpoint, GeneratingEndpoint, Projection, clamp_requested
@@ -88,7 +88,7 @@ class ChatCountTokens(Endpoint[ChatCompletionRequest]):
 
         def count() -> int:
             require_messages(body)
-            prompt = render_chat_prompt(model, body, enable_thinking=enable)
-            return len(model.encode(prompt, add_special_tokens=False))
+            # A vision model's images count as the tokens they become.
+            return len(chat_prompt_ids(model, body, enable_thinking=enable)[1])
 
         return json_response({"input_tokens": await asyncio.to_thread(count)})

@@ -5,6 +5,7 @@ from __future__ import annotations
 import weakref
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from neuron.loaded_model import LoadedModel
 from neuron.serving.detok import IncrementalDetokenizer, marker_token_ids
@@ -13,6 +14,9 @@ from neuron.serving.reasoning import ReasoningMarkers, find_reasoning_markers
 from neuron.serving.structured import GrammarCompiler
 from neuron.serving.template import ChatTemplate
 from neuron.serving.tools import ToolFormat, find_tool_format
+
+if TYPE_CHECKING:
+    from neuron.vision.prepare import ImagePreparer
 
 
 @dataclass(frozen=True)
@@ -82,6 +86,11 @@ class ServingModel:
     @property
     def max_context(self) -> int | None:
         return self.traits.max_context
+
+    @property
+    def images(self) -> ImagePreparer | None:
+        """A vision model's image processor (None: image parts are refused)."""
+        return self.loaded.images
 
     def detokenizer(self) -> IncrementalDetokenizer:
         return IncrementalDetokenizer(self.loaded.tokenizer, keep=self.traits.keep_ids)

@@ -7,9 +7,11 @@ here: the HF-only `{% generation %}` tags are removed before compiling, and beca
 minijinja hands templates live Python objects (a template could `messages.pop()`), every
 render gets a fresh deep copy of the request data.
 
-Messages reaching the template are plain JSON-like dicts. Text-only models get multi-part
-content joined into a string (most templates concatenate `message.content` directly);
-image parts are refused before any device work because the engine takes token ids only.
+Messages reaching the template are plain JSON-like dicts. Multi-part content is joined into
+a string (most templates concatenate `message.content` directly), except a vision model's
+message with images, which keeps its parts as `{"type": "image"}` / `{"type": "text"}` for
+the template to place (vision/prepare.py then expands each placeholder). A text-only
+model's image parts are refused before any device work.
 """
 
 from __future__ import annotations
@@ -126,11 +128,26 @@ class ChatTemplate:
         return rendered
 
 
-def _content_text(parts: Sequence[Any], model_id: str) -> str:
-    texts: list[str] = []
+IMAGE_PART_TYPES = ("image_url", "input_image", "image")
+
+
+def _image_parts(parts: Sequence[Any], model_id: str) -> list[dict[str, Any]]:
+    """A vision model's content parts as Qwen-VL style templates take them."""
+    items: list[dict[str, Any]] = []
     for index, part in enumerate(parts):
         kind = part.get("type") if isinstance(part, Mapping) else None
-        if kind in ("image_url", "input_image", "image"):
+        if kind in IMAGE_PART_TYPES:
+            items.append({"type": "image"})
+        else:
+            items.append({"type": "text", "text": _content_text([part], model_id, offset=index)})
+    return items
+
+
+def _content_text(parts: Sequence[Any], model_id: str, *, offset: int = 0) -> str:
+    texts: list[str] = []
+    for index, part in enumerate(parts, start=offset):
+        kind = part.get("type") if isinstance(part, Mapping) else None
+        if kind in IMAGE_PART_TYPES:
             raise ApiError(
                 400,
                 f"model '{model_id}' does not support image input",
@@ -162,13 +179,24 @@ def _arguments_object(arguments: Any) -> Any:
     return arguments
 
 
-def template_messages(messages: Sequence[Mapping[str, Any]], model_id: str) -> list[dict[str, Any]]:
-    """OpenAI messages (plain dicts) -> what chat templates expect, with every extra field kept."""
+def has_image(content: Any) -> bool:
+    return isinstance(content, list) and any(
+        isinstance(part, Mapping) and part.get("type") in IMAGE_PART_TYPES for part in content
+    )
+
+
+def template_messages(
+    messages: Sequence[Mapping[str, Any]], model_id: str, *, images: bool = False
+) -> list[dict[str, Any]]:
+    """OpenAI messages (plain dicts) -> what chat templates expect, with every extra field
+    kept; `images`: the model takes image parts (else they are a 400 vision_unsupported)."""
     prepared: list[dict[str, Any]] = []
     for message in messages:
         item = {key: value for key, value in message.items() if value is not None}
         content = message.get("content")
-        if isinstance(content, list):
+        if images and isinstance(content, list) and has_image(content):
+            item["content"] = _image_parts(content, model_id)
+        elif isinstance(content, list):
             item["content"] = _content_text(content, model_id)
         elif content is None:
             item["content"] = ""

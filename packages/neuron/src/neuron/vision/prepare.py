@@ -14,8 +14,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from cortex_core.config.neuron import VisionConfig
 from cortex_core.errors import ApiError
+from neuron.vision.images import decode_image
 from neuron.vision.inputs import ImageInput, pixel_digest
+from neuron.vision.refs import ImageRef
+from neuron.vision.sources import FetchPolicy, ImageFetcher, ImageRefused
 
 PREPROCESSOR_CONFIG = "preprocessor_config.json"
 
@@ -29,21 +33,55 @@ class ImageLimits:
     max_images: int
 
 
+def fetch_policy(config: VisionConfig) -> FetchPolicy:
+    return FetchPolicy(
+        fetch_urls=config.fetch_urls,
+        allowed_hosts=frozenset(host.lower() for host in config.allowed_hosts),
+        max_bytes=config.max_image_bytes,
+        timeout_secs=config.fetch_timeout_secs,
+        max_redirects=config.max_redirects,
+    )
+
+
+def image_limits(config: VisionConfig) -> ImageLimits:
+    return ImageLimits(
+        max_pixels=config.max_pixels, max_source_pixels=config.max_source_pixels, max_images=config.max_images
+    )
+
+
 class ImagePreparer:
     """Built once per loaded vision model (serving side, no device work)."""
 
-    def __init__(self, processor: Any, *, token_id: int, merge_size: int, limits: ImageLimits) -> None:
+    def __init__(
+        self,
+        processor: Any,
+        *,
+        token_id: int,
+        merge_size: int,
+        limits: ImageLimits,
+        fetcher: ImageFetcher | None = None,
+    ) -> None:
         self.processor = processor
         self.token_id = token_id
         self.merge_size = merge_size
         self.limits = limits
+        self.fetcher = fetcher or ImageFetcher(FetchPolicy())
         shortest = int(processor.size.shortest_edge)
         longest = min(int(processor.size.longest_edge), limits.max_pixels)
         # The cap wins over the checkpoint's minimum too: one image never exceeds max_pixels.
         self._size = {"shortest_edge": min(shortest, longest), "longest_edge": longest}
 
     @classmethod
-    def from_checkpoint(cls, folder: Path, hf_config: Any, limits: ImageLimits) -> ImagePreparer:
+    def for_neuron(cls, folder: Path, hf_config: Any, config: VisionConfig) -> ImagePreparer:
+        """With the neuron's `[vision]` limits and URL policy."""
+        return cls.from_checkpoint(
+            folder, hf_config, image_limits(config), fetcher=ImageFetcher(fetch_policy(config))
+        )
+
+    @classmethod
+    def from_checkpoint(
+        cls, folder: Path, hf_config: Any, limits: ImageLimits, *, fetcher: ImageFetcher | None = None
+    ) -> ImagePreparer:
         from transformers import AutoImageProcessor
 
         processor = AutoImageProcessor.from_pretrained(folder, backend="pil")  # type: ignore[no-untyped-call]
@@ -52,7 +90,29 @@ class ImagePreparer:
             token_id=int(hf_config.image_token_id),
             merge_size=int(hf_config.vision_config.spatial_merge_size),
             limits=limits,
+            fetcher=fetcher,
         )
+
+    def prepare(
+        self, prompt_ids: Sequence[int], refs: Sequence[ImageRef], model_id: str
+    ) -> tuple[list[int], ImageInput]:
+        """Fetch or decode every image, check it, and attach it to the prompt (blocking:
+        a request's worker thread runs it)."""
+        if len(refs) > self.limits.max_images:
+            raise ImageRefused(
+                refs[self.limits.max_images].where,
+                f"{len(refs)} images, more than vision.max_images ({self.limits.max_images})",
+                "too_many_images",
+            )
+        pictures = [
+            decode_image(
+                self.fetcher.load(ref.url, ref.where),
+                ref.where,
+                max_source_pixels=self.limits.max_source_pixels,
+            )
+            for ref in refs
+        ]
+        return self.attach(prompt_ids, pictures, model_id)
 
     def attach(
         self, prompt_ids: Sequence[int], pictures: Sequence[Any], model_id: str
