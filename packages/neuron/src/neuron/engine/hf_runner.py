@@ -44,9 +44,16 @@ DEFAULT_BLOCK_SIZE = 16
 DEFAULT_KV_CACHE_BYTES = 256 << 20
 
 
+def text_config(config: Any) -> Any:
+    """The decoder's config: a vision-language model's text config, else the config itself."""
+    nested = getattr(config, "get_text_config", None)
+    return nested() if nested is not None else config
+
+
 def kv_geometry(config: Any) -> tuple[int, int, int]:
     """(attention layers, K/V heads, head_dim) of a transformers config (linear-attention
     layers hold no K/V)."""
+    config = text_config(config)
     types = layer_types(config)
     layers = sum(1 for kind in types if kind != LINEAR_ATTENTION)
     heads = int(config.num_attention_heads)
@@ -103,8 +110,7 @@ class SingleDeviceRunner:
         lean_decode: bool = True,
     ) -> None:
         # A vision-language model's decoder shape is in its text config.
-        text_config = getattr(model.config, "get_text_config", None)
-        config = text_config() if text_config is not None else model.config
+        config = text_config(model.config)
         self.layer_types = layer_types(config)
         unsupported = set(self.layer_types) - SERVABLE_LAYER_TYPES
         if unsupported:
