@@ -163,3 +163,28 @@ async def test_an_oversized_image_is_refused(node: Node, tiny_qwen3_5_vision: Pa
     error = response.json()["error"]
     assert error["code"] == "image_too_large"
     assert "larger than the 60000-byte limit" in error["message"]
+
+
+async def test_an_image_the_processor_cannot_resize_and_too_many_images_are_refused(
+    node: Node, tiny_qwen3_5_vision: Path
+) -> None:
+    model_id = str(tiny_qwen3_5_vision)
+    sliver = plain(4000, 10)  # an aspect ratio of 400: beyond what Qwen's resizing accepts
+    body = {
+        "model": model_id,
+        "messages": user(image_part(picture(1, 40, 40)), image_part(sliver)),
+        "max_tokens": 2,
+    }
+    response = await node.client.post("/v1/chat/completions", json=body)
+    assert response.status_code == 400
+    error = response.json()["error"]
+    assert (error["code"], error["param"]) == ("image_invalid", "messages[0].content[1].image_url")
+    assert "the model's image processor refused it" in error["message"]
+
+    many = [image_part(plain(40, 40)) for _ in range(VISION.max_images + 1)]
+    response = await node.client.post(
+        "/v1/chat/count_tokens", json={"model": model_id, "messages": user(*many)}
+    )
+    assert response.status_code == 400
+    assert response.json()["error"]["code"] == "too_many_images"
+    assert f"more than vision.max_images ({VISION.max_images})" in response.json()["error"]["message"]

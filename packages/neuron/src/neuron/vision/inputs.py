@@ -37,11 +37,11 @@ def image_salt(digest: bytes) -> int:
     return -1 - int.from_bytes(digest[:8], "big")
 
 
-def pixel_digest(pixels: torch.Tensor, grid: Sequence[int]) -> bytes:
+def pixel_digest(pixels: bytes, grid: Sequence[int]) -> bytes:
     """SHA-256 of an image's processed pixels and its patch grid (two pictures that the
-    processor maps to the same tensor give the same K/V, so they may share it)."""
+    processor maps to the same patches give the same K/V, so they may share it)."""
     digest = hashlib.sha256(repr(tuple(int(n) for n in grid)).encode())
-    digest.update(pixels.contiguous().view(torch.uint8).numpy().tobytes())
+    digest.update(pixels)
     return digest.digest()
 
 

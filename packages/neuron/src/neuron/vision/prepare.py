@@ -112,13 +112,19 @@ class ImagePreparer:
             )
             for ref in refs
         ]
-        return self.attach(prompt_ids, pictures, model_id)
+        return self.attach(prompt_ids, pictures, model_id, [ref.where for ref in refs])
 
     def attach(
-        self, prompt_ids: Sequence[int], pictures: Sequence[Any], model_id: str
+        self,
+        prompt_ids: Sequence[int],
+        pictures: Sequence[Any],
+        model_id: str,
+        wheres: Sequence[str] | None = None,
     ) -> tuple[list[int], ImageInput]:
         """The prompt with each image's placeholder repeated once per merged patch, and the
-        engine's `ImageInput`. `pictures` are PIL RGB images in prompt order."""
+        engine's `ImageInput`. `pictures` are PIL RGB images in prompt order; `wheres` name
+        them in errors."""
+        import numpy as np
         import torch
 
         slots = sum(1 for t in prompt_ids if t == self.token_id)
@@ -129,18 +135,27 @@ class ImagePreparer:
                 f"{len(pictures)} images (or the text contains the image placeholder token)",
                 code="invalid_request_body",
             )
-        # NumPy out of the processor, tensors made here by torch.from_numpy (no copy, no
-        # parallel region: this runs on a request thread, never the device's owner thread).
-        batch = self.processor(images=list(pictures), size=self._size, return_tensors="np")
-        pixels = torch.from_numpy(batch["pixel_values"])
-        grid = torch.from_numpy(batch["image_grid_thw"]).long()
-        per_image = [int(t * h * w) for t, h, w in grid.tolist()]
-        digests = []
-        offset = 0
-        for index, patches in enumerate(per_image):
-            digests.append(pixel_digest(pixels[offset : offset + patches], grid[index].tolist()))
-            offset += patches
-        counts = iter(n // self.merge_size**2 for n in per_image)
+        names = list(wheres or [f"image {index + 1}" for index in range(len(pictures))])
+        patches: list[Any] = []
+        grids: list[list[int]] = []
+        for picture, where in zip(pictures, names, strict=True):
+            # One image at a time, so a refusal names it (the processor treats images
+            # independently: the same patches as one batched call).
+            try:
+                batch = self.processor(images=[picture], size=self._size, return_tensors="np")
+            except ValueError as exc:  # e.g. an aspect ratio beyond what the model resizes to
+                raise ImageRefused(
+                    where, f"the model's image processor refused it ({exc})", "image_invalid"
+                ) from exc
+            patches.append(batch["pixel_values"])
+            grids.append([int(n) for n in batch["image_grid_thw"][0]])
+        digests = tuple(pixel_digest(p.tobytes(), grid) for p, grid in zip(patches, grids, strict=True))
+        # NumPy out of the processor, joined by NumPy and wrapped by torch.from_numpy (no
+        # copy, no parallel region: this runs on a request thread, never the device's owner
+        # thread, where a second OpenMP team would slow every step).
+        pixels = torch.from_numpy(np.ascontiguousarray(np.concatenate(patches)))
+        grid = torch.tensor(grids, dtype=torch.long)
+        counts = iter(t * h * w // self.merge_size**2 for t, h, w in grids)
         expanded: list[int] = []
         for token in prompt_ids:
             expanded.extend([token] * next(counts) if token == self.token_id else [token])
@@ -150,6 +165,6 @@ class ImagePreparer:
             token_id=self.token_id,
             merge_size=self.merge_size,
             prompt_ids=tuple(expanded),
-            digests=tuple(digests),
+            digests=digests,
         )
         return expanded, images
