@@ -250,3 +250,28 @@ def test_neuron_config_errors(tmp_path: Path, text: str, key: str | None, proble
         load_neuron_config(path, env={})
     assert info.value.key == key
     assert problem in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("text", "key", "problem"),
+    [
+        ("[vision]\nfetch_urls = true\n", "vision.allowed_hosts", "needs at least one host"),
+        ("[vision]\nmax_pixels = 0\n", "vision.max_pixels", "must be positive"),
+        ("[vision]\nmax_image_bytes = -1\n", "vision.max_image_bytes", "must be positive"),
+        ("[vision]\nmax_redirects = -1\n", "vision.max_redirects", "cannot be negative"),
+    ],
+)
+def test_vision_config_errors_name_the_key(tmp_path: Path, text: str, key: str, problem: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_neuron_config(write(tmp_path, "neuron.toml", text), env={})
+    assert (info.value.key, problem in str(info.value)) == (key, True)
+
+
+def test_vision_defaults_fetch_no_urls(tmp_path: Path) -> None:
+    vision = load_neuron_config(None, env={}).vision
+    assert (vision.fetch_urls, vision.allowed_hosts, vision.max_pixels) == (False, [], 1 << 20)
+    allowed = load_neuron_config(
+        write(tmp_path, "neuron.toml", '[vision]\nfetch_urls = true\nallowed_hosts = ["images.example"]\n'),
+        env={},
+    ).vision
+    assert (allowed.fetch_urls, allowed.allowed_hosts) == (True, ["images.example"])
