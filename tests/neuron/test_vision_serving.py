@@ -5,6 +5,8 @@ image is a 400 that says which and why while the neuron keeps serving."""
 
 from __future__ import annotations
 
+import base64
+import re
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -188,3 +190,40 @@ async def test_an_image_the_processor_cannot_resize_and_too_many_images_are_refu
     assert response.status_code == 400
     assert response.json()["error"]["code"] == "too_many_images"
     assert f"more than vision.max_images ({VISION.max_images})" in response.json()["error"]["message"]
+
+
+def test_an_allowed_image_url_becomes_the_same_tokens_as_its_data_uri(tiny_qwen3_5_vision: Path) -> None:
+    """The whole preparation with URL fetching on: the allow-listed host is fetched through
+    the guard (FakeNetwork maps it to a local server), decoded and processed, and gives the
+    prompt and pixels the same picture gives as a data URI; a redirect to a private address
+    in the same request is refused by name."""
+    from support.image_server import PNG, PUBLIC, FakeNetwork, image_server
+    from transformers import AutoConfig
+
+    from neuron.vision.refs import ImageRef
+    from neuron.vision.sources import FetchPolicy, ImageFetcher, ImageRefused
+
+    config = AutoConfig.from_pretrained(tiny_qwen3_5_vision)
+    limits = ImageLimits(max_pixels=VISION.max_pixels, max_source_pixels=1 << 24, max_images=4)
+    placeholder = int(config.image_token_id)
+    prompt = [5, placeholder, 6]
+    with image_server() as port:
+        network = FakeNetwork(port)
+        policy = FetchPolicy(
+            fetch_urls=True, allowed_hosts=frozenset({"images.test", "inside.test"}), network=network
+        )
+        preparer = ImagePreparer.from_checkpoint(
+            tiny_qwen3_5_vision, config, limits, fetcher=ImageFetcher(policy)
+        )
+        by_url = preparer.prepare(prompt, [ImageRef("http://images.test/cat.png", "img")], "tiny")
+        data = "data:image/png;base64," + base64.b64encode(PNG).decode()
+        by_data = preparer.prepare(prompt, [ImageRef(data, "img")], "tiny")
+        with pytest.raises(ImageRefused, match=re.escape("second: host 'inside.test' resolves to 10.1.2.3")):
+            preparer.prepare(
+                [*prompt, placeholder],
+                [ImageRef(data, "first"), ImageRef("http://images.test/to-private", "second")],
+                "tiny",
+            )
+    assert by_url[0] == by_data[0] and by_url[1].digests == by_data[1].digests
+    assert by_url[1].image_tokens == 1  # 20x20 pixels: the processor's minimum, one merged patch
+    assert network.connected == [PUBLIC, PUBLIC]
