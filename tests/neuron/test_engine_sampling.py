@@ -12,7 +12,9 @@ import torch
 from neuron.engine.api import SamplingParams
 from neuron.engine.sampling import (
     REPEAT_LAST_N,
+    SampledToken,
     SamplerState,
+    apply_logit_bias,
     apply_presence_frequency,
     apply_repetition_penalty,
     choose_tokens,
@@ -20,7 +22,9 @@ from neuron.engine.sampling import (
     min_p_filter,
     next_token,
     next_tokens,
+    raw_logprobs,
     sample_row,
+    sample_tokens,
     top_k_filter,
     top_p_filter,
 )
@@ -112,6 +116,20 @@ def test_presence_frequency(
     assert out.tolist() == pytest.approx(expected)
 
 
+@pytest.mark.parametrize(
+    ("bias", "expected"),
+    [
+        (((0, 1.5),), [2.5, 1.0, 1.0]),
+        (((2, -100.0), (1, 0.5)), [1.0, 1.5, -99.0]),
+        ((), [1.0, 1.0, 1.0]),
+    ],
+)
+def test_logit_bias_adds_to_the_named_tokens(
+    bias: tuple[tuple[int, float], ...], expected: list[float]
+) -> None:
+    assert apply_logit_bias(torch.ones(3), bias).tolist() == pytest.approx(expected)
+
+
 def test_penalties_do_not_modify_their_input() -> None:
     logits = torch.tensor([2.0, -2.0, 1.0])
     apply_repetition_penalty(logits, [0, 1], 2.0)
@@ -127,6 +145,8 @@ def test_penalties_do_not_modify_their_input() -> None:
         (SamplingParams(temperature=0.0, repetition_penalty=1.1), False),
         (SamplingParams(temperature=0.0, presence_penalty=0.1), False),
         (SamplingParams(temperature=0.7), False),
+        (SamplingParams(temperature=0.0, logit_bias=((1, 5.0),)), False),
+        (SamplingParams(temperature=0.0, logprobs=3), True),  # log-probabilities do not choose
     ],
 )
 def test_plain_greedy(params: SamplingParams, plain: bool) -> None:
@@ -199,9 +219,13 @@ SETTINGS = [
     SamplingParams(temperature=1.0, min_p=0.1),
     SamplingParams(temperature=1.1, repetition_penalty=0.8),  # < 1 encourages repeats
     SamplingParams(temperature=0.9, presence_penalty=-0.5, frequency_penalty=0.7),
+    SamplingParams(temperature=0.0, logit_bias=((7, 100.0),)),  # greedy forced onto one token
+    SamplingParams(temperature=0.0, logit_bias=((3, 2.5), (250, -1.0), (11, 4.0))),
+    SamplingParams(temperature=1.0, logit_bias=((5, -100.0), (6, -100.0), (8, 3.0))),
     SamplingParams(
         temperature=0.9,
         top_k=40,
+        logit_bias=((1, 1.5), (2, -0.5)),
         top_p=0.95,
         min_p=0.05,
         repetition_penalty=1.2,
@@ -244,7 +268,13 @@ def test_a_mixed_batch_draws_what_each_row_draws_alone(seed: int) -> None:
     batched, reference = run_both(settings, steps=40)
     assert batched == reference
     # Not vacuous: the sampled rows did draw different tokens.
-    assert all(len(set(tokens)) > 1 for p, tokens in zip(settings, batched, strict=True) if p.top_k != 1)
+    forced = [p.top_k == 1 or any(bias == 100.0 for _, bias in p.logit_bias) for p in settings]
+    assert all(len(set(tokens)) > 1 for f, tokens in zip(forced, batched, strict=True) if not f)
+    assert all(
+        set(tokens) == {7}
+        for p, tokens in zip(settings, batched, strict=True)
+        if p.logit_bias == ((7, 100.0),)
+    )
 
 
 @pytest.mark.parametrize("params", SETTINGS, ids=repr)
@@ -291,3 +321,69 @@ def test_batches_mixing_the_filters_draw_what_each_row_draws_alone(batch: list[S
     settings = [replace(p, seed=20 + i) for i, p in enumerate(batch)]
     batched, reference = run_both(settings, steps=30)
     assert batched == reference
+
+
+def test_logit_bias_comes_before_the_penalties() -> None:
+    # The bias lifts token 2 above token 0; the repetition penalty then divides the biased
+    # logit (4.0 / 4 = 1.0 < 1.5), as OpenAI orders them.
+    state = SamplerState.create(
+        SamplingParams(temperature=0.0, repetition_penalty=4.0, logit_bias=((2, 2.0),))
+    )
+    logits = torch.tensor([1.5, 0.0, 2.0])
+    assert next_token(logits, state) == 2
+    state.record(2)
+    assert next_token(logits, state) == 0
+    assert sample_row(logits, state) == 0
+
+
+def test_a_bias_of_minus_100_bans_and_plus_100_forces() -> None:
+    logits = step_logits(3, 1)[0]
+    best = int(torch.argmax(logits))
+    banned = SamplerState.create(SamplingParams(temperature=0.0, logit_bias=((best, -100.0),)))
+    assert next_token(logits, banned) != best
+    forced = SamplerState.create(SamplingParams(temperature=1.0, seed=1, logit_bias=((42, 100.0),)))
+    assert {next_token(logits, forced) for _ in range(20)} == {42}
+
+
+@pytest.mark.parametrize("params", SETTINGS, ids=repr)
+def test_raw_logprobs_come_with_the_chosen_tokens(params: SamplingParams) -> None:
+    """Every setting, with and without log-probabilities in the same batch: the tokens are
+    those `next_tokens` draws, and the log-probabilities are the raw logits' (before bias,
+    penalties, temperature), for the rows that asked and of the size each asked."""
+    asks = [replace(params, seed=8, logprobs=k) for k in (0, 5, None, 20)]
+    plain = [replace(p, logprobs=None) for p in asks]
+    with_logprobs = [SamplerState.create(p) for p in asks]
+    without = [SamplerState.create(p) for p in plain]
+    for step in range(6):
+        logits = step_logits(step, len(asks))
+        sampled = sample_tokens(logits, with_logprobs)
+        assert [s.token for s in sampled] == next_tokens(logits, without)
+        for row, (state, got) in enumerate(zip(with_logprobs, sampled, strict=True)):
+            state.record(got.token)
+            without[row].record(got.token)
+            k = state.params.logprobs
+            if k is None:
+                assert got == SampledToken(got.token)
+                continue
+            logprob, top = raw_logprobs(logits[row], got.token, k)
+            assert got.logprob == pytest.approx(logprob, abs=1e-6)
+            assert got.top_logprobs is not None
+            assert len(got.top_logprobs) == k
+            # The logits have ties, which topk may order either way: compare values, and
+            # each alternative's value with its own token's.
+            values = [value for _, value in got.top_logprobs]
+            assert values == pytest.approx([value for _, value in top], abs=1e-6)
+            assert values == sorted(values, reverse=True)
+            exact = torch.log_softmax(logits[row], dim=-1)
+            for token, value in got.top_logprobs:
+                assert value == pytest.approx(float(exact[token]), abs=1e-6)
+            assert len({token for token, _ in got.top_logprobs}) == k
+
+
+def test_raw_logprobs_are_log_softmax_of_the_logits() -> None:
+    logits = torch.tensor([2.0, 1.0, 0.0, -1.0])
+    logprob, top = raw_logprobs(logits, 2, 2)
+    expected = torch.log_softmax(logits, dim=-1)
+    assert logprob == pytest.approx(float(expected[2]))
+    assert [token for token, _ in top] == [0, 1]
+    assert math.isclose(sum(math.exp(v) for v in expected.tolist()), 1.0, rel_tol=1e-6)

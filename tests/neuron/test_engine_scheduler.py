@@ -18,7 +18,7 @@ from neuron.device import DeviceWorker
 from neuron.engine import SingleDeviceRunner, TorchEngine
 from neuron.engine.api import GenerationRequest, SamplingParams
 from neuron.engine.paged import ForwardRow
-from neuron.engine.sampling import SamplerState
+from neuron.engine.sampling import SampledToken, SamplerState
 from neuron.engine.scheduler import Scheduler, SeqState
 
 GREEDY = SamplingParams(temperature=0.0)
@@ -242,23 +242,17 @@ def test_first_tokens_of_prompts_prefilled_together_are_sampled_in_one_batch(
     import neuron.engine.scheduler as scheduler_module
 
     batches: list[int] = []
-    batched = scheduler_module.next_tokens
+    batched = scheduler_module.sample_tokens
 
-    alone = scheduler_module.next_token
-
-    def counting(logits: torch.Tensor, states: Sequence[SamplerState], masks: Any = None) -> list[int]:
+    def counting(
+        logits: torch.Tensor, states: Sequence[SamplerState], masks: Any = None
+    ) -> list[SampledToken]:
         batches.append(len(states))
         if any(s.params.top_k == 13 for s in states):
             raise RuntimeError("sampler exploded")
         return batched(logits, states, masks)
 
-    def one(logits: torch.Tensor, state: SamplerState, masks: Any = None) -> int:
-        if state.params.top_k == 13:
-            raise RuntimeError("sampler exploded")
-        return alone(logits, state, masks)
-
-    monkeypatch.setattr(scheduler_module, "next_tokens", counting)
-    monkeypatch.setattr(scheduler_module, "next_token", one)
+    monkeypatch.setattr(scheduler_module, "sample_tokens", counting)
     scheduler = Scheduler(
         SingleDeviceRunner(model_and_tokenizer[0], device="cpu"),
         max_batch_size=8,

@@ -34,6 +34,13 @@ class SamplingParams:
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     seed: int | None = None
+    # (token id, bias) pairs added to the raw logits before the penalties, as OpenAI's
+    # `logit_bias` (validated against the vocabulary before reaching the engine).
+    logit_bias: tuple[tuple[int, float], ...] = ()
+    # None: no log-probabilities; k >= 0: each generated token's log-probability and the k
+    # most likely alternatives, from the model's raw logits (before logit_bias, penalties,
+    # temperature and any mask: vLLM's default `raw_logprobs`).
+    logprobs: int | None = None
 
 
 @dataclass(frozen=True)
@@ -55,7 +62,8 @@ class TokenEvent:
     """One step of one sequence.
 
     `token_id` is a generated token to detokenise, or None on a final event that carries no
-    text (a stop token is reported as finish_reason "stop" and never as text).
+    text (a stop token is reported as finish_reason "stop" and never as text, and gets no
+    log-probability).
     """
 
     token_id: int | None
@@ -63,6 +71,10 @@ class TokenEvent:
     prompt_tokens: int
     cached_tokens: int
     completion_tokens: int
+    # With `SamplingParams.logprobs`: the token's log-probability and the most likely
+    # alternatives as (token id, log-probability), most likely first.
+    logprob: float | None = None
+    top_logprobs: tuple[tuple[int, float], ...] | None = None
 
 
 class Engine(Protocol):

@@ -172,6 +172,15 @@ class TorchEngine:
                 code="invalid_parameter",
                 param="prompt",
             )
+        biased = [token for token, _ in request.sampling.logit_bias if not 0 <= token < vocab]
+        if biased:
+            # Same reason: a biased id indexes the logits on the device.
+            raise ApiError(
+                400,
+                f"logit_bias: token ids outside this model's vocabulary (0..{vocab - 1}): {biased[:5]}",
+                code="invalid_parameter",
+                param="logit_bias",
+            )
         if self.fault is not None:
             raise ApiError(
                 500,

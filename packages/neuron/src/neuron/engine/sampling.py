@@ -1,7 +1,14 @@
 """Choosing the next token from logits: pure torch functions.
 
-Order (as transformers' logits processors): penalties → temperature → top_k → top_p →
-min_p → draw. Temperature <= 0 is greedy (argmax after penalties).
+Order (as transformers' logits processors, with OpenAI's logit_bias first): logit_bias →
+penalties → temperature → top_k → top_p → min_p → draw. Temperature <= 0 is greedy (argmax
+after bias and penalties).
+
+Log-probabilities (`SamplingParams.logprobs`) are the log_softmax of the model's raw logits,
+before any of those stages (vLLM's default `raw_logprobs`): what the model thinks of the
+token, whatever the request did to choose it. `sample_tokens` computes them on the device
+for the rows that asked (their top alternatives from one `topk`) and brings them back in the
+same copy as the chosen ids.
 
 `next_tokens` is what the scheduler calls: the whole batch in a handful of tensor ops on
 the logits' own device, the rows' parameters gathered into one small tensor (one
@@ -41,6 +48,15 @@ def apply_repetition_penalty(logits: torch.Tensor, recent: Sequence[int], penalt
     out = logits.clone()
     out[ids] = torch.where(picked > 0, picked / penalty, picked * penalty)
     return out
+
+
+def apply_logit_bias(logits: torch.Tensor, bias: Sequence[tuple[int, float]]) -> torch.Tensor:
+    """OpenAI's logit_bias: each (token id, bias) is added to that token's logit."""
+    if not bias:
+        return logits
+    ids = torch.tensor([token for token, _ in bias], dtype=torch.long, device=logits.device)
+    values = torch.tensor([value for _, value in bias], dtype=logits.dtype, device=logits.device)
+    return logits.index_add(-1, ids, values)
 
 
 def apply_presence_frequency(
@@ -93,6 +109,7 @@ def is_plain_greedy(params: SamplingParams) -> bool:
         and params.repetition_penalty == 1.0
         and params.presence_penalty == 0.0
         and params.frequency_penalty == 0.0
+        and not params.logit_bias
     )
 
 
@@ -134,6 +151,7 @@ def sample_row(logits: torch.Tensor, state: SamplerState) -> int:
     definition `next_tokens` computes for a whole batch (and what it is tested against)."""
     params = state.params
     logits = logits.detach().float()
+    logits = apply_logit_bias(logits, params.logit_bias)
     logits = apply_repetition_penalty(logits, state.generated[-REPEAT_LAST_N:], params.repetition_penalty)
     logits = apply_presence_frequency(logits, state.counts, params.presence_penalty, params.frequency_penalty)
     if params.temperature <= 0.0:
@@ -157,6 +175,7 @@ class _BatchPlan:
 
     table: torch.Tensor  # [rows, 7] float32, columns above
     sampled_rows: list[int]
+    bias: tuple[torch.Tensor, torch.Tensor] | None  # ids [rows, n], bias [rows, n]
     repetition: tuple[torch.Tensor, torch.Tensor] | None  # ids [rows, n], penalty [rows, 1]
     presence: tuple[torch.Tensor, torch.Tensor] | None  # ids [rows, n], counts [rows, n]
     # The largest top_k of a row that has one (0: no row has), whether a row has top_p or min_p.
@@ -186,12 +205,25 @@ class _BatchPlan:
         return cls(
             table=torch.tensor(table, dtype=torch.float32),
             sampled_rows=sampled_rows,
+            bias=_logit_bias(states),
             repetition=_repetition_ids(states),
             presence=_presence_counts(states),
             top_k=max((k for i in sampled_rows if 0 < (k := states[i].params.top_k) < vocab), default=0),
             needs_top_p=any(0.0 < states[i].params.top_p < 1.0 for i in sampled_rows),
             needs_min_p=any(states[i].params.min_p > 0.0 for i in sampled_rows),
         )
+
+
+def _logit_bias(states: Sequence[SamplerState]) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Each row's biased token ids and their biases, padded with bias 0 on token 0 (adding
+    zero leaves a logit as it was)."""
+    rows = [s.params.logit_bias for s in states]
+    width = max(map(len, rows), default=0)
+    if width == 0:
+        return None
+    ids = [[token for token, _ in row] + [0] * (width - len(row)) for row in rows]
+    bias = [[value for _, value in row] + [0.0] * (width - len(row)) for row in rows]
+    return torch.tensor(ids, dtype=torch.long), torch.tensor(bias, dtype=torch.float32)
 
 
 def _repetition_ids(states: Sequence[SamplerState]) -> tuple[torch.Tensor, torch.Tensor] | None:
@@ -242,6 +274,9 @@ def choose_tokens(
     # non_blocking: small host tensors; the device reads them in stream order, the host goes on.
     table = plan.table.to(device, non_blocking=True)
     logits = logits.detach().float()
+    if plan.bias is not None:
+        ids, bias = (t.to(device, non_blocking=True) for t in plan.bias)
+        logits = logits.scatter_add(1, ids, bias)
     if plan.repetition is not None:
         ids, penalty = (t.to(device, non_blocking=True) for t in plan.repetition)
         picked = logits.gather(1, ids)
@@ -319,3 +354,55 @@ def next_tokens(
 def next_token(logits: torch.Tensor, state: SamplerState, masks: ConstraintMasks | None = None) -> int:
     """The next token of one sequence from its [vocab] logits (`masks`: its own, as row 0)."""
     return next_tokens(logits[None], [state], masks)[0]
+
+
+@dataclass(frozen=True)
+class SampledToken:
+    """A chosen token, with its raw log-probability and top alternatives when the row asked."""
+
+    token: int
+    logprob: float | None = None
+    # (token id, log-probability), most likely first; empty when the row asked for 0.
+    top_logprobs: tuple[tuple[int, float], ...] | None = None
+
+
+def sample_tokens(
+    logits: torch.Tensor, states: Sequence[SamplerState], masks: ConstraintMasks | None = None
+) -> list[SampledToken]:
+    """`next_tokens`, plus the raw log-probabilities of the rows that asked for them: computed
+    on the logits' device for those rows only (the alternatives of all of them from one
+    `topk` of the largest k asked) and copied back in the same transfer as the chosen ids,
+    so asking costs no extra synchronisation. They are the model's, before any mask."""
+    asking = [row for row, state in enumerate(states) if state.params.logprobs is not None]
+    if not asking:
+        return [SampledToken(token) for token in next_tokens(logits, states, masks)]
+    rows = torch.tensor(asking, dtype=torch.long).to(logits.device, non_blocking=True)
+    # Before choosing: the sampler's later stages may write into tensors made from the logits.
+    logprobs = torch.log_softmax(logits.detach().float().index_select(0, rows), dim=-1)
+    chosen = choose_tokens(logits, states, masks)
+    parts = [chosen.double(), logprobs.gather(1, chosen.index_select(0, rows)[:, None]).double().flatten()]
+    k = min(max(states[row].params.logprobs or 0 for row in asking), logprobs.shape[-1])
+    if k:
+        top = torch.topk(logprobs, k, dim=-1)
+        # Ids as float64 are exact (any vocabulary is far below 2**53): one tensor, one copy.
+        parts += [top.values.double().flatten(), top.indices.double().flatten()]
+    host: list[float] = torch.cat(parts).tolist()
+    tokens = [int(token) for token in host[: len(states)]]
+    picked = host[len(states) : len(states) + len(asking)]
+    values = host[len(states) + len(asking) :][: len(asking) * k]
+    ids = host[len(states) + len(asking) + len(asking) * k :]
+    out = [SampledToken(token) for token in tokens]
+    for i, row in enumerate(asking):
+        wanted = min(states[row].params.logprobs or 0, k)
+        top_logprobs = tuple((int(ids[i * k + j]), values[i * k + j]) for j in range(wanted))
+        out[row] = SampledToken(tokens[row], picked[i], top_logprobs)
+    return out
+
+
+def raw_logprobs(logits: torch.Tensor, token: int, k: int) -> tuple[float, tuple[tuple[int, float], ...]]:
+    """One row's log-probability of `token` and its k most likely alternatives, from its
+    [vocab] raw logits: the definition `sample_tokens` computes for a batch."""
+    logprobs = torch.log_softmax(logits.detach().float(), dim=-1)
+    top = torch.topk(logprobs, min(k, logprobs.shape[-1]))
+    alternatives = tuple(zip(top.indices.tolist(), top.values.tolist(), strict=True))
+    return float(logprobs[token]), alternatives

@@ -25,7 +25,7 @@ import itertools
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Protocol
 
 import torch
@@ -34,7 +34,7 @@ from neuron.engine.api import FinishReason, GenerationRequest, TokenEvent
 from neuron.engine.blocks import BlockPool, BlockTable, blocks_for
 from neuron.engine.constraint import ConstraintViolation, MaskFiller
 from neuron.engine.paged import ForwardRow
-from neuron.engine.sampling import SamplerState, next_token, next_tokens
+from neuron.engine.sampling import SampledToken, SamplerState, sample_tokens
 from neuron.runner import ModelRunner
 
 # How much a new measurement moves the tok/s averages reported by load().
@@ -328,16 +328,17 @@ class Scheduler:
         """Sample the first token of every sequence whose prefill ended this step in one batch
         (one copy back from the device); if that fails, one by one, so that only a request
         that fails alone fails."""
-        tokens: list[int | Exception]
+        tokens: list[SampledToken | Exception]
         samplers = [s.sampler for s, _ in finished]
         try:
             masks = self._masks.fill([sampler.constraint for sampler in samplers])
-            tokens = list(next_tokens(torch.stack([logits for _, logits in finished]), samplers, masks))
+            tokens = list(sample_tokens(torch.stack([logits for _, logits in finished]), samplers, masks))
         except Exception:  # retried one by one below, where each failure reaches its sequence
             tokens = []
             for seq, logits in finished:
                 try:
-                    tokens.append(next_token(logits, seq.sampler, self._masks.fill([seq.sampler.constraint])))
+                    masks = self._masks.fill([seq.sampler.constraint])
+                    tokens.append(sample_tokens(logits[None], [seq.sampler], masks)[0])
                 except Exception as exc:
                     tokens.append(exc)
         for (seq, _), token in zip(finished, tokens, strict=True):
@@ -356,7 +357,7 @@ class Scheduler:
         try:
             # Before the forward: on a GPU the masks are computed while the device works.
             masks = self._masks.fill([sampler.constraint for sampler in samplers])
-            tokens = next_tokens(self.runner.forward(rows), samplers, masks)
+            tokens = sample_tokens(self.runner.forward(rows), samplers, masks)
         except Exception as exc:  # a failed batched forward takes every member with it
             for seq in batch:
                 self.running.remove(seq)
@@ -376,8 +377,9 @@ class Scheduler:
         if self.prefix_caching and seq.computed // self.blocks.block_size > len(seq.table.keys):
             self.blocks.commit(seq.table, seq.cache_key_tokens, seq.computed)
 
-    def _accept(self, seq: SeqState, token: int) -> bool:
-        """Emit `token` for `seq`; False when the sequence has ended (and was finished)."""
+    def _accept(self, seq: SeqState, sampled: SampledToken) -> bool:
+        """Emit the sampled token for `seq`; False when the sequence has ended (and was finished)."""
+        token = sampled.token
         if token in seq.request.stop_token_ids:
             self._finish(seq, "stop")
             return False
@@ -397,7 +399,10 @@ class Scheduler:
             finish = "stop"
         elif seq.completion_tokens >= seq.max_new_tokens:
             finish = "length"
-        seq.sink.put(self._event(seq, token, finish))
+        event = self._event(seq, token, finish)
+        if sampled.logprob is not None:
+            event = replace(event, logprob=sampled.logprob, top_logprobs=sampled.top_logprobs)
+        seq.sink.put(event)
         if finish is not None:
             self._finish(seq, None)
         return finish is None
