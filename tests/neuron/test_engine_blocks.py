@@ -29,6 +29,19 @@ def test_allocation_never_hands_out_the_null_block_and_refuses_beyond_the_pool()
         pool.release(taken[:1])
 
 
+def test_a_shared_block_returns_to_the_pool_only_when_every_holder_released_it() -> None:
+    pool = BlockPool(num_blocks=5, block_size=4)
+    taken = pool.allocate(2)
+    assert taken is not None
+    pool.share(taken[:1])  # a fork reads the first block too
+    pool.release(taken)
+    assert pool.in_use == 1
+    pool.release(taken[:1])
+    assert pool.in_use == 0
+    with pytest.raises(RuntimeError, match="nobody holds it"):
+        pool.share(taken[:1])
+
+
 def committed(pool: BlockPool, tokens: list[int]) -> BlockTable:
     """A sequence that computed `tokens` and offered its full blocks to the cache."""
     blocks = pool.allocate(blocks_for(len(tokens), pool.block_size))

@@ -72,7 +72,11 @@ def test_token_budget(
 @pytest.mark.parametrize(
     ("request_", "param", "code", "fragment"),
     [
-        (SamplingRequest(n=2), "n", "invalid_parameter", "n=2"),
+        (SamplingRequest(n=17), "n", "invalid_parameter", "between 1 and 16"),
+        (SamplingRequest(n=0), "n", "invalid_parameter", "got 0"),
+        (SamplingRequest(logit_bias={"7": -101}), "logit_bias", "invalid_parameter", "[-100, 100]"),
+        (SamplingRequest(logit_bias={"+7": 1}), "logit_bias", "invalid_parameter", "token ids"),
+        (SamplingRequest(logit_bias={"07": 1}), "logit_bias", "invalid_parameter", "token ids"),
         (SamplingRequest(temperature=-1), "temperature", "invalid_parameter", ">= 0"),
         (SamplingRequest(top_p=0), "top_p", "invalid_parameter", "(0, 1]"),
         (SamplingRequest(top_k=-3), "top_k", "invalid_parameter", "top_k"),
@@ -154,3 +158,19 @@ def test_context_length_from_config() -> None:
     assert context_length(SimpleNamespace(max_position_embeddings=2048)) == 2048
     assert context_length(SimpleNamespace(n_positions=1024)) == 1024
     assert context_length(SimpleNamespace()) is None
+
+
+def test_logit_bias_becomes_id_pairs_checked_against_the_vocabulary() -> None:
+    resolved = run(SamplingRequest(logit_bias={"5": -100, "12": 2.5, "0": 100}), vocab_size=13)
+    assert resolved.sampling.logit_bias == ((5, -100.0), (12, 2.5), (0, 100.0))
+    with pytest.raises(ApiError) as caught:
+        run(SamplingRequest(logit_bias={"13": 1.0}), vocab_size=13)
+    assert caught.value.param == "logit_bias"
+    assert "0..12" in caught.value.message
+
+
+def test_n_and_logprobs_pass_through() -> None:
+    resolved = run(SamplingRequest(n=3, logprobs=4))
+    assert resolved.n == 3
+    assert resolved.sampling.logprobs == 4
+    assert run(SamplingRequest()).sampling.logprobs is None

@@ -60,6 +60,12 @@ class ScriptedEngine:
         self.requests.append(request)
         return self._events(request)
 
+    def generate_choices(self, request: GenerationRequest, n: int) -> list[AsyncIterator[TokenEvent]]:
+        if self.refuse is not None:
+            raise self.refuse
+        self.requests.append(request)
+        return [self._events(request) for _ in range(n)]
+
     async def _events(self, request: GenerationRequest) -> AsyncIterator[TokenEvent]:
         prompt = len(request.prompt_ids)
         tokens = self.tokens[: request.max_new_tokens]
@@ -418,8 +424,13 @@ async def test_openai_sdk_in_process(harness: Harness) -> None:
     ("body", "status", "code"),
     [
         (chat(model="nope"), 404, "model_not_found"),
-        (chat(n=2), 400, "invalid_parameter"),
-        (chat(logprobs=True), 400, "unsupported_parameter"),
+        (chat(n=17), 400, "invalid_parameter"),
+        (chat(n=0), 400, "invalid_parameter"),
+        (chat(logprobs=True, top_logprobs=21), 400, "invalid_parameter"),
+        (chat(top_logprobs=2), 400, "invalid_parameter"),
+        (chat(logit_bias={"99999": 1}), 400, "invalid_parameter"),
+        (chat(logit_bias={"5": 100.5}), 400, "invalid_parameter"),
+        (chat(logit_bias={"x5": 1}), 400, "invalid_parameter"),
         (chat(response_format=UNENFORCEABLE_FORMAT), 400, "unsupported_schema"),
         (chat(tool_choice="required"), 400, "invalid_parameter"),
         (chat(max_tokens=5000), 400, "context_length_exceeded"),
@@ -625,7 +636,9 @@ async def test_completions_text_and_token_prompts(harness: Harness) -> None:
         ({"prompt": [1, 10_000_000]}, "prompt"),
         ({"prompt": "a", "echo": True}, "echo"),
         ({"prompt": "a", "best_of": 3}, "best_of"),
-        ({"prompt": "a", "logprobs": 2}, "logprobs"),
+        ({"prompt": "a", "logprobs": 21}, "logprobs"),
+        ({"prompt": "a", "n": 17}, "n"),
+        ({"prompt": "a", "logit_bias": {"99999": 3}}, "logit_bias"),
     ],
 )
 async def test_completions_refusals(harness: Harness, body: dict[str, Any], param: str) -> None:

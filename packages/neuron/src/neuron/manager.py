@@ -68,6 +68,11 @@ class MeteredEngine:
         self._on_request()
         return self._counted(stream)
 
+    def generate_choices(self, request: GenerationRequest, n: int) -> list[AsyncIterator[TokenEvent]]:
+        streams = self.inner.generate_choices(request, n)
+        self._on_request()
+        return [self._counted(stream) for stream in streams]
+
     async def _counted(self, stream: AsyncIterator[TokenEvent]) -> AsyncIterator[TokenEvent]:
         try:
             async for event in stream:

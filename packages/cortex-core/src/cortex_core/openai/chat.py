@@ -6,7 +6,8 @@ known fields are typed strictly, so `"temperature": "hot"` is a 400 that names t
 Optional fields default to UNSET so that decode → encode gives back the same JSON.
 
 Our extensions, all common among local servers (vLLM, SGLang, llama.cpp): `top_k`, `min_p`,
-`repetition_penalty`, `repeat_last_n`, `chat_template_kwargs` on the request;
+`repetition_penalty`, `repeat_last_n`, `chat_template_kwargs`, `continue_final_message`,
+`add_generation_prompt` on the request;
 `reasoning_content` / `reasoning` on assistant messages and deltas; `stop_reason` on a choice
 (vLLM's name: the stop string or token id that ended the choice, when one did).
 """
@@ -192,6 +193,10 @@ class ChatCompletionRequest(_Wire):
     response_format: Maybe[ResponseFormat] = UNSET
     reasoning_effort: Maybe[ReasoningEffort] = UNSET
     chat_template_kwargs: Maybe[dict[str, Any]] = UNSET
+    # vLLM's: render the template without the generation prompt, with the final (assistant)
+    # message left open, and continue it (Anthropic's assistant prefill arrives this way).
+    continue_final_message: Maybe[bool] = UNSET
+    add_generation_prompt: Maybe[bool] = UNSET
     user: Maybe[str] = UNSET
     metadata: Maybe[dict[str, str]] = UNSET
     store: Maybe[bool] = UNSET

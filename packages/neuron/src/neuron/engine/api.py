@@ -9,7 +9,7 @@ sequence and frees its batch slot at the next step.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Literal, Protocol
 
@@ -81,6 +81,12 @@ class Engine(Protocol):
     def generate(self, request: GenerationRequest) -> AsyncIterator[TokenEvent]:
         """Queue the request; yields events as steps complete. Raises ApiError (e.g. 400
         context overflow, 503 queue full) before the first event when it cannot run."""
+        ...
+
+    def generate_choices(self, request: GenerationRequest, n: int) -> Sequence[AsyncIterator[TokenEvent]]:
+        """`n` independent sequences from one prompt (OpenAI's `n`), one stream each, the
+        prompt prefilled once; choice i > 0 samples with seed + i when a seed is given.
+        Raises like `generate`."""
         ...
 
     def load(self) -> ModelLoad:

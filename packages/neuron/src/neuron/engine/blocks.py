@@ -113,6 +113,15 @@ class BlockPool:
             taken.append(block)
         return taken
 
+    def share(self, blocks: Sequence[int]) -> None:
+        """One more reference to each of `blocks`, which a sequence already holds: a fork of
+        that sequence (OpenAI's `n`) reads them too. Like a prefix-cache hit, a shared block
+        is never written again: each holder appends only into blocks of its own."""
+        for block in blocks:
+            if self._refs[block] < 1:
+                raise RuntimeError(f"block {block} is shared but nobody holds it")
+            self._refs[block] += 1
+
     def release(self, blocks: Sequence[int]) -> None:
         """Drop one reference to each block; unreferenced ones become free or evictable."""
         for block in blocks:

@@ -18,6 +18,7 @@ import concurrent.futures
 import itertools
 import threading
 from collections.abc import AsyncIterator, Callable
+from dataclasses import replace
 
 from cortex_core.config.neuron import EngineConfig
 from cortex_core.errors import ApiError
@@ -158,6 +159,15 @@ class TorchEngine:
 
     def generate(self, request: GenerationRequest) -> TokenStream:
         """Validate and queue; raises ApiError (400 context overflow, 503 full/closing) at once."""
+        return self.generate_choices(request, 1)[0]
+
+    def generate_choices(self, request: GenerationRequest, n: int) -> list[TokenStream]:
+        """`n` sequences from one prompt (OpenAI's `n`), one stream each, prefilled once: the
+        first computes the prompt and the others fork from it (scheduler.py). Choice i > 0
+        samples with seed + i when the request has a seed. Each counts against the queue
+        limit; raises like `generate`."""
+        if n < 1:
+            raise ApiError(400, f"n must be at least 1, got {n}", code="invalid_parameter", param="n")
         prompt = len(request.prompt_ids)
         if prompt == 0:
             raise ApiError(400, "the prompt is empty", code="empty_prompt", param="messages")
@@ -209,7 +219,7 @@ class TorchEngine:
                     503, f"model {self.model_id} is unloading", retry_after=QUEUE_FULL_RETRY_AFTER_SECS
                 )
             capacity = self.config.max_batch_size + self.config.max_queue_depth
-            if self._accepted >= capacity:
+            if self._accepted + n > capacity:
                 raise ApiError(
                     503,
                     f"model {self.model_id} is busy: {self._accepted} requests running or queued "
@@ -217,18 +227,28 @@ class TorchEngine:
                     code="queue_full",
                     retry_after=QUEUE_FULL_RETRY_AFTER_SECS,
                 )
-            self._accepted += 1
-            seq_id = next(self._seq_ids)
-        stream.sequence = SeqState(
-            seq_id=seq_id,
-            request=request,
-            sink=self._outbox.sink_for(stream),
-            sampler=SamplerState.create(request.sampling, request.constraint),
-            max_new_tokens=max_new,
-        )
-        self._scheduler.incoming.append(stream.sequence)
+            self._accepted += n
+            seq_ids = [next(self._seq_ids) for _ in range(n)]
+        streams = [stream, *(TokenStream(self, loop) for _ in range(n - 1))]
+        seed = request.sampling.seed
+        for index, (each, seq_id) in enumerate(zip(streams, seq_ids, strict=True)):
+            sampling = request.sampling if seed is None else replace(request.sampling, seed=seed + index)
+            # A grammar's state moves with its sequence: every further choice gets its own.
+            constraint = request.constraint
+            if constraint is not None and index > 0:
+                constraint = constraint.fork()
+            each.sequence = SeqState(
+                seq_id=seq_id,
+                request=request,
+                sink=self._outbox.sink_for(each),
+                sampler=SamplerState.create(sampling, constraint),
+                max_new_tokens=max_new,
+            )
+        first = streams[0].sequence
+        first.forks = [each.sequence for each in streams[1:]]
+        self._scheduler.incoming.append(first)
         self._wake()
-        return stream
+        return streams
 
     @property
     def kv_cache_bytes(self) -> int:

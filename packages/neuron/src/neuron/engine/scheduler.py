@@ -12,7 +12,16 @@ computed chunk by chunk) or *running* (decoding one token a step). A step:
 4. decodes every running sequence in one forward.
 
 So a long prompt costs the running streams one chunk per step, never its whole prefill, and
-K/V memory is held by tokens in flight. A preempted sequence gives its blocks back (its full
+K/V memory is held by tokens in flight.
+
+A request for n choices queues one sequence carrying the other n - 1 as `forks`. When its
+prompt is computed, each fork shares the prompt's blocks before the one that holds the
+last prompt position (reference counted, never written again) and recomputes only the rest
+in blocks of its own: at most one block of tokens, which also gives the fork its own first
+logits. So the prompt is computed once, and no K/V is copied (a copy would need a kernel on
+every tensor-parallel rank; the tail costs what a decode step of a few rows costs). A fork
+that finds no room (batch or blocks), and every fork on a hybrid model (whose recurrent
+state cannot be shared by blocks), waits at the head of the queue as a sequence of its own. A preempted sequence gives its blocks back (its full
 ones stay in the prefix cache) and waits at the head of the queue; when readmitted it
 recomputes prompt + generated tokens (mostly from the prefix cache) and carries on where it
 stopped, so its output is the same. Events leave the step through each sequence's `sink`;
@@ -70,6 +79,9 @@ class SeqState:
     # A hybrid model's linear-attention state slot while admitted (-1: none).
     state_slot: int = -1
     preemptions: int = 0
+    # OpenAI's `n`: the other choices of this request, waiting for this one's prompt K/V
+    # to fork from (`Scheduler._fork`); empty once forked.
+    forks: list[SeqState] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         if not self.tokens:
@@ -315,6 +327,9 @@ class Scheduler:
             if seq.computed < seq.prefill_target:
                 continue
             self.prefilling.remove(seq)
+            if seq.forks:
+                # Before its first token: a first token that ends it would release its blocks.
+                self._fork(seq, joining=len(finished) + 1)
             if seq.sampler.generated:  # resumed after a preemption: its next token is known
                 self.running.append(seq)
                 continue
@@ -323,6 +338,40 @@ class Scheduler:
             self._first_tokens(finished)
         tp = self.throughput
         tp.prefill_tok_s = tp.blend(tp.prefill_tok_s, computed, time.perf_counter() - started)
+
+    def _fork(self, parent: SeqState, *, joining: int) -> None:
+        """Start `parent`'s forks on its computed prompt (see the module docstring);
+        `joining` sequences are about to run without being in `running` yet."""
+        children, parent.forks = parent.forks, []
+        size = self.blocks.block_size
+        # The blocks wholly before the last prompt position: the fork computes that position.
+        shared = parent.table.blocks[: (len(parent.request.prompt_ids) - 1) // size]
+        queued: list[SeqState] = []
+        for child in children:
+            if child.cancelled:
+                self._finish(child, None)
+                continue
+            active = len(self.running) + len(self.prefilling) + joining
+            fresh = blocks_for(child.prefill_target, size) - len(shared)
+            if self.runner.state_slots or active >= self.max_batch_size:
+                queued.append(child)
+                continue
+            taken = self.blocks.allocate(fresh) if self.blocks.available >= fresh + active else None
+            if taken is None:
+                queued.append(child)
+                continue
+            self.blocks.share(shared)
+            child.table = BlockTable(blocks=[*shared, *taken], keys=parent.table.keys[: len(shared)])
+            child.computed = len(shared) * size
+            child.cached_tokens = parent.cached_tokens
+            child.admitted = next(self._admissions)
+            self.prefilling.append(child)
+        self.waiting.extendleft(reversed(queued))
+
+    def _release_forks(self, seq: SeqState) -> None:
+        """A sequence that ends before forking leaves its forks to run on their own."""
+        children, seq.forks = seq.forks, []
+        self.waiting.extendleft(reversed(children))
 
     def _first_tokens(self, finished: list[tuple[SeqState, torch.Tensor]]) -> None:
         """Sample the first token of every sequence whose prefill ended this step in one batch
@@ -431,6 +480,7 @@ class Scheduler:
         if reason is not None:
             seq.sink.put(self._event(seq, None, reason))
         self._release_blocks(seq)
+        self._release_forks(seq)
         self.on_finished(seq)
 
     def _fail(self, seq: SeqState, exc: BaseException) -> None:
@@ -439,13 +489,18 @@ class Scheduler:
         seq.sink.put(exc)
         seq.finished = True
         self._release_blocks(seq)
+        self._release_forks(seq)
         self.on_finished(seq)
 
     def fail_all(self, reason: Callable[[], BaseException]) -> None:
         """Fail everything queued or running with a fresh `reason()`."""
         while self.incoming:
             self.waiting.append(self.incoming.popleft())
-        for seq in [*self.waiting, *self.prefilling, *self.running]:
+        doomed = [*self.waiting, *self.prefilling, *self.running]
+        doomed += [fork for seq in doomed for fork in seq.forks]
+        for seq in doomed:
+            seq.forks = []
+        for seq in doomed:
             self._fail(seq, reason())
         self.waiting.clear()
         self.prefilling.clear()

@@ -25,29 +25,35 @@ from cortex_core.openai.chat import (
     ChatCompletionMessage,
     ChatCompletionMessageToolCall,
     ChatCompletionRequest,
+    ChatCompletionTokenLogprob,
     Choice,
     ChoiceDelta,
     ChoiceDeltaToolCall,
     ChoiceDeltaToolCallFunction,
+    ChoiceLogprobs,
     ChunkChoice,
     CompletionTokensDetails,
     CompletionUsage,
     Function,
     PromptTokensDetails,
+    TopLogprob,
 )
 from cortex_core.wire import UNSET, given
 from neuron.engine.api import GenerationRequest
 from neuron.engine.constraint import GrammarConstraint, ReasoningGate
 from neuron.serving.generation import (
+    ChoiceEvent,
     Finished,
     OutputEvent,
     OutputProcessor,
     ReasoningDelta,
     TextDelta,
     Usage,
+    combined_usage,
 )
+from neuron.serving.logprobs import LogprobsDelta, TokenLogprob
 from neuron.serving.model import ServingModel
-from neuron.serving.params import SamplingRequest, invalid, resolve, sampling_fields
+from neuron.serving.params import SamplingRequest, invalid, resolve, sampling_fields, top_logprobs_count
 from neuron.serving.reasoning import prompt_opens_reasoning
 from neuron.serving.structured import request_grammar
 from neuron.serving.template import template_messages, with_tool_instructions
@@ -67,9 +73,19 @@ class Prepared:
 
     prompt: str
     generation: GenerationRequest
-    processor: OutputProcessor
+    # One per choice (OpenAI's `n`).
+    processors: list[OutputProcessor]
     # The request's max_tokens was lowered to `generation.max_new_tokens` (clamp_max_tokens).
     clamped: bool = False
+
+    @property
+    def logprobs(self) -> bool:
+        return self.generation.sampling.logprobs is not None
+
+    def usage_now(self) -> Usage | None:
+        """The usage so far, every choice's completion included (None before the prefill)."""
+        usages = [p.usage for p in self.processors if p.usage is not None]
+        return combined_usage(usages) if usages else None
 
     def response_headers(self) -> dict[str, str]:
         """Says so when max_tokens was lowered, with the value used (docs/gateway.md)."""
@@ -98,12 +114,6 @@ def check_supported(request: ChatCompletionRequest, field_names: Mapping[str, st
     """Refuse what the engine cannot do; `field_names` names the fields as the caller's
     dialect did (a Responses client sent `text.format`, not `response_format`)."""
     require_messages(request, field_names)
-    if given(request.logprobs) or given(request.top_logprobs):
-        raise invalid("logprobs are not supported by this server", "logprobs", code="unsupported_parameter")
-    if given(request.logit_bias):
-        raise invalid(
-            "logit_bias is not supported by this server", "logit_bias", code="unsupported_parameter"
-        )
     if given(request.repeat_last_n) is not None:
         raise invalid(
             "repeat_last_n is not supported: the repetition penalty covers the whole sequence",
@@ -112,9 +122,43 @@ def check_supported(request: ChatCompletionRequest, field_names: Mapping[str, st
         )
 
 
+def chat_logprobs(request: ChatCompletionRequest) -> int | None:
+    """How many top alternatives each token's log-probability comes with (None: none asked)."""
+    top = top_logprobs_count(given(request.top_logprobs), "top_logprobs")
+    if not given(request.logprobs):
+        if top:
+            raise invalid("top_logprobs needs logprobs: true", "top_logprobs")
+        return None
+    return top or 0
+
+
 def sampling_request(request: ChatCompletionRequest) -> SamplingRequest:
     max_tokens = given(request.max_completion_tokens)
-    return sampling_fields(request, max_tokens if max_tokens is not None else given(request.max_tokens))
+    return sampling_fields(
+        request,
+        max_tokens if max_tokens is not None else given(request.max_tokens),
+        logprobs=chat_logprobs(request),
+    )
+
+
+def continues_final_message(
+    request: ChatCompletionRequest, field_names: Mapping[str, str] = CHAT_FIELDS
+) -> bool:
+    """vLLM's `continue_final_message` (with `add_generation_prompt` false, its default
+    then): the final message must be the assistant's, which the answer continues."""
+    if not given(request.continue_final_message):
+        return False
+    if given(request.add_generation_prompt):
+        raise invalid(
+            "continue_final_message and add_generation_prompt cannot both be true", "add_generation_prompt"
+        )
+    if not request.messages or request.messages[-1].__struct_config__.tag != "assistant":
+        name = field_names.get("messages", "messages")
+        raise invalid(
+            f"continue_final_message needs the final message of {name} to be the assistant's",
+            "continue_final_message",
+        )
+    return True
 
 
 def template_kwargs(
@@ -129,7 +173,11 @@ def template_kwargs(
 
 
 def render_chat_prompt(
-    model: ServingModel, request: ChatCompletionRequest, *, enable_thinking: bool | None
+    model: ServingModel,
+    request: ChatCompletionRequest,
+    *,
+    enable_thinking: bool | None,
+    field_names: Mapping[str, str] = CHAT_FIELDS,
 ) -> str:
     messages = template_messages(
         msgspec.to_builtins(request.messages), model.model_id, images=model.images is not None
@@ -142,7 +190,15 @@ def render_chat_prompt(
             messages, tool_instructions(tools, model.tool_format), model.tool_format.write_call
         )
         tools = None
-    return model.template.render(messages, tools=tools, template_kwargs=kwargs)
+    if continues_final_message(request, field_names):
+        return model.template.render_continuation(messages, tools=tools, template_kwargs=kwargs)
+    add_generation_prompt = given(request.add_generation_prompt)
+    return model.template.render(
+        messages,
+        tools=tools,
+        add_generation_prompt=True if add_generation_prompt is None else add_generation_prompt,
+        template_kwargs=kwargs,
+    )
 
 
 def reasoning_gate(model: ServingModel, prompt: str, *, thinking_off: bool) -> ReasoningGate | None:
@@ -179,11 +235,15 @@ def structured_constraint(
 
 
 def chat_prompt_ids(
-    model: ServingModel, request: ChatCompletionRequest, *, enable_thinking: bool | None
+    model: ServingModel,
+    request: ChatCompletionRequest,
+    *,
+    enable_thinking: bool | None,
+    field_names: Mapping[str, str] = CHAT_FIELDS,
 ) -> tuple[str, list[int], ImageInput | None]:
     """The rendered prompt, its token ids (a vision model's images expanded to one token per
     merged patch, so usage and count_tokens count them) and the images for the engine."""
-    prompt = render_chat_prompt(model, request, enable_thinking=enable_thinking)
+    prompt = render_chat_prompt(model, request, enable_thinking=enable_thinking, field_names=field_names)
     # The template already wrote BOS and other specials, as transformers assumes.
     prompt_ids = model.encode(prompt, add_special_tokens=False)
     refs = image_refs(msgspec.to_builtins(request.messages))
@@ -205,7 +265,9 @@ def prepare_chat(
     """`thinking`: reasoning goes back into content inside its markers (x-include-thinking);
     `field_names`: see `check_supported`."""
     check_supported(request, field_names)
-    prompt, prompt_ids, images = chat_prompt_ids(model, request, enable_thinking=enable_thinking)
+    prompt, prompt_ids, images = chat_prompt_ids(
+        model, request, enable_thinking=enable_thinking, field_names=field_names
+    )
     params = resolve(
         sampling_request(request),
         prompt_tokens=len(prompt_ids),
@@ -213,17 +275,24 @@ def prepare_chat(
         max_context=model.max_context,
         eos_ids=model.eos_ids,
         clamp_max_tokens=clamp,
+        vocab_size=model.vocab_size,
     )
     tools = msgspec.to_builtins(given(request.tools)) or []
     parse_tools = bool(tools) and given(request.tool_choice) != "none"
-    processor = OutputProcessor(
-        model.detokenizer(),
-        stop_strings=params.stop_strings,
-        markers=model.markers,
-        starts_in_reasoning=prompt_opens_reasoning(prompt, model.markers),
-        include_thinking=thinking,
-        tool_parser=model.tool_format.parser(tools) if parse_tools else None,
-    )
+    starts_in_reasoning = prompt_opens_reasoning(prompt, model.markers)
+    logprobs = params.sampling.logprobs is not None
+    processors = [
+        OutputProcessor(
+            model.detokenizer(),
+            stop_strings=params.stop_strings,
+            markers=model.markers,
+            starts_in_reasoning=starts_in_reasoning,
+            include_thinking=thinking,
+            tool_parser=model.tool_format.parser(tools) if parse_tools else None,
+            token_texts=model.token_texts() if logprobs else None,
+        )
+        for _ in range(params.n)
+    ]
     generation = GenerationRequest(
         prompt_ids=prompt_ids,
         max_new_tokens=params.max_new_tokens,
@@ -234,7 +303,7 @@ def prepare_chat(
         ),
         images=images,
     )
-    return Prepared(prompt, generation, processor, clamped=params.clamped)
+    return Prepared(prompt, generation, processors, clamped=params.clamped)
 
 
 def completion_usage(usage: Usage) -> CompletionUsage:
@@ -251,37 +320,72 @@ def new_completion_id(prefix: str = "chatcmpl") -> str:
     return f"{prefix}-{secrets.token_hex(12)}"
 
 
+def token_logprob(entry: TokenLogprob) -> TopLogprob:
+    return TopLogprob(token=entry.token.token, logprob=entry.logprob, bytes=list(entry.token.bytes))
+
+
+def chat_logprobs_of(deltas: Iterable[LogprobsDelta]) -> ChoiceLogprobs:
+    """OpenAI's `choices[].logprobs`: one entry per token with its top alternatives."""
+    return ChoiceLogprobs(
+        content=[
+            ChatCompletionTokenLogprob(
+                token=delta.chosen.token.token,
+                logprob=delta.chosen.logprob,
+                bytes=list(delta.chosen.token.bytes),
+                top_logprobs=[token_logprob(alternative) for alternative in delta.top],
+            )
+            for delta in deltas
+        ]
+    )
+
+
 @dataclass
 class ChatStreamProjector:
-    """Output events -> chat.completion.chunk objects for one streamed answer."""
+    """Output events of every choice -> chat.completion.chunk objects for one streamed answer."""
 
     model: str
     include_usage: bool
     # With `stream_options.continuous_usage_stats`: the usage so far, put on every chunk.
     usage_now: Callable[[], Usage | None] | None = None
+    choices: int = 1
     id: str = field(default_factory=new_completion_id)
     created: int = field(default_factory=lambda: int(time.time()))
+    # Log-probabilities of each choice's tokens not yet sent: they go with its next chunk.
+    _logprobs: dict[int, list[LogprobsDelta]] = field(default_factory=dict)
+    _usages: dict[int, Usage] = field(default_factory=dict)
 
     def _chunk(
-        self, delta: ChoiceDelta, finish_reason: str | None = None, stop_reason: str | None = None
+        self,
+        index: int,
+        delta: ChoiceDelta,
+        finish_reason: str | None = None,
+        stop_reason: str | None = None,
     ) -> ChatCompletionChunk:
-        choice = ChunkChoice(index=0, delta=delta, finish_reason=finish_reason)
+        choice = ChunkChoice(index=index, delta=delta, finish_reason=finish_reason)
         if stop_reason is not None:
             choice.stop_reason = stop_reason
+        pending = self._logprobs.pop(index, None)
+        if pending:
+            choice.logprobs = chat_logprobs_of(pending)
         chunk = ChatCompletionChunk(id=self.id, created=self.created, model=self.model, choices=[choice])
         usage = self.usage_now() if self.usage_now is not None else None
         if usage is not None:
             chunk.usage = completion_usage(usage)
         return chunk
 
-    def start(self) -> ChatCompletionChunk:
-        return self._chunk(ChoiceDelta(role="assistant", content=""))
+    def start(self) -> list[ChatCompletionChunk]:
+        return [
+            self._chunk(index, ChoiceDelta(role="assistant", content="")) for index in range(self.choices)
+        ]
 
-    def project(self, event: OutputEvent) -> list[ChatCompletionChunk]:
+    def project(self, event: OutputEvent, index: int = 0) -> list[ChatCompletionChunk]:
+        if isinstance(event, LogprobsDelta):
+            self._logprobs.setdefault(index, []).append(event)
+            return []
         if isinstance(event, TextDelta):
-            return [self._chunk(ChoiceDelta(content=event.text))]
+            return [self._chunk(index, ChoiceDelta(content=event.text))]
         if isinstance(event, ReasoningDelta):
-            return [self._chunk(ChoiceDelta(reasoning_content=event.text, reasoning=event.text))]
+            return [self._chunk(index, ChoiceDelta(reasoning_content=event.text, reasoning=event.text))]
         if isinstance(event, ToolCallStart):
             call = ChoiceDeltaToolCall(
                 index=event.index,
@@ -289,30 +393,59 @@ class ChatStreamProjector:
                 type="function",
                 function=ChoiceDeltaToolCallFunction(name=event.name, arguments=""),
             )
-            return [self._chunk(ChoiceDelta(tool_calls=[call]))]
+            return [self._chunk(index, ChoiceDelta(tool_calls=[call]))]
         if isinstance(event, ToolCallArguments):
             call = ChoiceDeltaToolCall(
                 index=event.index, function=ChoiceDeltaToolCallFunction(arguments=event.delta)
             )
-            return [self._chunk(ChoiceDelta(tool_calls=[call]))]
-        chunks = [self._chunk(ChoiceDelta(), finish_reason=event.reason, stop_reason=event.stop_sequence)]
-        if self.include_usage:
+            return [self._chunk(index, ChoiceDelta(tool_calls=[call]))]
+        chunks = [
+            self._chunk(index, ChoiceDelta(), finish_reason=event.reason, stop_reason=event.stop_sequence)
+        ]
+        self._usages[index] = event.usage
+        if self.include_usage and len(self._usages) == self.choices:
+            # Once, after the last choice ended: the request's usage, every choice counted.
             chunks.append(
                 ChatCompletionChunk(
                     id=self.id,
                     created=self.created,
                     model=self.model,
                     choices=[],
-                    usage=completion_usage(event.usage),
+                    usage=completion_usage(combined_usage([self._usages[i] for i in sorted(self._usages)])),
                 )
             )
         return chunks
 
 
-def collect_chat_completion(model: str, events: Iterable[OutputEvent]) -> ChatCompletion:
+def collect_chat_completion(
+    model: str, events: Iterable[ChoiceEvent], *, logprobs: bool = False
+) -> ChatCompletion:
+    """The whole answer from every choice's events (`logprobs`: the request asked for them)."""
+    by_choice: dict[int, list[OutputEvent]] = {}
+    for index, event in events:
+        by_choice.setdefault(index, []).append(event)
+    choices: list[Choice] = []
+    usages: list[Usage] = []
+    for index in sorted(by_choice):
+        choice, usage = _collect_choice(index, by_choice[index], logprobs=logprobs)
+        choices.append(choice)
+        usages.append(usage)
+    if not choices:
+        raise ApiError(500, "generation ended without a finish event")
+    return ChatCompletion(
+        id=new_completion_id(),
+        created=int(time.time()),
+        model=model,
+        choices=choices,
+        usage=completion_usage(combined_usage(usages)),
+    )
+
+
+def _collect_choice(index: int, events: Iterable[OutputEvent], *, logprobs: bool) -> tuple[Choice, Usage]:
     content: list[str] = []
     reasoning: list[str] = []
     calls: dict[int, tuple[str, str, list[str]]] = {}
+    token_logprobs: list[LogprobsDelta] = []
     finished: Finished | None = None
     for event in events:
         if isinstance(event, TextDelta):
@@ -323,13 +456,15 @@ def collect_chat_completion(model: str, events: Iterable[OutputEvent]) -> ChatCo
             calls[event.index] = (event.id, event.name, [])
         elif isinstance(event, ToolCallArguments):
             calls[event.index][2].append(event.delta)
+        elif isinstance(event, LogprobsDelta):
+            token_logprobs.append(event)
         else:
             finished = event
     if finished is None:
         raise ApiError(500, "generation ended without a finish event")
     tool_calls = [
         ChatCompletionMessageToolCall(id=call_id, function=Function(name=name, arguments="".join(args)))
-        for call_id, name, args in (calls[index] for index in sorted(calls))
+        for call_id, name, args in (calls[i] for i in sorted(calls))
     ]
     text = "".join(content)
     thoughts = "".join(reasoning)
@@ -339,13 +474,9 @@ def collect_chat_completion(model: str, events: Iterable[OutputEvent]) -> ChatCo
         reasoning=thoughts if thoughts else UNSET,
         tool_calls=tool_calls if tool_calls else UNSET,
     )
-    choice = Choice(index=0, message=message, finish_reason=finished.reason)
+    choice = Choice(index=index, message=message, finish_reason=finished.reason)
+    if logprobs:
+        choice.logprobs = chat_logprobs_of(token_logprobs)
     if finished.stop_sequence is not None:
         choice.stop_reason = finished.stop_sequence
-    return ChatCompletion(
-        id=new_completion_id(),
-        created=int(time.time()),
-        model=model,
-        choices=[choice],
-        usage=completion_usage(finished.usage),
-    )
+    return choice, finished.usage

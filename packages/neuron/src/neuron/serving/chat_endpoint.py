@@ -26,7 +26,7 @@ from neuron.serving.chat import (
     require_messages,
 )
 from neuron.serving.endpoint import Endpoint, GeneratingEndpoint, Projection, clamp_requested
-from neuron.serving.generation import OutputEvent
+from neuron.serving.generation import ChoiceEvent
 from neuron.serving.model import ServingModel
 
 
@@ -41,22 +41,25 @@ def thinking_choice(request: Request, body: ChatCompletionRequest) -> tuple[bool
 class ChatProjection(Projection):
     def __init__(self, body: ChatCompletionRequest, prepared: Prepared) -> None:
         self._model = body.model
+        self._logprobs = prepared.logprobs
         options = given(body.stream_options)
         continuous = bool(options and given(options.continuous_usage_stats))
         self._projector = ChatStreamProjector(
             body.model,
             bool(options and given(options.include_usage)),
-            usage_now=(lambda: prepared.processor.usage) if continuous else None,
+            usage_now=prepared.usage_now if continuous else None,
+            choices=len(prepared.processors),
         )
 
     def head(self) -> list[bytes]:
-        return [encode_data(self._projector.start())]
+        return [encode_data(chunk) for chunk in self._projector.start()]
 
-    def frames(self, event: OutputEvent) -> list[bytes]:
-        return [encode_data(chunk) for chunk in self._projector.project(event)]
+    def frames(self, event: ChoiceEvent) -> list[bytes]:
+        index, output = event
+        return [encode_data(chunk) for chunk in self._projector.project(output, index)]
 
-    def answer(self, events: list[OutputEvent]) -> Any:
-        return collect_chat_completion(self._model, events)
+    def answer(self, events: list[ChoiceEvent]) -> Any:
+        return collect_chat_completion(self._model, events, logprobs=self._logprobs)
 
 
 class ChatCompletions(GeneratingEndpoint[ChatCompletionRequest]):

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
 from cortex_core.errors import ApiError
@@ -11,23 +11,31 @@ from cortex_core.openai.completions import (
     Completion,
     CompletionChoice,
     CompletionChunk,
+    CompletionLogprobs,
     CompletionRequest,
     prompt_texts_or_ids,
 )
 from cortex_core.wire import given
 from neuron.engine.api import GenerationRequest
 from neuron.serving.chat import Prepared, completion_usage, new_completion_id
-from neuron.serving.generation import Finished, OutputEvent, OutputProcessor, TextDelta
+from neuron.serving.generation import (
+    ChoiceEvent,
+    Finished,
+    OutputEvent,
+    OutputProcessor,
+    TextDelta,
+    Usage,
+    combined_usage,
+)
+from neuron.serving.logprobs import LogprobsDelta
 from neuron.serving.model import ServingModel
-from neuron.serving.params import invalid, resolve, sampling_fields
+from neuron.serving.params import invalid, resolve, sampling_fields, top_logprobs_count
 
 
 def check_supported(request: CompletionRequest) -> None:
     unsupported = {
         "echo": bool(given(request.echo)),
         "suffix": given(request.suffix) is not None,
-        "logprobs": given(request.logprobs) is not None,
-        "logit_bias": bool(given(request.logit_bias)),
         "repeat_last_n": given(request.repeat_last_n) is not None,
         "best_of": (given(request.best_of) or 1) != 1,
     }
@@ -60,70 +68,129 @@ def prepare_completion(model: ServingModel, request: CompletionRequest, *, clamp
         raise invalid("the prompt is empty", "prompt")
     params = resolve(
         # The legacy API's documented default is 16 tokens.
-        sampling_fields(request, given(request.max_tokens) or 16),
+        sampling_fields(
+            request,
+            given(request.max_tokens) or 16,
+            logprobs=top_logprobs_count(given(request.logprobs), "logprobs"),
+        ),
         prompt_tokens=len(ids),
         generation_config=model.loaded.generation_config,
         max_context=model.max_context,
         eos_ids=model.eos_ids,
         clamp_max_tokens=clamp,
+        vocab_size=model.vocab_size,
     )
-    processor = OutputProcessor(model.detokenizer(), stop_strings=params.stop_strings)
+    logprobs = params.sampling.logprobs is not None
+    processors = [
+        OutputProcessor(
+            model.detokenizer(),
+            stop_strings=params.stop_strings,
+            token_texts=model.token_texts() if logprobs else None,
+        )
+        for _ in range(params.n)
+    ]
     generation = GenerationRequest(
         prompt_ids=ids,
         max_new_tokens=params.max_new_tokens,
         sampling=params.sampling,
         stop_token_ids=params.stop_token_ids,
     )
-    return Prepared("", generation, processor, clamped=params.clamped)
+    return Prepared("", generation, processors, clamped=params.clamped)
+
+
+@dataclass
+class _LogprobsRun:
+    """A choice's log-probabilities in the legacy shape, and where its next token starts."""
+
+    offset: int = 0
+
+    def shape(self, deltas: Sequence[LogprobsDelta]) -> CompletionLogprobs:
+        """`text_offset` counts characters of the tokens' own texts, as they are listed."""
+        offsets = []
+        for delta in deltas:
+            offsets.append(self.offset)
+            self.offset += len(delta.chosen.token.token)
+        return CompletionLogprobs(
+            tokens=[delta.chosen.token.token for delta in deltas],
+            token_logprobs=[delta.chosen.logprob for delta in deltas],
+            # The sampled token is always among them, as OpenAI documents (up to logprobs + 1).
+            top_logprobs=[
+                {entry.token.token: entry.logprob for entry in (*delta.top, delta.chosen)} for delta in deltas
+            ],
+            text_offset=offsets,
+        )
 
 
 @dataclass
 class CompletionStreamProjector:
     model: str
     include_usage: bool
+    choices: int = 1
     id: str = field(default_factory=lambda: new_completion_id("cmpl"))
     created: int = field(default_factory=lambda: int(time.time()))
+    _logprobs: dict[int, list[LogprobsDelta]] = field(default_factory=dict)
+    _runs: dict[int, _LogprobsRun] = field(default_factory=dict)
+    _usages: dict[int, Usage] = field(default_factory=dict)
 
-    def project(self, event: OutputEvent) -> list[CompletionChunk]:
+    def _chunk(self, choice: CompletionChoice) -> CompletionChunk:
+        pending = self._logprobs.pop(choice.index, None)
+        if pending:
+            choice.logprobs = self._runs.setdefault(choice.index, _LogprobsRun()).shape(pending)
+        return CompletionChunk(id=self.id, created=self.created, model=self.model, choices=[choice])
+
+    def project(self, event: OutputEvent, index: int = 0) -> list[CompletionChunk]:
+        if isinstance(event, LogprobsDelta):
+            self._logprobs.setdefault(index, []).append(event)
+            return []
         if isinstance(event, TextDelta):
-            choice = CompletionChoice(index=0, text=event.text)
-            return [CompletionChunk(id=self.id, created=self.created, model=self.model, choices=[choice])]
+            return [self._chunk(CompletionChoice(index=index, text=event.text))]
         if not isinstance(event, Finished):
             return []  # no reasoning or tool parsing on this endpoint
-        final = CompletionChoice(index=0, text="", finish_reason=event.reason)
+        final = CompletionChoice(index=index, text="", finish_reason=event.reason)
         if event.stop_sequence is not None:
             final.stop_reason = event.stop_sequence
-        chunks = [CompletionChunk(id=self.id, created=self.created, model=self.model, choices=[final])]
-        if self.include_usage:
+        chunks = [self._chunk(final)]
+        self._usages[index] = event.usage
+        if self.include_usage and len(self._usages) == self.choices:
             chunks.append(
                 CompletionChunk(
                     id=self.id,
                     created=self.created,
                     model=self.model,
                     choices=[],
-                    usage=completion_usage(event.usage),
+                    usage=completion_usage(combined_usage([self._usages[i] for i in sorted(self._usages)])),
                 )
             )
         return chunks
 
 
-def collect_completion(model: str, events: Iterable[OutputEvent]) -> Completion:
-    text: list[str] = []
-    finished: Finished | None = None
-    for event in events:
+def collect_completion(model: str, events: Iterable[ChoiceEvent], *, logprobs: bool = False) -> Completion:
+    texts: dict[int, list[str]] = {}
+    deltas: dict[int, list[LogprobsDelta]] = {}
+    finished: dict[int, Finished] = {}
+    for index, event in events:
         if isinstance(event, TextDelta):
-            text.append(event.text)
+            texts.setdefault(index, []).append(event.text)
+        elif isinstance(event, LogprobsDelta):
+            deltas.setdefault(index, []).append(event)
         elif isinstance(event, Finished):
-            finished = event
-    if finished is None:
+            finished[index] = event
+    if not finished:
         raise ApiError(500, "generation ended without a finish event")
-    choice = CompletionChoice(index=0, text="".join(text), finish_reason=finished.reason)
-    if finished.stop_sequence is not None:
-        choice.stop_reason = finished.stop_sequence
+    choices = []
+    for index in sorted(finished):
+        choice = CompletionChoice(
+            index=index, text="".join(texts.get(index, [])), finish_reason=finished[index].reason
+        )
+        if logprobs:
+            choice.logprobs = _LogprobsRun().shape(deltas.get(index, []))
+        if finished[index].stop_sequence is not None:
+            choice.stop_reason = finished[index].stop_sequence
+        choices.append(choice)
     return Completion(
         id=new_completion_id("cmpl"),
         created=int(time.time()),
         model=model,
-        choices=[choice],
-        usage=completion_usage(finished.usage),
+        choices=choices,
+        usage=completion_usage(combined_usage([finished[i].usage for i in sorted(finished)])),
     )

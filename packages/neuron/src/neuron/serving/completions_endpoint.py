@@ -13,23 +13,25 @@ from cortex_core.wire import given
 from neuron.serving.chat import Prepared
 from neuron.serving.completions import CompletionStreamProjector, collect_completion, prepare_completion
 from neuron.serving.endpoint import GeneratingEndpoint, Projection, clamp_requested
-from neuron.serving.generation import OutputEvent
+from neuron.serving.generation import ChoiceEvent
 from neuron.serving.model import ServingModel
 
 
 class CompletionProjection(Projection):
-    def __init__(self, body: CompletionRequest) -> None:
+    def __init__(self, body: CompletionRequest, prepared: Prepared) -> None:
         self._model = body.model
+        self._logprobs = prepared.logprobs
         options = given(body.stream_options)
         self._projector = CompletionStreamProjector(
-            body.model, bool(options and given(options.include_usage))
+            body.model, bool(options and given(options.include_usage)), choices=len(prepared.processors)
         )
 
-    def frames(self, event: OutputEvent) -> list[bytes]:
-        return [encode_data(chunk) for chunk in self._projector.project(event)]
+    def frames(self, event: ChoiceEvent) -> list[bytes]:
+        index, output = event
+        return [encode_data(chunk) for chunk in self._projector.project(output, index)]
 
-    def answer(self, events: list[OutputEvent]) -> Any:
-        return collect_completion(self._model, events)
+    def answer(self, events: list[ChoiceEvent]) -> Any:
+        return collect_completion(self._model, events, logprobs=self._logprobs)
 
 
 class Completions(GeneratingEndpoint[CompletionRequest]):
@@ -43,4 +45,4 @@ class Completions(GeneratingEndpoint[CompletionRequest]):
         return bool(given(body.stream))
 
     def projection(self, body: CompletionRequest, prepared: Prepared) -> Projection:
-        return CompletionProjection(body)
+        return CompletionProjection(body, prepared)

@@ -34,7 +34,7 @@ from cortex_core.http import CLAMP_MAX_TOKENS_HEADER, error_response, header_fla
 from cortex_core.sse import encode_data
 from neuron.serving.chat import Prepared
 from neuron.serving.event_stream import DONE_FRAME, KEEPALIVE_FRAME, EventStreamResponse, Tick, with_keepalive
-from neuron.serving.generation import OutputEvent, generate_events
+from neuron.serving.generation import ChoiceEvent, generate_choices
 from neuron.serving.model import ServingModel, ServingModels
 
 log = logging.getLogger(__name__)
@@ -94,7 +94,7 @@ async def until_disconnect(request: Request, work: Awaitable[T]) -> T:
     return task.result()
 
 
-async def collect(events: AsyncIterator[OutputEvent]) -> list[OutputEvent]:
+async def collect(events: AsyncIterator[ChoiceEvent]) -> list[ChoiceEvent]:
     return [event async for event in events]
 
 
@@ -116,7 +116,8 @@ class Projection(abc.ABC):
         return []
 
     @abc.abstractmethod
-    def frames(self, event: OutputEvent) -> list[bytes]: ...
+    def frames(self, event: ChoiceEvent) -> list[bytes]:
+        """The frames of one output event of choice `event[0]` (OpenAI's `n`)."""
 
     def tail(self) -> list[bytes]:
         return [DONE_FRAME]
@@ -125,12 +126,12 @@ class Projection(abc.ABC):
         return chat_error_frame(error)
 
     @abc.abstractmethod
-    def answer(self, events: list[OutputEvent]) -> Any:
+    def answer(self, events: list[ChoiceEvent]) -> Any:
         """The whole answer of a request that did not stream."""
 
 
 async def open_stream(
-    events: AsyncIterator[OutputEvent],
+    events: AsyncIterator[ChoiceEvent],
     projection: Projection,
     *,
     keepalive_secs: float,
@@ -217,7 +218,7 @@ class GeneratingEndpoint(Endpoint[Body]):
     async def respond(self, request: Request, body: Body, model: ServingModel) -> Response:
         prepared = await asyncio.to_thread(self.prepare, request, body, model)
         projection = self.projection(body, prepared)
-        events = generate_events(model.loaded.engine, prepared.generation, prepared.processor)
+        events = generate_choices(model.loaded.engine, prepared.generation, prepared.processors)
         if self.streams(body):
             return await open_stream(
                 events, projection, keepalive_secs=self.keepalive_secs, headers=prepared.response_headers()

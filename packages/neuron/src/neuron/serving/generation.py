@@ -9,12 +9,15 @@ these events.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+import asyncio
+import contextlib
+from collections.abc import AsyncGenerator, AsyncIterator, Sequence
 from dataclasses import dataclass
 
 from cortex_core.errors import ApiError
 from neuron.engine.api import Engine, GenerationRequest, TokenEvent
 from neuron.serving.detok import IncrementalDetokenizer
+from neuron.serving.logprobs import LogprobsDelta, TokenTexts
 from neuron.serving.reasoning import Channel, ReasoningMarkers, ReasoningSplitter, wrap_reasoning
 from neuron.serving.stops import StopStringMatcher
 from neuron.serving.tools import ContentDelta, ToolCallArguments, ToolCallParser, ToolCallStart
@@ -46,7 +49,20 @@ class Finished:
     stop_sequence: str | None = None
 
 
-OutputEvent = TextDelta | ReasoningDelta | ToolCallStart | ToolCallArguments | Finished
+OutputEvent = TextDelta | ReasoningDelta | ToolCallStart | ToolCallArguments | LogprobsDelta | Finished
+# An output event of one choice (OpenAI's `n`), by its index.
+ChoiceEvent = tuple[int, OutputEvent]
+
+
+def combined_usage(usages: Sequence[Usage]) -> Usage:
+    """The usage of a request with several choices: the prompt (and its cached part) once,
+    as it was computed once, and every choice's completion."""
+    return Usage(
+        prompt_tokens=usages[0].prompt_tokens,
+        completion_tokens=sum(u.completion_tokens for u in usages),
+        cached_tokens=usages[0].cached_tokens,
+        reasoning_tokens=sum(u.reasoning_tokens for u in usages),
+    )
 
 
 class OutputProcessor:
@@ -59,8 +75,11 @@ class OutputProcessor:
         starts_in_reasoning: bool = False,
         include_thinking: bool = False,
         tool_parser: ToolCallParser | None = None,
+        token_texts: TokenTexts | None = None,
     ) -> None:
         self._detok = detokenizer
+        # Set when the request asked for log-probabilities: how to show each token.
+        self._token_texts = token_texts
         self._stops = StopStringMatcher(stop_strings)
         self._markers = markers
         self._splitter = ReasoningSplitter(markers, in_reasoning=starts_in_reasoning)
@@ -110,10 +129,18 @@ class OutputProcessor:
             reasoning_tokens=min(self.reasoning_tokens, event.completion_tokens),
         )
 
-    def on_token(self, token_id: int) -> list[OutputEvent]:
+    def on_token(self, event: TokenEvent) -> list[OutputEvent]:
+        """The output of a token event (one that carries a token id)."""
+        token_id = event.token_id
+        assert token_id is not None
         was_reasoning = self._splitter.in_reasoning
         text = self._stops.push(self._detok.push(token_id))
         events = self._route(self._splitter.push(text))
+        if self._token_texts is not None and event.logprob is not None:
+            # Before the text it produced: a projection attaches it to the next chunk it
+            # sends, which carries that text (or, held back, later text).
+            logprobs = self._token_texts.delta(token_id, event.logprob, event.top_logprobs or ())
+            events.insert(0, logprobs)
         if was_reasoning or self._splitter.in_reasoning:
             self.reasoning_tokens += 1
         return events
@@ -143,7 +170,53 @@ async def generate_events(
 ) -> AsyncIterator[OutputEvent]:
     """Run one sequence; the last event is always `Finished`. Closing this iterator early
     (client gone) closes the engine stream, which cancels the sequence."""
-    stream = engine.generate(request)
+    async for output in _drive(engine.generate(request), processor):
+        yield output
+
+
+async def generate_choices(
+    engine: Engine, request: GenerationRequest, processors: Sequence[OutputProcessor]
+) -> AsyncIterator[ChoiceEvent]:
+    """Run one sequence per processor (OpenAI's `n`, the prompt computed once by the
+    engine) and interleave their events as they come, each with its choice index; every
+    choice ends with its `Finished`. A choice that hits a stop string ends alone; closing
+    this iterator ends them all. The engine's refusals raise before the first event."""
+    if len(processors) == 1:
+        async for output in generate_events(engine, request, processors[0]):
+            yield 0, output
+        return
+    streams = engine.generate_choices(request, len(processors))
+    sources = [_drive(stream, processor) for stream, processor in zip(streams, processors, strict=True)]
+    pending: dict[asyncio.Future[OutputEvent], int] = {
+        asyncio.ensure_future(anext(source)): index for index, source in enumerate(sources)
+    }
+    try:
+        while pending:
+            done, _ = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+            for future in sorted(done, key=pending.__getitem__):
+                index = pending.pop(future)
+                try:
+                    output = future.result()
+                except StopAsyncIteration:
+                    continue
+                yield index, output
+                pending[asyncio.ensure_future(anext(sources[index]))] = index
+    finally:
+        for future in pending:
+            future.cancel()
+            with contextlib.suppress(asyncio.CancelledError, StopAsyncIteration):
+                await future
+        for source in sources:
+            await source.aclose()
+        for stream in streams:  # a source cancelled before it started never closed its stream
+            close = getattr(stream, "aclose", None)
+            if close is not None:
+                await close()
+
+
+async def _drive(
+    stream: AsyncIterator[TokenEvent], processor: OutputProcessor
+) -> AsyncGenerator[OutputEvent, None]:
     last: TokenEvent | None = None
     reason: str | None = None
     try:
@@ -151,7 +224,7 @@ async def generate_events(
             last = event
             processor.observe(event)
             if event.token_id is not None:
-                for output in processor.on_token(event.token_id):
+                for output in processor.on_token(event):
                     yield output
                 if processor.stopped:
                     reason = "stop"

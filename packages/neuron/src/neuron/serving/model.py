@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING
 
 from neuron.loaded_model import LoadedModel
 from neuron.serving.detok import IncrementalDetokenizer, marker_token_ids
+from neuron.serving.logprobs import TokenTexts, is_byte_level
 from neuron.serving.params import context_length, eos_token_ids
 from neuron.serving.reasoning import ReasoningMarkers, find_reasoning_markers
 from neuron.serving.structured import GrammarCompiler
@@ -31,6 +32,8 @@ class ModelTraits:
     # Each reasoning and tool-call marker's token id (the grammars name them by id).
     marker_ids: Mapping[str, int]
     grammars: GrammarCompiler
+    # The vocabulary spells bytes GPT-2's way (how log-probabilities find a token's bytes).
+    byte_level: bool = False
 
     @classmethod
     def of(cls, loaded: LoadedModel) -> ModelTraits:
@@ -51,6 +54,7 @@ class ModelTraits:
             keep_ids=frozenset(marker_token_ids(tokenizer, marker_strings)),
             marker_ids={marker: vocab[marker] for marker in marker_strings if marker in vocab},
             grammars=GrammarCompiler(loaded.model_id, tokenizer, eos_ids),
+            byte_level=is_byte_level(tokenizer),
         )
 
 
@@ -94,6 +98,14 @@ class ServingModel:
 
     def detokenizer(self) -> IncrementalDetokenizer:
         return IncrementalDetokenizer(self.loaded.tokenizer, keep=self.traits.keep_ids)
+
+    def token_texts(self) -> TokenTexts:
+        return TokenTexts(self.loaded.tokenizer, byte_level=self.traits.byte_level)
+
+    @property
+    def vocab_size(self) -> int:
+        """The tokenizer's ids (added tokens included): what a request may name."""
+        return len(self.loaded.tokenizer)
 
     def encode(self, text: str, *, add_special_tokens: bool) -> list[int]:
         ids: list[int] = self.loaded.tokenizer.encode(text, add_special_tokens=add_special_tokens)

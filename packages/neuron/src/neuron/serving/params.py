@@ -21,6 +21,12 @@ from cortex_core.wire import given
 from neuron.engine.api import SamplingParams
 
 BUILTIN_TEMPERATURE = 0.7
+# The most choices (`n`) one request may ask for: each is a sequence in the batch.
+MAX_CHOICES = 16
+# The most top alternatives a token's log-probabilities may list (OpenAI's and vLLM's 20).
+MAX_TOP_LOGPROBS = 20
+# OpenAI's range for a logit_bias value.
+MAX_LOGIT_BIAS = 100.0
 # Window sizes transformers configs use for the context length, most specific first.
 _CONTEXT_ATTRIBUTES = ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length")
 
@@ -40,12 +46,16 @@ class SamplingRequest:
     max_tokens: int | None = None
     stop: str | Sequence[str] | None = None
     n: int | None = None
+    logit_bias: Mapping[str, float] | None = None
+    # None: off; k: each token's log-probability and its k most likely alternatives.
+    logprobs: int | None = None
 
 
 def sampling_fields(
-    request: ChatCompletionRequest | CompletionRequest, max_tokens: int | None
+    request: ChatCompletionRequest | CompletionRequest, max_tokens: int | None, logprobs: int | None = None
 ) -> SamplingRequest:
-    """The fields chat and legacy completions share; each endpoint decides its max_tokens."""
+    """The fields chat and legacy completions share; each endpoint decides its max_tokens and
+    how many log-probabilities it asks for (the two spell it differently)."""
     return SamplingRequest(
         temperature=given(request.temperature),
         top_p=given(request.top_p),
@@ -58,6 +68,8 @@ def sampling_fields(
         max_tokens=max_tokens,
         stop=given(request.stop),
         n=given(request.n),
+        logit_bias=given(request.logit_bias),
+        logprobs=logprobs,
     )
 
 
@@ -69,6 +81,7 @@ class ResolvedParams:
     stop_token_ids: frozenset[int]
     # True when the request's max_tokens was lowered to what the context leaves.
     clamped: bool = False
+    n: int = 1
 
 
 def invalid(message: str, param: str, code: str = "invalid_parameter") -> ApiError:
@@ -121,11 +134,14 @@ def resolve(
     max_context: int | None,
     eos_ids: frozenset[int],
     clamp_max_tokens: bool = False,
+    vocab_size: int | None = None,
 ) -> ResolvedParams:
     """`clamp_max_tokens`: a max_tokens the context cannot hold is lowered to what it leaves
-    instead of refused (the model's `clamp_max_tokens` in models.toml, sent by the gateway)."""
-    if request.n is not None and request.n != 1:
-        raise invalid(f"n={request.n} is not supported: this server returns exactly one choice", "n")
+    instead of refused (the model's `clamp_max_tokens` in models.toml, sent by the gateway);
+    `vocab_size`: the tokenizer's, which logit_bias ids must be below."""
+    n = 1 if request.n is None else request.n
+    if not 1 <= n <= MAX_CHOICES:
+        raise invalid(f"n must be between 1 and {MAX_CHOICES}, got {n}", "n")
     do_sample = generation_config.get("do_sample")
     temperature = float(_pick(request.temperature, generation_config, "temperature", BUILTIN_TEMPERATURE))
     if request.temperature is None and do_sample is False:
@@ -168,6 +184,8 @@ def resolve(
         max_new = remaining if remaining is not None else 4096
 
     sampling = SamplingParams(
+        logit_bias=_logit_bias(request.logit_bias, vocab_size),
+        logprobs=request.logprobs,
         temperature=temperature,
         top_p=top_p,
         top_k=top_k,
@@ -177,7 +195,36 @@ def resolve(
         frequency_penalty=frequency,
         seed=request.seed,
     )
-    return ResolvedParams(sampling, max_new, _stop_strings(request.stop), eos_ids, clamped=bool(clamped))
+    return ResolvedParams(sampling, max_new, _stop_strings(request.stop), eos_ids, clamped=bool(clamped), n=n)
+
+
+def _logit_bias(bias: Mapping[str, float] | None, vocab_size: int | None) -> tuple[tuple[int, float], ...]:
+    """OpenAI's `{"token id": bias}` as (id, bias) pairs, each id a plain decimal below the
+    vocabulary's size (a bad id would index past the logits on the device) and each bias in
+    [-100, 100]."""
+    pairs: list[tuple[int, float]] = []
+    for key, value in (bias or {}).items():
+        token = int(key) if key.isascii() and key.isdigit() else None
+        if token is None or str(token) != key:
+            raise invalid(f"logit_bias: keys must be token ids (decimal integers), got {key!r}", "logit_bias")
+        if vocab_size is not None and token >= vocab_size:
+            raise invalid(
+                f"logit_bias: token id {token} is outside this model's vocabulary (0..{vocab_size - 1})",
+                "logit_bias",
+            )
+        if not -MAX_LOGIT_BIAS <= value <= MAX_LOGIT_BIAS:
+            raise invalid(
+                f"logit_bias: the bias of token {token} must be in [-100, 100], got {value}", "logit_bias"
+            )
+        pairs.append((token, float(value)))
+    return tuple(pairs)
+
+
+def top_logprobs_count(value: int | None, name: str) -> int | None:
+    """A requested number of top alternatives, checked against 0..MAX_TOP_LOGPROBS."""
+    if value is not None and not 0 <= value <= MAX_TOP_LOGPROBS:
+        raise invalid(f"{name} must be between 0 and {MAX_TOP_LOGPROBS}, got {value}", name)
+    return value
 
 
 def context_exceeded(max_context: int, prompt_tokens: int, max_tokens: int | None) -> ApiError:

@@ -20,6 +20,7 @@ from cortex_core.openai.chat import ChatCompletionRequest
 from cortex_core.openai.responses import Response, ResponsesRequest, ResponseStreamEvent
 from cortex_core.openai.responses_convert import response_from_chat_completion, responses_request_to_chat
 from cortex_core.openai.responses_stream import ResponsesStreamConverter
+from cortex_core.wire import given
 from neuron.serving.chat import (
     ChatStreamProjector,
     Prepared,
@@ -27,8 +28,9 @@ from neuron.serving.chat import (
     enable_thinking_default,
     prepare_chat,
 )
-from neuron.serving.generation import Finished, OutputEvent
+from neuron.serving.generation import ChoiceEvent, Finished
 from neuron.serving.model import ServingModel
+from neuron.serving.params import invalid
 
 
 def new_response_id() -> str:
@@ -45,6 +47,13 @@ def prepare_responses(
     model: ServingModel, request: ResponsesRequest, *, clamp: bool = False
 ) -> tuple[ChatCompletionRequest, Prepared]:
     chat = responses_request_to_chat(request)
+    if given(chat.top_logprobs):
+        # The chat path computes them, but the Responses items do not carry them yet.
+        raise invalid(
+            "top_logprobs is not supported on /v1/responses; use /v1/chat/completions",
+            "top_logprobs",
+            code="unsupported_parameter",
+        )
     thinking = enable_thinking_default(chat, None)
     return chat, prepare_chat(
         model, chat, thinking=False, enable_thinking=thinking, field_names=RESPONSES_FIELDS, clamp=clamp
@@ -66,7 +75,8 @@ class ResponsesStreamProjector:
     def start(self) -> list[ResponseStreamEvent]:
         return self._converter.start()
 
-    def project(self, event: OutputEvent) -> list[ResponseStreamEvent]:
+    def project(self, item: ChoiceEvent) -> list[ResponseStreamEvent]:
+        _, event = item  # one choice: Responses has no `n`
         events: list[ResponseStreamEvent] = []
         for chunk in self._chunks.project(event):
             events += self._converter.feed(chunk)
@@ -78,7 +88,7 @@ class ResponsesStreamProjector:
         return self._converter.fail(message, code=code)
 
 
-def collect_response(request: ResponsesRequest, events: Iterable[OutputEvent]) -> Response:
+def collect_response(request: ResponsesRequest, events: Iterable[ChoiceEvent]) -> Response:
     completion = collect_chat_completion(request.model, events)
     return response_from_chat_completion(
         completion, request, response_id=new_response_id(), created_at=int(time.time())

@@ -14,7 +14,7 @@ from cortex_core.sse import encode_event
 from cortex_core.wire import given
 from neuron.serving.chat import Prepared
 from neuron.serving.endpoint import GeneratingEndpoint, Projection, clamp_requested
-from neuron.serving.generation import OutputEvent
+from neuron.serving.generation import ChoiceEvent
 from neuron.serving.model import ServingModel
 from neuron.serving.responses import ResponsesStreamProjector, collect_response, prepare_responses
 
@@ -27,7 +27,7 @@ class ResponsesProjection(Projection):
     def head(self) -> list[bytes]:
         return [encode_event(event) for event in self._projector.start()]
 
-    def frames(self, event: OutputEvent) -> list[bytes]:
+    def frames(self, event: ChoiceEvent) -> list[bytes]:
         return [encode_event(e) for e in self._projector.project(event)]
 
     def tail(self) -> list[bytes]:
@@ -38,7 +38,7 @@ class ResponsesProjection(Projection):
             encode_event(e) for e in self._projector.fail(error.message, error.code or "server_error")
         )
 
-    def answer(self, events: list[OutputEvent]) -> Any:
+    def answer(self, events: list[ChoiceEvent]) -> Any:
         return collect_response(self._body, events)
 
 

@@ -35,6 +35,10 @@ CHATML_TEMPLATE = (
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
 )
 
+# Appended to a prefilled assistant message for one render, to find where its content ends;
+# letters only, so that no template filter escapes or splits it.
+CONTINUATION_MARKER = "CortexContinuationMarker7f3a9c"
+
 _GENERATION_TAG = re.compile(r"{%-?\s*(?:generation|endgeneration)\s*-?%}")
 _TEMPLATE_NAME = "chat"
 
@@ -126,6 +130,40 @@ class ChatTemplate:
         except minijinja.TemplateError as exc:
             raise _template_error(self.model_id, exc) from exc
         return rendered
+
+    def render_continuation(
+        self,
+        messages: Sequence[Mapping[str, Any]],
+        *,
+        tools: Sequence[Mapping[str, Any]] | None = None,
+        template_kwargs: Mapping[str, Any] | None = None,
+    ) -> str:
+        """The prompt that continues the final (assistant) message: rendered without the
+        generation prompt, then cut right after that message's content, so the end of its
+        turn (`<|im_end|>`, ...) is left off and the model carries on from the last character.
+
+        The cut is found with a marker appended to the content for this render: a template
+        that strips or trims content (several do) would otherwise move or hide where the
+        content ends, and an empty prefill would have nothing to find. Raises 400 when the
+        template does not show the content (it drops or rewrites the final message)."""
+        final = dict(messages[-1])
+        content = final.get("content")
+        text = content if isinstance(content, str) else ""
+        final["content"] = text + CONTINUATION_MARKER
+        kwargs = {**(template_kwargs or {}), "add_generation_prompt": False}
+        rendered = self.render([*messages[:-1], final], tools=tools, template_kwargs=kwargs)
+        cut = rendered.rfind(CONTINUATION_MARKER)
+        if cut < 0:
+            raise ApiError(
+                400,
+                f"the chat template of model '{self.model_id}' does not render the final "
+                "assistant message's content, so it cannot be continued",
+                code="template_render_failed",
+                param="continue_final_message",
+            )
+        # Trimming sees the marker as the content's end, so trailing whitespace the client
+        # sent stays before it: the model continues exactly after the prefilled text.
+        return rendered[:cut]
 
 
 IMAGE_PART_TYPES = ("image_url", "input_image", "image")
