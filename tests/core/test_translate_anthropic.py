@@ -271,6 +271,18 @@ REQUEST_CASES = [
         },
         id="output-config",
     ),
+    pytest.param(
+        {"messages": [_user("x"), {"role": "assistant", "content": "The answer is"}]},
+        {
+            "messages": [
+                {"role": "user", "content": "x"},
+                {"role": "assistant", "content": "The answer is"},
+            ],
+            "continue_final_message": True,
+            "add_generation_prompt": False,
+        },
+        id="assistant-prefill",
+    ),
 ]
 
 
@@ -280,6 +292,8 @@ def test_request_to_chat(body: dict[str, Any], expected: dict[str, Any]) -> None
     for key, value in expected.items():
         assert converted.get(key) == value, key
     assert "metadata" not in converted
+    if body["messages"][-1]["role"] != "assistant":
+        assert "continue_final_message" not in converted
 
 
 @pytest.mark.parametrize(

@@ -126,6 +126,29 @@ def test_anthropic_sdk_streams_paris(fleet: Fleet) -> None:
     assert final.usage.input_tokens > 0 and final.usage.output_tokens > 0
 
 
+def test_anthropic_prefill_is_continued(fleet: Fleet) -> None:
+    """The answer continues the assistant's prefilled turn, as the OpenAI side's
+    continue_final_message does for the same conversation."""
+    prefill = "The capital of France is"
+    messages = [*ASK, {"role": "assistant", "content": prefill}]
+    message = anthropic_client(fleet).messages.create(
+        model=ALIAS,
+        max_tokens=12,
+        messages=messages,  # type: ignore[arg-type]
+        extra_body={"temperature": 0},
+    )
+    text = "".join(block.text for block in message.content if block.type == "text")
+    continued = openai_client(fleet).chat.completions.create(
+        model=ALIAS,
+        messages=messages,  # type: ignore[arg-type]
+        max_tokens=12,
+        temperature=0,
+        extra_body={"continue_final_message": True, "add_generation_prompt": False},
+    )
+    assert text == continued.choices[0].message.content
+    assert "Paris" in text and not text.lstrip().startswith(prefill), text
+
+
 def test_anthropic_message_start_already_carries_the_input_tokens(fleet: Fleet) -> None:
     body = {"model": ALIAS, "max_tokens": 8, "messages": ASK, "stream": True, "temperature": 0}
     with httpx2.Client(base_url=fleet.gateway_url, timeout=120) as client:

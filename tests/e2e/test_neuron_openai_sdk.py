@@ -73,3 +73,72 @@ def test_responses_api(client: openai.OpenAI, model_id: str) -> None:
         final = stream.get_final_response()
     assert "Paris" in "".join(deltas)
     assert final.output_text == "".join(deltas)
+
+
+def test_chat_logprobs_streamed_and_not(client: openai.OpenAI, model_id: str) -> None:
+    asked = {
+        "model": model_id,
+        "messages": [{"role": "user", "content": QUESTION}],
+        "max_tokens": 12,
+        "temperature": 0,
+        "logprobs": True,
+        "top_logprobs": 3,
+    }
+    answer = client.chat.completions.create(**asked)  # type: ignore[call-overload]
+    logprobs = answer.choices[0].logprobs
+    assert logprobs is not None and logprobs.content
+    assert len(logprobs.content) == answer.usage.completion_tokens
+    text = b"".join(bytes(entry.bytes or []) for entry in logprobs.content).decode()
+    assert text == answer.choices[0].message.content
+    for entry in logprobs.content:
+        assert entry.logprob <= 0
+        assert len(entry.top_logprobs) == 3
+        # Greedy: the chosen token is the most likely one.
+        assert entry.top_logprobs[0].logprob == pytest.approx(entry.logprob)
+    streamed = [
+        entry
+        for chunk in client.chat.completions.create(**asked, stream=True)  # type: ignore[call-overload]
+        if chunk.choices and chunk.choices[0].logprobs
+        for entry in chunk.choices[0].logprobs.content or []
+    ]
+    assert [entry.token for entry in streamed] == [entry.token for entry in logprobs.content]
+
+
+def test_completion_logprobs(client: openai.OpenAI, model_id: str) -> None:
+    answer = client.completions.create(
+        model=model_id, prompt="The capital of France is", max_tokens=6, temperature=0, logprobs=2
+    )
+    logprobs = answer.choices[0].logprobs
+    assert logprobs is not None and logprobs.tokens and logprobs.token_logprobs and logprobs.top_logprobs
+    assert "".join(logprobs.tokens) == answer.choices[0].text
+    assert logprobs.text_offset == [
+        sum(len(t) for t in logprobs.tokens[:i]) for i in range(len(logprobs.tokens))
+    ]
+    assert all(len(top) in (2, 3) for top in logprobs.top_logprobs)
+
+
+def test_n_choices_streamed_and_not(client: openai.OpenAI, model_id: str) -> None:
+    asked = {
+        "model": model_id,
+        "messages": [{"role": "user", "content": "Write a word."}],
+        "max_tokens": 10,
+        "temperature": 1.0,
+        "seed": 5,
+        "n": 3,
+    }
+    # The prompt's K/V from the prefix cache for both requests below: computed in one shape,
+    # the bf16 logits are the same bits each time, and so are the seeded draws.
+    client.chat.completions.create(**{**asked, "n": 1, "max_tokens": 1})  # type: ignore[call-overload]
+    answer = client.chat.completions.create(**asked)  # type: ignore[call-overload]
+    assert [choice.index for choice in answer.choices] == [0, 1, 2]
+    texts = [choice.message.content for choice in answer.choices]
+    stream = client.chat.completions.create(**asked, stream=True, stream_options={"include_usage": True})  # type: ignore[call-overload]
+    streamed = ["", "", ""]
+    usage = None
+    for chunk in stream:
+        for choice in chunk.choices:
+            streamed[choice.index] += choice.delta.content or ""
+        usage = chunk.usage or usage
+    assert streamed == texts
+    assert usage is not None and usage.completion_tokens == answer.usage.completion_tokens
+    assert usage.prompt_tokens == answer.usage.prompt_tokens

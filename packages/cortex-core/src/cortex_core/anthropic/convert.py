@@ -17,6 +17,8 @@ The internal form is the OpenAI chat request (DESIGN.md §3), so `/v1/messages` 
   `chat_template_kwargs.enable_thinking` (+ `thinking_budget`).
 - Arguments a model produced that are not a JSON object become `{"_raw": "<arguments>"}`, so
   the client gets a tool call it can reject with a message the model sees, not a crash.
+- A final assistant message is a prefill: `continue_final_message: true,
+  add_generation_prompt: false`, so the answer (only the continuation) carries that turn on.
 """
 
 from __future__ import annotations
@@ -155,6 +157,11 @@ def _prompt_to_chat(request: MessagesRequest | CountTokensRequest) -> ChatComple
         converted.insert(0, ChatCompletionSystemMessage(content=system_text))
 
     chat = ChatCompletionRequest(model=request.model, messages=converted)
+    if request.messages[-1].role == "assistant":
+        # Prefill: the answer continues the assistant's final message (vLLM's request fields;
+        # the neuron renders the template without the generation prompt, the turn left open).
+        chat.continue_final_message = True
+        chat.add_generation_prompt = False
     if request.tools:
         chat.tools = [_tool(tool, f"tools[{i}]") for i, tool in enumerate(request.tools)]
     _apply_tool_choice(chat, request)
