@@ -362,7 +362,7 @@ class SampledToken:
 
     token: int
     logprob: float | None = None
-    # (token id, log-probability), most likely first; empty when the row asked for 0.
+    # (token id, log-probability), most likely first; () when the row asked for none.
     top_logprobs: tuple[tuple[int, float], ...] | None = None
 
 
@@ -387,10 +387,13 @@ def sample_tokens(
         # Ids as float64 are exact (any vocabulary is far below 2**53): one tensor, one copy.
         parts += [top.values.double().flatten(), top.indices.double().flatten()]
     host: list[float] = torch.cat(parts).tolist()
-    tokens = [int(token) for token in host[: len(states)]]
-    picked = host[len(states) : len(states) + len(asking)]
-    values = host[len(states) + len(asking) :][: len(asking) * k]
-    ids = host[len(states) + len(asking) + len(asking) * k :]
+    # In the order packed: every row's chosen id; each asking row's chosen value; their top
+    # values (k a row); their top ids (k a row).
+    rows_n, asking_n = len(states), len(asking)
+    tokens = [int(token) for token in host[:rows_n]]
+    picked = host[rows_n : rows_n + asking_n]
+    values = host[rows_n + asking_n : rows_n + asking_n + asking_n * k]
+    ids = host[rows_n + asking_n + asking_n * k :]
     out = [SampledToken(token) for token in tokens]
     for i, row in enumerate(asking):
         wanted = min(states[row].params.logprobs or 0, k)
