@@ -247,3 +247,28 @@ async def test_continue_final_message_refusals(
     response = await node.client.post("/v1/chat/completions", json=body)
     assert response.status_code == 400
     assert response.json()["error"]["param"] == param
+
+
+async def test_n_structured_choices_each_follow_the_schema(node: Node, tiny_qwen3: Path) -> None:
+    """Every choice has its own grammar state (forked from the request's), so each answer
+    is a whole document of the schema: one state shared by three sequences would refuse
+    the second one's first token."""
+    schema = {
+        "type": "object",
+        "properties": {"ok": {"type": "boolean"}, "pick": {"enum": ["red", "green", "blue"]}},
+        "required": ["ok", "pick"],
+        "additionalProperties": False,
+    }
+    body = {
+        "model": str(tiny_qwen3),
+        "messages": MESSAGES,
+        "max_tokens": 60,
+        "temperature": 1.0,
+        "seed": 3,
+        "n": 3,
+        "response_format": {"type": "json_schema", "json_schema": {"name": "r", "schema": schema}},
+    }
+    whole = (await node.client.post("/v1/chat/completions", json=body)).json()
+    answers = [json.loads(choice["message"]["content"]) for choice in whole["choices"]]
+    assert [sorted(answer) for answer in answers] == [["ok", "pick"]] * 3
+    assert all(isinstance(a["ok"], bool) and a["pick"] in ("red", "green", "blue") for a in answers)

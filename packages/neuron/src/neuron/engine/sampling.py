@@ -1,8 +1,8 @@
 """Choosing the next token from logits: pure torch functions.
 
-Order (as transformers' logits processors, with OpenAI's logit_bias first): logit_bias →
-penalties → temperature → top_k → top_p → min_p → draw. Temperature <= 0 is greedy (argmax
-after bias and penalties).
+Order (as transformers' logits processors, with a structured request's grammar mask and
+OpenAI's logit_bias first): mask → logit_bias → penalties → temperature → top_k → top_p →
+min_p → draw. Temperature <= 0 is greedy (argmax after mask, bias and penalties).
 
 Log-probabilities (`SamplingParams.logprobs`) are the log_softmax of the model's raw logits,
 before any of those stages (vLLM's default `raw_logprobs`): what the model thinks of the
