@@ -227,3 +227,22 @@ def test_an_allowed_image_url_becomes_the_same_tokens_as_its_data_uri(tiny_qwen3
     assert by_url[0] == by_data[0] and by_url[1].digests == by_data[1].digests
     assert by_url[1].image_tokens == 1  # 20x20 pixels: the processor's minimum, one merged patch
     assert network.connected == [PUBLIC, PUBLIC]
+
+
+async def test_several_choices_of_an_image_request_each_see_the_image(tiny_vision: Path) -> None:
+    """n > 1 forks the prompt's K/V (or, on a hybrid model, queues each choice on its own):
+    a fork that recomputes the prompt's tail must still see the image's features."""
+    node = Node()
+    try:
+        loaded = await node.client.post("/models/load", json={"model_id": str(tiny_vision)})
+        assert loaded.status_code == 200, loaded.text
+        messages = user({"type": "text", "text": "What is this?"}, image_part(picture(3, 80, 60)))
+        body = {"model": str(tiny_vision), "messages": messages, "max_tokens": 10, "temperature": 0}
+        single = (await node.client.post("/v1/chat/completions", json=body)).json()
+        several = (await node.client.post("/v1/chat/completions", json={**body, "n": 3})).json()
+    finally:
+        await node.client.aclose()
+        await node.manager.close()
+    expected = single["choices"][0]["message"]["content"]
+    assert [c["message"]["content"] for c in several["choices"]] == [expected] * 3
+    assert several["usage"]["prompt_tokens"] == single["usage"]["prompt_tokens"]

@@ -18,7 +18,7 @@ from pathlib import Path
 from cortex_core.errors import ApiError
 from neuron import preflight
 from neuron.hub import HubClient, RepoListing, log_download_progress
-from neuron.loader import choose_dtype
+from neuron.loader import choose_dtype, has_vision
 from neuron.sources import (
     FilePlan,
     HubModelId,
@@ -92,7 +92,11 @@ class ModelPreparer:
 
     def _check_config(self, model_id: str, folder: Path) -> tuple[str, str | None]:
         config = preflight.read_model_config(model_id, folder)
-        model_type = preflight.check_architecture(model_id, config, self._supported_types())
+        supported = self._supported_types()
+        if has_vision(folder):
+            # Built by the image-text auto class (loader.py), not AutoModelForCausalLM.
+            supported = sorted({*supported, str(config.get("model_type"))})
+        model_type = preflight.check_architecture(model_id, config, supported)
         preflight.check_layer_types(model_id, config)
         dtype = config.get("dtype") or config.get("torch_dtype")
         return model_type, str(dtype) if dtype else None
