@@ -17,6 +17,7 @@ import httpx2
 import pytest
 from support.fake_hf_cache import add_to_hf_cache
 from support.fake_nvml import FakeGpu, FakeNvml
+from support.local_models import neuron_config
 from support.tiny_gguf import write_tiny_llama_gguf
 
 import neuron.torch_harness as torch_harness_module
@@ -80,7 +81,7 @@ async def make_node(monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[Callable[.
     nodes: list[Node] = []
 
     def make(config: NeuronConfig | None = None, probe: HostProbe | None = None) -> Node:
-        node = Node(config or NeuronConfig(), probe or cpu_host(), monkeypatch)
+        node = Node(config or neuron_config(), probe or cpu_host(), monkeypatch)
         nodes.append(node)
         return node
 
@@ -231,7 +232,7 @@ async def test_the_manager_lets_go_of_a_model_before_releasing_its_memory(
         return None
 
     monkeypatch.setattr(torch_harness_module, "release_memory", release)
-    manager = ModelManager(NeuronConfig(), cpu_host(), engine_factory=factory)
+    manager = ModelManager(neuron_config(), cpu_host(), engine_factory=factory)
     try:
         await manager.load(ModelSpec(model_id=str(tiny_qwen3)))
         await manager.unload(str(tiny_qwen3))
@@ -259,7 +260,7 @@ async def test_a_device_fault_in_one_model_poisons_every_model_on_that_device(
         runner = AssertsOnSeven(checkpoint.model, device="cpu")
         return TorchEngine(runner, worker=worker, config=config, model_id=model_id, on_device_fault=on_fault)
 
-    config = NeuronConfig()
+    config = neuron_config()
     manager = ModelManager(config, cpu_host(), engine_factory=factory)
     app = create_app(config, probe=manager.probe, manager=manager)
     client = httpx2.AsyncClient(transport=httpx2.ASGITransport(app=app), base_url="http://test")
@@ -496,7 +497,9 @@ async def test_missing_files_are_named(
         ),
         (b'{"model_id": "noslash"}', 400, "missing the '/'"),
         (b'{"model_id": "unknownscheme:o/m"}', 400, "[sources.unknownscheme]"),
-        (b'{"model_id": "/no/such/folder"}', 404, "nothing exists there"),
+        (b'{"model_id": "/tmp/no/such/folder"}', 404, "nothing exists there"),
+        (b'{"model_id": "/etc"}', 403, "outside the directories this neuron loads models from"),
+        (b'{"model_id": "/tmp/../etc/passwd"}', 403, "outside the directories this neuron loads models from"),
         (b'{"model_id": "o/m", "tensor_parallel": 2}', 422, "allow_cpu_tensor_parallel = true"),
     ],
 )
@@ -543,7 +546,7 @@ async def test_hub_ids_load_offline_from_the_hf_cache(
     add_to_hf_cache(hub_cache, "tiny-org/tiny-qwen3", tiny_qwen3)
     mirror_cache = tmp_path / "mirror-cache"
     add_to_hf_cache(mirror_cache, "tiny-org/tiny-qwen3", tiny_qwen3)
-    config = NeuronConfig(
+    config = neuron_config(
         sources={
             "mirror": SourceConfig(
                 endpoint="http://127.0.0.1:9", auth_env="MIRROR_TOKEN", cache_dir=str(mirror_cache)
@@ -577,7 +580,7 @@ async def test_default_models_activate_in_the_background(
         ModelSpec(model_id="/no/such/model"),
         ModelSpec(model_id=str(tiny_llama)),
     ]
-    node = make_node(NeuronConfig(default_models=specs))
+    node = make_node(neuron_config(default_models=specs))
     async with node.app.router.lifespan_context(node.app):
         health: dict[str, Any] = {}
         for _ in range(600):

@@ -16,8 +16,8 @@ from typing import Any
 import httpx2
 import pytest
 from support.engine_harness import load_model, reference_greedy
+from support.local_models import neuron_config
 
-from cortex_core.config.neuron import NeuronConfig
 from neuron.app import create_app
 from neuron.discovery import HostProbe
 from neuron.manager import ModelManager
@@ -28,8 +28,8 @@ HANG_GUARD_SECS = 120
 class Node:
     def __init__(self) -> None:
         probe = HostProbe(None, cuda_unavailable_reason="test host: CPU only")
-        self.manager = ModelManager(NeuronConfig(), probe)
-        self.app = create_app(NeuronConfig(), probe=probe, manager=self.manager, activate_defaults=False)
+        self.manager = ModelManager(neuron_config(), probe)
+        self.app = create_app(neuron_config(), probe=probe, manager=self.manager, activate_defaults=False)
         self.client = httpx2.AsyncClient(
             transport=httpx2.ASGITransport(app=self.app), base_url="http://test", timeout=HANG_GUARD_SECS
         )

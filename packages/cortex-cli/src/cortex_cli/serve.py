@@ -7,6 +7,11 @@ kernel sends it SIGTERM should we die without stopping (PR_SET_PDEATHSIG).
 
 The model is served under a short name (the neuron's `served_model_name`): a local folder
 would otherwise be known by its path.
+
+Start-up tells the truth: the gateway's sockets are bound and the neuron's port checked
+before anything starts, so a port in use is one line naming the address and the flag that
+moves it (exit status 1), never a traceback after "ready"; and the neuron polled is ours:
+its `/version` must name the child's pid, since another neuron may answer on that port.
 """
 
 from __future__ import annotations
@@ -154,17 +159,60 @@ def model_state(models: Any, model_id: str) -> tuple[str | None, str | None]:
     return None, None
 
 
+def port_in_use(host: str, port: int) -> str | None:
+    """Why `host:port` cannot be listened on now (e.g. "Address already in use"), or None."""
+    with socket.socket() as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError as exc:
+            return exc.strerror or str(exc)
+    return None
+
+
+def cannot_listen(address: str, reason: str, flag: str) -> CliError:
+    return CliError(f"cannot listen on {address}: {reason} (another cortex serve? {flag} moves it)")
+
+
+# Which flag moves each of the gateway's listeners.
+LISTENER_FLAGS = {"gateway.listen": "--listen", "gateway.metrics_listen": "--metrics-listen"}
+
+
+def bind_gateway(serve_module: Any, config: Any) -> Any:
+    """The gateway's sockets, bound now; a taken address is the one-line CliError."""
+    try:
+        return serve_module.bind_listeners(config)
+    except serve_module.ListenError as exc:
+        raise cannot_listen(exc.address, exc.reason, LISTENER_FLAGS[exc.key]) from None
+
+
+def neuron_identity(version: Any, process: subprocess.Popen[bytes]) -> bool:
+    """Whether a neuron's /version answer comes from the child we started."""
+    return isinstance(version, dict) and version.get("pid") == process.pid
+
+
 async def wait_for_neuron_model(
     neuron_url: str, model: LocalModel, process: subprocess.Popen[bytes], stopping: asyncio.Event
 ) -> bool:
-    """True once the model is loaded; False if we were stopped first. Raises if the load fails."""
+    """True once the model is loaded; False if we were stopped first. Raises if the load fails,
+    or if the port is answered by a process other than our child."""
+    identified = False
     while not stopping.is_set():
         if process.poll() is not None:
             raise CliError(f"the local neuron exited with status {process.returncode} (see its log above)")
+        status, error = None, None  # still starting
         try:
+            if not identified:
+                version = await asyncio.to_thread(get_json, neuron_url + "/version")
+                if not neuron_identity(version, process):
+                    raise CliError(
+                        f"{neuron_url} is answered by another process, not the neuron this cortex serve "
+                        "started (another cortex serve? --neuron-port moves it)"
+                    )
+                identified = True
             status, error = model_state(await asyncio.to_thread(get_json, neuron_url + "/models"), model.name)
         except (urllib.error.URLError, OSError, ValueError):
-            status, error = None, None  # still starting
+            pass
         if status == "loaded":
             return True
         if status in ("failed", "poisoned"):
@@ -240,9 +288,11 @@ async def _serve_gateway(
     catalogue: Any,
     stopping: asyncio.Event,
     on_listening: Callable[[], Any],
+    listeners: Any,
 ) -> None:
     server = asyncio.create_task(
-        serve_module.serve_gateway(config, catalogue, shutdown_trigger=stopping.wait), name="gateway"
+        serve_module.serve_gateway(config, catalogue, shutdown_trigger=stopping.wait, listeners=listeners),
+        name="gateway",
     )
     watcher = asyncio.create_task(on_listening(), name="ready")
     try:
@@ -278,6 +328,7 @@ def serve_from_config(options: ServeOptions) -> None:
     config = _with_listeners(load_gateway_config(options.config), options)
     catalogue = load_catalogue(Path(config.models_config) if config.models_config else None)
     api_url, metrics_url = connect_url(config.gateway.listen), connect_url(config.gateway.metrics_listen)
+    listeners = bind_gateway(serve_module, config)
 
     async def main() -> None:
         stopping = asyncio.Event()
@@ -287,7 +338,7 @@ def serve_from_config(options: ServeOptions) -> None:
             if await wait_until_routable(api_url, None, stopping):
                 announce(options, api_url, metrics_url, neurons=[n.name for n in config.neurons])
 
-        await _serve_gateway(serve_module, config, catalogue, stopping, ready)
+        await _serve_gateway(serve_module, config, catalogue, stopping, ready, listeners)
 
     asyncio.run(main())
 
@@ -303,7 +354,17 @@ def serve_embedded(options: ServeOptions) -> None:
         )
     serve_module = _import_gateway()
     base = _with_listeners(load_gateway_config(None), options)
-    model = local_model_for(options.model, embedded_folder)
+    # Every listener before anything starts: ours are held from here on, the neuron's is
+    # checked (the child binds it, and must be the one that answers there, see below).
+    listeners = bind_gateway(serve_module, base)
+    if options.neuron_port and (reason := port_in_use("127.0.0.1", options.neuron_port)):
+        listeners.close()
+        raise cannot_listen(f"127.0.0.1:{options.neuron_port}", reason, "--neuron-port")
+    try:
+        model = local_model_for(options.model, embedded_folder)
+    except BaseException:
+        listeners.close()
+        raise
     port = options.neuron_port or free_port()
     neuron_url = f"http://127.0.0.1:{port}"
     config = msgspec.structs.replace(
@@ -345,8 +406,9 @@ def serve_embedded(options: ServeOptions) -> None:
                             neuron_pid=process.pid,
                         )
 
-                await _serve_gateway(serve_module, config, catalogue, stopping, ready)
+                await _serve_gateway(serve_module, config, catalogue, stopping, ready, listeners)
             finally:
+                listeners.close()
                 stopping.set()
                 # Stop the neuron here, not after asyncio.run: the watcher's thread must end first.
                 if process.poll() is None:

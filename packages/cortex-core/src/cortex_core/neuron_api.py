@@ -149,3 +149,5 @@ class VersionResponse(msgspec.Struct, kw_only=True):
     python: str
     torch: str | None = None
     transformers: str | None = None
+    # The process serving: `cortex serve` checks that the neuron answering is its own child.
+    pid: int | None = None

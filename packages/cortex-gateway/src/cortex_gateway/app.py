@@ -22,6 +22,7 @@ from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from time import perf_counter
 
+import msgspec
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
 from starlette.middleware.cors import CORSMiddleware
@@ -30,10 +31,13 @@ from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 from starlette.types import Scope
 
+from cortex_core.body_guard import BodyGuard, BodyLimits, BufferBudget
 from cortex_core.config.catalogue import ModelCatalogue
 from cortex_core.config.gateway import GatewayConfig
+from cortex_core.drain import Drain, DrainGuard, openai_stream_error
 from cortex_core.errors import ApiError, decode_json_body
 from cortex_core.http import Dialect, error_response, exception_handlers, json_response
+from cortex_core.limits import PromptLimits, echoed, prompt_check
 from cortex_core.request_id import RequestIdMiddleware, request_id_of
 from cortex_core.token import token_from_env
 from cortex_gateway import admin
@@ -106,31 +110,39 @@ def page_limit(value: str | None) -> int:
 def no_route_message(method: str, path: str) -> str:
     """A 404's message: under /v1 the route does not exist; elsewhere, where the API is."""
     if path.startswith("/v1/"):
-        return f"route {method} {path} does not exist (GET /v1/models lists the models)"
-    return f"no route {method} {path}; the API is under /v1 (GET /v1/models lists the models)"
+        return f"route {method} {echoed(path)} does not exist (GET /v1/models lists the models)"
+    return f"no route {method} {echoed(path)}; the API is under /v1 (GET /v1/models lists the models)"
 
 
-async def read_body(request: Request, limit: int) -> bytes:
-    """The request body, refused with 413 as soon as it is known to exceed `limit` bytes."""
+async def read_body(request: Request) -> bytes:
+    """The request body; BodyGuard has read it already, under the limits (timeout, size, budget)."""
+    return await request.body()
 
-    def too_large() -> ApiError:
-        return ApiError(
-            413,
-            f"request body exceeds the gateway's limit of {limit} bytes (gateway.max_body_bytes)",
-            code="request_too_large",
+
+def prompt_limits(config: GatewayConfig, catalogue: ModelCatalogue) -> Callable[[str], PromptLimits]:
+    """The conversation limits of a requested model: its own from models.toml, else the gateway's."""
+    section = config.gateway
+    default = PromptLimits(section.max_messages, section.max_prompt_bytes, "gateway.{key} in cortex.toml")
+
+    def limits_for(requested: str) -> PromptLimits:
+        profile = catalogue.get(catalogue.resolve_alias(requested))
+        if profile is None or (profile.max_messages is None and profile.max_prompt_bytes is None):
+            return default
+        return PromptLimits(
+            profile.max_messages or default.max_messages,
+            profile.max_prompt_bytes or default.max_prompt_bytes,
+            f"{{key}} of {echoed(profile.id)} in models.toml, else gateway.{{key}}",
         )
 
-    declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > limit:
-        raise too_large()
-    chunks = []
-    size = 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise too_large()
-        chunks.append(chunk)
-    return b"".join(chunks)
+    return limits_for
+
+
+def stream_error(scope: Scope, error: ApiError) -> bytes:
+    """The last event of a stream the gateway has to end, in the caller's dialect."""
+    if scope_speaks_anthropic(scope):
+        body = msgspec.json.encode(error.anthropic_body(request_id_of(scope)))
+        return b"\n\nevent: error\ndata: " + body + b"\n\n"
+    return openai_stream_error(scope, error)
 
 
 def create_app(
@@ -189,6 +201,7 @@ def create_app(
     metrics.watch_fleet(fleet.snapshot)
     proxy = Proxy(config.proxy, metrics, neuron_token=token)
     body_limit = config.gateway.max_body_bytes
+    drain = Drain("gateway")
     keys = KeyStore(Path(config.auth.keys_file)) if config.auth.keys_file else None
     gate = Gate(
         router,
@@ -207,7 +220,7 @@ def create_app(
 
     async def relay(request: Request) -> Response:
         received_at = perf_counter()
-        body = await read_body(request, body_limit)
+        body = await read_body(request)
         # scope["path"], not request.url: the URL object costs a parse on every relayed request.
         path = request.scope["path"]
         # Validated before placement: a request the neuron would refuse never loads or evicts.
@@ -247,7 +260,7 @@ def create_app(
         if entry is None:
             raise ApiError(
                 404,
-                f"model '{model_id}' does not exist on this gateway (GET /v1/models lists the models)",
+                f"model '{echoed(model_id)}' does not exist on this gateway (GET /v1/models lists the models)",
                 code="model_not_found",
                 param="model",
             )
@@ -271,13 +284,13 @@ def create_app(
         return json_response(admin.fleet_report(fleet.snapshot(), catalogue, router.loads_in_flight, clock()))
 
     async def load_model(request: Request) -> Response:
-        action = decode_json_body(await read_body(request, body_limit), admin.ModelAction)
+        action = decode_json_body(await read_body(request), admin.ModelAction)
         node = await router.load_by_hand(action.model, action.node)
         model_id = catalogue.resolve_alias(action.model)
         return json_response(admin.ModelActionResult(model=model_id, nodes=[node], status="loaded"))
 
     async def unload_model(request: Request) -> Response:
-        action = decode_json_body(await read_body(request, body_limit), admin.ModelAction)
+        action = decode_json_body(await read_body(request), admin.ModelAction)
         nodes = await router.unload_by_hand(action.model, action.node)
         model_id = catalogue.resolve_alias(action.model)
         return json_response(admin.ModelActionResult(model=model_id, nodes=nodes, status="unloaded"))
@@ -304,7 +317,7 @@ def create_app(
         *anthropic.routes(
             acquire=lambda request, model: gate.acquire(request.scope, model),
             proxy=proxy,
-            read_body=lambda request: read_body(request, body_limit),
+            read_body=read_body,
             clamps_max_tokens=catalogue.clamps_max_tokens,
         ),
         Route("/v1/models", list_models, methods=["GET"]),
@@ -325,7 +338,21 @@ def create_app(
     middleware = [
         # The caller's x-request-id is kept (if sane), so both logs name the same request.
         Middleware(RequestIdMiddleware, logger=log),
+        # Requests still running when a shutdown's grace is over end in their dialect.
+        Middleware(DrainGuard, drain=drain, render=render_scope_error, stream_error=stream_error),
         Middleware(AuthMiddleware, gate=gate, render=render_scope_error),
+        # Bodies are read (under limits) only once the key was accepted.
+        Middleware(
+            BodyGuard,
+            limits=BodyLimits(
+                max_body_bytes=body_limit,
+                read_timeout_secs=config.gateway.body_read_timeout_secs,
+                setting="gateway.{key}",
+            ),
+            budget=BufferBudget(config.gateway.max_buffered_bytes),
+            render=render_scope_error,
+            check=prompt_check(prompt_limits(config, catalogue)),
+        ),
     ]
     if config.cors.allow_origins:
         middleware.insert(
@@ -359,6 +386,7 @@ def create_app(
     app.state.metrics = metrics
     app.state.neuron_client = client
     app.state.body_limit = body_limit
+    app.state.drain = drain
     app.state.gate = gate
     app.state.keys = keys
     return app

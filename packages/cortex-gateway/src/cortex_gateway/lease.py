@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
 from cortex_core.errors import ApiError
+from cortex_core.limits import echoed
 
 if TYPE_CHECKING:
     from cortex_gateway.metrics import RequestOutcome
@@ -167,7 +168,7 @@ class NullObserver:
 def model_not_found(requested_model: str) -> ApiError:
     return ApiError(
         404,
-        f"The model '{requested_model}' does not exist on any neuron and is not in the catalogue; "
+        f"The model '{echoed(requested_model)}' does not exist on any neuron and is not in the catalogue; "
         "GET /v1/models lists the models this gateway can serve.",
         type="invalid_request_error",
         code="model_not_found",

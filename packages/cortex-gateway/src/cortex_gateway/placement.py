@@ -26,6 +26,7 @@ import math
 from dataclasses import dataclass
 
 from cortex_core.config.catalogue import ModelCatalogue, ModelProfile
+from cortex_core.limits import echoed
 from cortex_gateway.eviction import MemoryNeed, Resident, Strategy, blocked_by_residency, plan_eviction
 from cortex_gateway.fleet import HOST_MEMORY, RECOVERING, ROUTABLE, FleetSnapshot, ModelView, NodeView
 
@@ -121,7 +122,7 @@ def _not_in_catalogue(model_id: str, snapshot: FleetSnapshot, now: float, policy
     return Refuse(
         404,
         "model_not_found",
-        f"The model '{model_id}' does not exist on any neuron and is not in the catalogue; "
+        f"The model '{echoed(model_id)}' does not exist on any neuron and is not in the catalogue; "
         "GET /v1/models lists the models this gateway can serve.",
     )
 

@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import importlib.metadata
 import logging
+import os
 import platform
 import time
 from collections.abc import AsyncIterator, Callable
@@ -24,10 +25,13 @@ from starlette.routing import BaseRoute, Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 import neuron
+from cortex_core.body_guard import BodyGuard, BodyLimits, BufferBudget
 from cortex_core.config.neuron import NeuronConfig
+from cortex_core.drain import Drain, DrainGuard, openai_stream_error
 from cortex_core.errors import ApiError, decode_json_body
 from cortex_core.http import JSONResponse as JSON
 from cortex_core.http import error_response, exception_handlers
+from cortex_core.limits import PromptLimits, prompt_check
 from cortex_core.neuron_api import (
     EndpointResponse,
     HealthResponse,
@@ -48,6 +52,11 @@ log = logging.getLogger(__name__)
 
 # Given the model lookup and the config, the inference routes (/v1/chat/completions, ...).
 ServingRoutes = Callable[[Callable[[str], LoadedModel], NeuronConfig], list[BaseRoute]]
+
+
+def render_error(scope: Scope, error: ApiError) -> Response:
+    """The middlewares' refusals: the neuron speaks OpenAI's envelope on every route."""
+    return error_response(error)
 
 
 def _package_version(name: str) -> str | None:
@@ -114,6 +123,7 @@ def create_app(
     if manager is None:
         manager = ModelManager(config, probe, metrics=metrics or NeuronMetrics())
     started = time.monotonic()
+    limits = PromptLimits(config.max_messages, config.max_prompt_bytes, "{key} in neuron.toml")
     discovery = probe.discovery(manager.harness_names)
     version = VersionResponse(
         name="neuron",
@@ -121,6 +131,7 @@ def create_app(
         python=platform.python_version(),
         torch=_package_version("torch"),
         transformers=_package_version("transformers"),
+        pid=os.getpid(),
     )
 
     async def get_discovery(request: Request) -> Response:
@@ -193,6 +204,7 @@ def create_app(
             probe.close()
 
     token = token_from_env(config.token_env, source="neuron.toml", key="token_env")
+    drain = Drain("neuron")
     app = Starlette(
         routes=routes,
         lifespan=lifespan,
@@ -207,9 +219,25 @@ def create_app(
         # inside it, the fleet token (when configured), so refusals are named and logged too.
         middleware=[
             Middleware(RequestIdMiddleware, logger=log),
+            # Requests still running when the drain's time is up end with an error, not a cut.
+            Middleware(DrainGuard, drain=drain, render=render_error, stream_error=openai_stream_error),
             *([Middleware(RequireToken, token=token)] if token is not None else []),
+            # Bodies are read under limits, checked (nesting, conversation size) and only then
+            # handed to a route: nothing absurd reaches the template or the tokenizer.
+            Middleware(
+                BodyGuard,
+                limits=BodyLimits(
+                    max_body_bytes=config.max_body_bytes,
+                    read_timeout_secs=config.body_read_timeout_secs,
+                    setting="{key} in neuron.toml",
+                ),
+                budget=BufferBudget(config.max_buffered_bytes),
+                render=render_error,
+                check=prompt_check(lambda model: limits),
+            ),
         ],
     )
     app.state.manager = manager
     app.state.probe = probe
+    app.state.drain = drain
     return app

@@ -3,7 +3,8 @@
 The listening socket is bound before the app starts, so the port is reachable (connections
 wait in the backlog) while default models load in the background, and a port already in use
 is reported at once. On the first signal hypercorn stops accepting and gives in-flight
-requests `drain_timeout_secs` to finish; the app's shutdown then unloads every model. The
+requests `drain_timeout_secs` to finish, then ends the ones still running with an error
+(streams: an error event; cortex_core.drain); the app's shutdown then unloads every model. The
 process ends with os._exit so that a thread stuck in a driver call or a download cannot
 hold it open (the reference does the same); a second signal exits immediately.
 """
@@ -23,6 +24,7 @@ import click
 import neuron
 from cortex_core.config.loader import ConfigError
 from cortex_core.config.neuron import NeuronConfig, load_neuron_config
+from cortex_core.drain import FLUSH_SECS
 
 log = logging.getLogger("neuron")
 
@@ -52,7 +54,9 @@ async def serve_until_signalled(config: NeuronConfig, sock: socket.socket) -> No
     app = create_app(config)
     hypercorn_config = HypercornConfig()
     hypercorn_config.bind = [f"fd://{sock.detach()}"]
-    hypercorn_config.graceful_timeout = config.drain_timeout_secs
+    # The app's drain ends what still runs at drain_timeout_secs (streams with an error
+    # event); hypercorn waits a little longer, so that those last events are written.
+    hypercorn_config.graceful_timeout = config.drain_timeout_secs + FLUSH_SECS
     hypercorn_config.accesslog = None
     hypercorn_config.errorlog = logging.getLogger("hypercorn.error")
 
@@ -68,6 +72,7 @@ async def serve_until_signalled(config: NeuronConfig, sock: socket.socket) -> No
             signal.Signals(signum).name,
             config.drain_timeout_secs,
         )
+        app.state.drain.begin(config.drain_timeout_secs)
         stop.set()
 
     for signum in (signal.SIGTERM, signal.SIGINT):

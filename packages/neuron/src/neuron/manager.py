@@ -26,6 +26,7 @@ from typing import Any
 from cortex_core.config.neuron import NeuronConfig
 from cortex_core.errors import ApiError
 from cortex_core.harness import Harness, Weights
+from cortex_core.limits import echoed
 from cortex_core.neuron_api import (
     ActivationFailure,
     ActivationStatus,
@@ -43,6 +44,7 @@ from neuron.metrics import LiveReadings, NeuronMetrics
 from neuron.preflight import check_fit, required_bytes
 from neuron.prepare import ModelPreparer
 from neuron.serving.params import context_length
+from neuron.sources import allowed_roots, confine_local, effective_sources, is_local_path
 from neuron.torch_harness import DevicePool, EngineFactory, TorchHarness, default_engine_factory
 
 log = logging.getLogger(__name__)
@@ -213,6 +215,8 @@ class ModelManager:
                 TorchHarness(config, probe, engine_factory=engine_factory, preparer=preparer, devices=devices)
             ]
         self.harnesses: dict[str, Harness[LoadedModel]] = {harness.name: harness for harness in harnesses}
+        # Local paths load only from these, whichever harness would load them.
+        self._roots = allowed_roots(config, effective_sources(config))
         self._clock = clock
         self._records: dict[str, ModelRecord] = {}
         # Bytes that loads in progress will occupy, per device (None = host memory). Free memory
@@ -269,10 +273,10 @@ class ModelManager:
         if record is None:
             raise ApiError(
                 404,
-                f"model '{model_id}' is not loaded on this neuron; loaded: {self._loaded_ids()}. "
+                f"model '{echoed(model_id)}' is not loaded on this neuron; loaded: {self._loaded_ids()}. "
                 "Load it with POST /models/load",
                 code="model_not_found",
-                extras={"model_id": model_id},
+                extras={"model_id": echoed(model_id)},
             )
         if record.state == "loaded" and record.loaded is not None:
             record.last_used = self._clock()
@@ -343,6 +347,9 @@ class ModelManager:
         harness = self._harness(spec)
         if not spec.model_id.strip():
             raise ApiError(400, "model_id is empty", code="invalid_model_id", param="model_id")
+        if is_local_path(spec.model_id):
+            # Before any record exists: a refused path never shows up in /health or /models.
+            confine_local(spec.model_id, self._roots)
         model_id = spec.served_id
         record = self._records.get(model_id)
         if record is not None and record.state == "unloading":
@@ -468,7 +475,7 @@ class ModelManager:
         if record is None:
             raise ApiError(
                 404,
-                f"model '{model_id}' is not loaded on this neuron; loaded: {self._loaded_ids()}",
+                f"model '{echoed(model_id)}' is not loaded on this neuron; loaded: {self._loaded_ids()}",
                 code="model_not_found",
                 param="model_id",
             )

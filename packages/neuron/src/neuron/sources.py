@@ -25,6 +25,7 @@ from pathlib import Path
 
 from cortex_core.config.neuron import DEFAULT_HF_ENDPOINT, NeuronConfig
 from cortex_core.errors import ApiError
+from cortex_core.limits import echoed
 
 log = logging.getLogger(__name__)
 
@@ -108,6 +109,34 @@ class LocalModel:
 
 def is_local_path(model_id: str) -> bool:
     return model_id.startswith(_PATH_PREFIXES)
+
+
+def allowed_roots(config: NeuronConfig, sources: Mapping[str, HubSource]) -> tuple[Path, ...]:
+    """Where local models may be loaded from: the sources' caches, `model_roots`, and the
+    local paths `default_models` names (the operator wrote those). Symlinks resolved."""
+    named = [spec.model_id for spec in config.default_models if is_local_path(spec.model_id)]
+    candidates: list[str | Path] = [*(s.cache_dir for s in sources.values()), *config.model_roots, *named]
+    return tuple(Path(os.path.realpath(Path(root).expanduser())) for root in candidates)
+
+
+def confine_local(model_id: str, roots: Iterable[Path]) -> None:
+    """Refuse (403) a local path outside every allowed root, before anything there is read.
+
+    The load API is reachable from the gateway's admin routes: without this, a request
+    could make the neuron open any file it can read. The refusal names the rule, never
+    what is (or is not) at the path.
+    """
+    path = Path(os.path.realpath(Path(model_id).expanduser()))
+    if any(path == root or path.is_relative_to(root) for root in roots):
+        return
+    raise ApiError(
+        403,
+        f"model '{echoed(model_id)}' is a local path outside the directories this neuron loads "
+        "models from (the Hugging Face cache and model_roots in neuron.toml)",
+        type="permission_error",
+        code="model_path_forbidden",
+        param="model_id",
+    )
 
 
 def resolve_local(model_id: str) -> LocalModel:
@@ -276,8 +305,8 @@ def plan_files(model_id: str, files: Iterable[str], quant: str | None) -> FilePl
         return FilePlan(sidecars=sidecars, weights=(SINGLE_WEIGHTS,))
     raise ApiError(
         422,
-        f"model '{model_id}' has no weights this neuron can load (no model.safetensors, no "
-        f"{INDEX_FILE}, no .gguf); found {sorted(listed)[:20]}",
+        f"model '{echoed(model_id)}' has no weights this neuron can load (no model.safetensors, no "
+        f"{INDEX_FILE}, no .gguf among its {len(listed)} files)",
         code="no_weights",
     )
 

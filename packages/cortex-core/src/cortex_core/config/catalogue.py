@@ -30,6 +30,9 @@ class ModelProfile(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     # Lower an oversized max_tokens to what the context leaves instead of refusing it
     # (opt-in: a client that asked for more should normally hear so, docs/gateway.md).
     clamp_max_tokens: bool = False
+    # This model's own conversation limits (default: gateway.max_messages / max_prompt_bytes).
+    max_messages: int | None = None
+    max_prompt_bytes: int | None = None
 
     @property
     def priority(self) -> int:

@@ -26,6 +26,21 @@ class GatewaySection(Strict):
     metrics_listen: str = "127.0.0.1:31314"
     # Bodies above this are refused with 413 in the caller's dialect.
     max_body_bytes: int = 32 * 1024 * 1024
+    # A body must arrive within this many seconds (then 408): a stalled upload cannot hold
+    # its buffer forever.
+    body_read_timeout_secs: float = 60.0
+    # All bodies being uploaded at once may hold this many bytes; past it a request gets 503
+    # + Retry-After, so slow uploads cannot exhaust the gateway's memory.
+    max_buffered_bytes: int = 256 * 1024 * 1024
+    # A conversation larger than this is refused (400) before any work; models.toml may set
+    # its own per model. Prompt bytes: the conversation's JSON as sent (messages, system,
+    # input, instructions, prompt).
+    max_messages: int = 10_000
+    max_prompt_bytes: int = 8 * 1024 * 1024
+    # On SIGTERM: stop accepting, give running requests this long, then end the ones left
+    # with an error in their dialect (streams: an error event). systemd's TimeoutStopSec
+    # must be longer.
+    shutdown_grace_secs: float = 30.0
 
 
 class NeuronEndpoint(Strict):
@@ -144,6 +159,19 @@ def _validate(config: GatewayConfig, source: str) -> None:
         raise ConfigError(source, "must be at least 1", "poller.unhealthy_after")
     if config.proxy.max_attempts < 1:
         raise ConfigError(source, "must be at least 1", "proxy.max_attempts")
+    section = config.gateway
+    for key, value in (
+        ("max_body_bytes", section.max_body_bytes),
+        ("max_buffered_bytes", section.max_buffered_bytes),
+        ("max_messages", section.max_messages),
+        ("max_prompt_bytes", section.max_prompt_bytes),
+    ):
+        if value < 1:
+            raise ConfigError(source, "must be at least 1", f"gateway.{key}")
+    if section.body_read_timeout_secs <= 0:
+        raise ConfigError(source, "must be positive", "gateway.body_read_timeout_secs")
+    if section.shutdown_grace_secs < 0:
+        raise ConfigError(source, "must be 0 or more", "gateway.shutdown_grace_secs")
     if config.router.max_concurrent_per_model < 0:
         raise ConfigError(source, "must be 0 (no cap) or more", "router.max_concurrent_per_model")
 

@@ -80,8 +80,22 @@ class NeuronConfig(Strict):
     allow_cpu_tensor_parallel: bool = False
     # A tensor-parallel step (any rank) taking longer than this poisons the model instead of hanging it.
     tensor_parallel_step_timeout_secs: float = 120.0
-    # Seconds in-flight requests get to finish on SIGTERM before models are unloaded.
+    # Seconds in-flight requests get to finish on SIGTERM before models are unloaded; the
+    # ones still running then end with an error (streams: an error event).
     drain_timeout_secs: float = 30.0
+    # Local folders and .gguf files load only from inside these directories (besides the
+    # Hugging Face caches of the sources, and the paths default_models names); any other
+    # path in a load request is refused with 403.
+    model_roots: list[str] = msgspec.field(default_factory=list)
+    # Request bodies: larger ones get 413; one must arrive within body_read_timeout_secs
+    # (408); all bodies being uploaded at once hold at most max_buffered_bytes (503).
+    max_body_bytes: int = 64 * 1024 * 1024
+    body_read_timeout_secs: float = 60.0
+    max_buffered_bytes: int = 512 * 1024 * 1024
+    # A conversation larger than this is refused (400) before it is templated or tokenised.
+    # Prompt bytes: the conversation's JSON as sent (messages, input, instructions, prompt).
+    max_messages: int = 10_000
+    max_prompt_bytes: int = 8 * 1024 * 1024
     engine: EngineConfig = msgspec.field(default_factory=EngineConfig)
     vision: VisionConfig = msgspec.field(default_factory=VisionConfig)
     # NAME of the environment variable holding the token the gateway sends (never the token
@@ -97,6 +111,16 @@ def load_neuron_config(path: Path | None, *, env: Mapping[str, str] | None = Non
         raise ConfigError(source, f"expected a TCP port 1-65535, got {config.port}", "port")
     if config.tensor_parallel_step_timeout_secs <= 0:
         raise ConfigError(source, "must be positive", "tensor_parallel_step_timeout_secs")
+    for key, value in (
+        ("max_body_bytes", config.max_body_bytes),
+        ("max_buffered_bytes", config.max_buffered_bytes),
+        ("max_messages", config.max_messages),
+        ("max_prompt_bytes", config.max_prompt_bytes),
+    ):
+        if value < 1:
+            raise ConfigError(source, "must be at least 1", key)
+    if config.body_read_timeout_secs <= 0:
+        raise ConfigError(source, "must be positive", "body_read_timeout_secs")
     engine = config.engine
     for key, value in (
         ("max_batch_size", engine.max_batch_size),
@@ -135,4 +159,7 @@ def load_neuron_config(path: Path | None, *, env: Mapping[str, str] | None = Non
         scheme: msgspec.structs.replace(src, cache_dir=resolve_path(src.cache_dir, base))
         for scheme, src in config.sources.items()
     }
-    return msgspec.structs.replace(config, cache_dir=resolve_path(config.cache_dir, base), sources=sources)
+    roots = [resolve_path(root, base) or root for root in config.model_roots]
+    return msgspec.structs.replace(
+        config, cache_dir=resolve_path(config.cache_dir, base), sources=sources, model_roots=roots
+    )
