@@ -9,9 +9,8 @@ was held forever with its buffer, and ten of them held 244 MB. Here a body is re
 - while the bytes buffered by all requests being read stay under the shared
   `BufferBudget` (503 + Retry-After: the node is busy, not the request wrong),
 
-into one growing buffer that is dropped the moment the request is refused (one large
-allocation, which the allocator hands back to the system, instead of many small chunks
-that can pin the heap). The complete body is then checked — JSON nesting, and whatever the
+into a memory map of its own that is unmapped the moment the request is refused (see
+`_Upload`: its memory goes back to the system, not to a heap that may keep it). The complete body is then checked — JSON nesting, and whatever the
 app adds (prompt limits) — on a worker thread when it is large, so a hostile body never
 stalls the event loop, and replayed to the app as a single message.
 
@@ -24,6 +23,7 @@ Plain ASGI (cortex-core imports no web framework), like `request_id.RequestIdMid
 from __future__ import annotations
 
 import asyncio
+import mmap
 from collections.abc import Awaitable, Callable, MutableMapping
 from dataclasses import dataclass
 from typing import Any
@@ -35,6 +35,8 @@ from cortex_core.limits import MAX_JSON_DEPTH, json_depth_exceeds, too_deep
 # than checking a small body inline).
 OFFLOAD_BYTES = 256 * 1024
 BUSY_RETRY_AFTER_SECS = 1.0
+# A body in parts without a Content-Length starts in a buffer this large (it doubles).
+INITIAL_BUFFER_BYTES = 1024 * 1024
 _NO_BODY_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 
 # Plain ASGI, no framework import: cortex-core is installed on workstations without one.
@@ -81,6 +83,38 @@ class _ClientGone(Exception):
     pass
 
 
+class _Upload:
+    """A body arriving in parts, gathered in an anonymous memory map.
+
+    Not a bytearray: glibc serves and frees large blocks with mmap only until one has been
+    freed, after which it raises its threshold and takes them from the heap, where freed
+    memory often stays with the process. A map of our own is unmapped on `close`, so a
+    refused or stalled upload gives its memory back to the system at once; its pages are
+    only materialised as bytes arrive, so sizing it by Content-Length costs nothing.
+    """
+
+    def __init__(self, capacity: int, limit: int) -> None:
+        self._limit = limit
+        self._map = mmap.mmap(-1, max(1, min(capacity, limit)))
+        self.size = 0
+
+    def append(self, chunk: bytes) -> None:
+        end = self.size + len(chunk)
+        if end > len(self._map):
+            grown = mmap.mmap(-1, min(max(end, 2 * len(self._map)), self._limit))
+            grown[: self.size] = self._map[: self.size]
+            self._map.close()
+            self._map = grown
+        self._map[self.size : end] = chunk
+        self.size = end
+
+    def content(self) -> bytes:
+        return self._map[: self.size]
+
+    def close(self) -> None:
+        self._map.close()
+
+
 class BodyGuard:
     def __init__(
         self,
@@ -124,10 +158,13 @@ class BodyGuard:
 
     async def _read(self, scope: Scope, receive: Receive) -> bytes:
         limits = self._limits
+        declared: int | None = None
         for name, value in scope["headers"]:
-            if name == b"content-length" and value.isdigit() and int(value) > limits.max_body_bytes:
-                raise self._too_large()
-        buffer = bytearray()
+            if name == b"content-length" and value.isdigit():
+                declared = int(value)
+        if declared is not None and declared > limits.max_body_bytes:
+            raise self._too_large()
+        upload: _Upload | None = None
         try:
             async with asyncio.timeout(limits.read_timeout_secs):
                 while True:
@@ -135,7 +172,15 @@ class BodyGuard:
                     if message["type"] == "http.disconnect":
                         raise _ClientGone()
                     chunk = message.get("body", b"")
-                    if len(buffer) + len(chunk) > limits.max_body_bytes:
+                    more = message.get("more_body", False)
+                    if upload is None and not more:
+                        # The usual case: the whole body in one message, nothing to gather.
+                        if len(chunk) > limits.max_body_bytes:
+                            raise self._too_large()
+                        return bytes(chunk)
+                    if upload is None:
+                        upload = _Upload(declared or INITIAL_BUFFER_BYTES, limits.max_body_bytes)
+                    if upload.size + len(chunk) > limits.max_body_bytes:
                         raise self._too_large()
                     if not self._budget.take(len(chunk)):
                         raise ApiError(
@@ -145,9 +190,9 @@ class BodyGuard:
                             code="server_busy",
                             retry_after=BUSY_RETRY_AFTER_SECS,
                         )
-                    buffer += chunk
-                    if not message.get("more_body", False):
-                        break
+                    upload.append(chunk)
+                    if not more:
+                        return upload.content()
         except TimeoutError:
             raise ApiError(
                 408,
@@ -156,8 +201,9 @@ class BodyGuard:
                 code="request_timeout",
             ) from None
         finally:
-            self._budget.give(len(buffer))
-        return bytes(buffer)
+            if upload is not None:
+                self._budget.give(upload.size)
+                upload.close()
 
     def _inspect(self, body: bytes) -> None:
         if json_depth_exceeds(body, self._limits.max_json_depth):
