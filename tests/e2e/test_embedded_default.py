@@ -120,6 +120,41 @@ def test_metrics_listener_answers(served: Served) -> None:
         assert b"cortex_requests_total" in response.read()
 
 
+def port_of(url: str) -> str:
+    return url.rsplit(":", 1)[1]
+
+
+@pytest.mark.parametrize("taken", ["--listen", "--neuron-port"])
+def test_a_second_cortex_serve_beside_it_exits_1_in_one_line_and_leaves_it_serving(
+    served: Served, taken: str
+) -> None:
+    # The second one asks for an address the first one holds: its API, or its neuron's port
+    # (where an answer from the first one's neuron must not be taken for its own).
+    api = port_of(served.ready["api"]) if taken == "--listen" else str(free_port())
+    neuron = port_of(served.ready["neuron"]) if taken == "--neuron-port" else str(free_port())
+    address = f"127.0.0.1:{api if taken == '--listen' else neuron}"
+    second = subprocess.run(
+        [
+            sys.executable, "-m", "cortex_cli", "serve", "--listen", f"127.0.0.1:{api}",
+            "--metrics-listen", f"127.0.0.1:{free_port()}", "--neuron-port", neuron,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )  # fmt: skip
+    assert second.returncode == 1
+    lines = second.stderr.strip().splitlines()
+    assert len(lines) == 1, second.stderr
+    assert address in lines[0] and taken in lines[0]
+    assert "cortex is ready" not in second.stdout
+    from openai import OpenAI
+
+    client = OpenAI(base_url=served.ready["api"] + "/v1", api_key="unused", timeout=300, max_retries=0)
+    assert served.ready["model"] in [model.id for model in client.models.list().data]
+    assert served.process.poll() is None
+
+
 def test_stopping_cortex_stops_the_neuron(served: Served) -> None:
     # Last in this module: it ends the served process.
     neuron_pid = served.ready["neuron_pid"]

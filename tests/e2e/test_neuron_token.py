@@ -12,11 +12,11 @@ import httpx2
 import msgspec
 import pytest
 from support.fake_upstream import on_hypercorn
+from support.local_models import neuron_config
 
 from cortex_core.config.catalogue import ModelCatalogue, ModelProfile
 from cortex_core.config.gateway import GatewayConfig
 from cortex_core.config.loader import ConfigError
-from cortex_core.config.neuron import NeuronConfig
 from cortex_gateway.app import create_app as create_gateway
 from neuron.app import create_app as create_neuron
 from neuron.discovery import HostProbe
@@ -33,7 +33,7 @@ async def test_the_neuron_requires_the_token_and_the_gateway_sends_it(
     monkeypatch.setenv(TOKEN_ENV, TOKEN)
     model = str(tiny_qwen3)
     neuron = create_neuron(
-        NeuronConfig(token_env=TOKEN_ENV),
+        neuron_config(token_env=TOKEN_ENV),
         probe=HostProbe(None, cuda_unavailable_reason="test host: CPU only"),
         activate_defaults=False,
     )
@@ -82,7 +82,7 @@ def test_a_token_variable_that_is_named_but_unset_stops_startup(monkeypatch: pyt
     monkeypatch.delenv(TOKEN_ENV, raising=False)
     probe = HostProbe(None, cuda_unavailable_reason="test host: CPU only")
     with pytest.raises(ConfigError, match=TOKEN_ENV):
-        create_neuron(NeuronConfig(token_env=TOKEN_ENV), probe=probe, activate_defaults=False)
+        create_neuron(neuron_config(token_env=TOKEN_ENV), probe=probe, activate_defaults=False)
     config = msgspec.convert({"auth": {"neuron_token_env": TOKEN_ENV}}, GatewayConfig)
     with pytest.raises(ConfigError, match=TOKEN_ENV):
         create_gateway(config, ModelCatalogue([], {}), run_poller=False)

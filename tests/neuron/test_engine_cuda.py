@@ -16,6 +16,7 @@ from typing import Any
 import pytest
 import torch
 from support.engine_harness import PROMPT_TEXTS, collect, eos_ids
+from support.local_models import neuron_config
 
 from cortex_core.config.neuron import EngineConfig
 from neuron.device import DeviceWorker
@@ -139,7 +140,6 @@ def cuda_memory(label: str) -> dict[str, int]:
 async def test_load_generate_unload_load_through_the_manager_gives_the_memory_back(tiny_qwen3: Path) -> None:
     """The whole lifecycle on GPU 0 as the daemon runs it (real NVML, the device's owner
     thread, the engine's pool sized from free memory), with memory figures after each phase."""
-    from cortex_core.config.neuron import NeuronConfig
     from cortex_core.neuron_api import ModelSpec
     from neuron.discovery import HostProbe
     from neuron.manager import ModelManager
@@ -149,7 +149,7 @@ async def test_load_generate_unload_load_through_the_manager_gives_the_memory_ba
     baseline = cuda_memory("baseline")
     probe = HostProbe.open()
     assert probe.gpu_indices, probe.cuda_unavailable_reason
-    manager = ModelManager(NeuronConfig(engine=SMALL_POOL), probe)
+    manager = ModelManager(neuron_config(engine=SMALL_POOL), probe)
     model_id = str(tiny_qwen3)
     try:
         for round_ in (1, 2):

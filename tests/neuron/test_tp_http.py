@@ -19,9 +19,9 @@ from typing import Any
 
 import httpx2
 import pytest
+from support.local_models import neuron_config
 from support.processes import tp_worker_pids
 
-from cortex_core.config.neuron import NeuronConfig
 from neuron.app import create_app
 from neuron.discovery import HostProbe
 from neuron.manager import ModelManager
@@ -34,7 +34,7 @@ QUESTIONS = ["Hello", "What is the capital of France?", "Count: 0 1 2", "def add
 
 class Node:
     def __init__(self) -> None:
-        config = NeuronConfig(allow_cpu_tensor_parallel=True, tensor_parallel_step_timeout_secs=10)
+        config = neuron_config(allow_cpu_tensor_parallel=True, tensor_parallel_step_timeout_secs=10)
         probe = HostProbe(None, cuda_unavailable_reason="test host: CPU only")
         self.manager = ModelManager(config, probe)
         self.app = create_app(config, probe=probe, manager=self.manager, activate_defaults=False)

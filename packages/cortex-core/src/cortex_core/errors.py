@@ -90,6 +90,13 @@ class ApiError(Exception):
         return f"ApiError({self.status}, {self.message!r}, code={self.code!r})"
 
 
+def unexpected_error(exc: BaseException) -> ApiError:
+    """A failure no code anticipated, as the 500 a client gets: its kind, not its details."""
+    return ApiError(
+        500, f"internal error ({type(exc).__name__}); the server logged the details", code="internal_error"
+    )
+
+
 def bad_request(message: str, *, code: str = "invalid_request_body", param: str | None = None) -> ApiError:
     return ApiError(400, message, type="invalid_request_error", code=code, param=param)
 

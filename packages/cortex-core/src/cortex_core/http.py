@@ -20,7 +20,7 @@ from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import Response
 
-from cortex_core.errors import ApiError
+from cortex_core.errors import ApiError, unexpected_error
 
 # The client asks for the reasoning inside `content`, between the literal markers.
 INCLUDE_THINKING_HEADER = "x-include-thinking"
@@ -105,8 +105,8 @@ def exception_handlers(
     *,
     log_server_errors: logging.Logger | None = None,
 ) -> dict[Any, ExceptionHandler]:
-    """Starlette's `exception_handlers` for an app: `ApiError`s and routing errors, each
-    rendered by `render` (which picks the caller's dialect). With `log_server_errors`, a
+    """Starlette's `exception_handlers` for an app: `ApiError`s, routing errors and any other
+    exception, each rendered by `render` (which picks the caller's dialect). With `log_server_errors`, a
     5xx is logged there, since nothing else would say why a request failed."""
 
     async def on_api_error(request: Request, exc: Exception) -> Response:
@@ -121,4 +121,9 @@ def exception_handlers(
         assert isinstance(exc, HTTPException)
         return render(request, routing_error(exc, request.method, request.url.path, no_route))
 
-    return {ApiError: on_api_error, HTTPException: on_http_error}
+    async def on_unexpected(request: Request, exc: Exception) -> Response:
+        # A bug, not a refusal: still an answer in the caller's dialect, never Starlette's
+        # plain-text 500. (Starlette re-raises it afterwards, so it is logged with its trace.)
+        return render(request, unexpected_error(exc))
+
+    return {ApiError: on_api_error, HTTPException: on_http_error, Exception: on_unexpected}

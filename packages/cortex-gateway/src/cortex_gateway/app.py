@@ -36,7 +36,7 @@ from cortex_core.config.catalogue import ModelCatalogue
 from cortex_core.config.gateway import GatewayConfig
 from cortex_core.drain import Drain, DrainGuard, openai_stream_error
 from cortex_core.errors import ApiError, decode_json_body
-from cortex_core.http import Dialect, error_response, exception_handlers, json_response
+from cortex_core.http import Dialect, error_body, error_response, exception_handlers, json_response
 from cortex_core.limits import PromptLimits, echoed, prompt_check
 from cortex_core.request_id import RequestIdMiddleware, request_id_of
 from cortex_core.token import token_from_env
@@ -140,7 +140,7 @@ def prompt_limits(config: GatewayConfig, catalogue: ModelCatalogue) -> Callable[
 def stream_error(scope: Scope, error: ApiError) -> bytes:
     """The last event of a stream the gateway has to end, in the caller's dialect."""
     if scope_speaks_anthropic(scope):
-        body = msgspec.json.encode(error.anthropic_body(request_id_of(scope)))
+        body = msgspec.json.encode(error_body(error, Dialect.ANTHROPIC, request_id_of(scope)))
         return b"\n\nevent: error\ndata: " + body + b"\n\n"
     return openai_stream_error(scope, error)
 
