@@ -23,10 +23,10 @@ import pytest
 import pytest_asyncio
 from pydantic import BaseModel, ConfigDict, Field
 from support.fake_upstream import on_hypercorn
+from support.local_models import neuron_config
 
 from cortex_core.config.catalogue import ModelCatalogue, ModelProfile
 from cortex_core.config.gateway import GatewayConfig
-from cortex_core.config.neuron import NeuronConfig
 from cortex_gateway.app import create_app as create_gateway
 from neuron.app import create_app as create_neuron
 from neuron.discovery import HostProbe
@@ -74,7 +74,7 @@ class Stack:
 async def stack(tiny_qwen3: Path) -> AsyncIterator[Stack]:
     model = str(tiny_qwen3)
     neuron = create_neuron(
-        NeuronConfig(),
+        neuron_config(),
         probe=HostProbe(None, cuda_unavailable_reason="test host: CPU only"),
         activate_defaults=False,
     )
