@@ -121,10 +121,10 @@ class Drain:
         if self._timer is not None:
             self._timer.cancel()
 
-    def _track(self, exchange: _Exchange) -> None:
+    def track(self, exchange: _Exchange) -> None:
         self._exchanges.add(exchange)
 
-    def _untrack(self, exchange: _Exchange) -> None:
+    def untrack(self, exchange: _Exchange) -> None:
         self._exchanges.discard(exchange)
 
 
@@ -146,7 +146,7 @@ class DrainGuard:
             await self._render(scope, shutting_down(self._drain.who))(scope, receive, send)
             return
         exchange = _Exchange(task, send)
-        self._drain._track(exchange)
+        self._drain.track(exchange)
         try:
             await self._app(scope, receive, exchange.send)
         except asyncio.CancelledError:
@@ -154,7 +154,7 @@ class DrainGuard:
                 raise
             task.uncancel()
         finally:
-            self._drain._untrack(exchange)
+            self._drain.untrack(exchange)
         if exchange.interrupted and not exchange.finished:
             await self._end(scope, receive, exchange)
 

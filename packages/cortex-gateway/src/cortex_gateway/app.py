@@ -3,7 +3,11 @@
 Wiring, one way: poller → FleetState → placement → Router → Proxy → metrics. In front of
 the router sits the gate (gate.py: API keys, entitlements, per-key limits, the fair queue),
 with its middleware authenticating every request before a handler reads the body; CORS,
-when configured, wraps both. The factory builds each piece from the config and hangs them
+when configured, wraps both. Around them, from cortex_core: the drain (requests still
+running when a shutdown's grace ends are answered in their dialect) and, inside the key
+check, the body guard (bodies read once under a timeout, a size limit and a shared budget;
+JSON nesting and conversation size refused before any handler, per model from the
+catalogue). The factory builds each piece from the config and hangs them
 on `app.state` (fleet, router, poller, proxy, metrics, neuron_client, gate, keys) so tests
 and `serve` can reach them.
 

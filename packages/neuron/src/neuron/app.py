@@ -4,6 +4,11 @@ Built by `create_app` from the objects it needs - nothing global - so a test can
 fake NVML, a fake engine or a ready ModelManager, and the gateway's tests can run a real
 neuron in process. Errors are ApiErrors from anywhere below, rendered once here in the
 OpenAI envelope with Retry-After where there is one.
+
+The middlewares of cortex_core guard every route: bodies are read once under the limits
+of neuron.toml (timeout, size, a shared budget) and checked (JSON nesting, conversation
+size) before a route sees them, so nothing absurd reaches the template or the tokenizer;
+and requests still running when the drain's time is up end with an error, not a cut.
 """
 
 from __future__ import annotations
