@@ -300,19 +300,27 @@ def read_answer(sock: socket.socket) -> tuple[int, dict[str, Any]]:
     return status, json.loads(body[:length])
 
 
-@pytest.mark.parametrize("target", ["gateway", "gateway-anthropic", "neuron"])
-def test_a_stalled_upload_is_408_in_the_dialect(fleet: Fleet, target: str) -> None:
-    port = fleet.neuron_port if target == "neuron" else fleet.gateway_port
-    path = "/v1/messages" if target == "gateway-anthropic" else "/v1/chat/completions"
-    with open_upload(port, path, 1 * MiB, anthropic=target == "gateway-anthropic") as sock:
-        send_part(sock, 1000)
-        status, body = read_answer(sock)
-    assert status == 408
-    if target == "gateway-anthropic":
-        assert body["type"] == "error" and "body_read_timeout_secs" in body["error"]["message"]
-    else:
-        assert body["error"]["code"] == "request_timeout"
-        assert "body_read_timeout_secs" in body["error"]["message"]
+def test_stalled_uploads_are_408_in_the_dialect(fleet: Fleet) -> None:
+    # All three at once: each waits out the same read timeout.
+    targets = {
+        "gateway": open_upload(fleet.gateway_port, "/v1/chat/completions", MiB),
+        "gateway-anthropic": open_upload(fleet.gateway_port, "/v1/messages", MiB, anthropic=True),
+        "neuron": open_upload(fleet.neuron_port, "/v1/chat/completions", MiB),
+    }
+    try:
+        for sock in targets.values():
+            send_part(sock, 1000)
+        answers = {target: read_answer(sock) for target, sock in targets.items()}
+    finally:
+        for sock in targets.values():
+            sock.close()
+    for target, (status, body) in answers.items():
+        assert status == 408, (target, body)
+        if target == "gateway-anthropic":
+            assert body["type"] == "error" and "body_read_timeout_secs" in body["error"]["message"]
+        else:
+            assert body["error"]["code"] == "request_timeout"
+            assert "body_read_timeout_secs" in body["error"]["message"]
     still_serving(fleet)
 
 

@@ -5,7 +5,7 @@ A short stream running when the signal arrives finishes normally (`[DONE]`,
 `message_stop`); a long one is still running when the grace is over and ends with an
 error event in its dialect, never a cut connection; the process exits 0. At the gateway
 the scripted upstream decides which stream ends when; at the neuron the long stream counts
-to a thousand (thousands of tokens at the CPU's pace, far more than its ten seconds of
+to a thousand (thousands of tokens at the CPU's pace, far more than its five seconds of
 grace allow) and the short one needs a single engine step after its first token.
 """
 
@@ -31,7 +31,7 @@ pytestmark = pytest.mark.slow
 MODEL = "smollm2"
 FAKE_NEURON = Path(__file__).resolve().parents[1] / "support" / "fake_neuron_process.py"
 GATEWAY_GRACE_SECS = 2
-GRACE_SECS = 10
+GRACE_SECS = 5
 HANG_GUARD_SECS = 120.0
 LONG = "Count from 1 to 1000, one number per line."
 SHORT = "Say hi."
