@@ -4,9 +4,10 @@ in front of a scripted neuron process, and a neuron serving SmolLM2.
 A short stream running when the signal arrives finishes normally (`[DONE]`,
 `message_stop`); a long one is still running when the grace is over and ends with an
 error event in its dialect, never a cut connection; the process exits 0. At the gateway
-the scripted upstream decides which stream ends when; at the neuron the long stream counts
-to a thousand (thousands of tokens at the CPU's pace, far more than its five seconds of
-grace allow) and the short one needs a single engine step after its first token.
+the scripted upstream decides which stream ends when. At the neuron the long streams are
+long by their prompts, not by what the model answers (it may stop whenever it likes):
+5000 tokens prefilled 4 a step are over a thousand steps, far more than ten seconds of grace
+on a CPU, while the short stream was admitted first and decodes a token every step.
 """
 
 from __future__ import annotations
@@ -31,10 +32,13 @@ pytestmark = pytest.mark.slow
 MODEL = "smollm2"
 FAKE_NEURON = Path(__file__).resolve().parents[1] / "support" / "fake_neuron_process.py"
 GATEWAY_GRACE_SECS = 2
-GRACE_SECS = 5
+GRACE_SECS = 10
 HANG_GUARD_SECS = 120.0
-LONG = "Count from 1 to 1000, one number per line."
 SHORT = "Say hi."
+# About 5000 tokens: with PREFILL_CHUNK prompt tokens a step, far more steps than the grace
+# holds on a CPU, whatever the model would answer.
+LONG_PROMPT = "hello " * 5000
+PREFILL_CHUNK = 4
 
 
 @dataclass
@@ -45,6 +49,8 @@ class Stream:
     body: dict[str, Any]
     headers: dict[str, str] = field(default_factory=dict)
     started: threading.Event = field(default_factory=threading.Event)
+    # Set at the first data frame (a keep-alive comment sets only `started`).
+    answering: threading.Event = field(default_factory=threading.Event)
     text: str = ""
     status: int = 0
     thread: threading.Thread | None = None
@@ -63,7 +69,10 @@ class Stream:
             for chunk in response.iter_text():
                 self.text += chunk
                 self.started.set()
+                if "data:" in self.text:
+                    self.answering.set()
         self.started.set()
+        self.answering.set()
 
     def finish(self) -> str:
         assert self.thread is not None
@@ -121,6 +130,7 @@ def write_neuron_config(folder: Path, model: Path, port: int, drain_secs: float)
     config = folder / "neuron.toml"
     config.write_text(
         f'host = "127.0.0.1"\nport = {port}\ndrain_timeout_secs = {drain_secs}\n\n'
+        f"[engine]\nprefill_chunk_tokens = {PREFILL_CHUNK}\nkeepalive_secs = 0.2\n\n"
         f'[[default_models]]\nmodel_id = "{model}"\nserved_model_name = "{MODEL}"\n'
     )
     return config
@@ -200,16 +210,18 @@ def test_the_neuron_drains_on_sigterm_and_ends_long_streams_with_an_error_event(
     smollm2_neuron: tuple[str, subprocess.Popen[bytes]],
 ) -> None:
     url, process = smollm2_neuron
-    long_chat = Stream(url + "/v1/chat/completions", chat(LONG, 4000)).start()
+    # First, and answering (its prompt computed) before the long ones come: two steps to go.
+    short = Stream(url + "/v1/chat/completions", chat(SHORT, 3)).start()
+    assert short.answering.wait(HANG_GUARD_SECS)
+    # Then two prompts whose prefill alone takes hundreds of steps (PREFILL_CHUNK tokens each);
+    # their streams are open (keep-alive comments) long before a first token.
+    long_chat = Stream(url + "/v1/chat/completions", chat(LONG_PROMPT, 500)).start()
     long_responses = Stream(
         url + "/v1/responses",
-        {"model": MODEL, "input": LONG, "max_output_tokens": 4000, "temperature": 0, "stream": True},
+        {"model": MODEL, "input": LONG_PROMPT, "max_output_tokens": 500, "temperature": 0, "stream": True},
     ).start()
     for stream in (long_chat, long_responses):
         assert stream.started.wait(HANG_GUARD_SECS)
-    # Two tokens: one engine step after its first, however loaded the machine.
-    short = Stream(url + "/v1/chat/completions", chat(SHORT, 2)).start()
-    assert short.started.wait(HANG_GUARD_SECS)
     process.send_signal(signal.SIGTERM)
 
     assert_openai_done(short.finish())
