@@ -14,9 +14,10 @@ from typing import Any
 import httpx2
 import pytest
 from support.engine_harness import eos_ids
+from support.local_models import neuron_config
 from support.vision import data_uri, picture, plain, png_bytes, reference_vision_greedy
 
-from cortex_core.config.neuron import NeuronConfig, VisionConfig
+from cortex_core.config.neuron import VisionConfig
 from neuron.app import create_app
 from neuron.discovery import HostProbe
 from neuron.manager import ModelManager
@@ -30,7 +31,7 @@ VISION = VisionConfig(max_pixels=8 * 1024, max_image_bytes=60_000)
 class Node:
     def __init__(self) -> None:
         probe = HostProbe(None, cuda_unavailable_reason="test host: CPU only")
-        config = NeuronConfig(vision=VISION)
+        config = neuron_config(vision=VISION)
         self.manager = ModelManager(config, probe)
         self.app = create_app(config, probe=probe, manager=self.manager, activate_defaults=False)
         self.client = httpx2.AsyncClient(
