@@ -12,8 +12,8 @@ import httpx2
 import pytest
 import torch
 from support.engine_harness import load_model, reference_greedy
+from support.local_models import neuron_config
 
-from cortex_core.config.neuron import NeuronConfig
 from neuron.app import create_app
 from neuron.discovery import HostProbe
 from neuron.manager import ModelManager
@@ -24,8 +24,8 @@ HANG_GUARD_SECS = 120
 class Node:
     def __init__(self) -> None:
         probe = HostProbe(None, cuda_unavailable_reason="test host: CPU only")
-        self.manager = ModelManager(NeuronConfig(), probe)
-        self.app = create_app(NeuronConfig(), probe=probe, manager=self.manager, activate_defaults=False)
+        self.manager = ModelManager(neuron_config(), probe)
+        self.app = create_app(neuron_config(), probe=probe, manager=self.manager, activate_defaults=False)
         self.client = httpx2.AsyncClient(
             transport=httpx2.ASGITransport(app=self.app), base_url="http://test", timeout=HANG_GUARD_SECS
         )
