@@ -29,6 +29,7 @@ from starlette.routing import Route
 
 from cortex_core.config.gateway import ProxySection
 from cortex_core.errors import ApiError
+from cortex_core.http import SERVER_KEEP_ALIVE_SECS
 from cortex_gateway.lease import LeaseProvider
 from cortex_gateway.metrics import GatewayMetrics
 from cortex_gateway.proxy import Proxy
@@ -201,6 +202,8 @@ async def on_hypercorn(app: Starlette) -> AsyncIterator[str]:
     config.bind = [f"fd://{listener.detach()}"]
     config.accesslog = None
     config.errorlog = None
+    # As the daemons serve (cortex_core.http): the gateway's pool never outlives it.
+    config.keep_alive_timeout = SERVER_KEEP_ALIVE_SECS
     stop = asyncio.Event()
     server = asyncio.ensure_future(serve(app, config, shutdown_trigger=stop.wait))  # type: ignore[arg-type]
     try:

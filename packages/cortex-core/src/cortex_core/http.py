@@ -30,6 +30,12 @@ CLAMP_MAX_TOKENS_HEADER = "x-cortex-clamp-max-tokens"
 MAX_TOKENS_CLAMPED_HEADER = "x-cortex-max-tokens-clamped"
 
 JSON_MEDIA_TYPE = "application/json"
+# How long both daemons keep an idle client connection open. The gateway's pool drops an
+# idle neuron connection sooner (POOLED_CONNECTION_SECS), so it never sends a request on a
+# connection the neuron is closing at that moment (hypercorn's 5 s default against
+# aiohttp's 15 s made exactly that race: a 502 "Server disconnected" now and then).
+SERVER_KEEP_ALIVE_SECS = 75
+POOLED_CONNECTION_SECS = 30
 # The raw ASGI form, for responses that write their own messages (the gateway's relay).
 JSON_HEADERS: tuple[tuple[bytes, bytes], ...] = ((b"content-type", JSON_MEDIA_TYPE.encode()),)
 

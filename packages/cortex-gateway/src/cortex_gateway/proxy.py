@@ -42,7 +42,7 @@ from starlette.types import Receive, Scope, Send
 
 from cortex_core.config.gateway import ProxySection
 from cortex_core.errors import ApiError
-from cortex_core.http import CLAMP_MAX_TOKENS_HEADER, error_asgi_headers
+from cortex_core.http import CLAMP_MAX_TOKENS_HEADER, POOLED_CONNECTION_SECS, error_asgi_headers
 from cortex_gateway.lease import Lease, Upstream
 from cortex_gateway.metrics import CLIENT_CLOSED, GatewayMetrics, RequestOutcome, TargetMetrics
 from cortex_gateway.neuron_client import neuron_auth_headers
@@ -183,7 +183,9 @@ class Proxy:
             sock_read=self.config.idle_timeout_secs,  # reset by every read: an idle timeout
         )
         self._session = aiohttp.ClientSession(
-            connector=aiohttp.TCPConnector(limit=0, enable_cleanup_closed=True),
+            connector=aiohttp.TCPConnector(
+                limit=0, enable_cleanup_closed=True, keepalive_timeout=POOLED_CONNECTION_SECS
+            ),
             timeout=timeout,
             auto_decompress=False,
             skip_auto_headers=("User-Agent", "Content-Type"),

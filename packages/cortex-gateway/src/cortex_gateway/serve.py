@@ -27,6 +27,7 @@ from starlette.routing import Mount
 from cortex_core.config.catalogue import ModelCatalogue
 from cortex_core.config.gateway import GatewayConfig, check_exposure, parse_listen
 from cortex_core.drain import FLUSH_SECS
+from cortex_core.http import SERVER_KEEP_ALIVE_SECS
 from cortex_gateway.app import create_app
 
 log = logging.getLogger(__name__)
@@ -90,7 +91,7 @@ def _hypercorn_config(sock: socket.socket, grace_secs: float) -> HypercornConfig
     config.accesslog = None
     config.errorlog = logging.getLogger("hypercorn.error")
     # Streams may sit silent while a cold load runs; the proxy owns the idle timeouts.
-    config.keep_alive_timeout = 75
+    config.keep_alive_timeout = SERVER_KEEP_ALIVE_SECS
     return config
 
 

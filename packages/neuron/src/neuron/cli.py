@@ -49,6 +49,7 @@ async def serve_until_signalled(config: NeuronConfig, sock: socket.socket) -> No
     from hypercorn.asyncio import serve
     from hypercorn.config import Config as HypercornConfig
 
+    from cortex_core.http import SERVER_KEEP_ALIVE_SECS
     from neuron.app import create_app
 
     app = create_app(config)
@@ -59,6 +60,7 @@ async def serve_until_signalled(config: NeuronConfig, sock: socket.socket) -> No
     hypercorn_config.graceful_timeout = config.drain_timeout_secs + FLUSH_SECS
     hypercorn_config.accesslog = None
     hypercorn_config.errorlog = logging.getLogger("hypercorn.error")
+    hypercorn_config.keep_alive_timeout = SERVER_KEEP_ALIVE_SECS
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
