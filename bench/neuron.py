@@ -645,6 +645,11 @@ def report(
         value = results.get(name, {}).get(key)
         return "-" if value is None else format(value, fmt)
 
+    def measured(name: str) -> list[tuple[str, dict[str, float]]]:
+        """One scenario's results per engine that ran it: the one of --before (if any), then this one."""
+        runs = (("engine before", before), ("engine", after))
+        return [(label, results[name]) for label, results in runs if name in results]
+
     if "mixed" in after:
         lengths = mixed_lengths(16, mixed_longest)
         print(f"mixed: 16 streams, prompts {lengths[0]}-{lengths[-1]} tokens, 32 new tokens each")
@@ -668,14 +673,12 @@ def report(
             print()
     if "arrival" in after:
         print("arrival: 8 decoding streams, a 4,000-token prompt arrives")
-        for label, results in (("engine before", before), ("engine", after)):
-            if "arrival" in results:
-                r = results["arrival"]
-                print(
-                    f"  {label:<15} long prompt TTFT {r['long_ttft_ms']:8.1f} ms, longest gap of the 8 "
-                    f"{r['longest_gap_ms']:8.1f} ms ({r['gap_share_of_ttft']:.2f} of the TTFT; goal <= 0.25), "
-                    f"median gap before it {r['median_gap_before_ms']:.1f} ms"
-                )
+        for label, r in measured("arrival"):
+            print(
+                f"  {label:<15} long prompt TTFT {r['long_ttft_ms']:8.1f} ms, longest gap of the 8 "
+                f"{r['longest_gap_ms']:8.1f} ms ({r['gap_share_of_ttft']:.2f} of the TTFT; goal <= 0.25), "
+                f"median gap before it {r['median_gap_before_ms']:.1f} ms"
+            )
     if "hybrid" in after:
         r = after["hybrid"]
         print(
@@ -703,12 +706,10 @@ def report(
         )
     if "conversations" in after:
         print("conversations: 12 x 4 turns, interleaved")
-        for label, results in (("engine before", before), ("engine", after)):
-            if "conversations" in results:
-                r = results["conversations"]
-                print(
-                    f"  {label:<15} {int(r['turns_covered'])} of {int(r['later_turns'])} later turns reuse >= 90% of the previous prompt"
-                )
+        for label, r in measured("conversations"):
+            print(
+                f"  {label:<15} {int(r['turns_covered'])} of {int(r['later_turns'])} later turns reuse >= 90% of the previous prompt"
+            )
 
 
 async def main() -> int:
