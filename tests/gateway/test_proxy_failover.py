@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import socket
 
+import httpx2
 import pytest
 from support.fake_upstream import CHAT_JSON, FakeUpstream, Script, in_process, relay_app, sse_stream
 from support.fixed_router import FixedRouter
@@ -24,6 +25,18 @@ def refused_url() -> str:
 
 def router(*urls: str) -> FixedRouter:
     return FixedRouter({"qwen": [Upstream(f"node{i}", url, "qwen") for i, url in enumerate(urls)]})
+
+
+async def relayed_over_two(first_answers: Script) -> tuple[httpx2.Response, tuple[int, int]]:
+    """REQUEST relayed over two replicas, the first answering with `first_answers`, the second
+    with a plain chat completion: the client's answer and the calls each replica received."""
+    async with (
+        FakeUpstream(first_answers) as first,
+        FakeUpstream() as second,
+        in_process(relay_app(router(first.base_url, second.base_url))) as client,
+    ):
+        response = await client.post("/v1/chat/completions", content=REQUEST)
+    return response, (len(first.calls), len(second.calls))
 
 
 async def test_first_refuses_second_serves() -> None:
@@ -53,31 +66,20 @@ async def test_first_refuses_second_serves() -> None:
     ],
 )
 async def test_an_explicit_not_ready_goes_to_another_replica(status: int, body: bytes) -> None:
-    not_ready = Script(status=status, chunks=[body])
-    async with (
-        FakeUpstream(not_ready) as first,
-        FakeUpstream() as second,
-        in_process(relay_app(router(first.base_url, second.base_url))) as client,
-    ):
-        response = await client.post("/v1/chat/completions", content=REQUEST)
+    response, calls = await relayed_over_two(Script(status=status, chunks=[body]))
     assert response.status_code == 200
-    assert (len(first.calls), len(second.calls)) == (1, 1)
+    assert calls == (1, 1)
 
 
 async def test_a_5xx_the_neuron_did_not_explain_is_relayed_not_repeated() -> None:
     body = b'{"error":{"message":"busy","type":"api_error","code":"overloaded"}}'
     script = Script(status=503, chunks=[body], extra_headers={"retry-after": "7"})
-    async with (
-        FakeUpstream(script) as first,
-        FakeUpstream() as second,
-        in_process(relay_app(router(first.base_url, second.base_url))) as client,
-    ):
-        response = await client.post("/v1/chat/completions", content=REQUEST)
+    response, calls = await relayed_over_two(script)
     assert response.status_code == 503
     assert response.headers["retry-after"] == "7"
     assert response.content == body
     # The neuron received it and failed: it may have run, so it is run nowhere else.
-    assert (len(first.calls), len(second.calls)) == (1, 0)
+    assert calls == (1, 0)
 
 
 async def test_a_lone_replica_is_never_tried_twice() -> None:
@@ -93,15 +95,10 @@ async def test_a_lone_replica_is_never_tried_twice() -> None:
 
 async def test_upstream_dies_before_first_body_byte_is_not_repeated() -> None:
     dying = Script(content_type="text/event-stream", chunks=sse_stream(["a"]), die_after=0)
-    async with (
-        FakeUpstream(dying) as first,
-        FakeUpstream() as second,
-        in_process(relay_app(router(first.base_url, second.base_url))) as client,
-    ):
-        response = await client.post("/v1/chat/completions", content=REQUEST)
+    response, calls = await relayed_over_two(dying)
     assert response.status_code == 502
     assert response.json()["error"]["code"] == "upstream_connection_error"
-    assert (len(first.calls), len(second.calls)) == (1, 0)
+    assert calls == (1, 0)
 
 
 async def test_no_retry_after_first_byte() -> None:
