@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from types import MappingProxyType
 
 import pytest
@@ -13,6 +14,34 @@ from cortex_gateway.placement import ColdLoad, Decision, PlacementPolicy, Refuse
 
 NOW = 50_000.0
 POLICY = PlacementPolicy(min_residency_secs=60.0, failed_load_backoff_secs=30.0)
+
+
+def polled_node(
+    name: str,
+    *,
+    discovery: DiscoveryResponse | None,
+    device_health: tuple[DeviceHealth, ...] = (),
+    host_memory_free_mb: int = 0,
+    models: Sequence[ModelView] = (),
+    healthy: bool = True,
+    in_flight: dict[str, int] | None = None,
+) -> NodeView:
+    """A node as the poller last saw it, at NOW and without failures; GPU and CPU nodes differ
+    only in what they report."""
+    return NodeView(
+        name=name,
+        endpoint=f"http://{name}:13131",
+        healthy=healthy,
+        consecutive_failures=0,
+        last_error=None,
+        last_poll=NOW,
+        discovery=discovery,
+        device_health=device_health,
+        host_memory_free_mb=host_memory_free_mb,
+        models=MappingProxyType({m.id: m for m in models}),
+        memory_adjust_mb=MappingProxyType({}),
+        in_flight=MappingProxyType(in_flight or {}),
+    )
 
 
 def gpu_node(
@@ -33,41 +62,24 @@ def gpu_node(
             DeviceInfo(index=i, name="GPU", vram_total_mb=total) for i, (total, _) in enumerate(devices)
         ],
     )
-    return NodeView(
-        name=name,
-        endpoint=f"http://{name}:13131",
-        healthy=healthy,
-        consecutive_failures=0,
-        last_error=None,
-        last_poll=NOW,
+    return polled_node(
+        name,
         discovery=discovery if discovered else None,
         device_health=tuple(
             DeviceHealth(index=i, vram_used_mb=total - free, vram_free_mb=free)
             for i, (total, free) in enumerate(devices)
         ),
-        host_memory_free_mb=0,
-        models=MappingProxyType({m.id: m for m in models}),
-        memory_adjust_mb=MappingProxyType({}),
-        in_flight=MappingProxyType(in_flight or {}),
+        models=models,
+        healthy=healthy,
+        in_flight=in_flight,
     )
 
 
 def cpu_node(
     name: str, *, total_mb: int = 16_000, free_mb: int = 8_000, models: list[ModelView] = ()
 ) -> NodeView:  # type: ignore[assignment]
-    return NodeView(
-        name=name,
-        endpoint=f"http://{name}:13131",
-        healthy=True,
-        consecutive_failures=0,
-        last_error=None,
-        last_poll=NOW,
-        discovery=DiscoveryResponse(hostname=name, os="Linux", kernel="6", host_memory_total_mb=total_mb),
-        device_health=(),
-        host_memory_free_mb=free_mb,
-        models=MappingProxyType({m.id: m for m in models}),
-        memory_adjust_mb=MappingProxyType({}),
-    )
+    discovery = DiscoveryResponse(hostname=name, os="Linux", kernel="6", host_memory_total_mb=total_mb)
+    return polled_node(name, discovery=discovery, host_memory_free_mb=free_mb, models=models)
 
 
 def loaded(
