@@ -6,7 +6,7 @@ import asyncio
 import math
 from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import pytest
 import torch
@@ -50,14 +50,25 @@ def model_and_prompts(request: pytest.FixtureRequest) -> tuple[Any, list[list[in
     return model, [tokenizer.encode(text) for text in PROMPT_TEXTS]
 
 
+class Golden(NamedTuple):
+    """What a golden test compares: a tiny model and its prompts, an engine over a recording
+    runner of that model, and the model's end-of-sequence ids."""
+
+    model: Any
+    prompts: list[list[int]]
+    engine: TorchEngine
+    runner: RecordingRunner
+    stops: frozenset[int]
+
+
 @pytest.fixture
-async def engine_and_runner(
+async def golden(
     model_and_prompts: tuple[Any, list[list[int]]], worker: DeviceWorker
-) -> AsyncIterator[tuple[TorchEngine, RecordingRunner]]:
-    model, _ = model_and_prompts
+) -> AsyncIterator[Golden]:
+    model, prompts = model_and_prompts
     runner = RecordingRunner(model, device="cpu")
     engine = TorchEngine(runner, worker=worker, config=EngineConfig(max_batch_size=8), model_id="tiny")
-    yield engine, runner
+    yield Golden(model, prompts, engine, runner, eos_ids(model))
     await engine.close()
 
 
@@ -65,27 +76,18 @@ def request(prompt: list[int], max_new: int, stops: frozenset[int]) -> Generatio
     return GenerationRequest(prompt_ids=prompt, max_new_tokens=max_new, sampling=GREEDY, stop_token_ids=stops)
 
 
-async def test_alone_equals_generate(
-    model_and_prompts: tuple[Any, list[list[int]]], engine_and_runner: tuple[TorchEngine, RecordingRunner]
-) -> None:
-    model, prompts = model_and_prompts
-    engine, _ = engine_and_runner
-    stops = eos_ids(model)
-    for prompt, max_new in zip(prompts[:4], MAX_NEW[:4], strict=True):
-        expected, finish = reference_greedy(model, prompt, max_new)
-        got = await collect(engine.generate(request(prompt, max_new, stops)))
+async def test_alone_equals_generate(golden: Golden) -> None:
+    for prompt, max_new in zip(golden.prompts[:4], MAX_NEW[:4], strict=True):
+        expected, finish = reference_greedy(golden.model, prompt, max_new)
+        got = await collect(golden.engine.generate(request(prompt, max_new, golden.stops)))
         assert got.tokens == expected
         assert got.finish_reason == finish
         assert got.completion_tokens == len(expected)
         assert got.prompt_tokens == len(prompt)
 
 
-async def test_eight_concurrent_staggered_equal_generate(
-    model_and_prompts: tuple[Any, list[list[int]]], engine_and_runner: tuple[TorchEngine, RecordingRunner]
-) -> None:
-    model, prompts = model_and_prompts
-    engine, runner = engine_and_runner
-    stops = eos_ids(model)
+async def test_eight_concurrent_staggered_equal_generate(golden: Golden) -> None:
+    model, prompts, engine, runner, stops = golden
     expected = [reference_greedy(model, p, n) for p, n in zip(prompts, MAX_NEW, strict=True)]
     # Four start together; four more join once the first ones are decoding (MAX_NEW[0] > 2).
     streams = [engine.generate(request(p, n, stops)) for p, n in zip(prompts[:4], MAX_NEW[:4], strict=True)]
@@ -119,12 +121,8 @@ async def test_moe_batched_equals_generate(tiny_qwen3_moe: Path, worker: DeviceW
     assert max(runner.batch_sizes) > 1
 
 
-async def test_repeated_prefix_reports_cached_tokens_and_keeps_output(
-    model_and_prompts: tuple[Any, list[list[int]]], engine_and_runner: tuple[TorchEngine, RecordingRunner]
-) -> None:
-    model, prompts = model_and_prompts
-    engine, runner = engine_and_runner
-    stops = eos_ids(model)
+async def test_repeated_prefix_reports_cached_tokens_and_keeps_output(golden: Golden) -> None:
+    model, prompts, engine, runner, stops = golden
     first_turn = prompts[3] + prompts[6]
     first = await collect(engine.generate(request(first_turn, 10, stops)))
     assert first.cached_tokens == 0
@@ -137,15 +135,12 @@ async def test_repeated_prefix_reports_cached_tokens_and_keeps_output(
     assert (second.tokens, second.finish_reason) == (expected, finish)
 
 
-async def test_long_batched_generation_grows_its_buffers_and_still_matches(
-    model_and_prompts: tuple[Any, list[list[int]]], engine_and_runner: tuple[TorchEngine, RecordingRunner]
-) -> None:
+async def test_long_batched_generation_grows_its_buffers_and_still_matches(golden: Golden) -> None:
     # 300 steps outgrow the initial K/V headroom and padding-mask width of the batch.
-    model, prompts = model_and_prompts
-    engine, _ = engine_and_runner
-    chosen = [prompts[0], prompts[5]]
-    expected = [reference_greedy(model, p, 300, stop_at_eos=False) for p in chosen]
-    results = await asyncio.gather(*(collect(engine.generate(request(p, 300, frozenset()))) for p in chosen))
+    chosen = [golden.prompts[0], golden.prompts[5]]
+    expected = [reference_greedy(golden.model, p, 300, stop_at_eos=False) for p in chosen]
+    runs = (collect(golden.engine.generate(request(p, 300, frozenset()))) for p in chosen)
+    results = await asyncio.gather(*runs)
     for (tokens, _), got in zip(expected, results, strict=True):
         assert len(tokens) == 300
         assert got.tokens == tokens
