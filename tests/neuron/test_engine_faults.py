@@ -4,7 +4,8 @@ is reported once; an id outside the embedding is a 400 before anything runs."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -81,6 +82,19 @@ def request(prompt: list[int], max_new: int = 4) -> GenerationRequest:
     return GenerationRequest(prompt_ids=prompt, max_new_tokens=max_new, sampling=GREEDY)
 
 
+@asynccontextmanager
+async def running(
+    runner: SingleDeviceRunner, worker: DeviceWorker, **options: Any
+) -> AsyncIterator[TorchEngine]:
+    """An engine over `runner`, closed however the test ends, within the hang guard: a fault
+    that wedged the device thread fails the test instead of hanging the suite."""
+    engine = TorchEngine(runner, worker=worker, model_id="tiny", **options)
+    try:
+        yield engine
+    finally:
+        await asyncio.wait_for(engine.close(), HANG_GUARD_SECS)
+
+
 async def test_a_sticky_device_error_faults_the_engine_and_is_reported_once(
     model_and_tokenizer: tuple[Any, Any], worker: DeviceWorker
 ) -> None:
@@ -89,10 +103,7 @@ async def test_a_sticky_device_error_faults_the_engine_and_is_reported_once(
     assert 7 not in prompt
     reports: list[str] = []
     runner = AssertingRunner(model, device="cpu")
-    engine = TorchEngine(
-        runner, worker=worker, config=EngineConfig(), model_id="tiny", on_device_fault=reports.append
-    )
-    try:
+    async with running(runner, worker, config=EngineConfig(), on_device_fault=reports.append) as engine:
         healthy = await asyncio.wait_for(collect(engine.generate(request(prompt))), HANG_GUARD_SECS)
         assert len(healthy.tokens) == 4 and engine.fault is None
 
@@ -111,8 +122,6 @@ async def test_a_sticky_device_error_faults_the_engine_and_is_reported_once(
         assert refused.value.code == "model_poisoned"
         assert "device-side assert" in refused.value.message
         assert runner.forwards == forwards  # refused before anything was queued
-    finally:
-        await asyncio.wait_for(engine.close(), HANG_GUARD_SECS)
 
 
 async def test_an_ordinary_step_failure_does_not_fault_the_engine(
@@ -128,10 +137,7 @@ async def test_an_ordinary_step_failure_does_not_fault_the_engine(
             return super().forward(rows)
 
     reports: list[str] = []
-    engine = TorchEngine(
-        Exploding(model, device="cpu"), worker=worker, model_id="tiny", on_device_fault=reports.append
-    )
-    try:
+    async with running(Exploding(model, device="cpu"), worker, on_device_fault=reports.append) as engine:
         with pytest.raises(RuntimeError, match="exploded"):
             await asyncio.wait_for(collect(engine.generate(request([7, *prompt]))), HANG_GUARD_SECS)
         assert (
@@ -139,8 +145,6 @@ async def test_an_ordinary_step_failure_does_not_fault_the_engine(
             == 4
         )
         assert reports == [] and engine.fault is None
-    finally:
-        await asyncio.wait_for(engine.close(), HANG_GUARD_SECS)
 
 
 async def test_ids_outside_the_embedding_are_a_400_before_anything_runs(
@@ -150,8 +154,7 @@ async def test_ids_outside_the_embedding_are_a_400_before_anything_runs(
     runner = AssertingRunner(model, device="cpu")
     rows = model.get_input_embeddings().num_embeddings
     assert runner.vocab_size == rows
-    engine = TorchEngine(runner, worker=worker, model_id="tiny")
-    try:
+    async with running(runner, worker) as engine:
         for bad in ([1, 2, rows], [-1, 5]):
             with pytest.raises(ApiError) as refused:
                 engine.generate(request(bad))
@@ -161,5 +164,3 @@ async def test_ids_outside_the_embedding_are_a_400_before_anything_runs(
         assert runner.forwards == 0
         ok = await asyncio.wait_for(collect(engine.generate(request([1, 2, rows - 1]))), HANG_GUARD_SECS)
         assert len(ok.tokens) == 4
-    finally:
-        await asyncio.wait_for(engine.close(), HANG_GUARD_SECS)
