@@ -113,20 +113,20 @@ async def test_memory_is_reserved_while_a_load_runs_and_returned_after(
     assert manager._reserved == {None: 0}
 
 
-async def test_a_load_that_no_longer_fits_is_refused_at_its_reservation() -> None:
-    harness = ScriptedHarness(weight_bytes=5 * GIB)
-    manager = ModelManager(NeuronConfig(), FixedHost(8 * GIB), harnesses=[harness])
-    try:
-        harness.release.clear()
-        first = asyncio.create_task(manager.load(spec("org/a")))
-        await harness.entered.wait()
-        with pytest.raises(ApiError) as refused:
-            await manager.load(spec("org/b"))
-        assert refused.value.status == 422
-        harness.release.set()
-        assert (await first).status == "loaded"
-    finally:
-        await manager.close()
+async def test_a_load_that_no_longer_fits_is_refused_at_its_reservation(
+    scripted: tuple[ModelManager, ScriptedHarness],
+) -> None:
+    manager, harness = scripted
+    # Two of these do not fit in the scripted host's 8 GiB.
+    harness.weight_bytes = 5 * GIB
+    harness.release.clear()
+    first = asyncio.create_task(manager.load(spec("org/a")))
+    await harness.entered.wait()
+    with pytest.raises(ApiError) as refused:
+        await manager.load(spec("org/b"))
+    assert refused.value.status == 422
+    harness.release.set()
+    assert (await first).status == "loaded"
 
 
 async def test_a_device_fault_poisons_the_model_until_it_is_unloaded_and_loaded_again(
