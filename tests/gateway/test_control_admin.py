@@ -7,11 +7,10 @@ from datetime import UTC, datetime
 from typing import Any
 
 import anthropic
-import httpx2
 import msgspec
 import openai
 import pytest
-from support.fake_neuron import FakeClock, FakeNeuron, gateway
+from support.fake_neuron import FakeClock, FakeNeuron, gateway, in_process_client
 
 from cortex_core.config.catalogue import ModelCatalogue, ModelProfile
 from cortex_gateway import admin
@@ -172,12 +171,13 @@ async def test_admin_unload_of_a_busy_model_is_409() -> None:
 
 
 def sdks(app: Any) -> tuple[openai.AsyncOpenAI, anthropic.AsyncAnthropic]:
-    def http() -> httpx2.AsyncClient:
-        return httpx2.AsyncClient(transport=httpx2.ASGITransport(app=app), base_url="http://gateway")
-
     return (
-        openai.AsyncOpenAI(base_url="http://gateway/v1", api_key="x", max_retries=0, http_client=http()),
-        anthropic.AsyncAnthropic(base_url="http://gateway", api_key="x", max_retries=0, http_client=http()),
+        openai.AsyncOpenAI(
+            base_url="http://gateway/v1", api_key="x", max_retries=0, http_client=in_process_client(app)
+        ),
+        anthropic.AsyncAnthropic(
+            base_url="http://gateway", api_key="x", max_retries=0, http_client=in_process_client(app)
+        ),
     )
 
 

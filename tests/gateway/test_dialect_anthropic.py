@@ -17,7 +17,7 @@ import httpx2
 import pytest
 import pytest_asyncio
 from starlette.applications import Starlette
-from support.fake_neuron import FakeNeuron, gateway
+from support.fake_neuron import FakeNeuron, gateway, in_process_client, relaying_neuron
 from support.scripted_upstream import (
     Chunk,
     Reply,
@@ -58,14 +58,10 @@ class Stack:
 @pytest_asyncio.fixture(loop_scope="function")
 async def stack() -> AsyncIterator[Stack]:
     async with ScriptedNeuron() as upstream:
-        neuron = FakeNeuron(
-            "a", devices_mb=[24_000], endpoint="http://127.0.0.1:1", inference_url=upstream.base_url
-        )
-        neuron.preload(MODEL, 1_000)
+        neuron = relaying_neuron(upstream.base_url, MODEL)
         async with gateway([neuron], CATALOGUE) as (app, http):
-            sdk_http = httpx2.AsyncClient(transport=httpx2.ASGITransport(app=app), base_url="http://gateway")
             sdk = anthropic.AsyncAnthropic(
-                base_url="http://gateway", api_key="x", max_retries=0, http_client=sdk_http
+                base_url="http://gateway", api_key="x", max_retries=0, http_client=in_process_client(app)
             )
             async with sdk:
                 yield Stack(upstream, app, http, sdk)
@@ -585,11 +581,7 @@ async def test_clamp_max_tokens_is_asked_of_the_neuron_only_for_models_that_opt_
     clamped = ModelProfile(id="org/clamped", clamp_max_tokens=True)
     catalogue = ModelCatalogue([ModelProfile(id=MODEL), clamped], {})
     async with ScriptedNeuron(Reply(TEXT, headers={"x-cortex-max-tokens-clamped": "4000"})) as upstream:
-        neuron = FakeNeuron(
-            "a", devices_mb=[24_000], endpoint="http://127.0.0.1:1", inference_url=upstream.base_url
-        )
-        neuron.preload(MODEL, 1_000)
-        neuron.preload(clamped.id, 1_000)
+        neuron = relaying_neuron(upstream.base_url, MODEL, clamped.id)
         async with gateway([neuron], catalogue) as (_, http):
             asked = {"x-cortex-clamp-max-tokens": "true"}  # a client cannot decide it
             for model in (MODEL, clamped.id):
@@ -642,9 +634,7 @@ async def test_a_model_not_yet_loaded_is_cold_loaded_for_messages_and_count_toke
     cold = "org/cold"
     catalogue = ModelCatalogue([ModelProfile(id=MODEL), ModelProfile(id=cold, vram_mb=1_000)], {})
     async with ScriptedNeuron(Reply(TEXT)) as upstream:
-        neuron = FakeNeuron(
-            "a", devices_mb=[24_000], endpoint="http://127.0.0.1:1", inference_url=upstream.base_url
-        )
+        neuron = relaying_neuron(upstream.base_url)
         async with gateway([neuron], catalogue) as (app, http):
             counted = await http.post("/v1/messages/count_tokens", json={"model": cold, "messages": USER})
             answered = await http.post(

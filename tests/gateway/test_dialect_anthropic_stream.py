@@ -11,7 +11,13 @@ import asyncio
 import json
 
 import aiohttp
-from support.fake_neuron import AsgiNeuronTransport, FakeClock, FakeNeuron, gateway, gateway_config
+from support.fake_neuron import (
+    AsgiNeuronTransport,
+    FakeClock,
+    gateway,
+    gateway_config,
+    relaying_neuron,
+)
 from support.fake_upstream import on_hypercorn
 from support.scripted_upstream import Reply, ScriptedNeuron, finish, role, text
 
@@ -29,14 +35,6 @@ LABELS = {"model": MODEL, "node": "a"}
 PATIENCE_SECS = 10.0
 
 
-def neuron_for(upstream: ScriptedNeuron) -> FakeNeuron:
-    neuron = FakeNeuron(
-        "a", devices_mb=[24_000], endpoint="http://127.0.0.1:1", inference_url=upstream.base_url
-    )
-    neuron.preload(MODEL, 1_000)
-    return neuron
-
-
 def event_types(body: bytes) -> list[str]:
     decoder = SSEDecoder()
     return [json.loads(m.data)["type"] for m in decoder.feed(body) + decoder.close()]
@@ -46,7 +44,10 @@ async def test_stalled_stream_ends_with_an_anthropic_error_event() -> None:
     reply = Reply([role(), text("a"), text("b"), finish("stop")], stall=(2, 5.0))
     async with (
         ScriptedNeuron(reply) as upstream,
-        gateway([neuron_for(upstream)], CATALOGUE, proxy={"idle_timeout_secs": 0.3}) as (app, http),
+        gateway([relaying_neuron(upstream.base_url, MODEL)], CATALOGUE, proxy={"idle_timeout_secs": 0.3}) as (
+            app,
+            http,
+        ),
     ):
         response = await http.post("/v1/messages", json=REQUEST)
         await asyncio.wait_for(upstream.gone.wait(), PATIENCE_SECS)
@@ -66,8 +67,10 @@ async def test_stalled_stream_ends_with_an_anthropic_error_event() -> None:
 async def test_client_disconnect_mid_stream_cancels_the_neuron() -> None:
     reply = Reply([role(), *(text(f"t{i}") for i in range(200)), finish("stop")], delay=0.05)
     async with ScriptedNeuron(reply) as upstream:
-        client = NeuronClient(AsgiNeuronTransport([neuron_for(upstream)]), poll_timeout=2.0)
-        config = gateway_config([neuron_for(upstream)])
+        client = NeuronClient(
+            AsgiNeuronTransport([relaying_neuron(upstream.base_url, MODEL)]), poll_timeout=2.0
+        )
+        config = gateway_config([relaying_neuron(upstream.base_url, MODEL)])
         app = create_app(config, CATALOGUE, neuron_client=client, clock=FakeClock(), run_poller=False)
         async with on_hypercorn(app) as base_url, aiohttp.ClientSession() as session:
             await app.state.poller.poll_once()

@@ -12,13 +12,12 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
-import httpx2
 import msgspec
 import openai
 import pytest
 import pytest_asyncio
 from starlette.applications import Starlette
-from support.fake_neuron import FakeNeuron, gateway
+from support.fake_neuron import gateway, in_process_client, relaying_neuron
 from support.scripted_upstream import (
     Chunk,
     Reply,
@@ -72,14 +71,10 @@ class Stack:
 @pytest_asyncio.fixture(loop_scope="function")
 async def stack() -> AsyncIterator[Stack]:
     async with ScriptedNeuron(Reply(ANSWER)) as upstream:
-        neuron = FakeNeuron(
-            "a", devices_mb=[24_000], endpoint="http://127.0.0.1:1", inference_url=upstream.base_url
-        )
-        neuron.preload(MODEL, 1_000)
+        neuron = relaying_neuron(upstream.base_url, MODEL)
         async with gateway([neuron], CATALOGUE) as (app, _):
-            http = httpx2.AsyncClient(transport=httpx2.ASGITransport(app=app), base_url="http://gateway")
             sdk = openai.AsyncOpenAI(
-                base_url="http://gateway/v1", api_key="x", max_retries=0, http_client=http
+                base_url="http://gateway/v1", api_key="x", max_retries=0, http_client=in_process_client(app)
             )
             async with sdk:
                 yield Stack(upstream, app, sdk)

@@ -6,7 +6,7 @@ import asyncio
 from pathlib import Path
 
 import pytest
-from support.fake_neuron import FakeClock, FakeNeuron, gateway
+from support.fake_neuron import FakeClock, gateway, relaying_neuron
 from support.fake_upstream import FakeUpstream, Script
 
 from cortex_core.config.catalogue import ModelCatalogue, ModelProfile
@@ -132,10 +132,7 @@ async def test_the_gateway_serves_a_full_model_round_robin_by_key(
     release = asyncio.Event()
     chunks = [b'{"choices": [], "usage": {"prompt_tokens": 1, "completion_tokens": 1}}']
     async with FakeUpstream(Script(chunks=chunks, gate=(0, release))) as upstream:
-        neuron = FakeNeuron(
-            "a", devices_mb=[24_000], endpoint="http://127.0.0.1:1", inference_url=upstream.base_url
-        )
-        neuron.preload(MODEL, 1_000)
+        neuron = relaying_neuron(upstream.base_url, MODEL)
         catalogue = ModelCatalogue([ModelProfile(id=MODEL)], {})
         async with gateway(
             [neuron],
@@ -172,10 +169,7 @@ async def test_the_gateway_serves_a_full_model_round_robin_by_key(
 async def test_a_request_that_never_gets_a_slot_gets_503_with_retry_after() -> None:
     release = asyncio.Event()
     async with FakeUpstream(Script(gate=(0, release))) as upstream:
-        neuron = FakeNeuron(
-            "a", devices_mb=[24_000], endpoint="http://127.0.0.1:1", inference_url=upstream.base_url
-        )
-        neuron.preload(MODEL, 1_000)
+        neuron = relaying_neuron(upstream.base_url, MODEL)
         catalogue = ModelCatalogue([ModelProfile(id=MODEL)], {})
         async with gateway(
             [neuron], catalogue, router={"max_concurrent_per_model": 1, "load_wait_secs": 0.2}

@@ -16,7 +16,14 @@ import msgspec
 import pytest
 from prometheus_client import generate_latest
 from starlette.applications import Starlette
-from support.fake_neuron import AsgiNeuronTransport, FakeClock, FakeNeuron, gateway, gateway_config
+from support.fake_neuron import (
+    AsgiNeuronTransport,
+    FakeClock,
+    gateway,
+    gateway_config,
+    in_process_client,
+    relaying_neuron,
+)
 from support.fake_upstream import FakeUpstream, Script, on_hypercorn, sse_stream
 
 from cortex_core.config.catalogue import ModelCatalogue, ModelProfile
@@ -127,11 +134,7 @@ async def keyed_gateway(
 ) -> AsyncIterator[tuple[Keys, FakeUpstream, Starlette, httpx2.AsyncClient]]:
     keys = write_test_keys(tmp_path / "keys.json")
     async with FakeUpstream() as upstream:
-        neuron = FakeNeuron(
-            "a", devices_mb=[24_000], endpoint="http://127.0.0.1:1", inference_url=upstream.base_url
-        )
-        neuron.preload(MODEL, 1_000)
-        neuron.preload(OTHER, 1_000)
+        neuron = relaying_neuron(upstream.base_url, MODEL, OTHER)
         async with gateway([neuron], CATALOGUE, auth={"keys_file": str(keys.path)}, **sections) as (
             app,
             http,
@@ -198,10 +201,7 @@ async def test_a_key_over_its_requests_per_minute_gets_429_with_retry_after(tmp_
     clock = FakeClock()
     keys = write_test_keys(tmp_path / "keys.json")
     async with FakeUpstream() as upstream:
-        neuron = FakeNeuron(
-            "a", devices_mb=[24_000], endpoint="http://127.0.0.1:1", inference_url=upstream.base_url
-        )
-        neuron.preload(MODEL, 1_000)
+        neuron = relaying_neuron(upstream.base_url, MODEL)
         async with gateway([neuron], CATALOGUE, clock=clock, auth={"keys_file": str(keys.path)}) as (
             _app,
             http,
@@ -251,10 +251,7 @@ async def test_a_reload_takes_effect_at_once_and_spares_a_running_stream(tmp_pat
     release = asyncio.Event()
     script = Script(content_type="text/event-stream", chunks=sse_stream(["a", "b", "c"]), gate=(2, release))
     async with FakeUpstream(script) as upstream:
-        neuron = FakeNeuron(
-            "a", devices_mb=[24_000], endpoint="http://127.0.0.1:1", inference_url=upstream.base_url
-        )
-        neuron.preload(MODEL, 1_000)
+        neuron = relaying_neuron(upstream.base_url, MODEL)
         config = gateway_config([neuron], auth={"keys_file": str(keys.path)})
         client = NeuronClient(AsgiNeuronTransport([neuron]), poll_timeout=2.0)
         app = create_app(config, CATALOGUE, neuron_client=client, clock=FakeClock(), run_poller=False)
@@ -341,19 +338,18 @@ async def test_the_sdks_authenticate_and_raise_their_typed_errors(tmp_path: Path
     async with keyed_gateway(tmp_path) as (keys, _upstream, app, _http):
 
         def clients(secret: str) -> tuple[openai.AsyncOpenAI, anthropic.AsyncAnthropic]:
-            transport = httpx2.ASGITransport(app=app)
             return (
                 openai.AsyncOpenAI(
                     base_url="http://gateway/v1",
                     api_key=secret,  # sent as Authorization: Bearer
                     max_retries=0,
-                    http_client=httpx2.AsyncClient(transport=transport, base_url="http://gateway"),
+                    http_client=in_process_client(app),
                 ),
                 anthropic.AsyncAnthropic(
                     base_url="http://gateway",
                     api_key=secret,  # sent as x-api-key
                     max_retries=0,
-                    http_client=httpx2.AsyncClient(transport=transport, base_url="http://gateway"),
+                    http_client=in_process_client(app),
                 ),
             )
 

@@ -245,6 +245,21 @@ class FakeClock:
         self.now += seconds
 
 
+def relaying_neuron(upstream_url: str, *preloaded: str) -> FakeNeuron:
+    """Node "a" with one 24 GB GPU and each of `preloaded` loaded (1 GB each), whose inference
+    requests reach `upstream_url`, a scripted neuron on loopback (hence the 127.0.0.1 endpoint:
+    the gateway's loopback rewrite keeps that host)."""
+    neuron = FakeNeuron("a", devices_mb=[24_000], endpoint="http://127.0.0.1:1", inference_url=upstream_url)
+    for model_id in preloaded:
+        neuron.preload(model_id, 1_000)
+    return neuron
+
+
+def in_process_client(app: Starlette) -> httpx2.AsyncClient:
+    """A client that calls the gateway `app` in process, for an SDK's `http_client`."""
+    return httpx2.AsyncClient(transport=httpx2.ASGITransport(app=app), base_url="http://gateway")
+
+
 def gateway_config(neurons: list[FakeNeuron], **sections: dict[str, object]) -> GatewayConfig:
     """A GatewayConfig naming the fake neurons; `sections` override e.g. router={...}."""
     data: dict[str, object] = {"neurons": [{"name": n.name, "endpoint": n.base_url} for n in neurons]}
