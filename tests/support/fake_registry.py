@@ -44,14 +44,15 @@ class FakeRegistry:
         async def api(request: Request) -> Response:
             self.requests.append((request.method, request.url.path, request.headers.get("authorization")))
             rest = request.path_params["rest"]
+            # `{repo}/tree/...` lists the files; `{repo}/revision/...` is the model info.
+            repo_id = rest.split("/tree/", 1)[0] if "/tree/" in rest else rest.split("/revision/", 1)[0]
+            if repo_id not in self.repos:
+                return JSONResponse(
+                    {"error": "Repository not found"},
+                    status_code=404,
+                    headers={"x-error-code": "RepoNotFound"},
+                )
             if "/tree/" in rest:
-                repo_id = rest.split("/tree/", 1)[0]
-                if repo_id not in self.repos:
-                    return JSONResponse(
-                        {"error": "Repository not found"},
-                        status_code=404,
-                        headers={"x-error-code": "RepoNotFound"},
-                    )
                 return JSONResponse(
                     [
                         {
@@ -62,13 +63,6 @@ class FakeRegistry:
                         }
                         for name, data in self._files(repo_id).items()
                     ]
-                )
-            repo_id = rest.split("/revision/", 1)[0]
-            if repo_id not in self.repos:
-                return JSONResponse(
-                    {"error": "Repository not found"},
-                    status_code=404,
-                    headers={"x-error-code": "RepoNotFound"},
                 )
             siblings = [{"rfilename": name, "size": len(data)} for name, data in self._files(repo_id).items()]
             return JSONResponse(
