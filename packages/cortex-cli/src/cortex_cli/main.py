@@ -160,15 +160,8 @@ def models_list(endpoint: str, as_json: bool) -> None:
 @json_option
 def models_load(model: str, node: str | None, endpoint: str, as_json: bool) -> None:
     """Load MODEL (an id or alias) on a node; waits until it is loaded."""
-    body: dict[str, Any] = {"model": model}
-    if node:
-        body["node"] = node
     # Loads can take minutes (downloads, big checkpoints); the gateway bounds the wait itself.
-    result = GatewayClient(endpoint).post("/admin/models/load", body, timeout=3600)
-    if as_json:
-        emit_json(result)
-    else:
-        click.echo(_summary("loaded", model, result))
+    _model_action("load", "loaded", model, node, endpoint, as_json, timeout=3600)
 
 
 @models.command("unload")
@@ -178,14 +171,21 @@ def models_load(model: str, node: str | None, endpoint: str, as_json: bool) -> N
 @json_option
 def models_unload(model: str, node: str | None, endpoint: str, as_json: bool) -> None:
     """Unload MODEL, freeing its memory."""
+    _model_action("unload", "unloaded", model, node, endpoint, as_json, timeout=600)
+
+
+def _model_action(
+    action: str, done: str, model: str, node: str | None, endpoint: str, as_json: bool, *, timeout: float
+) -> None:
+    """POST /admin/models/{action} for MODEL (on NODE, if named) and print what the gateway did."""
     body: dict[str, Any] = {"model": model}
     if node:
         body["node"] = node
-    result = GatewayClient(endpoint).post("/admin/models/unload", body, timeout=600)
+    result = GatewayClient(endpoint).post(f"/admin/models/{action}", body, timeout=timeout)
     if as_json:
         emit_json(result)
     else:
-        click.echo(_summary("unloaded", model, result))
+        click.echo(_summary(done, model, result))
 
 
 def _summary(verb: str, model: str, result: Any) -> str:
