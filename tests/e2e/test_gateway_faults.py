@@ -15,7 +15,7 @@ import contextlib
 import os
 import signal
 import sys
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -39,7 +39,10 @@ CHAT = {"model": "org/m", "messages": [{"role": "user", "content": "hi"}]}
 DEADLINE_SECS = 60.0
 
 
-def neuron_process(tmp_path: Path, name: str, port: int, *args: str) -> Service:
+@contextlib.contextmanager
+def neuron_process(tmp_path: Path, name: str, port: int, *args: str) -> Iterator[Service]:
+    """The fake neuron on `port`, once its /health answers; stopped when the block ends (a
+    process the test killed already is simply reaped)."""
     command = [
         sys.executable,
         str(SCRIPT),
@@ -52,9 +55,12 @@ def neuron_process(tmp_path: Path, name: str, port: int, *args: str) -> Service:
         *args,
     ]
     service = start(name, command, tmp_path / f"{name}-{port}.log", clean_env())
-    with httpx2.Client(base_url=f"http://127.0.0.1:{port}", timeout=5) as client:
-        service.wait_for(lambda: client.get("/health").status_code == 200, "its /health", timeout=60)
-    return service
+    try:
+        with httpx2.Client(base_url=f"http://127.0.0.1:{port}", timeout=5) as client:
+            service.wait_for(lambda: client.get("/health").status_code == 200, "its /health", timeout=60)
+        yield service
+    finally:
+        service.stop()
 
 
 @contextlib.asynccontextmanager
@@ -95,6 +101,15 @@ async def model_status(http: httpx2.AsyncClient, node: str, model: str) -> str |
     return None
 
 
+async def loaded_on(http: httpx2.AsyncClient, nodes: list[str], what: str) -> None:
+    """Waits until the gateway's fleet report shows org/m loaded on each of `nodes`."""
+
+    async def loaded() -> bool:
+        return [await model_status(http, node, "org/m") for node in nodes] == ["loaded"] * len(nodes)
+
+    await eventually(loaded, what)
+
+
 def calls(port: int) -> dict[str, Any]:
     with httpx2.Client(base_url=f"http://127.0.0.1:{port}", timeout=5) as client:
         answer: dict[str, Any] = client.get("/calls").json()
@@ -103,14 +118,9 @@ def calls(port: int) -> dict[str, Any]:
 
 async def test_a_neuron_killed_and_restarted_is_relearned_and_served(tmp_path: Path) -> None:
     port = free_port()
-    first = neuron_process(tmp_path, "a", port, "--preload", "org/m")
-    try:
+    with neuron_process(tmp_path, "a", port, "--preload", "org/m") as first:
         async with gateway({"a": port}) as http:
-
-            async def polled() -> bool:
-                return await model_status(http, "a", "org/m") == "loaded"
-
-            await eventually(polled, "the first poll")
+            await loaded_on(http, ["a"], "the first poll")
             assert (await http.post("/v1/chat/completions", json=CHAT)).status_code == 200
             first.process.kill()
             first.process.wait()
@@ -122,8 +132,7 @@ async def test_a_neuron_killed_and_restarted_is_relearned_and_served(tmp_path: P
             down = await http.post("/v1/chat/completions", json=CHAT)
             assert down.status_code == 503 and "retry-after" in down.headers
 
-            second = neuron_process(tmp_path, "a", port)  # a fresh neuron: nothing loaded
-            try:
+            with neuron_process(tmp_path, "a", port):  # a fresh neuron: nothing loaded
 
                 async def healthy() -> bool:
                     return (await http.get("/health")).json()["status"] == "ok"
@@ -132,63 +141,41 @@ async def test_a_neuron_killed_and_restarted_is_relearned_and_served(tmp_path: P
                 served = await http.post("/v1/chat/completions", json=CHAT)
                 assert served.status_code == 200, served.text
                 assert calls(port)["loads"] == ["org/m"]  # cold-loaded on the new process
-            finally:
-                second.stop()
-    finally:
-        first.stop()
 
 
 async def test_a_poisoned_model_comes_back_by_itself(tmp_path: Path) -> None:
     port = free_port()
-    neuron = neuron_process(tmp_path, "a", port, "--preload", "org/m=poisoned")
-    try:
+    with neuron_process(tmp_path, "a", port, "--preload", "org/m=poisoned"):
         async with gateway({"a": port}, router={"recovery_backoff_secs": 0.5}) as http:
-
-            async def loaded() -> bool:
-                return await model_status(http, "a", "org/m") == "loaded"
-
-            await eventually(loaded, "the poisoned model is reloaded")
+            await loaded_on(http, ["a"], "the poisoned model is reloaded")
             assert (await http.post("/v1/chat/completions", json=CHAT)).status_code == 200
         seen = calls(port)
         assert (seen["unloads"], seen["loads"]) == (["org/m"], ["org/m"])
-    finally:
-        neuron.stop()
 
 
 async def test_a_malformed_body_for_a_cold_model_causes_no_load(tmp_path: Path) -> None:
     port = free_port()
-    neuron = neuron_process(tmp_path, "a", port, "--preload", "org/m")
-    try:
+    with neuron_process(tmp_path, "a", port, "--preload", "org/m"):
         async with gateway({"a": port}, eviction={"min_residency_secs": 0}) as http:
-
-            async def polled() -> bool:
-                return await model_status(http, "a", "org/m") == "loaded"
-
-            await eventually(polled, "the first poll")
+            await loaded_on(http, ["a"], "the first poll")
             bad = {"model": "org/cold", "messages": [{"role": "user", "content": 7}]}
             response = await http.post("/v1/chat/completions", json=bad)
             assert response.status_code == 400
             assert response.json()["error"]["param"] == "messages[0].content"
         seen = calls(port)
         assert (seen["loads"], seen["unloads"], seen["chats"]) == ([], [], 0)
-    finally:
-        neuron.stop()
 
 
 async def test_a_request_to_a_hung_neuron_fails_once_and_is_not_repeated(tmp_path: Path) -> None:
     hung_port, other_port = free_port(), free_port()
-    hung = neuron_process(tmp_path, "a", hung_port, "--preload", "org/m")
-    other = neuron_process(tmp_path, "b", other_port, "--preload", "org/m")
-    try:
+    with (
+        neuron_process(tmp_path, "a", hung_port, "--preload", "org/m") as hung,
+        neuron_process(tmp_path, "b", other_port, "--preload", "org/m"),
+    ):
         async with gateway(
             {"a": hung_port, "b": other_port}, proxy={"idle_timeout_secs": 1.0, "max_attempts": 2}
         ) as http:
-
-            async def both_serve() -> bool:
-                statuses = [await model_status(http, node, "org/m") for node in ("a", "b")]
-                return statuses == ["loaded", "loaded"]
-
-            await eventually(both_serve, "both replicas polled")
+            await loaded_on(http, ["a", "b"], "both replicas polled")
             # A first request learns both replicas' inference URLs; it goes to `a`, as the
             # next will: equally idle replicas go by name.
             assert (await http.post("/v1/chat/completions", json=CHAT)).status_code == 200
@@ -207,6 +194,3 @@ async def test_a_request_to_a_hung_neuron_fails_once_and_is_not_repeated(tmp_pat
             await eventually(received, "the stopped neuron reads the request it was sent")
         # Sent once to the hung neuron, and not repeated there or anywhere else.
         assert (calls(hung_port)["chats"], calls(other_port)["chats"]) == (2, 0)
-    finally:
-        hung.stop()
-        other.stop()
