@@ -392,18 +392,21 @@ async def test_unknown_model_is_not_found(stack: Stack) -> None:
     assert stack.upstream.calls == []
 
 
+async def refused(stack: Stack, **request: Any) -> anthropic.BadRequestError:
+    """The SDK's error for a create the gateway answers with a 400 (max_tokens 8 and USER
+    unless `request` says otherwise)."""
+    with pytest.raises(anthropic.BadRequestError) as raised:
+        await stack.sdk.messages.create(**{"model": MODEL, "max_tokens": 8, "messages": USER, **request})
+    return raised.value
+
+
 HOLOGRAM: Any = [{"role": "user", "content": [{"type": "hologram", "data": "?"}]}]
 
 
 async def test_bad_body_names_the_field(stack: Stack) -> None:
-    with pytest.raises(anthropic.BadRequestError) as raised:
-        await stack.sdk.messages.create(
-            model=MODEL,
-            max_tokens=8,
-            messages=HOLOGRAM,
-        )
-    assert raised.value.body["error"]["type"] == "invalid_request_error"  # type: ignore[index]
-    assert "$.messages[0].content[0]" in raised.value.message
+    refusal = await refused(stack, messages=HOLOGRAM)
+    assert refusal.body["error"]["type"] == "invalid_request_error"  # type: ignore[index]
+    assert "$.messages[0].content[0]" in refusal.message
     response = await stack.http.post("/v1/messages", json={"model": MODEL, "messages": USER})
     assert response.status_code == 400
     assert "max_tokens" in response.json()["error"]["message"]
@@ -425,22 +428,15 @@ async def test_anthropic_bounds_are_a_400_before_anything_is_placed(
     request: dict[str, Any] = {"max_tokens": 8, "messages": USER, **fields}
     # The current SDK no longer takes temperature or top_k as arguments; clients still send them.
     sampling = {key: request.pop(key) for key in ("temperature", "top_k") if key in request}
-    with pytest.raises(anthropic.BadRequestError) as raised:
-        await stack.sdk.messages.create(model=MODEL, **request, extra_body=sampling)
-    assert raised.value.body["error"]["type"] == "invalid_request_error"  # type: ignore[index]
-    assert raised.value.body["error"]["message"].startswith(param + ": ")  # type: ignore[index]
+    refusal = await refused(stack, **request, extra_body=sampling)
+    assert refusal.body["error"]["type"] == "invalid_request_error"  # type: ignore[index]
+    assert refusal.body["error"]["message"].startswith(param + ": ")  # type: ignore[index]
     assert stack.upstream.calls == []
 
 
 async def test_unsupported_server_tool_is_a_clear_400(stack: Stack) -> None:
-    with pytest.raises(anthropic.BadRequestError) as raised:
-        await stack.sdk.messages.create(
-            model=MODEL,
-            max_tokens=8,
-            messages=USER,
-            tools=[{"type": "web_search_20250305", "name": "web_search"}],
-        )
-    assert "tools[0].type" in raised.value.message
+    refusal = await refused(stack, tools=[{"type": "web_search_20250305", "name": "web_search"}])
+    assert "tools[0].type" in refusal.message
 
 
 async def test_neuron_429_is_a_rate_limit_error_with_retry_after(stack: Stack) -> None:
@@ -490,9 +486,8 @@ async def test_context_overflow_is_worded_as_anthropic_words_it(
     stack: Stack, fields: dict[str, int], expected: str
 ) -> None:
     stack.upstream.reply = neuron_refusal("context_length_exceeded", VLLM_WORDING, **fields)
-    with pytest.raises(anthropic.BadRequestError) as raised:
-        await stack.sdk.messages.create(model=MODEL, max_tokens=8000, messages=USER)
-    assert raised.value.body["error"] == {"type": "invalid_request_error", "message": expected}  # type: ignore[index]
+    refusal = await refused(stack, max_tokens=8000)
+    assert refusal.body["error"] == {"type": "invalid_request_error", "message": expected}  # type: ignore[index]
     with pytest.raises(anthropic.BadRequestError) as streamed:
         async with stack.sdk.messages.stream(model=MODEL, max_tokens=32000, messages=USER) as stream:
             await stream.get_final_message()
@@ -504,9 +499,8 @@ async def test_refused_fields_are_named_as_the_caller_sent_them(stack: Stack) ->
     stack.upstream.reply = neuron_refusal(
         "unsupported_schema", f"response_format: {reason}", param="response_format"
     )
-    with pytest.raises(anthropic.BadRequestError) as raised:
-        await stack.sdk.messages.create(model=MODEL, max_tokens=8, messages=USER)
-    assert raised.value.body["error"]["message"] == f"output_config.format: {reason}"  # type: ignore[index]
+    refusal = await refused(stack)
+    assert refusal.body["error"]["message"] == f"output_config.format: {reason}"  # type: ignore[index]
 
 
 async def test_neuron_503_is_an_overloaded_error_and_not_repeated(stack: Stack) -> None:
