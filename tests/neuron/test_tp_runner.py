@@ -7,7 +7,7 @@ runner per architecture is shared by the module's tests (starting one costs seco
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
@@ -105,45 +105,14 @@ def test_bad_calls_are_refused_without_poisoning(tp_runner: TensorParallelRunner
     assert tp_runner.forward([ForwardRow(PROMPT_B, 0, [5])]).shape[0] == 1
 
 
-class KeepOpen:
-    """The engine closes its runner; the module's shared TP runner is closed by its fixture."""
-
-    def __init__(self, runner: TensorParallelRunner) -> None:
-        self._runner = runner
-
-    @property
-    def max_context(self) -> int:
-        return self._runner.max_context
-
-    @property
-    def num_blocks(self) -> int:
-        return self._runner.num_blocks
-
-    @property
-    def state_slots(self) -> int:
-        return self._runner.state_slots
-
-    @property
-    def block_size(self) -> int:
-        return self._runner.block_size
-
-    @property
-    def vocab_size(self) -> int:
-        return self._runner.vocab_size
-
-    def forward(self, rows: Sequence[ForwardRow]) -> torch.Tensor:
-        return self._runner.forward(rows)
-
-    def close(self) -> None:
-        pass
-
-
 @pytest.fixture
-async def tp_engine(tp_runner: TensorParallelRunner) -> AsyncIterator[TorchEngine]:
+async def tp_engine(
+    tp_runner: TensorParallelRunner, monkeypatch: pytest.MonkeyPatch
+) -> AsyncIterator[TorchEngine]:
+    # The engine closes its runner; the module's shared TP runner is closed by its own fixture.
+    monkeypatch.setattr(tp_runner, "close", lambda: None)
     worker = DeviceWorker("tp-rank0")
-    engine = TorchEngine(
-        KeepOpen(tp_runner), worker=worker, config=EngineConfig(max_batch_size=8), model_id="tp"
-    )
+    engine = TorchEngine(tp_runner, worker=worker, config=EngineConfig(max_batch_size=8), model_id="tp")
     yield engine
     await engine.close()
     worker.close()
