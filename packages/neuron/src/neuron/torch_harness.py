@@ -14,7 +14,7 @@ import logging
 from collections.abc import Callable, Sequence
 from functools import partial
 from pathlib import Path
-from typing import Protocol
+from typing import TypeAlias
 
 from cortex_core.config.neuron import EngineConfig, NeuronConfig, VisionConfig
 from cortex_core.errors import ApiError
@@ -46,18 +46,11 @@ MIB = 1024 * 1024
 ENGINE_CLOSE_TIMEOUT_SECS = 20.0
 
 
-class EngineFactory(Protocol):
-    def __call__(
-        self,
-        checkpoint: LoadedCheckpoint,
-        worker: DeviceWorker,
-        config: EngineConfig,
-        model_id: str,
-        on_device_fault: Callable[[str], None],
-    ) -> Engine:
-        """An engine over the loaded checkpoint; it calls `on_device_fault(reason)` (from any
-        thread) when a step hits an error that leaves the device unusable."""
-        ...
+# Builds an engine over a loaded checkpoint on the device's owner thread. The harness passes
+# the arguments by position, as `default_engine_factory` (which names them) takes them.
+EngineFactory: TypeAlias = Callable[
+    [LoadedCheckpoint, DeviceWorker, EngineConfig, str, Callable[[str], None]], Engine
+]
 
 
 def default_engine_factory(
@@ -67,7 +60,10 @@ def default_engine_factory(
     model_id: str,
     on_device_fault: Callable[[str], None],
 ) -> Engine:
-    """The continuous-batching engine of `neuron.engine` (imported late: it pulls in torch)."""
+    """The continuous-batching engine of `neuron.engine` (imported late: it pulls in torch).
+
+    The engine calls `on_device_fault(reason)` (from any thread) when a step hits an error
+    that leaves the device unusable."""
     try:
         from neuron.engine import build_engine
     except ImportError as exc:
