@@ -162,12 +162,17 @@ def device_tensors(runner: Any) -> list[Any]:
     return [*tensors, *runner.pool.keys, *runner.pool.values]
 
 
-async def test_unload_leaves_no_strong_path_to_any_weight_or_the_pool(
-    make_node: Callable[..., Node], tiny_qwen3: Path
-) -> None:
+@pytest.fixture
+async def qwen3_node(make_node: Callable[..., Node], tiny_qwen3: Path) -> tuple[Node, str]:
+    """A node with tiny_qwen3 loaded through its API, and the model's id."""
     node = make_node()
     model_id = str(tiny_qwen3)
     assert (await node.client.post("/models/load", json={"model_id": model_id})).status_code == 200
+    return node, model_id
+
+
+async def test_unload_leaves_no_strong_path_to_any_weight_or_the_pool(qwen3_node: tuple[Node, str]) -> None:
+    node, model_id = qwen3_node
     chat = await node.client.post(
         "/v1/chat/completions",
         json={"model": model_id, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 3},
@@ -186,11 +191,9 @@ async def test_unload_leaves_no_strong_path_to_any_weight_or_the_pool(
 
 
 async def test_the_k_v_pool_is_allocated_during_the_load_and_counted_in_its_memory(
-    make_node: Callable[..., Node], tiny_qwen3: Path
+    qwen3_node: tuple[Node, str],
 ) -> None:
-    node = make_node()
-    model_id = str(tiny_qwen3)
-    assert (await node.client.post("/models/load", json={"model_id": model_id})).status_code == 200
+    node, model_id = qwen3_node
     runner = node.manager.get(model_id).engine.runner
     # Allocated on the owner thread before the load returned (no request has run yet).
     assert runner.pool is not None
@@ -599,12 +602,8 @@ async def test_default_models_activate_in_the_background(
     assert node.manager.models() == []
 
 
-async def test_metrics_version_and_a_generation_through_the_real_engine(
-    make_node: Callable[..., Node], tiny_qwen3: Path
-) -> None:
-    node = make_node()
-    model_id = str(tiny_qwen3)
-    assert (await node.client.post("/models/load", json={"model_id": model_id})).status_code == 200
+async def test_metrics_version_and_a_generation_through_the_real_engine(qwen3_node: tuple[Node, str]) -> None:
+    node, model_id = qwen3_node
     chat = await node.client.post(
         "/v1/chat/completions",
         json={
