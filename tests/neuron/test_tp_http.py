@@ -56,6 +56,16 @@ class Node:
         [info] = [m for m in (await self.client.get("/models")).json() if m["id"] == model]
         return info
 
+    async def load_tp_and_single(self, folder: Path, tmp_path: Path) -> tuple[str, str]:
+        """Two copies of `folder` loaded, one tensor parallel over two ranks and one in this
+        process (distinct ids, so both can be loaded at once): (tp id, single id)."""
+        tp_id = str(shutil.copytree(folder, tmp_path / "tp"))
+        single_id = str(shutil.copytree(folder, tmp_path / "single"))
+        for body in ({"model_id": single_id}, {"model_id": tp_id, "tensor_parallel": 2}):
+            loaded = await self.client.post("/models/load", json=body)
+            assert loaded.status_code == 200, loaded.text
+        return tp_id, single_id
+
 
 def streamed_text(response: httpx2.Response) -> str:
     assert response.status_code == 200, response.text
@@ -74,14 +84,10 @@ def streamed_text(response: httpx2.Response) -> str:
 
 
 async def test_tp_model_serves_poisons_and_reloads_over_http(tiny_qwen3: Path, tmp_path: Path) -> None:
-    # Loads happen inside the test: the manager's poison callback targets the loop that loaded.
-    tp_id = str(shutil.copytree(tiny_qwen3, tmp_path / "tp"))
-    single_id = str(shutil.copytree(tiny_qwen3, tmp_path / "single"))
     client = Node()
     try:
-        for body in ({"model_id": single_id}, {"model_id": tp_id, "tensor_parallel": 2}):
-            loaded = await client.client.post("/models/load", json=body)
-            assert loaded.status_code == 200, loaded.text
+        # Loads happen inside the test: the manager's poison callback targets the loop that loaded.
+        tp_id, single_id = await client.load_tp_and_single(tiny_qwen3, tmp_path)
         await serve_poison_reload(client, tp_id, single_id)
     finally:
         await client.client.aclose()
@@ -143,13 +149,9 @@ async def test_tp_refusals_are_client_errors(tiny_qwen3_moe: Path, tiny_qwen3: P
 
 
 async def test_tp_llama_streams_the_same_greedy_text_as_one_process(tiny_llama: Path, tmp_path: Path) -> None:
-    tp_id = str(shutil.copytree(tiny_llama, tmp_path / "tp"))
-    single_id = str(shutil.copytree(tiny_llama, tmp_path / "single"))
     client = Node()
     try:
-        for body in ({"model_id": single_id}, {"model_id": tp_id, "tensor_parallel": 2}):
-            loaded = await client.client.post("/models/load", json=body)
-            assert loaded.status_code == 200, loaded.text
+        tp_id, single_id = await client.load_tp_and_single(tiny_llama, tmp_path)
         responses = await asyncio.gather(
             *(client.chat(model, question) for question in QUESTIONS for model in (tp_id, single_id))
         )
