@@ -160,6 +160,14 @@ async def test_fifty_structured_answers_all_parse_beside_free_requests(stack: St
     assert all(isinstance(text, str) for text in results[50:])
 
 
+async def anthropic_message(stack: Stack, kwargs: dict[str, Any], *, stream: bool) -> anthropic.types.Message:
+    """The SDK's message for one request: from one create, or assembled from its stream."""
+    if not stream:
+        return await stack.anthropic.messages.create(**kwargs)
+    async with stack.anthropic.messages.stream(**kwargs) as events:
+        return await events.get_final_message()
+
+
 # `required` / `any` allow several calls (test_serving_structured walks those grammars), and
 # after each one a random model may well start another until max_tokens: one call here.
 
@@ -174,11 +182,7 @@ async def test_anthropic_output_config_format_parses(stack: Stack) -> None:
                 "output_config": {"format": {"type": "json_schema", "schema": City.model_json_schema()}}
             },
         }
-        if stream:
-            async with stack.anthropic.messages.stream(**kwargs) as events:
-                message = await events.get_final_message()
-        else:
-            message = await stack.anthropic.messages.create(**kwargs)
+        message = await anthropic_message(stack, kwargs, stream=stream)
         assert message.stop_reason == "end_turn"
         (block,) = message.content
         assert block.type == "text"
@@ -216,11 +220,7 @@ async def anthropic_forced_calls(stack: Stack, tool_choice: Any, *, stream: bool
         "tools": ANTHROPIC_TOOLS,
         "tool_choice": tool_choice,
     }
-    if stream:
-        async with stack.anthropic.messages.stream(**kwargs) as events:
-            message = await events.get_final_message()
-    else:
-        message = await stack.anthropic.messages.create(**kwargs)
+    message = await anthropic_message(stack, kwargs, stream=stream)
     assert message.stop_reason == "tool_use"
     return [(block.name, json.dumps(block.input)) for block in message.content if block.type == "tool_use"]
 
