@@ -17,6 +17,7 @@ import httpx2
 import pytest
 from support.engine_harness import load_model, reference_greedy
 from support.local_models import neuron_config
+from support.raw_asgi import drive
 
 from neuron.app import create_app
 from neuron.discovery import HostProbe
@@ -197,36 +198,14 @@ async def test_client_hang_up_frees_the_slot(node: Node, tiny_qwen3: Path) -> No
         "stream": True,
     }
     hang_up = asyncio.Event()
-    sent = False
 
-    async def receive() -> dict[str, Any]:
-        nonlocal sent
-        if not sent:
-            sent = True
-            return {"type": "http.request", "body": json.dumps(body).encode(), "more_body": False}
-        await hang_up.wait()
-        return {"type": "http.disconnect"}
-
-    async def send(message: dict[str, Any]) -> None:
-        if message["type"] == "http.response.body" and b'"content":"' in message.get("body", b""):
+    def on_body(chunk: bytes) -> str | None:
+        if b'"content":"' in chunk:
             assert engine.load().in_flight == 1
-            hang_up.set()
+            return "disconnect"
+        return None
 
-    scope = {
-        "type": "http",
-        "asgi": {"version": "3.0", "spec_version": "2.3"},
-        "http_version": "1.1",
-        "method": "POST",
-        "scheme": "http",
-        "path": "/v1/chat/completions",
-        "raw_path": b"/v1/chat/completions",
-        "query_string": b"",
-        "headers": [(b"content-type", b"application/json")],
-        "server": ("test", 80),
-        "client": ("test", 1),
-        "root_path": "",
-    }
-    await asyncio.wait_for(node.app(scope, receive, send), HANG_GUARD_SECS)
+    await drive(node.app, body, on_body, disconnected=hang_up, guard_secs=HANG_GUARD_SECS)
     assert hang_up.is_set()
     for _ in range(HANG_GUARD_SECS * 10):
         if engine.load().in_flight == 0:

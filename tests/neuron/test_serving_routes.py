@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,6 +20,7 @@ import openai
 import pytest
 from starlette.applications import Starlette
 from support.engine_harness import HANG_GUARD_SECS
+from support.raw_asgi import drive
 from transformers import AutoConfig, AutoTokenizer
 
 from cortex_core.errors import ApiError
@@ -489,51 +490,6 @@ async def test_failure_after_the_stream_opened_ends_it_with_an_error_chunk(harne
 
 
 # --- keep-alive and disconnects (raw ASGI, acting on frames as they arrive) ----------------------
-
-
-async def drive(
-    app: Starlette,
-    body: dict[str, Any],
-    on_body: Callable[[bytes], Any],
-    *,
-    path: str = "/v1/chat/completions",
-    spec_version: str = "2.3",
-    disconnected: asyncio.Event | None = None,
-) -> None:
-    """Run one request; the client hangs up when `on_body(chunk)` returns "disconnect" or when
-    `disconnected` is set."""
-    disconnected = disconnected or asyncio.Event()
-    sent_body = False
-
-    async def receive() -> dict[str, Any]:
-        nonlocal sent_body
-        if not sent_body:
-            sent_body = True
-            return {"type": "http.request", "body": json.dumps(body).encode(), "more_body": False}
-        await disconnected.wait()
-        return {"type": "http.disconnect"}
-
-    async def send(message: dict[str, Any]) -> None:
-        if disconnected.is_set() and spec_version >= "2.4":
-            raise OSError("connection reset by peer")
-        if message["type"] == "http.response.body" and on_body(message.get("body", b"")) == "disconnect":
-            disconnected.set()
-
-    scope = {
-        "type": "http",
-        "asgi": {"version": "3.0", "spec_version": spec_version},
-        "http_version": "1.1",
-        "method": "POST",
-        "scheme": "http",
-        "path": path,
-        "raw_path": path.encode(),
-        "query_string": b"",
-        "headers": [(b"content-type", b"application/json")],
-        "server": ("test", 80),
-        "client": ("test", 1234),
-        "root_path": "",
-    }
-    await asyncio.wait_for(app(scope, receive, send), 60)
 
 
 async def test_keepalive_comments_while_the_first_token_is_slow(tiny_parts: tuple[Any, Any, str]) -> None:
