@@ -9,9 +9,7 @@ not depend on luck.
 from __future__ import annotations
 
 import json
-import sys
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +18,7 @@ import httpx2
 import openai
 import pytest
 from support.agent_bodies import AgentRequest, agent_request
-from support.processes import Service, clean_env, free_port, neuron_serve, start
+from support.processes import Fleet, Service, local_fleet
 from support.wording import PROMPT_TOO_LONG, SUM_EXCEEDS
 
 pytestmark = pytest.mark.slow
@@ -28,64 +26,12 @@ pytestmark = pytest.mark.slow
 ALIAS = "smollm2"
 QUESTION = "What is the capital of France?"
 
-GATEWAY_MAIN = """
-import logging, sys
-from pathlib import Path
-from cortex_core.config.catalogue import load_catalogue
-from cortex_core.config.gateway import load_gateway_config
-from cortex_gateway.serve import run_gateway
-logging.basicConfig(level=logging.INFO)
-config = load_gateway_config(Path(sys.argv[1]))
-run_gateway(config, load_catalogue(Path(config.models_config)))
-"""
-
-
-@dataclass
-class Fleet:
-    gateway_url: str
-    model_id: str
-    gateway: Service
-    neuron: Service
-
 
 @pytest.fixture(scope="module")
 def fleet(tmp_path_factory: pytest.TempPathFactory, smollm2_dir: Path) -> Iterator[Fleet]:
-    work = tmp_path_factory.mktemp("gateway-sdks")
     model_id = str(smollm2_dir)
-    neuron_port, api_port, metrics_port = free_port(), free_port(), free_port()
-    (work / "neuron.toml").write_text(
-        f'host = "127.0.0.1"\nport = {neuron_port}\ndrain_timeout_secs = 5\n\n'
-        f"[[default_models]]\nmodel_id = {model_id!r}\n"
-    )
-    (work / "models.toml").write_text(f"[[models]]\nid = {model_id!r}\n\n[aliases]\n{ALIAS} = {model_id!r}\n")
-    (work / "cortex.toml").write_text(
-        f'models_config = "{work / "models.toml"}"\n\n'
-        f'[gateway]\nlisten = "127.0.0.1:{api_port}"\nmetrics_listen = "127.0.0.1:{metrics_port}"\n\n'
-        f'[[neurons]]\nname = "local"\nendpoint = "http://127.0.0.1:{neuron_port}"\n\n'
-        "[poller]\ninterval_secs = 0.2\n"
-    )
-    with neuron_serve(work / "neuron.toml", neuron_port) as neuron:
-        gateway = start(
-            "gateway",
-            [sys.executable, "-c", GATEWAY_MAIN, str(work / "cortex.toml")],
-            work / "gateway.log",
-            clean_env(),
-        )
-        try:
-            gateway_url = f"http://127.0.0.1:{api_port}"
-            with httpx2.Client(base_url=gateway_url, timeout=30) as client:
-
-                def model_loaded() -> bool:
-                    # `loaded` is a field every entry has (a KeyError if that ever changes);
-                    # the catalogue lists the model before it is loaded, so being listed
-                    # alone proves nothing.
-                    models = client.get("/v1/models").json()["data"]
-                    return any(m["id"] == model_id and m["loaded"] for m in models)
-
-                gateway.wait_for(model_loaded, "the model loaded in /v1/models")
-            yield Fleet(gateway_url, model_id, gateway, neuron)
-        finally:
-            gateway.stop()
+    with local_fleet(tmp_path_factory.mktemp("gateway-sdks"), model_id, {ALIAS: model_id}) as fleet:
+        yield fleet
 
 
 def anthropic_client(fleet: Fleet) -> anthropic.Anthropic:

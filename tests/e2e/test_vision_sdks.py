@@ -9,9 +9,7 @@ model takes images, and a corrupt image is the caller's dialect's 400, saying wh
 from __future__ import annotations
 
 import base64
-import sys
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -19,66 +17,20 @@ import anthropic
 import httpx2
 import openai
 import pytest
-from support.processes import clean_env, free_port, neuron_serve, start
+from support.processes import Fleet, local_fleet
 from support.vision import data_uri, picture, png_bytes
 
 pytestmark = pytest.mark.slow
 
-GATEWAY_MAIN = """
-import sys
-from pathlib import Path
-from cortex_core.config.catalogue import load_catalogue
-from cortex_core.config.gateway import load_gateway_config
-from cortex_gateway.serve import run_gateway
-config = load_gateway_config(Path(sys.argv[1]))
-run_gateway(config, load_catalogue(Path(config.models_config)))
-"""
 IMAGE = picture(7, 90, 70)
 IMAGE_TOKENS = 2 + 6
 QUESTION = "What is in this picture?"
 
 
-@dataclass
-class Fleet:
-    gateway_url: str
-    model_id: str
-
-
 @pytest.fixture(scope="module")
 def fleet(tmp_path_factory: pytest.TempPathFactory, tiny_qwen3_5_vision: Path) -> Iterator[Fleet]:
-    work = tmp_path_factory.mktemp("vision-sdks")
-    model_id = str(tiny_qwen3_5_vision)
-    neuron_port, api_port, metrics_port = free_port(), free_port(), free_port()
-    (work / "neuron.toml").write_text(
-        f'host = "127.0.0.1"\nport = {neuron_port}\ndrain_timeout_secs = 5\n\n'
-        f"[[default_models]]\nmodel_id = {model_id!r}\n"
-    )
-    (work / "models.toml").write_text(f"[[models]]\nid = {model_id!r}\n")
-    (work / "cortex.toml").write_text(
-        f'models_config = "{work / "models.toml"}"\n\n'
-        f'[gateway]\nlisten = "127.0.0.1:{api_port}"\nmetrics_listen = "127.0.0.1:{metrics_port}"\n\n'
-        f'[[neurons]]\nname = "local"\nendpoint = "http://127.0.0.1:{neuron_port}"\n\n'
-        "[poller]\ninterval_secs = 0.2\n"
-    )
-    with neuron_serve(work / "neuron.toml", neuron_port):
-        gateway = start(
-            "gateway",
-            [sys.executable, "-c", GATEWAY_MAIN, str(work / "cortex.toml")],
-            work / "gateway.log",
-            clean_env(),
-        )
-        try:
-            url = f"http://127.0.0.1:{api_port}"
-            with httpx2.Client(base_url=url, timeout=30) as client:
-
-                def loaded() -> bool:
-                    models = client.get("/v1/models").json()["data"]
-                    return any(m["id"] == model_id and m["loaded"] for m in models)
-
-                gateway.wait_for(loaded, "the vision model in /v1/models")
-            yield Fleet(url, model_id)
-        finally:
-            gateway.stop()
+    with local_fleet(tmp_path_factory.mktemp("vision-sdks"), str(tiny_qwen3_5_vision)) as fleet:
+        yield fleet
 
 
 def openai_client(fleet: Fleet) -> openai.OpenAI:
@@ -135,41 +87,24 @@ def test_anthropic_sdk_sends_a_base64_image_and_counts_it(fleet: Fleet) -> None:
     assert counted.input_tokens - text_only.input_tokens == IMAGE_TOKENS
 
 
+def anthropic_refusal(fleet: Fleet, source: dict[str, Any]) -> anthropic.BadRequestError:
+    """The Anthropic SDK's error for a message whose one image has this `source`."""
+    image = {"type": "image", "source": source}
+    with pytest.raises(anthropic.BadRequestError) as refused:
+        anthropic_client(fleet).messages.create(
+            model=fleet.model_id, max_tokens=4, messages=[{"role": "user", "content": [image]}]
+        )
+    return refused.value
+
+
 def test_a_corrupt_image_is_a_400_in_each_dialect_and_the_neuron_keeps_serving(fleet: Fleet) -> None:
     corrupt = base64.b64encode(b"\x89PNG\r\n\x1a\n not really").decode()
-    with pytest.raises(anthropic.BadRequestError) as from_anthropic:
-        anthropic_client(fleet).messages.create(
-            model=fleet.model_id,
-            max_tokens=4,
-            messages=[
-                {
-                    "role": "user",
-                    "content": [
-                        {
-                            "type": "image",
-                            "source": {"type": "base64", "media_type": "image/png", "data": corrupt},
-                        }
-                    ],
-                }
-            ],
-        )
-    assert "not a decodable image" in str(from_anthropic.value)
-    assert from_anthropic.value.body["type"] == "error"  # type: ignore[index]
+    from_anthropic = anthropic_refusal(fleet, {"type": "base64", "media_type": "image/png", "data": corrupt})
+    assert "not a decodable image" in str(from_anthropic)
+    assert from_anthropic.body["type"] == "error"  # type: ignore[index]
     # An Anthropic `url` image: this neuron fetches none (vision.fetch_urls is off by default).
-    with pytest.raises(anthropic.BadRequestError) as by_url:
-        anthropic_client(fleet).messages.create(
-            model=fleet.model_id,
-            max_tokens=4,
-            messages=[
-                {
-                    "role": "user",
-                    "content": [
-                        {"type": "image", "source": {"type": "url", "url": "http://169.254.169.254/x.png"}}
-                    ],
-                }
-            ],
-        )
-    assert "vision.fetch_urls is off" in str(by_url.value)
+    by_url = anthropic_refusal(fleet, {"type": "url", "url": "http://169.254.169.254/x.png"})
+    assert "vision.fetch_urls is off" in str(by_url)
     with pytest.raises(openai.BadRequestError) as from_openai:
         openai_client(fleet).chat.completions.create(
             model=fleet.model_id,

@@ -104,6 +104,74 @@ def neuron_serve(config: Path, port: int, env: dict[str, str] | None = None) -> 
         service.stop()
 
 
+# The gateway as a process of its own, over a cortex.toml (its INFO log is what the request-id
+# test reads).
+GATEWAY_MAIN = """
+import logging, sys
+from pathlib import Path
+from cortex_core.config.catalogue import load_catalogue
+from cortex_core.config.gateway import load_gateway_config
+from cortex_gateway.serve import run_gateway
+logging.basicConfig(level=logging.INFO)
+config = load_gateway_config(Path(sys.argv[1]))
+run_gateway(config, load_catalogue(Path(config.models_config)))
+"""
+
+
+@dataclass
+class Fleet:
+    """A gateway process in front of one `neuron serve` process, on loopback."""
+
+    gateway_url: str
+    model_id: str
+    gateway: Service
+    neuron: Service
+
+
+@contextlib.contextmanager
+def local_fleet(work: Path, model_id: str, aliases: dict[str, str] | None = None) -> Iterator[Fleet]:
+    """`neuron serve` with `model_id` as its default model and a gateway in front of it (its
+    catalogue: that model and `aliases`), configured in `work`; yielded once the gateway lists
+    the model as loaded, both processes stopped afterwards."""
+    neuron_port, api_port, metrics_port = free_port(), free_port(), free_port()
+    (work / "neuron.toml").write_text(
+        f'host = "127.0.0.1"\nport = {neuron_port}\ndrain_timeout_secs = 5\n\n'
+        f"[[default_models]]\nmodel_id = {model_id!r}\n"
+    )
+    models = f"[[models]]\nid = {model_id!r}\n"
+    if aliases:
+        models += "\n[aliases]\n" + "".join(f"{alias} = {target!r}\n" for alias, target in aliases.items())
+    (work / "models.toml").write_text(models)
+    (work / "cortex.toml").write_text(
+        f'models_config = "{work / "models.toml"}"\n\n'
+        f'[gateway]\nlisten = "127.0.0.1:{api_port}"\nmetrics_listen = "127.0.0.1:{metrics_port}"\n\n'
+        f'[[neurons]]\nname = "local"\nendpoint = "http://127.0.0.1:{neuron_port}"\n\n'
+        "[poller]\ninterval_secs = 0.2\n"
+    )
+    with neuron_serve(work / "neuron.toml", neuron_port) as neuron:
+        gateway = start(
+            "gateway",
+            [sys.executable, "-c", GATEWAY_MAIN, str(work / "cortex.toml")],
+            work / "gateway.log",
+            clean_env(),
+        )
+        try:
+            gateway_url = f"http://127.0.0.1:{api_port}"
+            with httpx2.Client(base_url=gateway_url, timeout=30) as client:
+
+                def model_loaded() -> bool:
+                    # `loaded` is a field every entry has (a KeyError if that ever changes);
+                    # the catalogue lists the model before it is loaded, so being listed
+                    # alone proves nothing.
+                    models = client.get("/v1/models").json()["data"]
+                    return any(m["id"] == model_id and m["loaded"] for m in models)
+
+                gateway.wait_for(model_loaded, "the model loaded in /v1/models")
+            yield Fleet(gateway_url, model_id, gateway, neuron)
+        finally:
+            gateway.stop()
+
+
 def read_ready_event(
     stdout: IO[str], process: subprocess.Popen[str], timeout: float = STARTUP_TIMEOUT_SECS
 ) -> dict[str, Any]:
