@@ -9,7 +9,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from support.engine_harness import collect, eos_ids, reference_greedy
+from support.engine_harness import (
+    collect,
+    eos_ids,
+    prefill_and_decode_rows,
+    reference_greedy,
+    run_with_preemptions,
+    runner_with_blocks,
+)
 from support.vision import picture, reference_vision_greedy
 
 from cortex_core.config.neuron import EngineConfig
@@ -151,8 +158,6 @@ def test_bf16_batched_image_logits_match_the_hf_forward(tiny_vision: Path) -> No
     import torch
     from support.engine_harness import bf16_top_agrees
 
-    from neuron.engine.paged import ForwardRow
-
     model, tokenizer, preparer = load(tiny_vision)
     model = model.to(torch.bfloat16)
     inputs = [
@@ -165,44 +170,27 @@ def test_bf16_batched_image_logits_match_the_hf_forward(tiny_vision: Path) -> No
     prompts = [
         list(i.prompt_ids) if i is not None else chat(tokenizer, "The capital of France is") for i in inputs
     ]
-    runner = SingleDeviceRunner(model, device="cpu", max_batch_size=4)
-    hybrid = runner.state_slots > 0
-    blocks = [list(range(1 + 8 * i, 9 + 8 * i)) for i in range(len(prompts))]
-
-    def row(i: int, tokens: list[int], start: int) -> ForwardRow:
-        return ForwardRow(tokens, start, blocks[i], i if hybrid else -1, inputs[i])
-
-    prefill = runner.forward([row(i, p, 0) for i, p in enumerate(prompts)])
-    firsts = [int(logits.argmax()) for logits in prefill]
-    decode = runner.forward(
-        [row(i, [t], len(p)) for i, (p, t) in enumerate(zip(prompts, firsts, strict=True))]
-    )
+    rows = prefill_and_decode_rows(SingleDeviceRunner(model, device="cpu", max_batch_size=4), prompts, inputs)
     with torch.inference_mode():
-        for i, prompt in enumerate(prompts):
-            for ours, tokens in ((prefill[i], prompt), (decode[i], [*prompt, firsts[i]])):
-                ids = torch.tensor([tokens])
-                images = inputs[i]
-                extra = {}
-                if images is not None:
-                    extra = {
-                        "pixel_values": images.pixel_values,
-                        "image_grid_thw": images.grid_thw,
-                        "mm_token_type_ids": (ids == images.token_id).int(),
-                    }
-                reference = model(input_ids=ids, **extra).logits[0, -1].float()
-                assert float(torch.nn.functional.cosine_similarity(ours, reference, dim=0)) > 0.9995
-                assert bf16_top_agrees(ours, reference)
+        for i, ours, tokens in rows:
+            ids = torch.tensor([tokens])
+            images = inputs[i]
+            extra = {}
+            if images is not None:
+                extra = {
+                    "pixel_values": images.pixel_values,
+                    "image_grid_thw": images.grid_thw,
+                    "mm_token_type_ids": (ids == images.token_id).int(),
+                }
+            reference = model(input_ids=ids, **extra).logits[0, -1].float()
+            assert float(torch.nn.functional.cosine_similarity(ours, reference, dim=0)) > 0.9995
+            assert bf16_top_agrees(ours, reference)
 
 
 def test_preempted_image_sequences_recompute_with_their_pictures(tiny_vision: Path) -> None:
     """A pool too small for the batch: a preempted image sequence is readmitted, recomputes
     prompt and generated tokens with the same image features and positions, and its output
     equals generate()'s."""
-    from support.engine_harness import runner_with_blocks
-
-    from neuron.engine.sampling import SamplerState
-    from neuron.engine.scheduler import Scheduler, SeqState
-
     model, tokenizer, preparer = load(tiny_vision)
     inputs = [
         with_images(preparer, tokenizer, f"{IMAGE}Describe this picture in detail.", [(seed, 90, 70)])
@@ -211,20 +199,9 @@ def test_preempted_image_sequences_recompute_with_their_pictures(tiny_vision: Pa
     # 8 blocks of 16 positions: two ~50-token prompts are admitted together, but not both
     # can grow by 40 tokens.
     runner = runner_with_blocks(model, 8, max_batch_size=2)
-    scheduler = Scheduler(runner, max_batch_size=2, prefill_budget_tokens=64, on_finished=lambda s: None)
-
-    class Sink(list[Any]):
-        def put(self, item: Any) -> None:
-            self.append(item)
-
-    sequences = [
-        SeqState(i, image_request(images, 40, frozenset()), Sink(), SamplerState.create(GREEDY), 40)
-        for i, images in enumerate(inputs)
-    ]
-    scheduler.incoming.extend(sequences)
-    while scheduler.has_work():
-        scheduler.step(lambda: None)
-    assert scheduler.preemptions > 0
-    for seq, images in zip(sequences, inputs, strict=True):
-        tokens = [e.token_id for e in seq.sink if e.token_id is not None]
+    outputs, preemptions = run_with_preemptions(
+        runner, [image_request(images, 40, frozenset()) for images in inputs], max_batch_size=2
+    )
+    assert preemptions > 0
+    for tokens, images in zip(outputs, inputs, strict=True):
         assert tokens == reference_vision_greedy(model, images, 40, frozenset())[0]

@@ -120,6 +120,63 @@ def runner_with_blocks(model: Any, usable_blocks: int, block_size: int = 16, **k
     return runner
 
 
+def run_with_preemptions(
+    runner: Any, requests: Sequence[Any], *, max_batch_size: int
+) -> tuple[list[list[int]], int]:
+    """Runs `requests` (GenerationRequests) through a scheduler on this thread until every
+    one has finished: each one's tokens, and how many preemptions that took (a test gives
+    `runner` a pool too small for the batch, see runner_with_blocks)."""
+    from neuron.engine.sampling import SamplerState
+    from neuron.engine.scheduler import Scheduler, SeqState
+
+    scheduler = Scheduler(
+        runner, max_batch_size=max_batch_size, prefill_budget_tokens=64, on_finished=lambda s: None
+    )
+    sinks = [_ListSink() for _ in requests]
+    scheduler.incoming.extend(
+        SeqState(i, request, sink, SamplerState.create(request.sampling), request.max_new_tokens)
+        for i, (request, sink) in enumerate(zip(requests, sinks, strict=True))
+    )
+    while scheduler.has_work():
+        scheduler.step(lambda: None)
+    return [[e.token_id for e in sink if e.token_id is not None] for sink in sinks], scheduler.preemptions
+
+
+class _ListSink(list[Any]):
+    """What the scheduler puts a sequence's events (or its error) into."""
+
+    def put(self, item: Any) -> None:
+        self.append(item)
+
+
+def prefill_and_decode_rows(
+    runner: Any, prompts: Sequence[list[int]], images: Sequence[Any] | None = None
+) -> list[tuple[int, Any, list[int]]]:
+    """Every prompt prefilled in one batched forward, then one decode step each (its
+    prefill's argmax) in another, each sequence in blocks (and on a hybrid model a state
+    slot) of its own, with its `images` if given. Per row, sequence by sequence, prefill
+    then decode: (sequence index, logits, the tokens they follow), for a comparison with
+    transformers' forward of that sequence alone."""
+    from neuron.engine.paged import ForwardRow
+
+    hybrid = runner.state_slots > 0
+    blocks = [list(range(1 + 8 * i, 9 + 8 * i)) for i in range(len(prompts))]
+    pictures = list(images) if images is not None else [None] * len(prompts)
+
+    def row(i: int, tokens: list[int], start: int) -> ForwardRow:
+        return ForwardRow(tokens, start, blocks[i], i if hybrid else -1, pictures[i])
+
+    prefill = runner.forward([row(i, p, 0) for i, p in enumerate(prompts)])
+    firsts = [int(logits.argmax()) for logits in prefill]
+    decode = runner.forward(
+        [row(i, [t], len(p)) for i, (p, t) in enumerate(zip(prompts, firsts, strict=True))]
+    )
+    rows: list[tuple[int, Any, list[int]]] = []
+    for i, prompt in enumerate(prompts):
+        rows += [(i, prefill[i], prompt), (i, decode[i], [*prompt, firsts[i]])]
+    return rows
+
+
 def bf16_top_agrees(ours: Any, reference: Any) -> bool:
     """Our argmax is the reference's, or one of its top two when those are within bf16's
     resolution of each other (then either token is the model's answer)."""
