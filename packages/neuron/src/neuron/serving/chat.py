@@ -316,6 +316,14 @@ def completion_usage(usage: Usage) -> CompletionUsage:
     )
 
 
+def request_usage(finished: Mapping[int, Usage], choices: int) -> CompletionUsage | None:
+    """What a stream's usage chunk carries: the request's usage, every choice counted, once
+    all `choices` have finished (`finished`: each one's usage by index); None until then."""
+    if len(finished) != choices:
+        return None
+    return completion_usage(combined_usage([finished[i] for i in sorted(finished)]))
+
+
 def new_completion_id(prefix: str = "chatcmpl") -> str:
     return f"{prefix}-{secrets.token_hex(12)}"
 
@@ -403,18 +411,15 @@ class ChatStreamProjector:
             self._chunk(index, ChoiceDelta(), finish_reason=event.reason, stop_reason=event.stop_sequence)
         ]
         self._usages[index] = event.usage
-        if self.include_usage and len(self._usages) == self.choices:
-            # Once, after the last choice ended: the request's usage, every choice counted.
-            chunks.append(
-                ChatCompletionChunk(
-                    id=self.id,
-                    created=self.created,
-                    model=self.model,
-                    choices=[],
-                    usage=completion_usage(combined_usage([self._usages[i] for i in sorted(self._usages)])),
-                )
-            )
+        usage = request_usage(self._usages, self.choices) if self.include_usage else None
+        if usage is not None:
+            chunks.append(self._usage_chunk(usage))
         return chunks
+
+    def _usage_chunk(self, usage: CompletionUsage) -> ChatCompletionChunk:
+        return ChatCompletionChunk(
+            id=self.id, created=self.created, model=self.model, choices=[], usage=usage
+        )
 
 
 def collect_chat_completion(

@@ -7,6 +7,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
 from cortex_core.errors import ApiError
+from cortex_core.openai.chat import CompletionUsage
 from cortex_core.openai.completions import (
     Completion,
     CompletionChoice,
@@ -17,7 +18,7 @@ from cortex_core.openai.completions import (
 )
 from cortex_core.wire import given
 from neuron.engine.api import GenerationRequest
-from neuron.serving.chat import Prepared, completion_usage, new_completion_id
+from neuron.serving.chat import Prepared, completion_usage, new_completion_id, request_usage
 from neuron.serving.generation import (
     ChoiceEvent,
     Finished,
@@ -151,17 +152,13 @@ class CompletionStreamProjector:
             final.stop_reason = event.stop_sequence
         chunks = [self._chunk(final)]
         self._usages[index] = event.usage
-        if self.include_usage and len(self._usages) == self.choices:
-            chunks.append(
-                CompletionChunk(
-                    id=self.id,
-                    created=self.created,
-                    model=self.model,
-                    choices=[],
-                    usage=completion_usage(combined_usage([self._usages[i] for i in sorted(self._usages)])),
-                )
-            )
+        usage = request_usage(self._usages, self.choices) if self.include_usage else None
+        if usage is not None:
+            chunks.append(self._usage_chunk(usage))
         return chunks
+
+    def _usage_chunk(self, usage: CompletionUsage) -> CompletionChunk:
+        return CompletionChunk(id=self.id, created=self.created, model=self.model, choices=[], usage=usage)
 
 
 def collect_completion(model: str, events: Iterable[ChoiceEvent], *, logprobs: bool = False) -> Completion:
