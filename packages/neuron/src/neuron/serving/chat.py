@@ -12,6 +12,7 @@ import secrets
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
+from functools import partial
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any
 
@@ -53,11 +54,18 @@ from neuron.serving.generation import (
 )
 from neuron.serving.logprobs import LogprobsDelta, TokenLogprob
 from neuron.serving.model import ServingModel
-from neuron.serving.params import SamplingRequest, invalid, resolve, sampling_fields, top_logprobs_count
-from neuron.serving.reasoning import prompt_opens_reasoning
+from neuron.serving.params import (
+    ResolvedParams,
+    SamplingRequest,
+    invalid,
+    resolve,
+    sampling_fields,
+    top_logprobs_count,
+)
+from neuron.serving.reasoning import ReasoningMarkers, prompt_opens_reasoning
 from neuron.serving.structured import request_grammar
 from neuron.serving.template import template_messages, with_tool_instructions
-from neuron.serving.tools import ToolCallArguments, ToolCallStart, tool_instructions
+from neuron.serving.tools import ToolCallArguments, ToolCallParser, ToolCallStart, tool_instructions
 from neuron.vision.refs import image_refs
 
 if TYPE_CHECKING:
@@ -268,31 +276,17 @@ def prepare_chat(
     prompt, prompt_ids, images = chat_prompt_ids(
         model, request, enable_thinking=enable_thinking, field_names=field_names
     )
-    params = resolve(
-        sampling_request(request),
-        prompt_tokens=len(prompt_ids),
-        generation_config=model.loaded.generation_config,
-        max_context=model.max_context,
-        eos_ids=model.eos_ids,
-        clamp_max_tokens=clamp,
-        vocab_size=model.vocab_size,
-    )
+    params = resolve_for(model, sampling_request(request), len(prompt_ids), clamp=clamp)
     tools = msgspec.to_builtins(given(request.tools)) or []
     parse_tools = bool(tools) and given(request.tool_choice) != "none"
-    starts_in_reasoning = prompt_opens_reasoning(prompt, model.markers)
-    logprobs = params.sampling.logprobs is not None
-    processors = [
-        OutputProcessor(
-            model.detokenizer(),
-            stop_strings=params.stop_strings,
-            markers=model.markers,
-            starts_in_reasoning=starts_in_reasoning,
-            include_thinking=thinking,
-            tool_parser=model.tool_format.parser(tools) if parse_tools else None,
-            token_texts=model.token_texts() if logprobs else None,
-        )
-        for _ in range(params.n)
-    ]
+    processors = choice_processors(
+        model,
+        params,
+        markers=model.markers,
+        starts_in_reasoning=prompt_opens_reasoning(prompt, model.markers),
+        include_thinking=thinking,
+        tool_parser=partial(model.tool_format.parser, tools) if parse_tools else None,
+    )
     generation = GenerationRequest(
         prompt_ids=prompt_ids,
         max_new_tokens=params.max_new_tokens,
@@ -304,6 +298,48 @@ def prepare_chat(
         images=images,
     )
     return Prepared(prompt, generation, processors, clamped=params.clamped)
+
+
+def resolve_for(
+    model: ServingModel, fields: SamplingRequest, prompt_tokens: int, *, clamp: bool
+) -> ResolvedParams:
+    """A request's sampling fields against this model: its generation_config's defaults, its
+    context, end-of-sequence ids and vocabulary (`clamp`: see `resolve`)."""
+    return resolve(
+        fields,
+        prompt_tokens=prompt_tokens,
+        generation_config=model.loaded.generation_config,
+        max_context=model.max_context,
+        eos_ids=model.eos_ids,
+        clamp_max_tokens=clamp,
+        vocab_size=model.vocab_size,
+    )
+
+
+def choice_processors(
+    model: ServingModel,
+    params: ResolvedParams,
+    *,
+    markers: ReasoningMarkers | None = None,
+    starts_in_reasoning: bool = False,
+    include_thinking: bool = False,
+    tool_parser: Callable[[], ToolCallParser] | None = None,
+) -> list[OutputProcessor]:
+    """One output processor per choice (OpenAI's `n`), each with its own detokenizer and tool
+    parser (both keep state); with token texts when the request asked for log-probabilities."""
+    logprobs = params.sampling.logprobs is not None
+    return [
+        OutputProcessor(
+            model.detokenizer(),
+            stop_strings=params.stop_strings,
+            markers=markers,
+            starts_in_reasoning=starts_in_reasoning,
+            include_thinking=include_thinking,
+            tool_parser=tool_parser() if tool_parser is not None else None,
+            token_texts=model.token_texts() if logprobs else None,
+        )
+        for _ in range(params.n)
+    ]
 
 
 def completion_usage(usage: Usage) -> CompletionUsage:

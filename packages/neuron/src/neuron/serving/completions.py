@@ -18,19 +18,25 @@ from cortex_core.openai.completions import (
 )
 from cortex_core.wire import given
 from neuron.engine.api import GenerationRequest
-from neuron.serving.chat import Prepared, completion_usage, new_completion_id, request_usage
+from neuron.serving.chat import (
+    Prepared,
+    choice_processors,
+    completion_usage,
+    new_completion_id,
+    request_usage,
+    resolve_for,
+)
 from neuron.serving.generation import (
     ChoiceEvent,
     Finished,
     OutputEvent,
-    OutputProcessor,
     TextDelta,
     Usage,
     combined_usage,
 )
 from neuron.serving.logprobs import LogprobsDelta
 from neuron.serving.model import ServingModel
-from neuron.serving.params import invalid, resolve, sampling_fields, top_logprobs_count
+from neuron.serving.params import invalid, sampling_fields, top_logprobs_count
 
 
 def check_supported(request: CompletionRequest) -> None:
@@ -67,29 +73,13 @@ def prepare_completion(model: ServingModel, request: CompletionRequest, *, clamp
     ids = prompt_ids(model, request)
     if not ids:
         raise invalid("the prompt is empty", "prompt")
-    params = resolve(
-        # The legacy API's documented default is 16 tokens.
-        sampling_fields(
-            request,
-            given(request.max_tokens) or 16,
-            logprobs=top_logprobs_count(given(request.logprobs), "logprobs"),
-        ),
-        prompt_tokens=len(ids),
-        generation_config=model.loaded.generation_config,
-        max_context=model.max_context,
-        eos_ids=model.eos_ids,
-        clamp_max_tokens=clamp,
-        vocab_size=model.vocab_size,
+    fields = sampling_fields(
+        request,
+        given(request.max_tokens) or 16,  # the legacy API's documented default
+        logprobs=top_logprobs_count(given(request.logprobs), "logprobs"),
     )
-    logprobs = params.sampling.logprobs is not None
-    processors = [
-        OutputProcessor(
-            model.detokenizer(),
-            stop_strings=params.stop_strings,
-            token_texts=model.token_texts() if logprobs else None,
-        )
-        for _ in range(params.n)
-    ]
+    params = resolve_for(model, fields, len(ids), clamp=clamp)
+    processors = choice_processors(model, params)
     generation = GenerationRequest(
         prompt_ids=ids,
         max_new_tokens=params.max_new_tokens,
