@@ -12,7 +12,7 @@ from urllib.parse import urlsplit
 import msgspec
 
 from cortex_core.config.legacy import translate_gateway
-from cortex_core.config.loader import ConfigError, load_config, resolve_path
+from cortex_core.config.loader import ConfigError, check_request_limits, load_config, resolve_path
 
 ENV_PREFIX = "CORTEX_"
 
@@ -160,16 +160,7 @@ def _validate(config: GatewayConfig, source: str) -> None:
     if config.proxy.max_attempts < 1:
         raise ConfigError(source, "must be at least 1", "proxy.max_attempts")
     section = config.gateway
-    for key, value in (
-        ("max_body_bytes", section.max_body_bytes),
-        ("max_buffered_bytes", section.max_buffered_bytes),
-        ("max_messages", section.max_messages),
-        ("max_prompt_bytes", section.max_prompt_bytes),
-    ):
-        if value < 1:
-            raise ConfigError(source, "must be at least 1", f"gateway.{key}")
-    if section.body_read_timeout_secs <= 0:
-        raise ConfigError(source, "must be positive", "gateway.body_read_timeout_secs")
+    check_request_limits(section, source, "gateway.")
     if section.shutdown_grace_secs < 0:
         raise ConfigError(source, "must be 0 or more", "gateway.shutdown_grace_secs")
     if config.router.max_concurrent_per_model < 0:

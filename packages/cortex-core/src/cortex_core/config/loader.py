@@ -17,7 +17,7 @@ import types
 import typing
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 import msgspec
 
@@ -36,6 +36,36 @@ class ConfigError(Exception):
         self.problem = problem
         where = f"{source}: key `{key}`" if key else source
         super().__init__(f"{where}: {problem}")
+
+
+class RequestLimitFields(Protocol):
+    """The request-size limits both daemons take: the gateway's in [gateway], the neuron's at
+    the top level of neuron.toml."""
+
+    @property
+    def max_body_bytes(self) -> int: ...
+    @property
+    def max_buffered_bytes(self) -> int: ...
+    @property
+    def max_messages(self) -> int: ...
+    @property
+    def max_prompt_bytes(self) -> int: ...
+    @property
+    def body_read_timeout_secs(self) -> float: ...
+
+
+def check_request_limits(section: RequestLimitFields, source: str, prefix: str) -> None:
+    """Counts of at least 1 and a positive read timeout; `prefix` places the keys in the file."""
+    for key, value in (
+        ("max_body_bytes", section.max_body_bytes),
+        ("max_buffered_bytes", section.max_buffered_bytes),
+        ("max_messages", section.max_messages),
+        ("max_prompt_bytes", section.max_prompt_bytes),
+    ):
+        if value < 1:
+            raise ConfigError(source, "must be at least 1", prefix + key)
+    if section.body_read_timeout_secs <= 0:
+        raise ConfigError(source, "must be positive", prefix + "body_read_timeout_secs")
 
 
 def read_toml(path: Path) -> dict[str, Any]:

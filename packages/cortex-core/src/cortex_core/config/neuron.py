@@ -8,7 +8,7 @@ from pathlib import Path
 import msgspec
 
 from cortex_core.config.legacy import translate_neuron
-from cortex_core.config.loader import ConfigError, load_config, resolve_path
+from cortex_core.config.loader import ConfigError, check_request_limits, load_config, resolve_path
 from cortex_core.neuron_api import ModelSpec
 
 ENV_PREFIX = "NEURON_"
@@ -111,16 +111,7 @@ def load_neuron_config(path: Path | None, *, env: Mapping[str, str] | None = Non
         raise ConfigError(source, f"expected a TCP port 1-65535, got {config.port}", "port")
     if config.tensor_parallel_step_timeout_secs <= 0:
         raise ConfigError(source, "must be positive", "tensor_parallel_step_timeout_secs")
-    for key, value in (
-        ("max_body_bytes", config.max_body_bytes),
-        ("max_buffered_bytes", config.max_buffered_bytes),
-        ("max_messages", config.max_messages),
-        ("max_prompt_bytes", config.max_prompt_bytes),
-    ):
-        if value < 1:
-            raise ConfigError(source, "must be at least 1", key)
-    if config.body_read_timeout_secs <= 0:
-        raise ConfigError(source, "must be positive", "body_read_timeout_secs")
+    check_request_limits(config, source, "")
     engine = config.engine
     for key, value in (
         ("max_batch_size", engine.max_batch_size),
