@@ -8,37 +8,16 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
-import httpx2
 import pytest
 import torch
 from support.engine_harness import load_model, reference_greedy
-from support.local_models import neuron_config
-
-from neuron.app import create_app
-from neuron.discovery import HostProbe
-from neuron.manager import ModelManager
-
-HANG_GUARD_SECS = 120
-
-
-class Node:
-    def __init__(self) -> None:
-        probe = HostProbe(None, cuda_unavailable_reason="test host: CPU only")
-        self.manager = ModelManager(neuron_config(), probe)
-        self.app = create_app(neuron_config(), probe=probe, manager=self.manager, activate_defaults=False)
-        self.client = httpx2.AsyncClient(
-            transport=httpx2.ASGITransport(app=self.app), base_url="http://test", timeout=HANG_GUARD_SECS
-        )
+from support.in_process_neuron import InProcessNeuron, serving
 
 
 @pytest.fixture(scope="module")
-async def node(tiny_qwen3: Path) -> AsyncIterator[Node]:
-    node = Node()
-    loaded = await node.client.post("/models/load", json={"model_id": str(tiny_qwen3)})
-    assert loaded.status_code == 200, loaded.text
-    yield node
-    await node.client.aclose()
-    await node.manager.close()
+async def node(tiny_qwen3: Path) -> AsyncIterator[InProcessNeuron]:
+    async with serving(tiny_qwen3) as node:
+        yield node
 
 
 @pytest.fixture(scope="module")
@@ -71,7 +50,7 @@ def chat_prompt(tokenizer: Any, messages: list[dict[str, Any]], **kwargs: Any) -
 
 
 async def test_chat_logprobs_are_the_models_streamed_and_not(
-    node: Node, tiny_qwen3: Path, reference: tuple[Any, Any]
+    node: InProcessNeuron, tiny_qwen3: Path, reference: tuple[Any, Any]
 ) -> None:
     model, tokenizer = reference
     prompt = chat_prompt(tokenizer, MESSAGES)
@@ -115,7 +94,7 @@ async def test_chat_logprobs_are_the_models_streamed_and_not(
 
 
 async def test_completion_logprobs_in_the_legacy_shape(
-    node: Node, tiny_qwen3: Path, reference: tuple[Any, Any]
+    node: InProcessNeuron, tiny_qwen3: Path, reference: tuple[Any, Any]
 ) -> None:
     model, tokenizer = reference
     prompt = tokenizer.encode("The capital of France is")
@@ -151,7 +130,9 @@ async def test_completion_logprobs_in_the_legacy_shape(
         assert shaped["text_offset"] == [sum(lengths[:i]) for i in range(len(lengths))]
 
 
-async def test_n_chat_choices_follow_their_seeds_streamed_and_not(node: Node, tiny_qwen3: Path) -> None:
+async def test_n_chat_choices_follow_their_seeds_streamed_and_not(
+    node: InProcessNeuron, tiny_qwen3: Path
+) -> None:
     body = {
         "model": str(tiny_qwen3),
         "messages": MESSAGES,
@@ -190,7 +171,7 @@ async def test_n_chat_choices_follow_their_seeds_streamed_and_not(node: Node, ti
     assert chunks[-1]["choices"] == [] and chunks[-1]["usage"]["completion_tokens"] == completion
 
 
-async def test_n_completions_greedy_choices_agree(node: Node, tiny_qwen3: Path) -> None:
+async def test_n_completions_greedy_choices_agree(node: InProcessNeuron, tiny_qwen3: Path) -> None:
     body = {"model": str(tiny_qwen3), "prompt": "Hello, how are", "max_tokens": 8, "temperature": 0, "n": 2}
     response = (await node.client.post("/v1/completions", json=body)).json()
     first, second = response["choices"]
@@ -202,7 +183,7 @@ async def test_n_completions_greedy_choices_agree(node: Node, tiny_qwen3: Path) 
 
 
 async def test_a_prefilled_assistant_turn_is_continued(
-    node: Node, tiny_qwen3: Path, reference: tuple[Any, Any]
+    node: InProcessNeuron, tiny_qwen3: Path, reference: tuple[Any, Any]
 ) -> None:
     model, tokenizer = reference
     messages = [*MESSAGES, {"role": "assistant", "content": "The capital of France is"}]
@@ -241,7 +222,7 @@ async def test_a_prefilled_assistant_turn_is_continued(
     ],
 )
 async def test_continue_final_message_refusals(
-    node: Node, tiny_qwen3: Path, extra: dict[str, Any], param: str
+    node: InProcessNeuron, tiny_qwen3: Path, extra: dict[str, Any], param: str
 ) -> None:
     body = {"model": str(tiny_qwen3), "messages": MESSAGES, "max_tokens": 2, **extra}
     response = await node.client.post("/v1/chat/completions", json=body)
@@ -249,7 +230,7 @@ async def test_continue_final_message_refusals(
     assert response.json()["error"]["param"] == param
 
 
-async def test_n_structured_choices_each_follow_the_schema(node: Node, tiny_qwen3: Path) -> None:
+async def test_n_structured_choices_each_follow_the_schema(node: InProcessNeuron, tiny_qwen3: Path) -> None:
     """Every choice has its own grammar state (forked from the request's), so each answer
     is a whole document of the schema: one state shared by three sequences would refuse
     the second one's first token."""

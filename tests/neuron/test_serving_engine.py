@@ -13,37 +13,18 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
-import httpx2
 import pytest
 from support.engine_harness import load_model, reference_greedy
-from support.local_models import neuron_config
+from support.in_process_neuron import InProcessNeuron, serving
 from support.raw_asgi import drive
-
-from neuron.app import create_app
-from neuron.discovery import HostProbe
-from neuron.manager import ModelManager
 
 HANG_GUARD_SECS = 120
 
 
-class Node:
-    def __init__(self) -> None:
-        probe = HostProbe(None, cuda_unavailable_reason="test host: CPU only")
-        self.manager = ModelManager(neuron_config(), probe)
-        self.app = create_app(neuron_config(), probe=probe, manager=self.manager, activate_defaults=False)
-        self.client = httpx2.AsyncClient(
-            transport=httpx2.ASGITransport(app=self.app), base_url="http://test", timeout=HANG_GUARD_SECS
-        )
-
-
 @pytest.fixture(scope="module")
-async def node(tiny_qwen3: Path) -> AsyncIterator[Node]:
-    node = Node()
-    loaded = await node.client.post("/models/load", json={"model_id": str(tiny_qwen3)})
-    assert loaded.status_code == 200, loaded.text
-    yield node
-    await node.client.aclose()
-    await node.manager.close()
+async def node(tiny_qwen3: Path) -> AsyncIterator[InProcessNeuron]:
+    async with serving(tiny_qwen3) as node:
+        yield node
 
 
 @pytest.fixture(scope="module")
@@ -60,7 +41,7 @@ def sse_data(text: str) -> list[dict[str, Any]]:
 
 
 async def test_greedy_completion_equals_transformers_generate(
-    node: Node, tiny_qwen3: Path, reference: tuple[Any, Any]
+    node: InProcessNeuron, tiny_qwen3: Path, reference: tuple[Any, Any]
 ) -> None:
     model, tokenizer = reference
     prompt = "The capital of France is"
@@ -76,7 +57,7 @@ async def test_greedy_completion_equals_transformers_generate(
 
 
 async def test_chat_streaming_equals_non_streaming_and_usage_is_right(
-    node: Node, tiny_qwen3: Path, reference: tuple[Any, Any]
+    node: InProcessNeuron, tiny_qwen3: Path, reference: tuple[Any, Any]
 ) -> None:
     model, tokenizer = reference
     messages = [{"role": "user", "content": "What is the capital of France?"}]
@@ -100,7 +81,7 @@ async def test_chat_streaming_equals_non_streaming_and_usage_is_right(
     assert whole["choices"][0]["finish_reason"] == finish
 
 
-async def test_seed_reproduces_and_stop_string_cuts(node: Node, tiny_qwen3: Path) -> None:
+async def test_seed_reproduces_and_stop_string_cuts(node: InProcessNeuron, tiny_qwen3: Path) -> None:
     body = {
         "model": str(tiny_qwen3),
         "prompt": "Hello, how are",
@@ -142,7 +123,7 @@ async def test_seed_reproduces_and_stop_string_cuts(node: Node, tiny_qwen3: Path
         assert (choice["finish_reason"], choice["stop_reason"]) == ("stop", stop)
 
 
-async def test_repeated_prompt_reports_cached_tokens(node: Node, tiny_qwen3: Path) -> None:
+async def test_repeated_prompt_reports_cached_tokens(node: InProcessNeuron, tiny_qwen3: Path) -> None:
     messages = [{"role": "user", "content": "The quick brown fox jumps over the lazy dog. " * 4}]
     body = {"model": str(tiny_qwen3), "messages": messages, "max_tokens": 4, "temperature": 0}
     await node.client.post("/v1/chat/completions", json=body)
@@ -152,7 +133,7 @@ async def test_repeated_prompt_reports_cached_tokens(node: Node, tiny_qwen3: Pat
 
 
 async def test_continuous_usage_puts_prompt_and_cached_tokens_on_every_chunk(
-    node: Node, tiny_qwen3: Path
+    node: InProcessNeuron, tiny_qwen3: Path
 ) -> None:
     messages = [{"role": "user", "content": "Hello, how are you today? " * 3}]
     body = {
@@ -186,7 +167,7 @@ async def test_continuous_usage_puts_prompt_and_cached_tokens_on_every_chunk(
     assert [("usage" in frame) for frame in frames] == [False] * (len(frames) - 1) + [True]
 
 
-async def test_client_hang_up_frees_the_slot(node: Node, tiny_qwen3: Path) -> None:
+async def test_client_hang_up_frees_the_slot(node: InProcessNeuron, tiny_qwen3: Path) -> None:
     model_id = str(tiny_qwen3)
     engine = node.manager.get(model_id).engine
     body = {

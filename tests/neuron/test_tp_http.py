@@ -19,28 +19,18 @@ from typing import Any
 
 import httpx2
 import pytest
+from support.in_process_neuron import InProcessNeuron
 from support.local_models import neuron_config
 from support.processes import tp_worker_pids
 
-from neuron.app import create_app
-from neuron.discovery import HostProbe
-from neuron.manager import ModelManager
-
 pytestmark = pytest.mark.slow
 
-HANG_GUARD_SECS = 120
 QUESTIONS = ["Hello", "What is the capital of France?", "Count: 0 1 2", "def add(a, b):"]
 
 
-class Node:
+class Node(InProcessNeuron):
     def __init__(self) -> None:
-        config = neuron_config(allow_cpu_tensor_parallel=True, tensor_parallel_step_timeout_secs=10)
-        probe = HostProbe(None, cuda_unavailable_reason="test host: CPU only")
-        self.manager = ModelManager(config, probe)
-        self.app = create_app(config, probe=probe, manager=self.manager, activate_defaults=False)
-        self.client = httpx2.AsyncClient(
-            transport=httpx2.ASGITransport(app=self.app), base_url="http://test", timeout=HANG_GUARD_SECS
-        )
+        super().__init__(neuron_config(allow_cpu_tensor_parallel=True, tensor_parallel_step_timeout_secs=10))
 
     async def chat(self, model: str, question: str) -> httpx2.Response:
         body = {
@@ -90,8 +80,7 @@ async def test_tp_model_serves_poisons_and_reloads_over_http(tiny_qwen3: Path, t
         tp_id, single_id = await client.load_tp_and_single(tiny_qwen3, tmp_path)
         await serve_poison_reload(client, tp_id, single_id)
     finally:
-        await client.client.aclose()
-        await client.manager.close()
+        await client.close()
     assert tp_worker_pids() == []
 
 
@@ -144,8 +133,7 @@ async def test_tp_refusals_are_client_errors(tiny_qwen3_moe: Path, tiny_qwen3: P
         assert odd.status_code == 422 and "not divisible" in odd.json()["error"]["message"]
         assert tp_worker_pids() == []
     finally:
-        await node.client.aclose()
-        await node.manager.close()
+        await node.close()
 
 
 async def test_tp_llama_streams_the_same_greedy_text_as_one_process(tiny_llama: Path, tmp_path: Path) -> None:
@@ -159,6 +147,5 @@ async def test_tp_llama_streams_the_same_greedy_text_as_one_process(tiny_llama: 
         for tp_text, single_text in zip(texts[::2], texts[1::2], strict=True):
             assert tp_text == single_text and tp_text
     finally:
-        await client.client.aclose()
-        await client.manager.close()
+        await client.close()
     assert tp_worker_pids() == []

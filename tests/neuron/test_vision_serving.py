@@ -11,42 +11,23 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
-import httpx2
 import pytest
 from support.engine_harness import eos_ids
+from support.in_process_neuron import InProcessNeuron, serving
 from support.local_models import neuron_config
 from support.vision import data_uri, picture, plain, png_bytes, reference_vision_greedy
 
 from cortex_core.config.neuron import VisionConfig
-from neuron.app import create_app
-from neuron.discovery import HostProbe
-from neuron.manager import ModelManager
 from neuron.vision.prepare import ImageLimits, ImagePreparer
 
-HANG_GUARD_SECS = 120
 # 8 merged 32x32 patches at most per image: big pictures shrink to at most 8 tokens.
 VISION = VisionConfig(max_pixels=8 * 1024, max_image_bytes=60_000)
 
 
-class Node:
-    def __init__(self) -> None:
-        probe = HostProbe(None, cuda_unavailable_reason="test host: CPU only")
-        config = neuron_config(vision=VISION)
-        self.manager = ModelManager(config, probe)
-        self.app = create_app(config, probe=probe, manager=self.manager, activate_defaults=False)
-        self.client = httpx2.AsyncClient(
-            transport=httpx2.ASGITransport(app=self.app), base_url="http://test", timeout=HANG_GUARD_SECS
-        )
-
-
 @pytest.fixture(scope="module")
-async def node(tiny_qwen3_5_vision: Path) -> AsyncIterator[Node]:
-    node = Node()
-    loaded = await node.client.post("/models/load", json={"model_id": str(tiny_qwen3_5_vision)})
-    assert loaded.status_code == 200, loaded.text
-    yield node
-    await node.client.aclose()
-    await node.manager.close()
+async def node(tiny_qwen3_5_vision: Path) -> AsyncIterator[InProcessNeuron]:
+    async with serving(tiny_qwen3_5_vision, neuron_config(vision=VISION)) as node:
+        yield node
 
 
 def user(*parts: dict[str, Any]) -> list[dict[str, Any]]:
@@ -58,7 +39,7 @@ def image_part(image: Any) -> dict[str, Any]:
 
 
 async def test_an_image_answer_equals_generate_and_usage_counts_its_tokens(
-    node: Node, tiny_qwen3_5_vision: Path
+    node: InProcessNeuron, tiny_qwen3_5_vision: Path
 ) -> None:
     import torch
     from transformers import AutoModelForImageTextToText, AutoTokenizer
@@ -94,7 +75,9 @@ async def test_an_image_answer_equals_generate_and_usage_counts_its_tokens(
     assert counted.json() == {"input_tokens": len(ids)}
 
 
-async def test_responses_input_image_is_served_and_counted(node: Node, tiny_qwen3_5_vision: Path) -> None:
+async def test_responses_input_image_is_served_and_counted(
+    node: InProcessNeuron, tiny_qwen3_5_vision: Path
+) -> None:
     async def respond(*parts: dict[str, Any]) -> dict[str, Any]:
         body = {
             "model": str(tiny_qwen3_5_vision),
@@ -111,7 +94,7 @@ async def test_responses_input_image_is_served_and_counted(node: Node, tiny_qwen
     assert with_image["usage"]["input_tokens"] - text_only["usage"]["input_tokens"] == 2 + 6
 
 
-async def test_max_pixels_caps_a_big_image(node: Node, tiny_qwen3_5_vision: Path) -> None:
+async def test_max_pixels_caps_a_big_image(node: InProcessNeuron, tiny_qwen3_5_vision: Path) -> None:
     async def count(*parts: dict[str, Any]) -> int:
         body = {"model": str(tiny_qwen3_5_vision), "messages": user(*parts)}
         return int((await node.client.post("/v1/chat/count_tokens", json=body)).json()["input_tokens"])
@@ -126,7 +109,7 @@ async def test_max_pixels_caps_a_big_image(node: Node, tiny_qwen3_5_vision: Path
 
 
 async def test_models_report_capabilities_derived_from_the_model(
-    node: Node, tiny_qwen3_5_vision: Path
+    node: InProcessNeuron, tiny_qwen3_5_vision: Path
 ) -> None:
     models = (await node.client.get("/models")).json()
     info = next(m for m in models if m["id"] == str(tiny_qwen3_5_vision))
@@ -143,7 +126,7 @@ async def test_models_report_capabilities_derived_from_the_model(
     ],
 )
 async def test_a_bad_image_is_a_400_naming_it_and_the_neuron_keeps_serving(
-    node: Node, tiny_qwen3_5_vision: Path, url: str, code: str, reason: str
+    node: InProcessNeuron, tiny_qwen3_5_vision: Path, url: str, code: str, reason: str
 ) -> None:
     model_id = str(tiny_qwen3_5_vision)
     bad = {"type": "image_url", "image_url": {"url": url}}
@@ -157,7 +140,7 @@ async def test_a_bad_image_is_a_400_naming_it_and_the_neuron_keeps_serving(
     assert (await node.client.post("/v1/chat/completions", json=good)).status_code == 200
 
 
-async def test_an_oversized_image_is_refused(node: Node, tiny_qwen3_5_vision: Path) -> None:
+async def test_an_oversized_image_is_refused(node: InProcessNeuron, tiny_qwen3_5_vision: Path) -> None:
     noisy = picture(5, 300, 300)  # random pixels compress badly: ~270 KB of PNG
     assert len(png_bytes(noisy)) > VISION.max_image_bytes
     body = {"model": str(tiny_qwen3_5_vision), "messages": user(image_part(noisy)), "max_tokens": 2}
@@ -169,7 +152,7 @@ async def test_an_oversized_image_is_refused(node: Node, tiny_qwen3_5_vision: Pa
 
 
 async def test_an_image_the_processor_cannot_resize_and_too_many_images_are_refused(
-    node: Node, tiny_qwen3_5_vision: Path
+    node: InProcessNeuron, tiny_qwen3_5_vision: Path
 ) -> None:
     model_id = str(tiny_qwen3_5_vision)
     sliver = plain(4000, 10)  # an aspect ratio of 400: beyond what Qwen's resizing accepts
@@ -233,17 +216,11 @@ def test_an_allowed_image_url_becomes_the_same_tokens_as_its_data_uri(tiny_qwen3
 async def test_several_choices_of_an_image_request_each_see_the_image(tiny_vision: Path) -> None:
     """n > 1 forks the prompt's K/V (or, on a hybrid model, queues each choice on its own):
     a fork that recomputes the prompt's tail must still see the image's features."""
-    node = Node()
-    try:
-        loaded = await node.client.post("/models/load", json={"model_id": str(tiny_vision)})
-        assert loaded.status_code == 200, loaded.text
+    async with serving(tiny_vision, neuron_config(vision=VISION)) as node:
         messages = user({"type": "text", "text": "What is this?"}, image_part(picture(3, 80, 60)))
         body = {"model": str(tiny_vision), "messages": messages, "max_tokens": 10, "temperature": 0}
         single = (await node.client.post("/v1/chat/completions", json=body)).json()
         several = (await node.client.post("/v1/chat/completions", json={**body, "n": 3})).json()
-    finally:
-        await node.client.aclose()
-        await node.manager.close()
     expected = single["choices"][0]["message"]["content"]
     assert [c["message"]["content"] for c in several["choices"]] == [expected] * 3
     assert several["usage"]["prompt_tokens"] == single["usage"]["prompt_tokens"]
