@@ -205,6 +205,18 @@ class ListSink:
         self.items.append(item)
 
 
+def sequence(seq_id: int, prompt: list[int], max_new: int, sampling: SamplingParams = GREEDY) -> SeqState:
+    """A sequence as the engine queues it, its events kept in a ListSink; `sampling` builds
+    its sampler (the request it carries is greedy)."""
+    return SeqState(
+        seq_id=seq_id,
+        request=greedy(prompt, max_new),
+        sink=ListSink(),
+        sampler=SamplerState.create(sampling),
+        max_new_tokens=max_new,
+    )
+
+
 def test_a_failed_batched_prefill_is_retried_one_by_one(
     model_and_tokenizer: tuple[Any, Any], prompt: list[int]
 ) -> None:
@@ -214,16 +226,7 @@ def test_a_failed_batched_prefill_is_retried_one_by_one(
     scheduler = Scheduler(
         runner, max_batch_size=8, prefill_budget_tokens=512, on_finished=lambda s: finished.append(s.seq_id)
     )
-    sequences = [
-        SeqState(
-            seq_id=i,
-            request=greedy(p, 3),
-            sink=ListSink(),
-            sampler=SamplerState.create(GREEDY),
-            max_new_tokens=3,
-        )
-        for i, p in enumerate([prompt, [7, *prompt], prompt[1:]])
-    ]
+    sequences = [sequence(i, p, 3) for i, p in enumerate([prompt, [7, *prompt], prompt[1:]])]
     scheduler.incoming.extend(sequences)
     while scheduler.has_work():
         scheduler.step(lambda: None)
@@ -260,16 +263,7 @@ def test_first_tokens_of_prompts_prefilled_together_are_sampled_in_one_batch(
         on_finished=lambda s: None,
     )
     sampled = SamplingParams(temperature=0.7, seed=3)
-    sequences = [
-        SeqState(
-            seq_id=i,
-            request=greedy(p, 1),
-            sink=ListSink(),
-            sampler=SamplerState.create(sampled),
-            max_new_tokens=1,
-        )
-        for i, p in enumerate([prompt, prompt[1:], prompt[2:]])
-    ]
+    sequences = [sequence(i, p, 1, sampled) for i, p in enumerate([prompt, prompt[1:], prompt[2:]])]
     scheduler.incoming.extend(sequences)
     scheduler.step(lambda: None)
     assert batches == [3]
@@ -278,13 +272,7 @@ def test_first_tokens_of_prompts_prefilled_together_are_sampled_in_one_batch(
     batches.clear()
     doomed = SamplingParams(temperature=0.7, top_k=13)
     more = [
-        SeqState(
-            seq_id=10 + i,
-            request=greedy(p, 1),
-            sink=ListSink(),
-            sampler=SamplerState.create(params),
-            max_new_tokens=1,
-        )
+        sequence(10 + i, p, 1, params)
         for i, (p, params) in enumerate([(prompt, sampled), (prompt[1:], doomed)])
     ]
     scheduler.incoming.extend(more)
