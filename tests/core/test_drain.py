@@ -76,11 +76,19 @@ async def started(drain: Drain, count: int) -> None:
     assert drain.in_flight == count
 
 
-async def test_a_stream_running_at_the_end_of_the_grace_ends_with_an_error_chunk() -> None:
-    drain = Drain("gateway")
-    exchange = Exchange(drain, stream_forever(b"data: {}\n\n"))
+async def in_flight(
+    app: Any, path: str = "/v1/chat/completions", daemon: str = "gateway"
+) -> tuple[Drain, Exchange, asyncio.Task[None]]:
+    """One exchange through `app` under a fresh drain of `daemon`, run until it is in flight."""
+    drain = Drain(daemon)
+    exchange = Exchange(drain, app, path)
     task = asyncio.create_task(exchange.run())
     await started(drain, 1)
+    return drain, exchange, task
+
+
+async def test_a_stream_running_at_the_end_of_the_grace_ends_with_an_error_chunk() -> None:
+    drain, exchange, task = await in_flight(stream_forever(b"data: {}\n\n"))
     drain.expire()
     await task
     assert exchange.status == 200
@@ -96,10 +104,8 @@ async def test_a_stream_running_at_the_end_of_the_grace_ends_with_an_error_chunk
 
 
 async def test_a_responses_stream_ends_with_an_error_event() -> None:
-    drain = Drain("neuron")
-    exchange = Exchange(drain, stream_forever(b"event: response.created\ndata: {}\n\n"), "/v1/responses")
-    task = asyncio.create_task(exchange.run())
-    await started(drain, 1)
+    responses = stream_forever(b"event: response.created\ndata: {}\n\n")
+    drain, exchange, task = await in_flight(responses, "/v1/responses", daemon="neuron")
     drain.expire()
     await task
     event, data = exchange.body.split(b"\n\n")[-2].split(b"\n")
@@ -109,10 +115,7 @@ async def test_a_responses_stream_ends_with_an_error_event() -> None:
 
 
 async def test_a_request_with_nothing_sent_yet_gets_a_503_with_retry_after() -> None:
-    drain = Drain("gateway")
-    exchange = Exchange(drain, wait_forever)
-    task = asyncio.create_task(exchange.run())
-    await started(drain, 1)
+    drain, exchange, task = await in_flight(wait_forever)
     drain.expire()
     await task
     assert exchange.status == 503
@@ -136,20 +139,14 @@ async def test_a_plain_body_cut_short_closes_the_connection() -> None:
         await send({"type": "http.response.body", "body": b"{", "more_body": True})
         await asyncio.Event().wait()
 
-    drain = Drain("gateway")
-    exchange = Exchange(drain, half_a_body)
-    task = asyncio.create_task(exchange.run())
-    await started(drain, 1)
+    drain, _, task = await in_flight(half_a_body)
     drain.expire()
     with pytest.raises(ConnectionAbortedError):
         await task
 
 
 async def test_a_cancellation_not_from_the_drain_is_not_swallowed() -> None:
-    drain = Drain("gateway")
-    exchange = Exchange(drain, wait_forever)
-    task = asyncio.create_task(exchange.run())
-    await started(drain, 1)
+    drain, _, task = await in_flight(wait_forever)
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task
@@ -157,10 +154,7 @@ async def test_a_cancellation_not_from_the_drain_is_not_swallowed() -> None:
 
 
 async def test_begin_expires_after_the_grace() -> None:
-    drain = Drain("gateway")
-    exchange = Exchange(drain, wait_forever)
-    task = asyncio.create_task(exchange.run())
-    await started(drain, 1)
+    drain, exchange, task = await in_flight(wait_forever)
     drain.begin(0.01)
     await task
     assert drain.expired and exchange.status == 503
