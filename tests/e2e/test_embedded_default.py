@@ -47,19 +47,30 @@ def wait_gone(pid: int, timeout: float) -> bool:
     return False
 
 
+def serve_command(api: int | str, metrics: int, neuron_port: str, *, as_json: bool = True) -> list[str]:
+    """`cortex serve` on loopback ports; `neuron_port` "0": the local neuron takes a free one."""
+    return [
+        sys.executable, "-m", "cortex_cli", "serve", *(["--json"] if as_json else []),
+        "--listen", f"127.0.0.1:{api}", "--metrics-listen", f"127.0.0.1:{metrics}", "--neuron-port", neuron_port,
+    ]  # fmt: skip
+
+
+def start_serve(smollm2_dir: Path, api: int, metrics: int) -> subprocess.Popen[str]:
+    """`cortex serve --json` on the embedded default, its events on stdout; the cache is the
+    one smollm2_dir converted into, so the start does not convert again."""
+    return subprocess.Popen(
+        serve_command(api, metrics, "0"),
+        stdout=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "HF_HUB_OFFLINE": "1", "CORTEX_CACHE_DIR": str(smollm2_dir.parent.parent)},
+    )
+
+
 @pytest.fixture(scope="module")
 def served(smollm2_dir: Path) -> Iterator[Served]:
     # smollm2_dir: the conversion happens (once) in the fixture, so this start is fast.
     api, metrics = free_port(), free_port()
-    process = subprocess.Popen(
-        [
-            sys.executable, "-m", "cortex_cli", "serve", "--json",
-            "--listen", f"127.0.0.1:{api}", "--metrics-listen", f"127.0.0.1:{metrics}", "--neuron-port", "0",
-        ],
-        stdout=subprocess.PIPE,
-        text=True,
-        env={**os.environ, "HF_HUB_OFFLINE": "1", "CORTEX_CACHE_DIR": str(smollm2_dir.parent.parent)},
-    )  # fmt: skip
+    process = start_serve(smollm2_dir, api, metrics)
     assert process.stdout is not None
     try:
         yield Served(process, read_ready_event(process.stdout, process, READY_TIMEOUT_SECS))
@@ -134,15 +145,12 @@ def test_a_second_cortex_serve_beside_it_exits_1_in_one_line_and_leaves_it_servi
     neuron = port_of(served.ready["neuron"]) if taken == "--neuron-port" else str(free_port())
     address = f"127.0.0.1:{api if taken == '--listen' else neuron}"
     second = subprocess.run(
-        [
-            sys.executable, "-m", "cortex_cli", "serve", "--listen", f"127.0.0.1:{api}",
-            "--metrics-listen", f"127.0.0.1:{free_port()}", "--neuron-port", neuron,
-        ],
+        serve_command(api, free_port(), neuron, as_json=False),
         capture_output=True,
         text=True,
         timeout=120,
         env={**os.environ, "HF_HUB_OFFLINE": "1"},
-    )  # fmt: skip
+    )
     assert second.returncode == 1
     lines = second.stderr.strip().splitlines()
     assert len(lines) == 1, second.stderr
@@ -166,15 +174,7 @@ def test_stopping_cortex_stops_the_neuron(served: Served) -> None:
 
 def test_a_killed_cortex_takes_its_neuron_along(smollm2_dir: Path) -> None:
     # SIGKILL leaves no chance to clean up: the kernel's parent-death signal must do it.
-    process = subprocess.Popen(
-        [
-            sys.executable, "-m", "cortex_cli", "serve", "--json", "--listen", f"127.0.0.1:{free_port()}",
-            "--metrics-listen", f"127.0.0.1:{free_port()}", "--neuron-port", "0",
-        ],
-        stdout=subprocess.PIPE,
-        text=True,
-        env={**os.environ, "HF_HUB_OFFLINE": "1", "CORTEX_CACHE_DIR": str(smollm2_dir.parent.parent)},
-    )  # fmt: skip
+    process = start_serve(smollm2_dir, free_port(), free_port())
     assert process.stdout is not None
     try:
         ready = read_ready_event(process.stdout, process, READY_TIMEOUT_SECS)
