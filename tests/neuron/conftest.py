@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
 
 import pytest
+from support.engine_harness import load_model
 
 from neuron.device import DeviceWorker
 
@@ -15,3 +18,9 @@ def worker(request: pytest.FixtureRequest) -> Iterator[DeviceWorker]:
     w = DeviceWorker(f"test-{request.module.__name__}")
     yield w
     w.close()
+
+
+@pytest.fixture(scope="module")
+def tiny_qwen3_reference(tiny_qwen3: Path) -> tuple[Any, Any]:
+    """tiny_qwen3 as transformers loads it (model, tokenizer): what served answers are checked against."""
+    return load_model(tiny_qwen3)

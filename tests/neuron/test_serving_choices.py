@@ -10,27 +10,14 @@ from typing import Any
 
 import pytest
 import torch
-from support.engine_harness import load_model, reference_greedy
-from support.in_process_neuron import InProcessNeuron, serving
+from support.engine_harness import reference_greedy
+from support.in_process_neuron import InProcessNeuron, serving, sse_data
 
 
 @pytest.fixture(scope="module")
 async def node(tiny_qwen3: Path) -> AsyncIterator[InProcessNeuron]:
     async with serving(tiny_qwen3) as node:
         yield node
-
-
-@pytest.fixture(scope="module")
-def reference(tiny_qwen3: Path) -> tuple[Any, Any]:
-    return load_model(tiny_qwen3)
-
-
-def sse_data(text: str) -> list[dict[str, Any]]:
-    return [
-        json.loads(line[6:])
-        for line in text.splitlines()
-        if line.startswith("data: ") and line != "data: [DONE]"
-    ]
 
 
 def logprobs_at(model: Any, prompt: list[int], generated: list[int]) -> torch.Tensor:
@@ -50,9 +37,9 @@ def chat_prompt(tokenizer: Any, messages: list[dict[str, Any]], **kwargs: Any) -
 
 
 async def test_chat_logprobs_are_the_models_streamed_and_not(
-    node: InProcessNeuron, tiny_qwen3: Path, reference: tuple[Any, Any]
+    node: InProcessNeuron, tiny_qwen3: Path, tiny_qwen3_reference: tuple[Any, Any]
 ) -> None:
-    model, tokenizer = reference
+    model, tokenizer = tiny_qwen3_reference
     prompt = chat_prompt(tokenizer, MESSAGES)
     tokens, _ = reference_greedy(model, prompt, 16)
     expected = logprobs_at(model, prompt, tokens)
@@ -94,9 +81,9 @@ async def test_chat_logprobs_are_the_models_streamed_and_not(
 
 
 async def test_completion_logprobs_in_the_legacy_shape(
-    node: InProcessNeuron, tiny_qwen3: Path, reference: tuple[Any, Any]
+    node: InProcessNeuron, tiny_qwen3: Path, tiny_qwen3_reference: tuple[Any, Any]
 ) -> None:
-    model, tokenizer = reference
+    model, tokenizer = tiny_qwen3_reference
     prompt = tokenizer.encode("The capital of France is")
     tokens, _ = reference_greedy(model, prompt, 10)
     expected = logprobs_at(model, prompt, tokens)
@@ -183,9 +170,9 @@ async def test_n_completions_greedy_choices_agree(node: InProcessNeuron, tiny_qw
 
 
 async def test_a_prefilled_assistant_turn_is_continued(
-    node: InProcessNeuron, tiny_qwen3: Path, reference: tuple[Any, Any]
+    node: InProcessNeuron, tiny_qwen3: Path, tiny_qwen3_reference: tuple[Any, Any]
 ) -> None:
-    model, tokenizer = reference
+    model, tokenizer = tiny_qwen3_reference
     messages = [*MESSAGES, {"role": "assistant", "content": "The capital of France is"}]
     prompt = chat_prompt(tokenizer, messages, add_generation_prompt=False, continue_final_message=True)
     assert tokenizer.decode(prompt).endswith("The capital of France is")

@@ -14,8 +14,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from support.engine_harness import load_model, reference_greedy
-from support.in_process_neuron import InProcessNeuron, serving
+from support.engine_harness import reference_greedy
+from support.in_process_neuron import InProcessNeuron, serving, sse_data
 from support.raw_asgi import drive
 
 HANG_GUARD_SECS = 120
@@ -27,23 +27,10 @@ async def node(tiny_qwen3: Path) -> AsyncIterator[InProcessNeuron]:
         yield node
 
 
-@pytest.fixture(scope="module")
-def reference(tiny_qwen3: Path) -> tuple[Any, Any]:
-    return load_model(tiny_qwen3)
-
-
-def sse_data(text: str) -> list[dict[str, Any]]:
-    return [
-        json.loads(line[6:])
-        for line in text.splitlines()
-        if line.startswith("data: ") and line != "data: [DONE]"
-    ]
-
-
 async def test_greedy_completion_equals_transformers_generate(
-    node: InProcessNeuron, tiny_qwen3: Path, reference: tuple[Any, Any]
+    node: InProcessNeuron, tiny_qwen3: Path, tiny_qwen3_reference: tuple[Any, Any]
 ) -> None:
-    model, tokenizer = reference
+    model, tokenizer = tiny_qwen3_reference
     prompt = "The capital of France is"
     ids = tokenizer.encode(prompt)
     tokens, finish = reference_greedy(model, ids, 24)
@@ -57,9 +44,9 @@ async def test_greedy_completion_equals_transformers_generate(
 
 
 async def test_chat_streaming_equals_non_streaming_and_usage_is_right(
-    node: InProcessNeuron, tiny_qwen3: Path, reference: tuple[Any, Any]
+    node: InProcessNeuron, tiny_qwen3: Path, tiny_qwen3_reference: tuple[Any, Any]
 ) -> None:
-    model, tokenizer = reference
+    model, tokenizer = tiny_qwen3_reference
     messages = [{"role": "user", "content": "What is the capital of France?"}]
     body = {"model": str(tiny_qwen3), "messages": messages, "max_tokens": 20, "temperature": 0}
     whole = (await node.client.post("/v1/chat/completions", json=body)).json()

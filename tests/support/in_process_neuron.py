@@ -4,8 +4,10 @@ that serve a real (tiny) model through its HTTP API without starting a process."
 from __future__ import annotations
 
 import contextlib
+import json
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import httpx2
 
@@ -43,3 +45,12 @@ async def serving(model: Path, config: NeuronConfig | None = None) -> AsyncItera
         yield node
     finally:
         await node.close()
+
+
+def sse_data(text: str) -> list[dict[str, Any]]:
+    """The JSON payloads of a streamed answer's `data:` lines, the final [DONE] left out."""
+    return [
+        json.loads(line[6:])
+        for line in text.splitlines()
+        if line.startswith("data: ") and line != "data: [DONE]"
+    ]
