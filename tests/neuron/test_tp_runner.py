@@ -19,7 +19,7 @@ from neuron.device import DeviceWorker
 from neuron.engine import SingleDeviceRunner, TorchEngine
 from neuron.engine.api import GenerationRequest, SamplingParams
 from neuron.engine.paged import ForwardRow
-from neuron.runner import ModelRunner
+from neuron.engine.runner import ModelRunner
 from neuron.tp import ModelSource, TensorParallelRunner
 
 pytestmark = pytest.mark.slow

@@ -26,9 +26,9 @@ from cortex_core.neuron_api import ModelLoad
 from neuron.device import DeviceWorker
 from neuron.engine.api import GenerationRequest, TokenEvent
 from neuron.engine.faults import device_fault
+from neuron.engine.runner import ModelRunner
 from neuron.engine.sampling import SamplerState
 from neuron.engine.scheduler import Scheduler, SeqState
-from neuron.runner import ModelRunner
 
 # Suggested wait for a client refused because the queue is full.
 QUEUE_FULL_RETRY_AFTER_SECS = 2.0

@@ -43,8 +43,8 @@ from neuron.engine.api import FinishReason, GenerationRequest, TokenEvent
 from neuron.engine.blocks import BlockPool, BlockTable, blocks_for
 from neuron.engine.constraint import ConstraintViolation, MaskFiller
 from neuron.engine.paged import ForwardRow
+from neuron.engine.runner import ModelRunner
 from neuron.engine.sampling import SampledToken, SamplerState, sample_tokens
-from neuron.runner import ModelRunner
 
 # How much a new measurement moves the tok/s averages reported by load().
 EMA_WEIGHT = 0.2

@@ -17,7 +17,7 @@ import torch
 from torch._C._distributed_c10d import Store
 
 from neuron.engine.paged import ForwardRow
-from neuron.runner import ModelRunner
+from neuron.engine.runner import ModelRunner
 from neuron.tp.group import all_reduce_with, create_group, finish_device_work, sanity_sum
 from neuron.tp.protocol import Call, ModelSource, RankSetup
 from neuron.tp.shard import plan_shards, shard_model
