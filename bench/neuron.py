@@ -187,27 +187,37 @@ def greedy_request(prompt: list[int], new_tokens: int, sample: bool = False) -> 
     return GenerationRequest(prompt_ids=prompt, max_new_tokens=new_tokens, sampling=sampling)
 
 
-async def token_times(
-    engine: Any, prompt: list[int], new_tokens: int, sample: bool = False
-) -> tuple[list[float], list[Any]]:
-    """perf_counter() at each generated token of one stream (greedy unless `sample`), and its events."""
+async def stream_times(engine: Any, request: Any) -> tuple[list[float], list[Any]]:
+    """perf_counter() at each generated token of one stream, and its events."""
     times: list[float] = []
     events: list[Any] = []
-    async for event in engine.generate(greedy_request(prompt, new_tokens, sample)):
+    async for event in engine.generate(request):
         events.append(event)
         if event.token_id is not None:
             times.append(time.perf_counter())
     return times, events
 
 
-async def engine_run(engine: Any, batch: list[list[int]], new_tokens: int, sample: bool = False) -> Run:
+async def token_times(
+    engine: Any, prompt: list[int], new_tokens: int, sample: bool = False
+) -> tuple[list[float], list[Any]]:
+    """One greedy (or, with `sample`, sampled) stream's token times and events."""
+    return await stream_times(engine, greedy_request(prompt, new_tokens, sample))
+
+
+async def requests_run(engine: Any, requests: list[Any]) -> tuple[Run, list[list[Any]]]:
+    """All `requests` at once: the aggregate run, and each stream's events."""
     started = time.perf_counter()
-    streams = await asyncio.gather(*(token_times(engine, p, new_tokens, sample) for p in batch))
+    streams = await asyncio.gather(*(stream_times(engine, request) for request in requests))
     seconds = time.perf_counter() - started
     firsts = [times[0] - started for times, _ in streams]
-    return Run(
-        tokens=sum(len(times) for times, _ in streams), seconds=seconds, ttft=sum(firsts) / len(firsts)
-    )
+    run = Run(tokens=sum(len(times) for times, _ in streams), seconds=seconds, ttft=sum(firsts) / len(firsts))
+    return run, [events for _, events in streams]
+
+
+async def engine_run(engine: Any, batch: list[list[int]], new_tokens: int, sample: bool = False) -> Run:
+    run, _ = await requests_run(engine, [greedy_request(p, new_tokens, sample) for p in batch])
+    return run
 
 
 def best(runs: list[Run]) -> Run:
@@ -400,28 +410,17 @@ async def structured(worker: Any, tokenizer: Any, target: Target) -> dict[str, f
     batch = prompts(tokenizer)
 
     async def run(constrained: bool) -> tuple[Run, list[list[int]]]:
-        started = time.perf_counter()
-
-        async def one(prompt: list[int]) -> tuple[list[float], list[int]]:
-            constraint = compiler.constraint(grammar, "response_format", None) if constrained else None
-            request = GenerationRequest(
+        requests = [
+            GenerationRequest(
                 prompt_ids=prompt,
                 max_new_tokens=64,
                 sampling=SamplingParams(temperature=0.0),
-                constraint=constraint,
+                constraint=compiler.constraint(grammar, "response_format", None) if constrained else None,
             )
-            times, tokens = [], []
-            async for event in engine.generate(request):
-                if event.token_id is not None:
-                    times.append(time.perf_counter())
-                    tokens.append(event.token_id)
-            return times, tokens
-
-        streams = await asyncio.gather(*(one(p) for p in batch))
-        seconds = time.perf_counter() - started
-        firsts = [times[0] - started for times, _ in streams]
-        run_ = Run(tokens=sum(len(t) for t, _ in streams), seconds=seconds, ttft=sum(firsts) / len(firsts))
-        return run_, [tokens for _, tokens in streams]
+            for prompt in batch
+        ]
+        run_, streams = await requests_run(engine, requests)
+        return run_, [[e.token_id for e in events if e.token_id is not None] for events in streams]
 
     await run(True)  # warm-up: the llguidance tokenizer and the compiled grammar
     free_runs, constrained_runs = [], []
