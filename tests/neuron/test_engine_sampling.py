@@ -18,6 +18,7 @@ from neuron.engine.sampling import (
     apply_presence_frequency,
     apply_repetition_penalty,
     choose_tokens,
+    inverse_cdf,
     is_plain_greedy,
     min_p_filter,
     next_token,
@@ -65,6 +66,9 @@ def test_top_k(logits: list[float], k: int, expected: list[int]) -> None:
         ([0.5, 0.3, 0.15, 0.05], 0.9, [0, 1, 2]),
         ([0.05, 0.15, 0.3, 0.5], 0.6, [2, 3]),  # order of the vocabulary does not matter
         ([0.9, 0.05, 0.05], 0.1, [0]),  # the most likely token always stays
+        ([0.4, 0.3, 0.3], 0.5, [0, 1, 2]),  # tied at the nucleus's smallest value: all kept
+        ([0.3, 0.3, 0.4], 0.5, [0, 1, 2]),  # whichever comes first in the vocabulary
+        ([0.4, 0.3, 0.2, 0.1], 0.7, [0, 1]),
     ],
 )
 def test_top_p(probs: list[float], p: float, expected: list[int]) -> None:
@@ -183,6 +187,25 @@ def test_same_seed_same_draws_and_restrictions_hold() -> None:
     assert len(set(draws[0])) > 1  # it did sample
 
 
+@pytest.mark.parametrize(
+    ("probs", "uniform", "expected"),
+    [
+        ([0.0, 0.5, 0.0, 0.5], 0.0, 1),  # the first token of positive probability
+        ([0.0, 0.5, 0.0, 0.5], 0.49, 1),
+        ([0.0, 0.5, 0.0, 0.5], 0.5, 3),  # the cumulative sum must pass the fraction
+        ([0.0, 0.5, 0.0, 0.5], 0.75, 3),
+        ([0.5, 0.5, 0.0, 0.0], 1.0 - 2**-53, 1),  # never a trailing zero, however close to 1
+        ([0.2, 0.2, 0.0], 0.75, 1),  # unnormalised: a fraction of the row's total
+        ([1.0], 0.3, 0),
+    ],
+)
+def test_inverse_cdf_picks_by_cumulative_probability(
+    probs: list[float], uniform: float, expected: int
+) -> None:
+    chosen = inverse_cdf(torch.tensor([probs]), torch.tensor([[uniform]], dtype=torch.float64))
+    assert chosen.tolist() == [expected]
+
+
 def test_sampled_frequencies_follow_the_distribution() -> None:
     probs = [0.6, 0.3, 0.1]
     state = SamplerState.create(SamplingParams(temperature=1.0, seed=7))
@@ -283,6 +306,43 @@ def test_each_setting_batched_equals_row_by_row(params: SamplingParams) -> None:
     batched, reference = run_both(settings, steps=25, same_logits=True)
     assert batched == reference
     assert batched[0] == batched[2]  # same seed, same tokens, whatever shares the batch
+
+
+def nucleus_logits(width: int, vocab: int, seed: int) -> torch.Tensor:
+    """One row whose nucleus at top_p 0.9 spans about `width` tokens: that many nearly equal
+    logits well ahead of the rest of the vocabulary, in random places."""
+    generator = torch.Generator().manual_seed(seed)
+    logits = torch.randn(vocab, generator=generator) - 12.0
+    ahead = torch.randperm(vocab, generator=generator)[:width]
+    logits[ahead] = torch.randn(width, generator=generator) * 0.05
+    return logits
+
+
+@pytest.mark.parametrize(
+    "widths",
+    [(3, 40), (3, 900), (40, 5000, 3), (5500,)],
+    ids=["within-the-first-look", "past-it", "past-the-second", "wider-than-both"],
+)
+def test_a_nucleus_past_the_partial_sorts_is_found_by_the_full_one(widths: tuple[int, ...]) -> None:
+    """On the CPU the batch looks for the nucleus among each row's largest few logits first
+    (`_NUCLEUS_WIDTHS`, 256 then 4,096): every way that can end draws what each row draws
+    alone, after a full sort."""
+    vocab = 6000
+    logits = torch.stack([nucleus_logits(width, vocab, seed) for seed, width in enumerate(widths)])
+    params = [SamplingParams(temperature=1.0, top_p=0.9, seed=30 + i) for i in range(len(widths))]
+    batched = [SamplerState.create(p) for p in params]
+    reference = [SamplerState.create(p) for p in params]
+    for _ in range(12):
+        for state, token in zip(batched, next_tokens(logits, batched), strict=True):
+            state.record(token)
+        for row, state in enumerate(reference):
+            state.record(sample_row(logits[row], state))
+    assert [s.generated for s in batched] == [s.generated for s in reference]
+    for row, width in enumerate(widths):
+        # Not vacuous: the wide rows drew from far more than the first look's 256 tokens.
+        nucleus = set(torch.nonzero(top_p_filter(logits[row], 0.9) > INF).flatten().tolist())
+        assert 0.8 * width <= len(nucleus) <= width
+        assert set(batched[row].generated) <= nucleus
 
 
 def test_the_batched_sampler_answers_on_the_logits_device_without_a_copy_back() -> None:

@@ -15,15 +15,23 @@ the logits' own device, the rows' parameters gathered into one small tensor (one
 host-to-device copy, no synchronisation), and one copy of the chosen ids back. A per-row
 path would synchronise with the device once per row and sort the vocabulary on the CPU.
 
-The draw is `torch.multinomial`'s own for one sample (argmax of probs / Exp(1) noise), with
-each row's noise from the request's own generator on that device, so a seed gives the same
-tokens whichever requests share its batch (on a given device: CUDA's generator is not the
-CPU's). `sample_row` is the same definition one row at a time, written with the plain
-filters below: the reference the batched path is tested against.
+top_p keeps every token whose logit is at least the smallest logit of the nucleus (the
+fewest most likely tokens whose probability reaches p): tokens tied at that value are all
+kept, as top_k keeps ties at its k-th value, so the cut never depends on a sort's order.
+The nucleus is usually a few hundred tokens of a vocabulary of 50-150 thousand, so where
+sorting is slow (the CPU) the batch looks for it among each row's largest few logits
+(`torch.topk`, a partial sort) and sorts everything only when some row's nucleus is wider.
+
+The draw inverts the cumulative distribution over the vocabulary in token order at one
+uniform number per row, taken from the request's own seeded host generator: one number a
+step instead of a noise tensor the size of the vocabulary, and a seed gives the same tokens
+whichever requests share its batch. `sample_row` is the same definition one row at a time,
+written with the plain filters below: the reference the batched path is tested against.
 """
 
 from __future__ import annotations
 
+import random
 import secrets
 from collections import Counter
 from collections.abc import Sequence
@@ -81,16 +89,31 @@ def top_k_filter(logits: torch.Tensor, k: int) -> torch.Tensor:
 
 
 def top_p_filter(logits: torch.Tensor, p: float) -> torch.Tensor:
-    """Nucleus: the smallest set of most likely tokens whose probability reaches p (equal
-    logits in vocabulary order, so the cut among ties is the same on every device)."""
+    """Nucleus: keep the tokens whose logit is at least the smallest of the fewest most
+    likely tokens whose probability reaches p (ties at that value kept); p outside (0, 1)
+    keeps all."""
     if p <= 0.0 or p >= 1.0:
         return logits
-    sorted_logits, order = torch.sort(logits, descending=True, stable=True)
-    probs = torch.softmax(sorted_logits, dim=-1)
-    # A token is dropped when the tokens before it already reach p; the first one always stays.
-    drop_sorted = (probs.cumsum(dim=-1) - probs) >= p
-    drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
-    return logits.masked_fill(drop, float("-inf"))
+    descending = torch.sort(logits, dim=-1, descending=True).values
+    floor, _ = nucleus_floor(descending, exp_total(logits), p)
+    return logits.masked_fill(logits < floor, float("-inf"))
+
+
+def exp_total(logits: torch.Tensor) -> torch.Tensor:
+    """Each row's softmax denominator: the sum of exp(logit - the row's largest)."""
+    return torch.exp(logits - logits.amax(dim=-1, keepdim=True)).sum(dim=-1, keepdim=True)
+
+
+def nucleus_floor(
+    descending: torch.Tensor, total: torch.Tensor, p: float | torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """From each row's largest logits in descending order (all of them or the first few) and
+    its `exp_total`: the smallest logit of its nucleus, and whether the nucleus ended among
+    the values given (if not, it may go on past them)."""
+    probs = torch.exp(descending - descending[..., :1]) / total
+    # A token is out when the tokens before it already reach p; the first one always stays.
+    inside = ((probs.cumsum(dim=-1) - probs) < p).sum(dim=-1, keepdim=True)
+    return descending.gather(-1, inside - 1), inside < descending.shape[-1]
 
 
 def min_p_filter(logits: torch.Tensor, min_p: float) -> torch.Tensor:
@@ -123,23 +146,21 @@ class SamplerState:
     constraint: GrammarConstraint | None = None
     generated: list[int] = field(default_factory=list)
     counts: Counter[int] = field(default_factory=Counter)
-    # Created by the first draw, on the device of the logits and on the owner thread (a CUDA
-    # generator belongs with the device's other work, not with the event loop that queued the
-    # request).
-    _generator: torch.Generator | None = field(default=None, repr=False)
+    # The request's random stream: one uniform number per sampled token, drawn on the host
+    # (the same stream whatever device the logits are on).
+    _random: random.Random = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self._random = random.Random(self.seed)
 
     @classmethod
     def create(cls, params: SamplingParams, constraint: GrammarConstraint | None = None) -> SamplerState:
         seed = params.seed if params.seed is not None else secrets.randbits(63)
         return cls(params=params, seed=seed, constraint=constraint)
 
-    def generator(self, device: torch.device) -> torch.Generator:
-        """The request's random stream on `device`, seeded on first use. A sequence samples on
-        one device for its whole life; a different device would start a fresh stream."""
-        if self._generator is None or self._generator.device != device:
-            self._generator = torch.Generator(device=device)
-            self._generator.manual_seed(self.seed)
-        return self._generator
+    def uniform(self) -> float:
+        """The next number of the request's stream, in [0, 1): what one draw inverts."""
+        return self._random.random()
 
     def record(self, token_id: int) -> None:
         self.generated.append(token_id)
@@ -160,8 +181,20 @@ def sample_row(logits: torch.Tensor, state: SamplerState) -> int:
     logits = top_k_filter(logits, params.top_k)
     logits = top_p_filter(logits, params.top_p)
     logits = min_p_filter(logits, params.min_p)
-    probs = torch.softmax(logits, dim=-1)
-    return int(torch.multinomial(probs, 1, generator=state.generator(logits.device)))
+    draw = torch.tensor([[state.uniform()]], dtype=torch.float64, device=logits.device)
+    return int(inverse_cdf(torch.softmax(logits, dim=-1)[None], draw)[0])
+
+
+def inverse_cdf(probs: torch.Tensor, uniform: torch.Tensor) -> torch.Tensor:
+    """Each row's token of [rows, vocab] probabilities at its uniform number in [0, 1)
+    ([rows, 1] float64): the first token, in vocabulary order, whose cumulative probability
+    passes that fraction of the row's total. Only a token of positive probability can be
+    chosen: the sum must grow at the token chosen."""
+    cumulative = probs.double().cumsum(dim=-1)
+    total = cumulative[:, -1:]
+    # Strictly below the total, even where the product rounds up to it.
+    target = torch.minimum(uniform * total, torch.nextafter(total, torch.zeros_like(total)))
+    return torch.searchsorted(cumulative, target, right=True).squeeze(-1)
 
 
 # Columns of the per-row parameter table that `next_tokens` copies to the device in one go.
@@ -178,6 +211,8 @@ class _BatchPlan:
     bias: tuple[torch.Tensor, torch.Tensor] | None  # ids [rows, n], bias [rows, n]
     repetition: tuple[torch.Tensor, torch.Tensor] | None  # ids [rows, n], penalty [rows, 1]
     presence: tuple[torch.Tensor, torch.Tensor] | None  # ids [rows, n], counts [rows, n]
+    # Each sampled row's next number of its random stream (0 for a greedy row): [rows, 1] float64.
+    uniform: torch.Tensor
     # The largest top_k of a row that has one (0: no row has), whether a row has top_p or min_p.
     top_k: int
     needs_top_p: bool
@@ -208,6 +243,9 @@ class _BatchPlan:
             bias=_logit_bias(states),
             repetition=_repetition_ids(states),
             presence=_presence_counts(states),
+            uniform=torch.tensor(
+                [[s.uniform() if s.params.temperature > 0.0 else 0.0] for s in states], dtype=torch.float64
+            ),
             top_k=max((k for i in sampled_rows if 0 < (k := states[i].params.top_k) < vocab), default=0),
             needs_top_p=any(0.0 < states[i].params.top_p < 1.0 for i in sampled_rows),
             needs_min_p=any(states[i].params.min_p > 0.0 for i in sampled_rows),
@@ -293,54 +331,56 @@ def choose_tokens(
         return greedy
     # A fresh tensor: the filters below write into it.
     logits = logits / table[:, _TEMPERATURE : _TEMPERATURE + 1]
-    if plan.needs_top_p:
-        _top_k_top_p_(logits, table, with_top_k=plan.top_k > 0)
-    elif plan.top_k:
+    if plan.top_k:
         # The k-th value from a partial sort of the largest k only: far cheaper than sorting
         # the whole vocabulary.
-        _mask_below_kth_(logits, torch.topk(logits, plan.top_k, dim=-1).values, table)
+        kth = _kth(torch.topk(logits, plan.top_k, dim=-1).values, table, logits.shape[-1])
+        logits.masked_fill_(logits < kth, float("-inf"))
+    if plan.needs_top_p:
+        _top_p_(logits, table, partial_first=device.type == "cpu")
     if plan.needs_min_p:
         probs = torch.softmax(logits, dim=-1)
         threshold = probs.max(dim=-1, keepdim=True).values * table[:, _MIN_P : _MIN_P + 1]
         logits.masked_fill_(probs < threshold, float("-inf"))
-    probs = torch.softmax(logits, dim=-1)
-    # multinomial's draw for one sample, each row's noise from its own request's generator.
-    noise = torch.ones_like(probs)
-    for row in plan.sampled_rows:
-        noise[row].exponential_(generator=states[row].generator(device))
-    drawn = torch.argmax(probs / noise, dim=-1)
+    drawn = inverse_cdf(torch.softmax(logits, dim=-1), plan.uniform.to(device, non_blocking=True))
     return torch.where(table[:, _SAMPLED] > 0, drawn, greedy)
 
 
 def _kth(descending: torch.Tensor, table: torch.Tensor, vocab: int) -> torch.Tensor:
-    """Each row's k-th largest value from its values sorted in descending order (all of them,
-    or the largest few); -inf for a row without top_k, which keeps everything."""
+    """Each row's k-th largest value from its largest values in descending order; -inf for a
+    row without top_k, which keeps everything."""
     k = table[:, _TOP_K : _TOP_K + 1].long()
     kth = descending.gather(1, k.clamp(max=descending.shape[-1]) - 1)
     return torch.where(k < vocab, kth, torch.full_like(kth, float("-inf")))
 
 
-def _mask_below_kth_(logits: torch.Tensor, descending: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
-    """top_k in place: drop what is below each row's k-th value (ties at it kept); returns the k-th values."""
-    kth = _kth(descending, table, logits.shape[-1])
-    logits.masked_fill_(logits < kth, float("-inf"))
-    return kth
+# Where sorting is slow, the widths of each row's largest logits in which the nucleus is
+# looked for before the whole vocabulary is sorted: a partial sort of the first costs a
+# few percent of a full one, and the nucleus of a model's answer rarely goes past it.
+_NUCLEUS_WIDTHS = (256, 4096)
 
 
-def _top_k_top_p_(logits: torch.Tensor, table: torch.Tensor, *, with_top_k: bool) -> None:
-    """top_k (when some row has it) then top_p, in place, for every row from one sort (rows
-    that have them off keep all)."""
-    ninf = float("-inf")
-    sorted_logits, order = torch.sort(logits, dim=-1, descending=True, stable=True)
-    if with_top_k:
-        kth = _mask_below_kth_(logits, sorted_logits, table)
-        # Masking keeps the sorted order: the dropped values were the tail.
-        sorted_logits.masked_fill_(sorted_logits < kth, ninf)
-    probs = torch.softmax(sorted_logits, dim=-1)
-    drop_sorted = (probs.cumsum(dim=-1) - probs) >= table[:, _TOP_P : _TOP_P + 1]
-    # `order` is a permutation of each row: every position is written once, no zeros needed.
-    drop = torch.empty_like(drop_sorted).scatter_(-1, order, drop_sorted)
-    logits.masked_fill_(drop, ninf)
+def _top_p_(logits: torch.Tensor, table: torch.Tensor, *, partial_first: bool) -> None:
+    """top_p in place for every row that has it (`top_p_filter`'s definition). With
+    `partial_first`, the nucleus is looked for among the largest `_NUCLEUS_WIDTHS` logits
+    before a full sort (each width costs one look at the device's answer, so a GPU, whose
+    sort is fast, goes straight to it)."""
+    p = table[:, _TOP_P : _TOP_P + 1]
+    has_top_p = torch.isfinite(p)
+    total = exp_total(logits)
+    vocab = logits.shape[-1]
+    floor = None
+    for width in _NUCLEUS_WIDTHS if partial_first else ():
+        if width >= vocab:
+            break
+        floor, ended = nucleus_floor(torch.topk(logits, width, dim=-1).values, total, p)
+        if bool((ended | ~has_top_p).all()):
+            break
+        floor = None
+    if floor is None:
+        descending = torch.sort(logits, dim=-1, descending=True).values
+        floor, _ = nucleus_floor(descending, total, p)
+    logits.masked_fill_(logits < torch.where(has_top_p, floor, float("-inf")), float("-inf"))
 
 
 def next_tokens(
