@@ -91,6 +91,12 @@ def gpu_check(session: nox.Session) -> None:
 
 
 @nox.session
+def device_kit(session: nox.Session) -> None:
+    """Pack .device-kit/ for gpu_check on a GPU machine with no package index (bench/device_kit.py)."""
+    session.run(PY, "bench/device_kit.py", *session.posargs)
+
+
+@nox.session
 def agents(session: nox.Session) -> None:
     """Claude Code and Codex, run for real against `cortex serve` (bench/agents.py); not in CI."""
     session.run(PY, "bench/agents.py", *session.posargs)

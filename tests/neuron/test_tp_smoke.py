@@ -44,6 +44,7 @@ def test_smoke_nccl_without_cuda_fails_with_a_reason() -> None:
     assert "NCCL" in lines[0]
 
 
+@pytest.mark.cuda
 @pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU (NCCL)")
 def test_smoke_nccl_world_size_one() -> None:
     lines: list[str] = []
@@ -51,6 +52,7 @@ def test_smoke_nccl_world_size_one() -> None:
     assert lines[0].startswith("status=ok backend=nccl tp_size=1 devices=0 all_reduce_sum=1 ")
 
 
+@pytest.mark.cuda
 @pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU (NCCL)")
 def test_nccl_world_size_one_matches_single_device(tiny_qwen3: Path) -> None:
     """The same code path as multi-GPU TP (store, group, shard plan, fan-out), with no workers."""
