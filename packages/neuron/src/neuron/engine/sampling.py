@@ -15,17 +15,20 @@ the logits' own device, the rows' parameters gathered into one small tensor (one
 host-to-device copy, no synchronisation), and one copy of the chosen ids back. A per-row
 path would synchronise with the device once per row and sort the vocabulary on the CPU.
 
-top_p keeps every token whose logit is at least the smallest logit of the nucleus (the
-fewest most likely tokens whose probability reaches p): tokens tied at that value are all
-kept, as top_k keeps ties at its k-th value, so the cut never depends on a sort's order.
-The nucleus is usually a few hundred tokens of a vocabulary of 50-150 thousand, so where
-sorting is slow (the CPU) the batch looks for it among each row's largest few logits
-(`torch.topk`, a partial sort) and sorts everything only when some row's nucleus is wider.
+top_p keeps every token at least as likely as the least likely token of the nucleus (the
+fewest most likely tokens whose probability reaches p): tokens tied with it are all kept,
+as top_k keeps ties at its k-th value, so the cut never depends on a sort's order. The
+nucleus is usually a few hundred tokens of a vocabulary of 50-150 thousand, so where
+sorting is slow (the CPU) the batch looks for it among each row's largest few
+probabilities (`torch.topk`, a partial sort) and sorts everything only when some row's
+nucleus is wider.
 
 The draw inverts the cumulative distribution over the vocabulary in token order at one
 uniform number per row, taken from the request's own seeded host generator: one number a
 step instead of a noise tensor the size of the vocabulary, and a seed gives the same tokens
-whichever requests share its batch. `sample_row` is the same definition one row at a time,
+whichever requests share its batch. Running sums over the vocabulary are float64: a
+kernel's summation order may change with the batch's shape, and in float64 the difference
+is far too small to move the nucleus's edge or a draw by a token. `sample_row` is the same definition one row at a time,
 written with the plain filters below: the reference the batched path is tested against.
 """
 
@@ -89,30 +92,25 @@ def top_k_filter(logits: torch.Tensor, k: int) -> torch.Tensor:
 
 
 def top_p_filter(logits: torch.Tensor, p: float) -> torch.Tensor:
-    """Nucleus: keep the tokens whose logit is at least the smallest of the fewest most
-    likely tokens whose probability reaches p (ties at that value kept); p outside (0, 1)
-    keeps all."""
+    """Nucleus: keep the tokens at least as likely as the least likely of the fewest most
+    likely tokens whose probability reaches p (ties with it kept); p outside (0, 1) keeps all."""
     if p <= 0.0 or p >= 1.0:
         return logits
-    descending = torch.sort(logits, dim=-1, descending=True).values
-    floor, _ = nucleus_floor(descending, exp_total(logits), p)
-    return logits.masked_fill(logits < floor, float("-inf"))
+    probs = torch.softmax(logits, dim=-1)
+    descending = torch.sort(probs, dim=-1, descending=True).values
+    # p as the batch's parameter table holds it (float32).
+    floor, _ = nucleus_floor(descending, float(torch.tensor(p, dtype=torch.float32)))
+    return logits.masked_fill(probs < floor, float("-inf"))
 
 
-def exp_total(logits: torch.Tensor) -> torch.Tensor:
-    """Each row's softmax denominator: the sum of exp(logit - the row's largest)."""
-    return torch.exp(logits - logits.amax(dim=-1, keepdim=True)).sum(dim=-1, keepdim=True)
-
-
-def nucleus_floor(
-    descending: torch.Tensor, total: torch.Tensor, p: float | torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """From each row's largest logits in descending order (all of them or the first few) and
-    its `exp_total`: the smallest logit of its nucleus, and whether the nucleus ended among
-    the values given (if not, it may go on past them)."""
-    probs = torch.exp(descending - descending[..., :1]) / total
+def nucleus_floor(descending: torch.Tensor, p: float | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """From each row's largest probabilities in descending order (all of them or the first
+    few): the smallest probability in its nucleus, and whether the nucleus ended among the
+    values given (if not, it may go on past them). The running sum is float64: in float32 its
+    rounding could move the nucleus's edge by a token."""
     # A token is out when the tokens before it already reach p; the first one always stays.
-    inside = ((probs.cumsum(dim=-1) - probs) < p).sum(dim=-1, keepdim=True)
+    before = descending.cumsum(dim=-1, dtype=torch.float64) - descending
+    inside = (before < p).sum(dim=-1, keepdim=True)
     return descending.gather(-1, inside - 1), inside < descending.shape[-1]
 
 
@@ -188,9 +186,9 @@ def sample_row(logits: torch.Tensor, state: SamplerState) -> int:
 def inverse_cdf(probs: torch.Tensor, uniform: torch.Tensor) -> torch.Tensor:
     """Each row's token of [rows, vocab] probabilities at its uniform number in [0, 1)
     ([rows, 1] float64): the first token, in vocabulary order, whose cumulative probability
-    passes that fraction of the row's total. Only a token of positive probability can be
-    chosen: the sum must grow at the token chosen."""
-    cumulative = probs.double().cumsum(dim=-1)
+    (summed in float64) passes that fraction of the row's total. Only a token of positive
+    probability can be chosen: the sum must grow at the token chosen."""
+    cumulative = probs.cumsum(dim=-1, dtype=torch.float64)
     total = cumulative[:, -1:]
     # Strictly below the total, even where the product rounds up to it.
     target = torch.minimum(uniform * total, torch.nextafter(total, torch.zeros_like(total)))
@@ -354,7 +352,7 @@ def _kth(descending: torch.Tensor, table: torch.Tensor, vocab: int) -> torch.Ten
     return torch.where(k < vocab, kth, torch.full_like(kth, float("-inf")))
 
 
-# Where sorting is slow, the widths of each row's largest logits in which the nucleus is
+# Where sorting is slow, the widths of each row's largest probabilities in which the nucleus is
 # looked for before the whole vocabulary is sorted: a partial sort of the first costs a
 # few percent of a full one, and the nucleus of a model's answer rarely goes past it.
 _NUCLEUS_WIDTHS = (256, 4096)
@@ -362,25 +360,25 @@ _NUCLEUS_WIDTHS = (256, 4096)
 
 def _top_p_(logits: torch.Tensor, table: torch.Tensor, *, partial_first: bool) -> None:
     """top_p in place for every row that has it (`top_p_filter`'s definition). With
-    `partial_first`, the nucleus is looked for among the largest `_NUCLEUS_WIDTHS` logits
-    before a full sort (each width costs one look at the device's answer, so a GPU, whose
-    sort is fast, goes straight to it)."""
-    p = table[:, _TOP_P : _TOP_P + 1]
+    `partial_first`, the nucleus is looked for among the largest `_NUCLEUS_WIDTHS`
+    probabilities before a full sort (each width costs one look at the device's answer, so a
+    GPU, whose sort is fast, goes straight to it)."""
+    p = table[:, _TOP_P : _TOP_P + 1].double()
     has_top_p = torch.isfinite(p)
-    total = exp_total(logits)
+    probs = torch.softmax(logits, dim=-1)
     vocab = logits.shape[-1]
     floor = None
     for width in _NUCLEUS_WIDTHS if partial_first else ():
         if width >= vocab:
             break
-        floor, ended = nucleus_floor(torch.topk(logits, width, dim=-1).values, total, p)
+        floor, ended = nucleus_floor(torch.topk(probs, width, dim=-1).values, p)
         if bool((ended | ~has_top_p).all()):
             break
         floor = None
     if floor is None:
-        descending = torch.sort(logits, dim=-1, descending=True).values
-        floor, _ = nucleus_floor(descending, total, p)
-    logits.masked_fill_(logits < torch.where(has_top_p, floor, float("-inf")), float("-inf"))
+        floor, _ = nucleus_floor(torch.sort(probs, dim=-1, descending=True).values, p)
+    # A row without top_p keeps everything: its floor is 0, and no probability is below it.
+    logits.masked_fill_(probs < torch.where(has_top_p, floor, torch.zeros_like(floor)), float("-inf"))
 
 
 def next_tokens(
