@@ -780,7 +780,8 @@ async def main() -> int:
             print(json.dumps(results))
             return 0
         print(
-            f"{args.model} bf16 on {args.device}, {torch.get_num_threads()} torch threads; "
+            f"{args.model} bf16 on {args.device}{f' from {args.model_folder}' if args.model_folder else ''}, "
+            f"{torch.get_num_threads()} torch threads; "
             f"load average before: {os.getloadavg()}"
         )
         if "basic" in names:

@@ -363,7 +363,7 @@ def test_the_batched_sampler_answers_on_the_logits_device_without_a_copy_back() 
             SamplingParams(temperature=1.0),
             SamplingParams(temperature=0.7, top_k=40),
         ],
-        # top_p beside top_k only and neither: the full-sort path
+        # top_p beside top_k only and neither: top_k masks first, then the nucleus of what is left
         [
             SamplingParams(temperature=0.9, top_k=5),
             SamplingParams(temperature=1.0, top_p=0.8),

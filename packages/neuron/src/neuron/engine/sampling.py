@@ -28,8 +28,10 @@ uniform number per row, taken from the request's own seeded host generator: one 
 step instead of a noise tensor the size of the vocabulary, and a seed gives the same tokens
 whichever requests share its batch. Running sums over the vocabulary are float64: a
 kernel's summation order may change with the batch's shape, and in float64 the difference
-is far too small to move the nucleus's edge or a draw by a token. `sample_row` is the same definition one row at a time,
-written with the plain filters below: the reference the batched path is tested against.
+is far too small to move the nucleus's edge or a draw by a token.
+
+`sample_row` is the same definition one row at a time, written with the plain filters
+below: the reference the batched path is tested against.
 """
 
 from __future__ import annotations
