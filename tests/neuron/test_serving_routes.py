@@ -349,6 +349,47 @@ async def test_tools_reach_a_model_whose_template_has_no_place_for_them(
     assert call["function"]["name"] == "get_weather"
 
 
+def wordy_tool(name: str) -> dict[str, Any]:
+    """A tool described at the length of a coding agent's (pages of guidance)."""
+    return {
+        "type": "function",
+        "function": {
+            "name": name,
+            "description": "Gets the weather for a city. " + "Mind the many caveats of forecasting. " * 150,
+            "parameters": {
+                "type": "object",
+                "properties": {"city": {"type": "string", "description": "The city, in English. " * 20}},
+                "required": ["city"],
+            },
+        },
+    }
+
+
+async def test_tools_that_would_crowd_a_small_window_are_listed_briefly_then_left_out(
+    tiny_parts: tuple[Any, Any, str],
+) -> None:
+    """Listed whole, these tools would take more than half of the tiny model's 1,024-token
+    window (a coding agent's 25 tools take 20,000 tokens of SmolLM2's 8,192): one is listed
+    briefly, a hundred are left out, and the request is answered either way."""
+    harness = make_harness(tiny_parts, template=TOOLLESS_TEMPLATE)
+    tokenizer = harness.tokenizer
+    assert len(tokenizer.encode(json.dumps(wordy_tool("x")))) > 512
+    prompts = []
+    for tools in ([wordy_tool("get_weather")], [wordy_tool(f"tool_{i}") for i in range(100)]):
+        harness.script("Sunny.")
+        async with harness.client() as client:
+            response = await client.post("/v1/chat/completions", json=chat(tools=tools))
+        assert response.status_code == 200, response.text
+        prompts.append(tokenizer.decode(harness.engine.requests[-1].prompt_ids))
+    brief, left_out = prompts
+    assert (
+        '{"name": "get_weather", "description": "Gets the weather for a city.", "parameters": '
+        '{"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}' in brief
+    )
+    assert "caveats" not in brief
+    assert "# Tools" not in left_out and "tool_0" not in left_out
+
+
 async def test_tool_calls_streaming_reassemble_to_the_same_call(harness: Harness) -> None:
     harness.script(TOOL_OUTPUT)
     async with harness.client() as client:

@@ -17,7 +17,10 @@ from neuron.serving.tools import (
     ToolCallParser,
     ToolCallStart,
     ToolEvent,
+    ToolFormat,
+    brief_tool,
     find_tool_format,
+    tool_instructions,
 )
 
 TOOLS = [
@@ -199,3 +202,77 @@ def test_format_from_vocabulary(tokens: list[str], kind: str) -> None:
             return {token: index for index, token in enumerate(tokens)}
 
     assert find_tool_format(Vocab()).kind == kind
+
+
+BASH = {
+    "type": "function",
+    "function": {
+        "name": "Bash",
+        "description": "Executes a bash command and returns its output. The working directory persists.\n\n"
+        "- Quote paths with spaces.\n- Prefer dedicated tools.",
+        "parameters": {
+            "type": "object",
+            "properties": {
+                "command": {"type": "string", "description": "The command to run"},
+                "timeout": {"type": "number", "description": "Milliseconds", "maximum": 600000},
+                "anything": {"description": "no type given"},
+            },
+            "required": ["command"],
+            "additionalProperties": False,
+        },
+    },
+}
+
+
+@pytest.mark.parametrize(
+    ("tool", "expected"),
+    [
+        (
+            BASH,
+            {
+                "name": "Bash",
+                "description": "Executes a bash command and returns its output.",
+                "parameters": {
+                    "type": "object",
+                    "properties": {
+                        "command": {"type": "string"},
+                        "timeout": {"type": "number"},
+                        "anything": {},
+                    },
+                    "required": ["command"],
+                },
+            },
+        ),
+        # Anthropic's shape is converted before it gets here; a bare function works too.
+        ({"name": "ping"}, {"name": "ping"}),
+        ({"name": "a", "description": "No full stop"}, {"name": "a", "description": "No full stop"}),
+        ({"name": "a", "description": "v1.2 is out! More."}, {"name": "a", "description": "v1.2 is out!"}),
+        ({"name": "a", "description": "x" * 500}, {"name": "a", "description": "x" * 200}),
+        (
+            {"name": "a", "parameters": {"type": "object", "properties": {}}},
+            {"name": "a", "parameters": {"type": "object", "properties": {}}},
+        ),
+    ],
+)
+def test_a_brief_tool_keeps_the_first_sentence_and_the_parameter_types(
+    tool: dict[str, Any], expected: dict[str, Any]
+) -> None:
+    assert brief_tool(tool) == expected
+
+
+@pytest.mark.parametrize(
+    ("room", "listed"),
+    [(800, "whole"), (600, "brief"), (400, None)],  # the whole listing is 719 characters, the brief 482
+    ids=["whole", "brief", "left-out"],
+)
+def test_tool_instructions_list_the_tools_as_fully_as_the_room_allows(room: int, listed: str | None) -> None:
+    tagged = ToolFormat("tagged", ("<tool_call>", "</tool_call>"))
+    instructions = tool_instructions([BASH], tagged, lambda text: len(text) <= room)
+    if listed is None:
+        assert instructions is None
+        return
+    assert instructions is not None
+    line = instructions.splitlines()[3]
+    want = BASH["function"] if listed == "whole" else brief_tool(BASH)
+    assert json.loads(line) == want
+    assert '<tool_call>\n{"name": "<function name>"' in instructions  # how to call, either way

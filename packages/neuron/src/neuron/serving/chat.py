@@ -8,6 +8,7 @@ turn output events into `ChatCompletionChunk`s or one `ChatCompletion`. The HTTP
 
 from __future__ import annotations
 
+import logging
 import secrets
 import time
 from collections.abc import Callable, Iterable, Mapping
@@ -73,6 +74,8 @@ if TYPE_CHECKING:
 
 # Refusals name chat fields as they are, unless a dialect served on the chat path renames them.
 CHAT_FIELDS: Mapping[str, str] = MappingProxyType({})
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -193,10 +196,17 @@ def render_chat_prompt(
     tools = msgspec.to_builtins(given(request.tools)) or None
     kwargs = template_kwargs(model, request, enable_thinking=enable_thinking)
     if tools and not model.template.takes_tools:
-        # Never dropped: the template has no place for them, so the system message gets them.
-        messages = with_tool_instructions(
-            messages, tool_instructions(tools, model.tool_format), model.tool_format.write_call
-        )
+        # The template has no place for them: the system message gets them, as far as they fit.
+        instructions = tool_instructions(tools, model.tool_format, model.fits_tool_listing)
+        if instructions is None:
+            log.info(
+                "%s: %d tools left out of the prompt: even listed briefly they take more than "
+                "half of the %s-token context window",
+                model.model_id,
+                len(tools),
+                model.max_context,
+            )
+        messages = with_tool_instructions(messages, instructions, model.tool_format.write_call)
         tools = None
     if continues_final_message(request, field_names):
         return model.template.render_continuation(messages, tools=tools, template_kwargs=kwargs)

@@ -253,11 +253,13 @@ def template_messages(
 
 
 def with_tool_instructions(
-    messages: Sequence[Mapping[str, Any]], instructions: str, format_call: Callable[[Mapping[str, Any]], str]
+    messages: Sequence[Mapping[str, Any]],
+    instructions: str | None,
+    format_call: Callable[[Mapping[str, Any]], str],
 ) -> list[dict[str, Any]]:
-    """Template messages for a template without tools: the tool instructions in the system
-    message, earlier calls written out as the assistant's text (`format_call`), tool results
-    as user turns (templates that know no `tool` role often refuse it)."""
+    """Template messages for a template without tools: the tool instructions (if any fit) in
+    the system message, earlier calls written out as the assistant's text (`format_call`),
+    tool results as user turns (templates that know no `tool` role often refuse it)."""
     out: list[dict[str, Any]] = []
     for message in messages:
         item = dict(message)
@@ -268,6 +270,8 @@ def with_tool_instructions(
         if item.get("role") == "tool":
             item = {"role": "user", "content": f"Tool result:\n{item.get('content') or ''}"}
         out.append(item)
+    if instructions is None:
+        return out
     if out and out[0].get("role") == "system":
         out[0] = {**out[0], "content": f"{out[0].get('content') or ''}\n\n{instructions}".strip()}
     else:

@@ -21,7 +21,7 @@ from __future__ import annotations
 import json
 import re
 import secrets
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -386,21 +386,58 @@ def find_tool_format(tokenizer: Any) -> ToolFormat:
     return ToolFormat("json", (tag,) if tag in vocab else ())
 
 
-def tool_instructions(tools: Sequence[Mapping[str, Any]], tool_format: ToolFormat) -> str:
+# The share of a model's context window that tools listed in its system message may take
+# (docs/inference.md, "Tool calls"): the rest is left to the conversation and the answer.
+TOOL_LISTING_SHARE = 0.5
+# A brief listing keeps the first sentence of a tool's description, at most this long.
+BRIEF_DESCRIPTION_CHARS = 200
+
+
+def tool_instructions(
+    tools: Sequence[Mapping[str, Any]], tool_format: ToolFormat, fits: Callable[[str], bool]
+) -> str | None:
     """The tools and how to call them, for a model whose chat template has no place for tools
-    (docs/inference.md, "Tool calls"): written in the format its parser reads."""
-    listed = "\n".join(
-        json.dumps(
-            {
-                key: value
-                for key, value in (tool.get("function") or tool).items()
-                if key in ("name", "description", "parameters")
-            },
-            ensure_ascii=False,
+    (docs/inference.md, "Tool calls"), written in the format its parser reads: every tool
+    whole if that `fits`, else briefly (`brief_tool`), else None (coding agents send tens of
+    tools with pages of description, more than a small model's whole window)."""
+    for brief in (False, True):
+        listed = "\n".join(
+            json.dumps(brief_tool(tool) if brief else whole_tool(tool), ensure_ascii=False) for tool in tools
         )
-        for tool in tools
-    )
-    return (
-        "# Tools\n\nYou may call one or more of these functions (their parameters are JSON schemas):\n"
-        f"{listed}\n\nTo call a function, answer with only this, once per call:\n{tool_format.call_example()}"
-    )
+        instructions = (
+            "# Tools\n\nYou may call one or more of these functions (their parameters are JSON schemas):\n"
+            f"{listed}\n\nTo call a function, answer with only this, once per call:\n{tool_format.call_example()}"
+        )
+        if fits(instructions):
+            return instructions
+    return None
+
+
+def whole_tool(tool: Mapping[str, Any]) -> dict[str, Any]:
+    """A tool's name, description and parameters as the request gave them."""
+    function = tool.get("function") or tool
+    return {key: value for key, value in function.items() if key in ("name", "description", "parameters")}
+
+
+def brief_tool(tool: Mapping[str, Any]) -> dict[str, Any]:
+    """A tool's name, the first sentence of its description, and its parameters' names and
+    types (and which are required)."""
+    whole = whole_tool(tool)
+    out: dict[str, Any] = {"name": whole.get("name")}
+    description = str(whole.get("description") or "").strip().split("\n", 1)[0]
+    if description:
+        sentence = re.match(r".*?[.!?](?=\s|$)", description)
+        out["description"] = (sentence.group(0) if sentence else description)[:BRIEF_DESCRIPTION_CHARS]
+    parameters = whole.get("parameters")
+    if isinstance(parameters, Mapping):
+        properties = parameters.get("properties")
+        brief: dict[str, Any] = {"type": parameters.get("type", "object")}
+        if isinstance(properties, Mapping):
+            brief["properties"] = {
+                name: {"type": schema["type"]} if isinstance(schema, Mapping) and "type" in schema else {}
+                for name, schema in properties.items()
+            }
+        if parameters.get("required"):
+            brief["required"] = parameters["required"]
+        out["parameters"] = brief
+    return out
