@@ -9,6 +9,7 @@ raw ASGI driver where the test must act on frames as they arrive (keep-alive, di
 from __future__ import annotations
 
 import asyncio
+import copy
 import json
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -368,12 +369,14 @@ def wordy_tool(name: str) -> dict[str, Any]:
 async def test_tools_that_would_crowd_a_small_window_are_listed_briefly_then_left_out(
     tiny_parts: tuple[Any, Any, str],
 ) -> None:
-    """Listed whole, these tools would take more than half of the tiny model's 1,024-token
-    window (a coding agent's 25 tools take 20,000 tokens of SmolLM2's 8,192): one is listed
-    briefly, a hundred are left out, and the request is answered either way."""
-    harness = make_harness(tiny_parts, template=TOOLLESS_TEMPLATE)
-    tokenizer = harness.tokenizer
-    assert len(tokenizer.encode(json.dumps(wordy_tool("x")))) > 512
+    """Listed whole, these tools would take more than a quarter of a 2,048-token window (a
+    coding agent's 25 tools take 20,000 tokens of SmolLM2's 8,192): one is listed briefly, a
+    hundred are left out, and the request is answered either way."""
+    tokenizer, hf_config, template = tiny_parts
+    wider = copy.deepcopy(hf_config)
+    wider.max_position_embeddings = 2048
+    harness = make_harness((tokenizer, wider, template), template=TOOLLESS_TEMPLATE)
+    assert len(tokenizer.encode(json.dumps(wordy_tool("x")))) > 2048 / 4
     prompts = []
     for tools in ([wordy_tool("get_weather")], [wordy_tool(f"tool_{i}") for i in range(100)]):
         harness.script("Sunny.")

@@ -201,7 +201,7 @@ def render_chat_prompt(
         if instructions is None:
             log.info(
                 "%s: %d tools left out of the prompt: even listed briefly they take more than "
-                "half of the %s-token context window",
+                "a quarter of the %s-token context window",
                 model.model_id,
                 len(tools),
                 model.max_context,

@@ -109,7 +109,7 @@ class ServingModel:
 
     def fits_tool_listing(self, text: str) -> bool:
         """Whether tools listed as `text` in the system message leave most of the context
-        window to the conversation (`TOOL_LISTING_SHARE`)."""
+        window to the conversation and the answer (`TOOL_LISTING_SHARE`)."""
         if self.max_context is None:
             return True
         return len(self.encode(text, add_special_tokens=False)) <= self.max_context * TOOL_LISTING_SHARE
