@@ -366,31 +366,40 @@ def wordy_tool(name: str) -> dict[str, Any]:
     }
 
 
-async def test_tools_that_would_crowd_a_small_window_are_listed_briefly_then_left_out(
+async def test_tools_listed_in_the_prompt_leave_half_of_the_window_to_the_answer(
     tiny_parts: tuple[Any, Any, str],
 ) -> None:
-    """Listed whole, these tools would take more than a quarter of a 2,048-token window (a
-    coding agent's 25 tools take 20,000 tokens of SmolLM2's 8,192): one is listed briefly, a
-    hundred are left out, and the request is answered either way."""
+    """Listed whole, one wordy tool would take the prompt past half of a 2,048-token window (a
+    coding agent's 25 tools take 20,000 tokens, SmolLM2's window is 8,192): it is listed
+    briefly. A hundred tools, or one beside a conversation that already fills half of the
+    window, are left out. The request is answered every time."""
     tokenizer, hf_config, template = tiny_parts
     wider = copy.deepcopy(hf_config)
     wider.max_position_embeddings = 2048
     harness = make_harness((tokenizer, wider, template), template=TOOLLESS_TEMPLATE)
-    assert len(tokenizer.encode(json.dumps(wordy_tool("x")))) > 2048 / 4
+    assert len(tokenizer.encode(json.dumps(wordy_tool("x")))) > 2048 / 2
+    long_question = "Tell me about the weather in every city you know. " * 45
+    assert len(tokenizer.encode(long_question)) > 2048 / 2
+    cases = [
+        chat(tools=[wordy_tool("get_weather")]),
+        chat(tools=[wordy_tool(f"tool_{i}") for i in range(100)]),
+        chat(long_question, tools=[wordy_tool("get_weather")], max_tokens=16),
+    ]
     prompts = []
-    for tools in ([wordy_tool("get_weather")], [wordy_tool(f"tool_{i}") for i in range(100)]):
+    for body in cases:
         harness.script("Sunny.")
         async with harness.client() as client:
-            response = await client.post("/v1/chat/completions", json=chat(tools=tools))
+            response = await client.post("/v1/chat/completions", json=body)
         assert response.status_code == 200, response.text
         prompts.append(tokenizer.decode(harness.engine.requests[-1].prompt_ids))
-    brief, left_out = prompts
+    brief, many, crowded = prompts
     assert (
         '{"name": "get_weather", "description": "Gets the weather for a city.", "parameters": '
         '{"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}' in brief
     )
     assert "caveats" not in brief
-    assert "# Tools" not in left_out and "tool_0" not in left_out
+    assert "# Tools" not in many and "tool_0" not in many
+    assert "# Tools" not in crowded and long_question.strip() in crowded
 
 
 async def test_tool_calls_streaming_reassemble_to_the_same_call(harness: Harness) -> None:

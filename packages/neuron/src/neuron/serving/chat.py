@@ -195,28 +195,37 @@ def render_chat_prompt(
     )
     tools = msgspec.to_builtins(given(request.tools)) or None
     kwargs = template_kwargs(model, request, enable_thinking=enable_thinking)
-    if tools and not model.template.takes_tools:
-        # The template has no place for them: the system message gets them, as far as they fit.
-        instructions = tool_instructions(tools, model.tool_format, model.fits_tool_listing)
-        if instructions is None:
-            log.info(
-                "%s: %d tools left out of the prompt: even listed briefly they take more than "
-                "a quarter of the %s-token context window",
-                model.model_id,
-                len(tools),
-                model.max_context,
-            )
-        messages = with_tool_instructions(messages, instructions, model.tool_format.write_call)
-        tools = None
-    if continues_final_message(request, field_names):
-        return model.template.render_continuation(messages, tools=tools, template_kwargs=kwargs)
+    continuation = continues_final_message(request, field_names)
     add_generation_prompt = given(request.add_generation_prompt)
-    return model.template.render(
-        messages,
-        tools=tools,
-        add_generation_prompt=True if add_generation_prompt is None else add_generation_prompt,
-        template_kwargs=kwargs,
+
+    def render(messages: list[dict[str, Any]], tools: list[Any] | None) -> str:
+        if continuation:
+            return model.template.render_continuation(messages, tools=tools, template_kwargs=kwargs)
+        return model.template.render(
+            messages,
+            tools=tools,
+            add_generation_prompt=True if add_generation_prompt is None else add_generation_prompt,
+            template_kwargs=kwargs,
+        )
+
+    if not tools or model.template.takes_tools:
+        return render(messages, tools)
+    # The template has no place for tools: the system message gets them, as far as they fit.
+    without = with_tool_instructions(messages, None, model.tool_format.write_call)
+    room = model.room_for_tools(render(without, None))
+    instructions = tool_instructions(
+        tools, model.tool_format, lambda text: room is None or model.count_tokens(text) <= room
     )
+    if instructions is None:
+        log.info(
+            "%s: %d tools left out of the prompt: even listed briefly they would take it past "
+            "half of the %s-token context window",
+            model.model_id,
+            len(tools),
+            model.max_context,
+        )
+        return render(without, None)
+    return render(with_tool_instructions(messages, instructions, model.tool_format.write_call), None)
 
 
 def reasoning_gate(model: ServingModel, prompt: str, *, thinking_off: bool) -> ReasoningGate | None:

@@ -14,7 +14,7 @@ from neuron.serving.params import context_length, eos_token_ids
 from neuron.serving.reasoning import ReasoningMarkers, find_reasoning_markers
 from neuron.serving.structured import GrammarCompiler
 from neuron.serving.template import ChatTemplate
-from neuron.serving.tools import TOOL_LISTING_SHARE, ToolFormat, find_tool_format
+from neuron.serving.tools import ANSWER_SHARE, ToolFormat, find_tool_format
 
 if TYPE_CHECKING:
     from neuron.vision.prepare import ImagePreparer
@@ -107,12 +107,16 @@ class ServingModel:
         """The tokenizer's ids (added tokens included): what a request may name."""
         return len(self.loaded.tokenizer)
 
-    def fits_tool_listing(self, text: str) -> bool:
-        """Whether tools listed as `text` in the system message leave most of the context
-        window to the conversation and the answer (`TOOL_LISTING_SHARE`)."""
+    def room_for_tools(self, prompt: str) -> int | None:
+        """How many tokens tools listed in the system message may add to `prompt` (rendered
+        without them) and still leave the window's `ANSWER_SHARE` to the answer; None when
+        the window is unknown."""
         if self.max_context is None:
-            return True
-        return len(self.encode(text, add_special_tokens=False)) <= self.max_context * TOOL_LISTING_SHARE
+            return None
+        return int(self.max_context * (1 - ANSWER_SHARE)) - self.count_tokens(prompt)
+
+    def count_tokens(self, text: str) -> int:
+        return len(self.encode(text, add_special_tokens=False))
 
     def encode(self, text: str, *, add_special_tokens: bool) -> list[int]:
         ids: list[int] = self.loaded.tokenizer.encode(text, add_special_tokens=add_special_tokens)

@@ -386,12 +386,11 @@ def find_tool_format(tokenizer: Any) -> ToolFormat:
     return ToolFormat("json", (tag,) if tag in vocab else ())
 
 
-# The share of a model's context window that tools listed in its system message may take
-# (docs/inference.md, "Tool calls"): the rest is left to the conversation and the answer.
-# Claude Code, for one, retries its first request (max_tokens 32000) only when the window
-# leaves 4,000 tokens beside the prompt; on an 8,192-token window its system prompt takes
-# 3,100 of them, so its tools (2,200 tokens even listed briefly) must stay out.
-TOOL_LISTING_SHARE = 0.25
+# The share of a model's context window that tools listed in its system message must leave to
+# the answer (docs/inference.md, "Tool calls"): they never take the prompt past the rest. A
+# client must still fit a useful answer: Claude Code, for one, retries its first request
+# (max_tokens 32000) only when the window leaves 4,000 tokens beside the prompt.
+ANSWER_SHARE = 0.5
 # A brief listing keeps the first sentence of a tool's description, at most this long.
 BRIEF_DESCRIPTION_CHARS = 200
 
