@@ -386,9 +386,9 @@ def find_tool_format(tokenizer: Any) -> ToolFormat:
     return ToolFormat("json", (tag,) if tag in vocab else ())
 
 
-# The share of a model's context window that tools listed in its system message must leave to
-# the answer (docs/inference.md, "Tool calls"): they never take the prompt past the rest. A
-# client must still fit a useful answer: Claude Code, for one, retries its first request
+# The share of a model's context window left to the answer when tools are listed in its
+# system message: they never take the prompt past the rest (docs/inference.md, "Tool calls").
+# A client must still fit a useful answer: Claude Code, for one, retries its first request
 # (max_tokens 32000) only when the window leaves 4,000 tokens beside the prompt.
 ANSWER_SHARE = 0.5
 # A brief listing keeps the first sentence of a tool's description, at most this long.
