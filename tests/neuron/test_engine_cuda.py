@@ -174,29 +174,24 @@ async def test_load_generate_unload_load_through_the_manager_gives_the_memory_ba
 
 
 def test_the_batched_sampler_on_cuda_draws_like_row_by_row_and_syncs_once() -> None:
+    from support.sampler_reference import draw_both
     from torch.profiler import ProfilerActivity, profile
 
-    from neuron.engine.sampling import SamplerState, next_tokens, sample_row
+    from neuron.engine.sampling import SamplerState, next_tokens
 
     logits = torch.randn(8, 151_936, device=CUDA, generator=torch.Generator(CUDA).manual_seed(0)) * 4
     params = [
         SamplingParams(temperature=0.8, top_p=0.9, seed=i, repetition_penalty=1.1 if i % 2 else 1.0)
         for i in range(8)
     ]
-    batched = [SamplerState.create(p) for p in params]
-    reference = [SamplerState.create(p) for p in params]
-    for _ in range(5):
-        for state, token in zip(batched, next_tokens(logits, batched), strict=True):
-            state.record(token)
-        for row, state in enumerate(reference):
-            state.record(sample_row(logits[row], state))
-    assert [s.generated for s in batched] == [s.generated for s in reference]
+    batched, reference = draw_both(params, lambda _: logits, 5)
+    assert batched == reference
     again = [SamplerState.create(p) for p in params]
-    assert next_tokens(logits, again) == [s.generated[0] for s in batched]  # same seed, same tokens
+    assert next_tokens(logits, again) == [tokens[0] for tokens in batched]  # same seed, same tokens
 
     torch.cuda.synchronize(CUDA)
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        next_tokens(logits, batched)
+        next_tokens(logits, again)
     names = [event.name for event in prof.events()]
     syncs = sum(name in ("cudaStreamSynchronize", "cudaDeviceSynchronize") for name in names)
     kernels = sum(event.device_type == torch.autograd.DeviceType.CUDA for event in prof.events())

@@ -8,6 +8,7 @@ from dataclasses import replace
 
 import pytest
 import torch
+from support.sampler_reference import draw_both
 
 from neuron.engine.api import SamplingParams
 from neuron.engine.sampling import (
@@ -267,22 +268,13 @@ def step_logits(step: int, rows: int, vocab: int = 300) -> torch.Tensor:
 def run_both(
     settings: list[SamplingParams], steps: int, *, same_logits: bool = False
 ) -> tuple[list[list[int]], list[list[int]]]:
-    """Tokens of each row drawn by `next_tokens` (batched) and by `sample_row` (row by row),
-    each path with its own states from the same seeds, recording what it drew; with
-    `same_logits` every row sees the same logits."""
-    batched = [SamplerState.create(p) for p in settings]
-    reference = [SamplerState.create(p) for p in settings]
-    for step in range(steps):
-        logits = (
-            step_logits(step, 1).expand(len(settings), -1)
-            if same_logits
-            else step_logits(step, len(settings))
-        )
-        for state, token in zip(batched, next_tokens(logits, batched), strict=True):
-            state.record(token)
-        for row, state in enumerate(reference):
-            state.record(sample_row(logits[row], state))
-    return [s.generated for s in batched], [s.generated for s in reference]
+    """`draw_both` over `step_logits`; with `same_logits` every row sees the same logits."""
+    rows = len(settings)
+    return draw_both(
+        settings,
+        lambda step: step_logits(step, 1).expand(rows, -1) if same_logits else step_logits(step, rows),
+        steps,
+    )
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2**40 + 7])
@@ -330,19 +322,13 @@ def test_a_nucleus_past_the_partial_sorts_is_found_by_the_full_one(widths: tuple
     vocab = 6000
     logits = torch.stack([nucleus_logits(width, vocab, seed) for seed, width in enumerate(widths)])
     params = [SamplingParams(temperature=1.0, top_p=0.9, seed=30 + i) for i in range(len(widths))]
-    batched = [SamplerState.create(p) for p in params]
-    reference = [SamplerState.create(p) for p in params]
-    for _ in range(12):
-        for state, token in zip(batched, next_tokens(logits, batched), strict=True):
-            state.record(token)
-        for row, state in enumerate(reference):
-            state.record(sample_row(logits[row], state))
-    assert [s.generated for s in batched] == [s.generated for s in reference]
+    batched, reference = draw_both(params, lambda _: logits, 12)
+    assert batched == reference
     for row, width in enumerate(widths):
         # Not vacuous: the wide rows drew from far more than the first look's 256 tokens.
         nucleus = set(torch.nonzero(top_p_filter(logits[row], 0.9) > INF).flatten().tolist())
         assert 0.8 * width <= len(nucleus) <= width
-        assert set(batched[row].generated) <= nucleus
+        assert set(batched[row]) <= nucleus
 
 
 def test_the_batched_sampler_answers_on_the_logits_device_without_a_copy_back() -> None:
