@@ -2,7 +2,7 @@
 
 A lent GPU machine has its own Python with a CUDA build of torch (and transformers, numpy,
 pillow, ...) but no network, and takes at most 64 MiB of files along with the working
-tree. This packs, into `.device-kit/` (git-ignored, about 50 MB):
+tree. This packs, into `.device-kit/` (git-ignored, about 45 MB):
 
 - `wheels/`: our four wheels, plus every package they and the CUDA tests need (pytest,
   pytest-asyncio, the SDKs some test modules import) at the exact versions of this dev
