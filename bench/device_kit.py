@@ -92,10 +92,10 @@ def pack(kit: Path, python_version: str) -> None:
     )  # fmt: skip
     from neuron.embedded import ensure_embedded_model
 
-    model = kit / "smollm2"
+    embedded, model = ensure_embedded_model(), kit / "smollm2"
     model.mkdir()
     for name in SMOLLM2_FILES:
-        shutil.copy2(ensure_embedded_model() / name, model)
+        shutil.copy2(embedded / name, model)
     size = sum(path.stat().st_size for path in kit.rglob("*") if path.is_file())
     print(f"{kit}: {len(list(wheels.iterdir()))} wheels and SmolLM2's tokenizer, {size / 2**20:.1f} MiB")
 

@@ -368,19 +368,23 @@ def _top_p_(logits: torch.Tensor, table: torch.Tensor, *, partial_first: bool) -
     p = table[:, _TOP_P : _TOP_P + 1].double()
     has_top_p = torch.isfinite(p)
     probs = torch.softmax(logits, dim=-1)
-    vocab = logits.shape[-1]
-    floor = None
-    for width in _NUCLEUS_WIDTHS if partial_first else ():
-        if width >= vocab:
-            break
-        floor, ended = nucleus_floor(torch.topk(probs, width, dim=-1).values, p)
-        if bool((ended | ~has_top_p).all()):
-            break
-        floor = None
-    if floor is None:
-        floor, _ = nucleus_floor(torch.sort(probs, dim=-1, descending=True).values, p)
+    floor = _nucleus_floors(probs, p, has_top_p, partial_first=partial_first)
     # A row without top_p keeps everything: its floor is 0, and no probability is below it.
     logits.masked_fill_(probs < torch.where(has_top_p, floor, torch.zeros_like(floor)), float("-inf"))
+
+
+def _nucleus_floors(
+    probs: torch.Tensor, p: torch.Tensor, has_top_p: torch.Tensor, *, partial_first: bool
+) -> torch.Tensor:
+    """Each row's nucleus floor: from the narrowest partial sort in which every row with
+    top_p finds its nucleus's end, else from a full sort."""
+    widths = [width for width in _NUCLEUS_WIDTHS if width < probs.shape[-1]] if partial_first else []
+    for width in widths:
+        floor, ended = nucleus_floor(torch.topk(probs, width, dim=-1).values, p)
+        if bool((ended | ~has_top_p).all()):
+            return floor
+    floor, _ = nucleus_floor(torch.sort(probs, dim=-1, descending=True).values, p)
+    return floor
 
 
 def next_tokens(
